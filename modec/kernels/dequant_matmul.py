@@ -1,0 +1,205 @@
+"""Weight-only dequant-matmul Y[M, N] = X[M, K] · dequant(W)ᵀ for packed `n16k32` weights.
+
+One TE compute, two hand-written `tvm.s_tir.Schedule` schedules per (width, N, K):
+
+* GEMV (M = 1, decode): decode-as-you-go. Each thread owns `NI` x 16 output rows; per group
+  a 16-lane partial sum per row block accumulates x[k] * (q - z) (exact, see `_decode`), then
+  is scaled once by the group's scale. `NI` independent accumulators hide the FMA latency.
+* GEMM (symbolic M, prefill): decode a panel of (q - z) floats [group, NI*16] once per tile of
+  `MT` rows of X, then an MT x NI x 16 register tile of FMAs over it.
+
+Numerics: sum_g s_g · Σ_{k∈g} x_k (q_k - z_g) in fp32 (the scale factored out of the group,
+(q - z) exact), which matches numpy's x @ ((q - z) · s)ᵀ to ~1e-6 relative.
+
+PrimFunc arguments (destination-passing, for Relax `call_tir`), in this order:
+
+====== ==================================== ==========================================
+name   shape                                dtype
+====== ==================================== ==========================================
+X      [M, K]                               float32 (CPU) / float16 (CUDA)
+codes  [N_pad/16, K_pad/32, bits, 16]        uint32
+scale  [N_pad/16, groups, 16]               float16
+zero   [N_pad/16, groups, 16]               uint8
+Y      [M, N]                               same as X
+====== ==================================== ==========================================
+
+with N_pad = ceil(N/16)*16, groups = ceil(K/group), K_pad = groups*group; M is a symbolic
+int64 variable `m` unless a static M is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tvm
+from tvm import te, tirx
+
+from modec.kernels._decode import centered, code_expr
+from modec.kernels.target import TargetLike, is_cuda, resolve_target
+from modec.numerics.packing import BLOCK, LANES, padded_k, padded_n
+from modec.numerics.schemes import QuantScheme
+
+logger = logging.getLogger(__name__)
+
+#: Row blocks of 16 per CPU thread tile (independent FMA chains).
+CPU_NI = 4
+#: Rows of X per GEMM register tile (MT x NI accumulators of 16 lanes).
+CPU_MT = 4
+CPU_GEMM_NI = 2
+
+
+def _compute(
+    scheme: QuantScheme, n: int, k: int, m: Any, act_dtype: str, m_tile: int = 1
+) -> tuple[list[te.Tensor], dict[str, te.Tensor]]:
+    """The TE definition shared by every schedule; returns (args, named stages).
+
+    The inner stages run over M rounded up to `m_tile` rows (reading the last row of X again)
+    so that the schedule's row tiles need no bounds predicate in the hot loop; only the final
+    copy to Y is cut to M rows and N columns.
+    """
+    bits, gs = scheme.bits, scheme.group_size
+    groups = scheme.num_groups(k)
+    np_, kp = padded_n(n), padded_k(k, scheme)
+    nb, kb = np_ // LANES, kp // BLOCK
+    x = te.placeholder((m, k), act_dtype, name="X")
+    codes = te.placeholder((nb, kb, bits, LANES), "uint32", name="codes")
+    scale = te.placeholder((nb, groups, LANES), "float16", name="scale")
+    zero = te.placeholder((nb, groups, LANES), "uint8", name="zero")
+
+    m_pad = m if m_tile == 1 else tirx.floordiv(m + (m_tile - 1), m_tile) * m_tile
+
+    def xval(i: Any, kk: Any) -> Any:
+        if m_tile != 1:
+            i = tirx.min(i, m - 1)
+        v = x[i, kk].astype("float32")
+        if kp != k:  # only the last group is short; padded codes meet x = 0
+            return tirx.if_then_else(kk < k, v, tirx.const(0.0, "float32"))
+        return v
+
+    def qz(row: Any, kk: Any) -> Any:
+        b, lane = row // LANES, row % LANES
+        blk, j = kk // BLOCK, kk % BLOCK
+        q = code_expr(lambda w: codes[b, blk, w, lane], j, bits)
+        return centered(q, zero[b, kk // gs, lane])
+
+    wq = te.compute((kp, np_), lambda kk, row: qz(row, kk), name="qz")
+    red = te.reduce_axis((0, gs), name="kk")
+    part = te.compute(
+        (m_pad, np_, groups),
+        lambda i, row, g: te.sum(xval(i, g * gs + red) * wq[g * gs + red, row], axis=red),
+        name="part",
+    )
+    rg = te.reduce_axis((0, groups), name="g")
+    acc = te.compute(
+        (m_pad, np_),
+        lambda i, row: te.sum(
+            part[i, row, rg] * scale[row // LANES, rg, row % LANES].astype("float32"), axis=rg
+        ),
+        name="acc",
+    )
+    y = te.compute((m, n), lambda i, row: acc[i, row].astype(act_dtype), name="Y")
+    return [x, codes, scale, zero, y], {"qz": wq, "part": part, "acc": acc, "Y": y}
+
+
+def _schedule_cpu_gemv(func: tirx.PrimFunc, n: int) -> tvm.IRModule:
+    sch = tvm.s_tir.Schedule(func)
+    sch.compute_inline(sch.get_sblock("qz"))
+    ni = min(CPU_NI, padded_n(n) // LANES)
+    acc = sch.get_sblock("acc")
+    i, row, g = sch.get_loops(acc)
+    ro, ri, lane = sch.split(row, [None, ni, LANES])
+    sch.reorder(ro, i, g, ri, lane)
+    sch.parallel(ro)
+    y = sch.get_sblock("Y")
+    sch.reverse_compute_at(y, i)
+    sch.set_scope(acc, 0, "local")
+    part = sch.get_sblock("part")
+    sch.compute_at(part, g)
+    sch.set_scope(part, 0, "local")
+    prow, pk = sch.get_loops(part)[-2:]
+    pri, plane = sch.split(prow, [ni, LANES])
+    pkb, pj = sch.split(pk, [None, BLOCK])
+    sch.reorder(pkb, pj, pri, plane)
+    sch.unroll(pj)
+    sch.unroll(pri)
+    sch.vectorize(plane)
+    sch.decompose_reduction(part, pkb)
+    sch.unroll(ri)
+    sch.vectorize(lane)
+    sch.decompose_reduction(acc, g)
+    yl = sch.get_loops(y)[-1]
+    _, yv = sch.split(yl, [None, LANES])
+    sch.vectorize(yv)
+    return sch.mod
+
+
+def _schedule_cpu_gemm(func: tirx.PrimFunc, n: int) -> tvm.IRModule:
+    sch = tvm.s_tir.Schedule(func)
+    ni = min(CPU_GEMM_NI, padded_n(n) // LANES)
+    acc = sch.get_sblock("acc")
+    i, row, g = sch.get_loops(acc)
+    ro, ri, lane = sch.split(row, [None, ni, LANES])
+    io, ii = sch.split(i, [None, CPU_MT])
+    sch.reorder(ro, io, g, ii, ri, lane)
+    sch.parallel(ro)
+    y = sch.get_sblock("Y")
+    sch.reverse_compute_at(y, io)
+    sch.set_scope(acc, 0, "local")
+    part = sch.get_sblock("part")
+    sch.compute_at(part, g)
+    sch.set_scope(part, 0, "local")
+    # Decode each (q - z) vector once per MT rows of X, straight into an MT x NI register
+    # tile: a materialized panel would be a heap workspace per iteration on CPU.
+    sch.compute_inline(sch.get_sblock("qz"))
+    pi, prow, pk = sch.get_loops(part)[-3:]
+    pri, plane = sch.split(prow, [ni, LANES])
+    sch.reorder(pk, pi, pri, plane)
+    sch.unroll(pi)
+    sch.unroll(pri)
+    sch.vectorize(plane)
+    sch.decompose_reduction(part, pk)
+    sch.unroll(ii)
+    sch.unroll(ri)
+    sch.vectorize(lane)
+    sch.decompose_reduction(acc, g)
+    yl = sch.get_loops(y)[-1]
+    _, yv = sch.split(yl, [None, LANES])
+    sch.vectorize(yv)
+    return sch.mod
+
+
+def primfunc(
+    scheme: QuantScheme,
+    n: int,
+    k: int,
+    target: TargetLike = "llvm",
+    m: int | None = None,
+) -> tvm.IRModule:
+    """The scheduled dequant-matmul as an IRModule with one PrimFunc `main`.
+
+    Args:
+        scheme: width and group size of the packed weight.
+        n: output features N.
+        k: reduction length K.
+        target: "llvm" (fp32 activations) or a CUDA target (fp16 activations).
+        m: static row count; 1 selects the GEMV schedule, None a symbolic `m` (GEMM schedule).
+
+    Returns:
+        IRModule whose `main` takes (X, codes, scale, zero, Y) as in the module docstring.
+    """
+    tgt = resolve_target(target)
+    cuda = is_cuda(tgt)
+    mdim: Any = m if m is not None else tirx.Var("m", "int64")
+    m_tile = 1 if (cuda or m == 1) else CPU_MT
+    args, _ = _compute(scheme, n, k, mdim, "float16" if cuda else "float32", m_tile)
+    func = te.create_prim_func(args).with_attr("global_symbol", "main")
+    if cuda:
+        from modec.kernels.cuda import schedule_dequant_matmul
+
+        mod = schedule_dequant_matmul(func, n, gemv=m == 1)
+    elif m == 1:
+        mod = _schedule_cpu_gemv(func, n)
+    else:
+        mod = _schedule_cpu_gemm(func, n)
+    return mod
