@@ -1,0 +1,3 @@
+"""Graph analysis of MoE layers: find-moe, canonicalize-moe, find-attention, the reference."""
+
+from __future__ import annotations

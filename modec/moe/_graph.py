@@ -1,0 +1,273 @@
+"""Dataflow helpers over an `onnx_ir` graph shared by find-moe, canonicalize-moe,
+find-attention and the executor.
+
+Values captured by a subgraph (an ``If`` branch reading an outer-scope value) count as inputs
+of the node that owns the subgraph, so reachability at the top level sees through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
+
+
+def subgraph_nodes(node: ir.Node) -> Iterator[ir.Node]:
+    """Every node inside ``node``'s subgraphs, recursively."""
+    for attr in node.attributes.values():
+        graphs: list[ir.Graph] = []
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.as_graph()]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.as_graphs())
+        for g in graphs:
+            for sub in g:
+                yield sub
+                yield from subgraph_nodes(sub)
+
+
+class GraphIndex:
+    """Top-level producers and consumers of a graph, with subgraph uses lifted to their owner.
+
+    Args:
+        graph: the main graph; the index is a snapshot, rebuild it after editing the graph.
+    """
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.nodes: list[ir.Node] = list(graph)
+        self.pos: dict[ir.Node, int] = {n: i for i, n in enumerate(self.nodes)}
+        self.owner: dict[ir.Node, ir.Node] = {}
+        for n in self.nodes:
+            self.owner[n] = n
+            for sub in subgraph_nodes(n):
+                self.owner[sub] = n
+        self._implicit: dict[ir.Node, list[ir.Value]] = {}
+
+    def top(self, node: ir.Node | None) -> ir.Node | None:
+        """The top-level node that is ``node`` or owns it."""
+        return None if node is None else self.owner.get(node)
+
+    def producer(self, value: ir.Value | None) -> ir.Node | None:
+        """Top-level producer of ``value`` (None for inputs and initializers)."""
+        return None if value is None else self.top(value.producer())
+
+    def consumers(self, value: ir.Value) -> list[ir.Node]:
+        """Top-level consumers of ``value``, in graph order, each once."""
+        found = {self.owner[u.node] for u in value.uses() if u.node in self.owner}
+        return sorted(found, key=self.pos.__getitem__)
+
+    def implicit_inputs(self, node: ir.Node) -> list[ir.Value]:
+        """Outer-scope values that ``node``'s subgraphs read."""
+        if node not in self._implicit:
+            seen: dict[ir.Value, None] = {}
+            for sub in subgraph_nodes(node):
+                for v in sub.inputs:
+                    if v is None:
+                        continue
+                    p = v.producer()
+                    outer = (
+                        (p is not None and self.owner.get(p) is not node)
+                        or (p is None and v.graph is self.graph)
+                    )  # fmt: skip
+                    if outer:
+                        seen[v] = None
+            self._implicit[node] = list(seen)
+        return self._implicit[node]
+
+    def all_inputs(self, node: ir.Node) -> list[ir.Value]:
+        """Explicit and implicit (subgraph-captured) inputs of a top-level node."""
+        vals = [v for v in node.inputs if v is not None]
+        return vals + [v for v in self.implicit_inputs(node) if v not in vals]
+
+    def forward(
+        self, values: Iterable[ir.Value], within: set[ir.Node] | None = None
+    ) -> set[ir.Node]:
+        """Top-level nodes reachable downstream of ``values`` (optionally inside ``within``)."""
+        out: set[ir.Node] = set()
+        stack = list(values)
+        while stack:
+            v = stack.pop()
+            for c in self.consumers(v):
+                if c in out or (within is not None and c not in within):
+                    continue
+                out.add(c)
+                stack.extend(c.outputs)
+        return out
+
+    def backward(
+        self, values: Iterable[ir.Value], within: set[ir.Node] | None = None
+    ) -> set[ir.Node]:
+        """Top-level nodes upstream of ``values`` (optionally inside ``within``)."""
+        out: set[ir.Node] = set()
+        stack = list(values)
+        while stack:
+            p = self.producer(stack.pop())
+            if p is None or p in out or (within is not None and p not in within):
+                continue
+            out.add(p)
+            stack.extend(self.all_inputs(p))
+        return out
+
+    def ordered(self, nodes: Iterable[ir.Node]) -> list[ir.Node]:
+        """``nodes`` in graph (topological) order."""
+        return sorted(nodes, key=self.pos.__getitem__)
+
+
+def fine_forward(start: Iterable[ir.Node], allowed: set[ir.Node]) -> set[ir.Node]:
+    """Nodes (at any nesting depth) downstream of ``start``'s outputs via direct uses.
+
+    ``allowed`` bounds the walk (nodes at any depth); the start nodes themselves are excluded
+    unless reached again.
+    """
+    out: set[ir.Node] = set()
+    stack = [v for n in start for v in n.outputs]
+    while stack:
+        v = stack.pop()
+        for u in v.uses():
+            c = u.node
+            if c in out or c not in allowed or c.op_type in _SHAPE_READERS:
+                continue
+            out.add(c)
+            stack.extend(c.outputs)
+    return out
+
+
+_SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+def shape_only(value: ir.Value, depth: int = 0) -> bool:
+    """Whether ``value`` is computed from constants and tensor shapes alone (no data)."""
+    if depth > 32:
+        return False
+    if const_array(value) is not None:
+        return True
+    p = value.producer()
+    if p is None:
+        return False
+    if p.op_type in _SHAPE_READERS:
+        return True
+    return all(v is None or shape_only(v, depth + 1) for v in p.inputs)
+
+
+def fine_backward(values: Iterable[ir.Value], allowed: set[ir.Node]) -> set[ir.Node]:
+    """Nodes (at any nesting depth) upstream of ``values`` via direct producers."""
+    out: set[ir.Node] = set()
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        p = v.producer()
+        if p is None or p in out or p not in allowed:
+            continue
+        out.add(p)
+        stack.extend(x for x in p.inputs if x is not None)
+    return out
+
+
+def attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    """The Python value of attribute ``name`` of ``node``, or ``default``."""
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def const_array(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
+    """The numpy value of ``value`` if it is a constant or a simple op over constants.
+
+    Folds Identity, Cast, Transpose, Gather, Squeeze, Unsqueeze, Reshape, Slice, Neg and the
+    four arithmetic ops (this covers the dynamo optimizer's ``Gather(W_stacked, e)`` and
+    TorchScript's ``Transpose(W)``); anything else is not a constant.
+    """
+    if value is None or depth > 8:
+        return None
+    return _const_array(value, depth)
+
+
+def _const_array(value: ir.Value, depth: int) -> np.ndarray | None:
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is not None:
+        return np.asarray(tensor.numpy())
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    op = node.op_type
+    ins = [const_array(v, depth + 1) if v is not None else None for v in node.inputs]
+    if op in ("Identity", "Neg", "Cast", "Transpose", "Squeeze", "Unsqueeze", "Reshape") and (
+        ins[0] is None
+    ):
+        return None
+    x = ins[0]
+    try:
+        if op == "Identity":
+            return x
+        if op == "Neg":
+            return -x  # type: ignore[operator]
+        if op == "Cast":
+            to = ir.DataType(int(attr(node, "to")))
+            return x.astype(to.numpy())  # type: ignore[union-attr]
+        if op == "Transpose":
+            perm = attr(node, "perm")
+            return np.transpose(x, perm)  # type: ignore[arg-type]
+        if op == "Squeeze":
+            axes = ins[1] if len(ins) > 1 else attr(node, "axes")
+            return np.squeeze(x, axis=None if axes is None else tuple(np.atleast_1d(axes)))  # type: ignore[arg-type]
+        if op == "Unsqueeze":
+            axes = ins[1] if len(ins) > 1 else attr(node, "axes")
+            if axes is None:
+                return None
+            return np.expand_dims(x, tuple(int(a) for a in np.atleast_1d(axes)))  # type: ignore[arg-type]
+        if op == "Reshape":
+            if ins[1] is None:
+                return None
+            shape = [int(s) for s in ins[1]]
+            shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]  # type: ignore[union-attr]
+            return np.reshape(x, shape)  # type: ignore[arg-type]
+        if op == "Gather":
+            if x is None or ins[1] is None:
+                return None
+            return np.take(x, ins[1].astype(np.int64), axis=int(attr(node, "axis", 0)))
+        if op == "Slice":
+            if x is None or any(i is None for i in ins[1 : len(node.inputs)]):
+                return None
+            starts, ends = ins[1], ins[2]
+            axes = ins[3] if len(ins) > 3 else np.arange(len(starts))  # type: ignore[arg-type]
+            steps = ins[4] if len(ins) > 4 else np.ones(len(starts), np.int64)  # type: ignore[arg-type]
+            sl = [slice(None)] * x.ndim
+            for s, e, a, st in zip(starts, ends, axes, steps, strict=True):  # type: ignore[arg-type]
+                sl[int(a)] = slice(int(s), int(e), int(st))
+            return x[tuple(sl)]
+        if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
+            a, b = ins
+            if a is None or b is None:
+                return None
+            fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
+            return np.asarray(fn(a, b)).astype(a.dtype)
+    except (ValueError, IndexError, TypeError):
+        return None
+    return None
+
+
+def is_const(value: ir.Value | None) -> bool:
+    """Whether ``value`` folds to a constant."""
+    return const_array(value) is not None
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    """The value of a one-element constant, else None."""
+    arr = const_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def name_scope(node: ir.Node) -> str | None:
+    """The module path the dynamo exporter recorded for ``node``, if any."""
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return None
+    parts = [p.strip().strip("'\"") for p in raw.strip("[]").split(",")]
+    parts = [p for p in parts if p]
+    return parts[-2] if len(parts) >= 2 else None
