@@ -1,0 +1,140 @@
+"""Pass infrastructure: pipeline text, read/write checks, timing records, errors, IR dumps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import onnx_ir as ir
+import pytest
+
+from modec import pipeline as pl
+from modec.errors import BadInputError, InternalError, UsageError
+
+
+def _tiny_model() -> ir.Model:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
+    node = ir.Node("", "Relu", [x], num_outputs=1)
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18}, name="g")
+    return ir.Model(graph, ir_version=10)
+
+
+@pl.register
+@dataclass
+class _WriteFact(pl.Pass):
+    name = "test-write-fact"
+    writes = ("fact.a",)
+    count: int = 1
+
+    def run(self, model, ctx):
+        ctx.stat("count", self.count)
+        ctx.section()["seen"] = True
+        return pl.PassResult(model, modified=False)
+
+
+@pl.register
+@dataclass
+class _ReadFact(pl.Pass):
+    name = "test-read-fact"
+    reads = ("fact.a",)
+    mode: Literal["fast", "exact"] = "fast"
+    ratio: float = 0.2
+    widths: tuple[int, ...] = (2, 3, 4)
+    flag: bool = False
+
+    def run(self, model, ctx):
+        return pl.PassResult(model, modified=False)
+
+
+@pl.register
+@dataclass
+class _Rename(pl.Pass):
+    name = "test-rename"
+
+    def run(self, model, ctx):
+        model.graph.name = "renamed"
+        return pl.PassResult(model, modified=True)
+
+
+@pl.register
+@dataclass
+class _Boom(pl.Pass):
+    name = "test-boom"
+    user_error: bool = False
+
+    def run(self, model, ctx):
+        if self.user_error:
+            raise BadInputError("budget 1.5 is infeasible; raise --budget")
+        raise RuntimeError("kaboom")
+
+
+def test_text_round_trip_keeps_non_default_options():
+    text = "test-write-fact,test-read-fact{mode=exact,ratio=0.3,widths=2:4,flag=true}"
+    p = pl.Pipeline.parse(text)
+    assert p.text() == text
+    read = p.passes[1]
+    assert isinstance(read, _ReadFact)
+    assert (read.mode, read.ratio, read.widths, read.flag) == ("exact", 0.3, (2, 4), True)
+    assert pl.Pipeline.parse(p.text()).text() == text
+    assert pl.Pipeline.parse("test-write-fact{count=1}").text() == "test-write-fact"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("no-such-pass", "unknown pass 'no-such-pass'"),
+        ("test-read-fact{speed=1}", "unknown option 'speed'"),
+        ("test-read-fact{mode=slow}", "bad value 'slow'"),
+        ("test-read-fact{ratio=abc}", "bad value 'abc'"),
+        ("", "empty pipeline"),
+    ],
+)
+def test_bad_pipeline_text(text, message):
+    with pytest.raises(UsageError, match=message):
+        pl.Pipeline.parse(text)
+
+
+def test_reads_need_an_earlier_writer():
+    p = pl.Pipeline.parse("test-read-fact,test-write-fact")
+    with pytest.raises(UsageError, match=r"reads \['fact.a'\].*put one of \['test-write-fact'\]"):
+        p.validate()
+    p.validate(given={"fact.a"})  # a fact supplied by the caller is enough
+
+
+def test_run_records_passes_stats_and_report(tmp_path):
+    p = pl.Pipeline.parse("test-write-fact{count=3},test-read-fact,test-rename")
+    ctx = pl.PassContext(instruments=[pl.DumpIR(tmp_path / "dump")])
+    model, records = p.run(_tiny_model(), ctx)
+    assert [r.name for r in records] == ["test-write-fact", "test-read-fact", "test-rename"]
+    assert [r.modified for r in records] == [False, False, True]
+    assert records[0].stats == {"count": 3}
+    assert all(r.seconds >= 0 for r in records)
+    assert model.graph.name == "renamed"
+    # Only the pass that modified the graph is dumped.
+    assert [f.name for f in (tmp_path / "dump").iterdir()] == ["03-test-rename.onnx"]
+    report = pl.build_report(p, records, ctx)
+    assert report["schema"] == pl.REPORT_SCHEMA
+    assert report["pipeline"] == p.text()
+    assert [x["name"] for x in report["passes"]] == [r.name for r in records]
+    assert report["sections"]["test-write-fact"] == {"seen": True}
+
+
+def test_failures_name_the_pass_and_what_ran_before():
+    p = pl.Pipeline.parse("test-write-fact,test-boom")
+    with pytest.raises(InternalError, match=r"pass test-boom failed after \['test-write-fact'\]"):
+        p.run(_tiny_model(), pl.PassContext())
+    p = pl.Pipeline.parse("test-write-fact,test-boom{user_error=true}")
+    with pytest.raises(BadInputError, match="^test-boom: budget 1.5 is infeasible"):
+        p.run(_tiny_model(), pl.PassContext())
+
+
+def test_write_json_is_atomic_and_handles_numpy(tmp_path):
+    import json
+
+    import numpy as np
+
+    path = tmp_path / "r.json"
+    pl.write_json(path, {"a": np.int64(3), "b": np.arange(2), "c": {1, 0}})
+    assert json.loads(path.read_text()) == {"a": 3, "b": [0, 1], "c": [0, 1]}
+    assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
