@@ -1,0 +1,94 @@
+"""Compile an ONNX model into a modec artifact directory (dense lowering + `modec.artifact`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import tvm
+
+from modec.artifact import Manifest, host_machine, write_artifact
+from modec.kernels.target import TargetLike, is_cuda, resolve_target
+from modec.lowering.dense import (
+    DenseModule,
+    OpConverter,
+    RelaxHook,
+    compile_module,
+    lower_dense,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def target_record(target: TargetLike) -> dict[str, Any]:
+    """The manifest's ``target`` object for a target (kind, device, machine, options)."""
+    tgt = resolve_target(target)
+    rec: dict[str, Any] = {"kind": str(tgt.kind.name), "machine": host_machine()}
+    if is_cuda(tgt):
+        rec["device"] = "cuda"
+        rec["arch"] = str(tgt.attrs.get("arch", ""))
+    else:
+        rec["device"] = "cpu"
+        rec["mcpu"] = str(tgt.attrs.get("mcpu", ""))
+    return rec
+
+
+def write_dense_artifact(
+    dm: DenseModule,
+    executable: Any,
+    out_dir: str | os.PathLike[str],
+    target: TargetLike = "llvm",
+    sections: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> Manifest:
+    """Write a compiled `DenseModule` as an artifact.
+
+    The ``lowering`` section records the lowering counters; callers add their own sections
+    (``moe``, ``pipeline``...). Values must be JSON-serializable and free of timings.
+    """
+    secs: dict[str, Any] = {"lowering": {"stats": dict(sorted(dm.stats.items()))}}
+    secs.update(sections or {})
+    return write_artifact(
+        out_dir,
+        write_library=lambda p: executable.export_library(str(p)),
+        params=dm.params,
+        inputs=dm.inputs,
+        outputs=dm.outputs,
+        target=target_record(target),
+        tvm_version=str(tvm.__version__),
+        sections=secs,
+        force=force,
+    )
+
+
+def build_artifact(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    target: TargetLike = "llvm",
+    hooks: Sequence[RelaxHook] = (),
+    op_converters: Mapping[str, OpConverter] | None = None,
+    sections: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> Manifest:
+    """Lower, compile and write an ONNX model as an artifact directory.
+
+    Args:
+        model: ONNX model or path.
+        out_dir: artifact directory (written atomically).
+        target: "llvm" for this CPU; CUDA targets compile but are not exported here.
+        hooks: Relax hooks (see `modec.lowering.dense.lower_dense`).
+        op_converters: converters for custom ONNX ops.
+        sections: extra free-form manifest sections.
+        force: replace a non-artifact directory.
+
+    Returns:
+        The written manifest.
+    """
+    dm = lower_dense(model, target, hooks, op_converters)
+    ex = compile_module(dm, target)
+    manifest = write_dense_artifact(dm, ex, Path(out_dir), target, sections, force)
+    return manifest

@@ -1,0 +1,123 @@
+"""Scheduled fp32 matmul PrimFuncs for the CPU, with symbolic dimensions.
+
+One TE compute, one `tvm.s_tir.Schedule` schedule, two forms:
+
+* dense: ``Y[M, N] = X[M, K] · W[K, N]`` (the projections: X flattened to rows);
+* batched: ``Y[b, M, N] = A[b, M, K] · B[b, K, N]`` (attention's QKᵀ and PV, batch and heads
+  flattened into ``b``).
+
+Any of M, N, K (and ``b``) may be symbolic. The reduction runs over an ``MT x (NV*VL)``
+register tile (``MT`` rows of X, ``NV`` vectors of ``VL`` fp32 lanes); the tile loops are
+padded up to whole tiles and the padded rows/columns read a clamped (valid) index, so the
+hot loop carries no bounds predicate; only the final copy into Y is cut to M x N. The
+outer tile loops (batch x row tiles x column tiles) are fused and run in parallel.
+
+PrimFunc arguments (destination-passing, for Relax `call_tir`): ``(A, B, Y)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import tvm
+from tvm import te, tirx
+
+#: Rows of X per register tile.
+MT = 4
+#: fp32 lanes per vector (AVX-512).
+VL = 16
+#: Largest number of VL-vectors per tile row (MT x NV accumulators: 16 zmm registers).
+MAX_NV = 4
+
+
+def _ceil_to(x: Any, q: int) -> Any:
+    if isinstance(x, int):
+        return -(-x // q) * q
+    return tirx.floordiv(x + (q - 1), q) * q
+
+
+def _nv_for(n: int | None) -> int:
+    if n is None:
+        return 2
+    vecs = -(-n // VL)
+    return max(1, min(MAX_NV, vecs))
+
+
+@functools.lru_cache(maxsize=256)
+def matmul_primfunc(
+    batched: bool, m: int | None, n: int | None, k: int | None, dtype: str = "float32"
+) -> tirx.PrimFunc:
+    """The scheduled matmul PrimFunc for one combination of static / symbolic sizes.
+
+    Args:
+        batched: False for ``X[M, K] · W[K, N]``, True for ``A[b, M, K] · B[b, K, N]``
+            (``b`` always symbolic).
+        m: static row count, or None for a symbolic ``m``.
+        n: static column count, or None for a symbolic ``n``.
+        k: static reduction length, or None for a symbolic ``k``.
+        dtype: element type of A, B and Y (the accumulation is in the same type).
+
+    Returns:
+        A scheduled PrimFunc (attribute ``global_symbol`` unset; the caller names it).
+    """
+    mm: Any = m if m is not None else tirx.Var("m", "int64")
+    nn: Any = n if n is not None else tirx.Var("n", "int64")
+    kk: Any = k if k is not None else tirx.Var("k", "int64")
+    nv = _nv_for(n)
+    tile_n = nv * VL
+    m_pad, n_pad = _ceil_to(mm, MT), _ceil_to(nn, tile_n)
+    clamp_m = not (isinstance(mm, int) and mm % MT == 0)
+    clamp_n = not (isinstance(nn, int) and nn % tile_n == 0)
+
+    def row(i: Any) -> Any:
+        return tirx.min(i, mm - 1) if clamp_m else i
+
+    def col(j: Any) -> Any:
+        return tirx.min(j, nn - 1) if clamp_n else j
+
+    red = te.reduce_axis((0, kk), name="r")
+    if batched:
+        bb = tirx.Var("b", "int64")
+        a = te.placeholder((bb, mm, kk), dtype, name="A")
+        w = te.placeholder((bb, kk, nn), dtype, name="B")
+        acc = te.compute(
+            (bb, m_pad, n_pad),
+            lambda b, i, j: te.sum(a[b, row(i), red] * w[b, red, col(j)], axis=red),
+            name="acc",
+        )
+        y = te.compute((bb, mm, nn), lambda b, i, j: acc[b, i, j], name="Y")
+    else:
+        a = te.placeholder((mm, kk), dtype, name="A")
+        w = te.placeholder((kk, nn), dtype, name="B")
+        acc = te.compute(
+            (m_pad, n_pad),
+            lambda i, j: te.sum(a[row(i), red] * w[red, col(j)], axis=red),
+            name="acc",
+        )
+        y = te.compute((mm, nn), lambda i, j: acc[i, j], name="Y")
+    func = te.create_prim_func([a, w, y])
+    return _schedule(func, batched, nv)
+
+
+def _schedule(func: tirx.PrimFunc, batched: bool, nv: int) -> tirx.PrimFunc:
+    sch = tvm.s_tir.Schedule(func)
+    acc = sch.get_sblock("acc")
+    loops = sch.get_loops(acc)
+    i, j, r = loops[-3:]
+    io, ii = sch.split(i, [None, MT])
+    jo, ji, jv = sch.split(j, [None, nv, VL])
+    outer = [loops[0], io, jo] if batched else [io, jo]
+    sch.reorder(*outer, r, ii, ji, jv)
+    y = sch.get_sblock("Y")
+    sch.reverse_compute_at(y, jo)
+    sch.parallel(sch.fuse(*outer))
+    sch.set_scope(acc, 0, "local")
+    sch.unroll(ii)
+    sch.unroll(ji)
+    sch.vectorize(jv)
+    sch.decompose_reduction(acc, r)
+    ycol = sch.get_loops(y)[-1]
+    _, yv = sch.split(ycol, [None, VL])
+    sch.vectorize(yv)
+    return sch.mod["main"]

@@ -1,0 +1,55 @@
+# Locate the TVM runtime shipped in the apache-tvm / apache-tvm-ffi Python wheels.
+#
+# Inputs (cache variables):
+#   TVM_ROOT        directory of the `tvm` package (holds lib/libtvm_runtime.so); asked from
+#                   Python when unset.
+#   Python_EXECUTABLE  interpreter used for the questions (default: python3 on PATH).
+# Result: the IMPORTED target modec::tvm_runtime (libtvm_runtime + tvm_ffi::shared, linked with
+# --no-as-needed: with libtvm_ffi alone the VM segfaults, see DESIGN.md) and
+# ModecTVM_RUNTIME_DIRS (for rpath).
+
+if(NOT Python_EXECUTABLE)
+  find_program(Python_EXECUTABLE NAMES python3 python REQUIRED)
+endif()
+
+if(NOT tvm_ffi_DIR)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -m tvm_ffi.config --cmakedir
+    OUTPUT_VARIABLE _modec_ffi_dir OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _rc)
+  if(NOT _rc EQUAL 0)
+    message(FATAL_ERROR "modec: `${Python_EXECUTABLE} -m tvm_ffi.config --cmakedir` failed; "
+                        "install apache-tvm or pass -Dtvm_ffi_DIR=...")
+  endif()
+  set(tvm_ffi_DIR "${_modec_ffi_dir}" CACHE PATH "tvm_ffi CMake config directory")
+endif()
+find_package(tvm_ffi CONFIG REQUIRED)
+
+if(NOT TVM_ROOT)
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c "import os, importlib.util as u; print(os.path.dirname(u.find_spec('tvm').origin))"
+    OUTPUT_VARIABLE _modec_tvm_root OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _rc)
+  if(NOT _rc EQUAL 0)
+    message(FATAL_ERROR "modec: cannot find the tvm Python package; pass -DTVM_ROOT=<dir of tvm>")
+  endif()
+  set(TVM_ROOT "${_modec_tvm_root}" CACHE PATH "directory of the tvm Python package")
+endif()
+
+find_library(MODEC_TVM_RUNTIME_LIB NAMES tvm_runtime PATHS "${TVM_ROOT}/lib" NO_DEFAULT_PATH)
+if(NOT MODEC_TVM_RUNTIME_LIB)
+  message(FATAL_ERROR "modec: libtvm_runtime.so not found under ${TVM_ROOT}/lib; set TVM_ROOT")
+endif()
+
+# find_package(tvm) is broken in the wheel (no tvmTargets.cmake): declare the library here.
+add_library(modec_tvm_runtime_imported SHARED IMPORTED)
+set_target_properties(modec_tvm_runtime_imported PROPERTIES IMPORTED_LOCATION "${MODEC_TVM_RUNTIME_LIB}")
+
+add_library(modec_tvm_runtime INTERFACE)
+target_link_libraries(modec_tvm_runtime INTERFACE
+  "-Wl,--no-as-needed" modec_tvm_runtime_imported tvm_ffi::shared "-Wl,--as-needed")
+add_library(modec::tvm_runtime ALIAS modec_tvm_runtime)
+
+get_filename_component(_modec_rt_dir "${MODEC_TVM_RUNTIME_LIB}" DIRECTORY)
+get_target_property(_modec_ffi_lib tvm_ffi::shared IMPORTED_LOCATION)
+get_filename_component(_modec_ffi_dir "${_modec_ffi_lib}" DIRECTORY)
+set(ModecTVM_RUNTIME_DIRS "${_modec_rt_dir};${_modec_ffi_dir}")
+message(STATUS "modec: TVM runtime ${MODEC_TVM_RUNTIME_LIB}, tvm_ffi ${_modec_ffi_lib}")

@@ -1,0 +1,179 @@
+// modec_run: load a modec artifact, read inputs from .npy files, run, write outputs as .npy
+// and print the top answer (argmax over the last axis at the last position of the first
+// output, for each batch row).
+//
+//   modec_run ARTIFACT_DIR name=path.npy [name=path.npy ...] [--out DIR]
+//
+// Exit status: 0 on success, the modec_status code on a runtime error, 64 on bad usage or
+// unreadable .npy files.
+#include <modec/modec.hpp>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Npy {
+  modec_dtype dtype = MODEC_FLOAT32;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> data;
+};
+
+const struct {
+  const char* descr;
+  modec_dtype dtype;
+} kNpyTypes[] = {{"<f4", MODEC_FLOAT32}, {"<f2", MODEC_FLOAT16}, {"<f8", MODEC_FLOAT64},
+                 {"<i8", MODEC_INT64},   {"<i4", MODEC_INT32},   {"|i1", MODEC_INT8},
+                 {"|u1", MODEC_UINT8},   {"|b1", MODEC_BOOL}};
+
+bool Fail(std::string* err, const std::string& msg) {
+  *err = msg;
+  return false;
+}
+
+// Reads a C-order little-endian .npy (format 1.0 / 2.0).
+bool ReadNpy(const std::string& path, Npy* out, std::string* err) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return Fail(err, path + ": cannot open");
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (all.size() < 10 || all.compare(0, 6, "\x93NUMPY") != 0) return Fail(err, path + ": not a .npy file");
+  int major = static_cast<uint8_t>(all[6]);
+  size_t hlen, hstart;
+  if (major == 1) {
+    hlen = static_cast<uint8_t>(all[8]) | (static_cast<uint8_t>(all[9]) << 8);
+    hstart = 10;
+  } else {
+    if (all.size() < 12) return Fail(err, path + ": truncated header");
+    hlen = 0;
+    for (int i = 3; i >= 0; --i) hlen = (hlen << 8) | static_cast<uint8_t>(all[8 + i]);
+    hstart = 12;
+  }
+  if (hstart + hlen > all.size()) return Fail(err, path + ": truncated header");
+  std::string h = all.substr(hstart, hlen);
+  auto field = [&](const std::string& key) -> std::string {
+    size_t p = h.find("'" + key + "'");
+    if (p == std::string::npos) return "";
+    p = h.find(':', p);
+    return p == std::string::npos ? "" : h.substr(p + 1);
+  };
+  std::string descr = field("descr");
+  bool found = false;
+  for (const auto& t : kNpyTypes) {
+    if (descr.find(std::string("'") + t.descr + "'") != std::string::npos) {
+      out->dtype = t.dtype;
+      found = true;
+    }
+  }
+  if (!found) return Fail(err, path + ": unsupported dtype " + descr.substr(0, 8));
+  if (field("fortran_order").find("True") == 0 || field("fortran_order").find(" True") == 0) {
+    return Fail(err, path + ": Fortran order is not supported");
+  }
+  std::string shp = field("shape");
+  size_t a = shp.find('('), b = shp.find(')');
+  if (a == std::string::npos || b == std::string::npos) return Fail(err, path + ": bad shape");
+  std::stringstream ss(shp.substr(a + 1, b - a - 1));
+  std::string tok;
+  int64_t numel = 1;
+  while (std::getline(ss, tok, ',')) {
+    if (tok.find_first_not_of(" ") == std::string::npos) continue;
+    out->shape.push_back(std::stoll(tok));
+    numel *= out->shape.back();
+  }
+  size_t nbytes = static_cast<size_t>(numel) * modec_dtype_size(out->dtype);
+  if (hstart + hlen + nbytes != all.size()) return Fail(err, path + ": data size does not match its shape");
+  out->data.assign(all.begin() + hstart + hlen, all.end());
+  return true;
+}
+
+bool WriteNpy(const std::string& path, const modec::Tensor& t, std::string* err) {
+  const char* descr = nullptr;
+  for (const auto& k : kNpyTypes) {
+    if (k.dtype == t.dtype) descr = k.descr;
+  }
+  if (descr == nullptr) return Fail(err, "no .npy type for output " + t.name);
+  std::string shape = "(";
+  for (size_t i = 0; i < t.shape.size(); ++i) shape += std::to_string(t.shape[i]) + (t.shape.size() == 1 ? "," : (i + 1 < t.shape.size() ? ", " : ""));
+  shape += ")";
+  std::string h = std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': " + shape + ", }";
+  while ((10 + h.size() + 1) % 64 != 0) h += ' ';
+  h += '\n';
+  std::ofstream f(path, std::ios::binary);
+  if (!f) return Fail(err, path + ": cannot write");
+  f.write("\x93NUMPY\x01\x00", 8);
+  uint16_t n = static_cast<uint16_t>(h.size());
+  char len[2] = {static_cast<char>(n & 0xff), static_cast<char>(n >> 8)};
+  f.write(len, 2);
+  f.write(h.data(), h.size());
+  f.write(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
+  return f.good() ? true : Fail(err, path + ": write failed");
+}
+
+int Usage() {
+  std::cerr << "usage: modec_run ARTIFACT_DIR name=path.npy [name=path.npy ...] [--out DIR]\n";
+  return 64;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return Usage();
+  std::string dir = argv[1], out_dir = ".";
+  std::vector<std::string> names;
+  std::vector<Npy> arrays;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--out" && i + 1 < argc) {
+      out_dir = argv[++i];
+      continue;
+    }
+    size_t eq = a.find('=');
+    if (eq == std::string::npos || eq == 0) return Usage();
+    Npy npy;
+    std::string err;
+    if (!ReadNpy(a.substr(eq + 1), &npy, &err)) {
+      std::cerr << "modec_run: " << err << "\n";
+      return 64;
+    }
+    names.push_back(a.substr(0, eq));
+    arrays.push_back(std::move(npy));
+  }
+  try {
+    modec::Session sess(dir);
+    std::vector<modec_tensor> in(arrays.size());
+    for (size_t i = 0; i < arrays.size(); ++i) {
+      in[i] = modec_tensor{names[i].c_str(), arrays[i].dtype, static_cast<int32_t>(arrays[i].shape.size()),
+                           arrays[i].shape.data(), arrays[i].data.data()};
+    }
+    std::vector<modec::Tensor> outs = sess.Run(in);
+    for (const auto& t : outs) {
+      std::string err;
+      if (!WriteNpy(out_dir + "/" + t.name + ".npy", t, &err)) {
+        std::cerr << "modec_run: " << err << "\n";
+        return 64;
+      }
+    }
+    const modec::Tensor& first = outs.at(0);
+    if (first.dtype == MODEC_FLOAT32 && first.shape.size() >= 2) {
+      int64_t v = first.shape.back(), rows = first.shape.front();
+      int64_t per_row = first.numel() / rows;
+      const float* p = first.data<float>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* last = p + r * per_row + per_row - v;  // last position of row r
+        int64_t best = 0;
+        for (int64_t j = 1; j < v; ++j) {
+          if (last[j] > last[best]) best = j;
+        }
+        std::cout << "top answer[" << r << "]: " << best << "\n";
+      }
+    }
+  } catch (const modec::Error& e) {
+    std::cerr << "modec_run: " << modec_status_name(e.status()) << ": " << e.what() << "\n";
+    return static_cast<int>(e.status());
+  }
+  return 0;
+}

@@ -1,0 +1,181 @@
+"""modec.runtime: load a modec artifact and run it from Python (TVM runtime, no PyTorch).
+
+    sess = modec.runtime.load("out/")
+    outputs = sess.run({"input_ids": ids, "attention_mask": mask})
+
+`load` checks, in this order, before anything is mapped into the process: the manifest
+(JSON, schema version, fields), the target (device kind and CPU architecture), then every
+file's size and SHA-256. Each failure is one line: `modec.errors.ModelError`. `Session.run`
+validates input names, dtypes, ranks, static dims and the consistency of symbolic dims and
+raises `modec.errors.BadInputError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modec.artifact import (
+    LIBRARY,
+    WEIGHTS,
+    Manifest,
+    TensorSpec,
+    check_target,
+    read_manifest,
+    verify_files,
+)
+from modec.errors import BadInputError, ModelError
+
+__all__ = ["Session", "load"]
+
+logger = logging.getLogger(__name__)
+
+
+def _load_weights(path: Path, specs: list[TensorSpec]) -> list[np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}; copy the artifact again") from exc
+    out = []
+    for spec in specs:
+        a = arrays.get(spec.name)
+        if a is None:
+            raise ModelError(f"{path} has no tensor {spec.name!r} listed in the manifest")
+        if str(a.dtype) != spec.dtype or tuple(a.shape) != spec.shape:
+            raise ModelError(
+                f"{path}: tensor {spec.name!r} is {a.dtype}{list(a.shape)}, the manifest says "
+                f"{spec.dtype}{list(spec.shape)}"
+            )
+        out.append(a)
+    return out
+
+
+class Session:
+    """A loaded artifact; `run` maps input arrays by ONNX name to output arrays."""
+
+    def __init__(self, path: Path, manifest: Manifest, device: str) -> None:
+        import tvm
+        from tvm import relax
+
+        self.path = path
+        self.manifest = manifest
+        self._dev = tvm.cpu() if device == "cpu" else tvm.cuda()
+        weights = _load_weights(path / WEIGHTS, manifest.params)
+        try:
+            lib = tvm.runtime.load_module(str(path / LIBRARY))
+            self._vm = relax.VirtualMachine(lib, self._dev)
+            self._main = self._vm[manifest.entry]
+        except Exception as exc:  # TVM raises its own error types; say what to do
+            raise ModelError(
+                f"cannot load {path / LIBRARY} ({str(exc).strip().splitlines()[-1]}); rebuild "
+                f"the artifact with TVM {manifest.tvm_version or '?'}"
+            ) from exc
+        self._params = [tvm.runtime.tensor(w, self._dev) for w in weights]
+        self._tensor = tvm.runtime.tensor
+        logger.info("loaded %s: %d params", path, len(weights))
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The inputs the session expects, in calling order."""
+        return self.manifest.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        """The outputs `run` returns."""
+        return self.manifest.outputs
+
+    def _check(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        names = [s.name for s in self.inputs]
+        missing = [n for n in names if n not in inputs]
+        unknown = [n for n in inputs if n not in names]
+        if missing or unknown:
+            raise BadInputError(
+                f"inputs must be exactly {names}; missing {missing}, unknown {unknown}"
+            )
+        sym: dict[str, int] = {}
+        out = []
+        for spec in self.inputs:
+            a = np.asarray(inputs[spec.name])
+            if str(a.dtype) != spec.dtype:
+                raise BadInputError(
+                    f"input {spec.name!r} has dtype {a.dtype}, expected {spec.dtype}; cast it"
+                )
+            if a.ndim != len(spec.shape):
+                raise BadInputError(
+                    f"input {spec.name!r} has rank {a.ndim} {list(a.shape)}, expected "
+                    f"{len(spec.shape)} {list(spec.shape)}"
+                )
+            for i, (got, want) in enumerate(zip(a.shape, spec.shape, strict=True)):
+                if isinstance(want, int) and got != want:
+                    raise BadInputError(
+                        f"input {spec.name!r} dim {i} is {got}, expected {want} "
+                        f"(shape {list(spec.shape)})"
+                    )
+                if isinstance(want, str):
+                    if sym.setdefault(want, got) != got:
+                        raise BadInputError(
+                            f"input {spec.name!r} dim {i} ({want}) is {got}, but another input "
+                            f"has {want}={sym[want]}"
+                        )
+                    if got == 0:
+                        raise BadInputError(f"input {spec.name!r} dim {i} ({want}) is empty")
+            out.append(np.ascontiguousarray(a))
+        return out
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model.
+
+        Args:
+            inputs: one array per model input, by ONNX input name.
+
+        Returns:
+            One array per model output, by ONNX output name.
+
+        Raises:
+            BadInputError: wrong names, dtype, rank or dims.
+        """
+        arrays = self._check(inputs)
+        args = [self._tensor(a, self._dev) for a in arrays]
+        res: Any = self._main(*args, *self._params)
+        results = [res] if hasattr(res, "numpy") else list(res)
+        if len(results) != len(self.outputs):
+            raise ModelError(
+                f"{self.path / LIBRARY} returned {len(results)} outputs, the manifest lists "
+                f"{len(self.outputs)}; the artifact is inconsistent, rebuild it"
+            )
+        return {s.name: r.numpy() for s, r in zip(self.outputs, results, strict=True)}
+
+
+def load(path: str | os.PathLike[str], device: str = "cpu") -> Session:
+    """Load and verify an artifact directory.
+
+    Args:
+        path: the artifact directory (``manifest.json``, ``model.so``, weights).
+        device: "cpu" (the artifact's target must be a CPU one built for this
+            architecture) or "cuda".
+
+    Returns:
+        A `Session`.
+
+    Raises:
+        ModelError: corrupted / unknown-version manifest, missing or truncated files,
+            checksum mismatch, an artifact built for another target.
+        BadInputError: an unknown device name.
+    """
+    if device not in ("cpu", "cuda"):
+        raise BadInputError(f"device {device!r} is not 'cpu' or 'cuda'")
+    base = Path(path)
+    if not base.is_dir():
+        raise ModelError(f"artifact directory {base} does not exist")
+    manifest = read_manifest(base)
+    check_target(manifest, device)
+    verify_files(base, manifest)
+    return Session(base, manifest, device)

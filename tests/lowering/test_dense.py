@@ -1,0 +1,140 @@
+"""Dense lowering: scheduled matmul kernels vs numpy, the tiny decoder vs onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from modec.errors import InternalError, ModelError  # noqa: E402
+from modec.lowering.dense import (  # noqa: E402
+    DenseModule,
+    compile_module,
+    import_onnx,
+    lower_dense,
+)
+from modec.lowering.matmul_kernels import matmul_primfunc  # noqa: E402
+from modec.lowering.tiny_model import TinyConfig, build_tiny_decoder, tiny_inputs  # noqa: E402
+
+CFG = TinyConfig()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> onnx.ModelProto:
+    return build_tiny_decoder(CFG)
+
+
+@pytest.fixture(scope="module")
+def lowered(tiny: onnx.ModelProto) -> tuple[DenseModule, object]:
+    dm = lower_dense(tiny)
+    return dm, compile_module(dm)
+
+
+@pytest.mark.parametrize(
+    ("batched", "m", "n", "k", "shape"),
+    [
+        (False, None, 64, 64, (33, 64, 64)),  # symbolic M, tail of 1 row
+        (False, None, 20, 7, (1, 7, 20)),  # N not a multiple of 16, M = 1
+        (False, 5, 96, 64, (5, 64, 96)),  # all static, M not a multiple of 4
+        (True, None, None, 16, (6, 11, 16, 13)),  # QKᵀ: symbolic M and N
+        (True, None, 16, None, (6, 11, 13, 16)),  # PV: symbolic M and K
+    ],
+)
+def test_matmul_kernel_matches_numpy(
+    batched: bool, m: int | None, n: int | None, k: int | None, shape: tuple[int, ...]
+) -> None:
+    rng = np.random.default_rng(0)
+    func = matmul_primfunc(batched, m, n, k).with_attr("global_symbol", "main")
+    ex = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    if batched:
+        b, mm, kk, nn = shape
+        a = rng.standard_normal((b, mm, kk), dtype=np.float32)
+        w = rng.standard_normal((b, kk, nn), dtype=np.float32)
+    else:
+        mm, kk, nn = shape
+        a = rng.standard_normal((mm, kk), dtype=np.float32)
+        w = rng.standard_normal((kk, nn), dtype=np.float32)
+    ref = a @ w
+    y = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype=np.float32))
+    ex(tvm.runtime.tensor(a), tvm.runtime.tensor(w), y)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_all_matmuls_scheduled(lowered: tuple[DenseModule, object]) -> None:
+    dm, _ = lowered
+    # 2 layers x (q, k, v, o, up, down) + LM head; QKᵀ and PV per layer.
+    assert dm.stats["matmul_dense"] == 2 * 6 + 1
+    assert dm.stats["matmul_batched"] == 2 * 2
+    assert dm.stats.get("matmul_default", 0) == 0
+    assert "R.matmul" not in dm.mod["main"].script()
+    assert [s.name for s in dm.inputs] == ["input_ids", "attention_mask"]
+    assert dm.inputs[0].shape == ("B", "T")
+    assert dm.outputs[0].shape == ("B", "T", CFG.vocab)
+
+
+@pytest.mark.parametrize(("batch", "seq"), [(1, 1), (2, 5), (3, 17), (1, 64)])
+def test_vm_matches_onnxruntime(
+    tiny: onnx.ModelProto, lowered: tuple[DenseModule, object], batch: int, seq: int
+) -> None:
+    dm, ex = lowered
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    inp = tiny_inputs(CFG, batch, seq, seed=batch * 100 + seq)
+    ref = ort.InferenceSession(tiny.SerializeToString()).run(None, inp)[0]
+    params = [tvm.runtime.tensor(p) for p in dm.params.values()]
+    out = vm["main"](*(tvm.runtime.tensor(inp[s.name]) for s in dm.inputs), *params).numpy()
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def _one_op_model(op: str, domain: str = "") -> onnx.ModelProto:
+    node = helper.make_node(op, ["x"], ["y"], name="the_node", domain=domain)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_unsupported_op_names_op_and_node() -> None:
+    with pytest.raises(ModelError, match=r"ai\.x::Frobnicate \(node 'the_node'\)"):
+        import_onnx(_one_op_model("Frobnicate", "ai.x"))
+
+
+def test_missing_file_is_model_error(tmp_path: object) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        import_onnx(f"{tmp_path}/nope.onnx")
+
+
+def test_op_converter_and_hook() -> None:
+    """A custom op imports through op_converters; a hook sees and may change the module."""
+    seen: list[str] = []
+
+    def hook(dm: DenseModule) -> DenseModule:
+        seen.append(dm.mod["main"].script())
+        return dm
+
+    model = _one_op_model("MyRelu", "ai.modec")
+    dm = lower_dense(
+        model, hooks=[hook], op_converters={"MyRelu": lambda bb, i, a: relax.op.nn.relu(i[0])}
+    )
+    assert "R.nn.relu" in seen[0]
+    vm = relax.VirtualMachine(compile_module(dm), tvm.cpu())
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], dtype=np.float32)
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), np.maximum(x, 0))
+
+
+def test_hook_that_breaks_param_order_is_refused(tiny: onnx.ModelProto) -> None:
+    def bad(dm: DenseModule) -> DenseModule:
+        dm.params = dict(reversed(list(dm.params.items())))
+        return dm
+
+    with pytest.raises(InternalError, match="after hook bad"):
+        lower_dense(tiny, hooks=[bad])

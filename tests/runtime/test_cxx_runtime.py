@@ -1,0 +1,117 @@
+"""The C++ runtime: build with CMake, run examples/modec_run, refuse broken artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import modec.runtime as rt
+from modec.artifact import MANIFEST, WEIGHTS
+from modec.lowering.tiny_model import TinyConfig, tiny_inputs
+
+pytestmark = pytest.mark.cxx
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def modec_run() -> Path:
+    if shutil.which("cmake") is None or shutil.which("g++") is None:
+        pytest.skip("cmake or g++ not installed")
+    build = ROOT / "build" / "runtime-test"
+    cfg = [
+        "cmake", "-S", str(ROOT / "runtime"), "-B", str(build),
+        "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
+    ]  # fmt: skip
+    subprocess.run(cfg, check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    return build / "modec_run"
+
+
+def _inputs(tmp: Path, batch: int, seq: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    inp = tiny_inputs(TinyConfig(), batch, seq)
+    args = []
+    for k, v in inp.items():
+        np.save(tmp / f"{k}.npy", v)
+        args.append(f"{k}={tmp / (k + '.npy')}")
+    return inp, args
+
+
+def test_example_matches_python_runtime(
+    modec_run: Path, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    inp, args = _inputs(tmp_path, 3, 13)
+    res = subprocess.run(
+        [str(modec_run), str(tiny_artifact), *args, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    ref = rt.load(tiny_artifact).run(inp)["logits"]
+    out = np.load(tmp_path / "logits.npy")
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    tops = [int(line.split(": ")[1]) for line in res.stdout.splitlines() if "top answer" in line]
+    assert tops == ref[:, -1].argmax(-1).tolist()
+
+
+def _flip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:50])
+
+
+def _edit(p: Path, **target: str) -> None:
+    m = json.loads((p / MANIFEST).read_text())
+    m["target"].update(target)
+    (p / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    ("case", "corrupt", "code", "message"),
+    [
+        ("json", lambda p: (p / MANIFEST).write_text("{"), 3, "not valid JSON"),
+        ("schema", lambda p: (p / MANIFEST).write_text('{"schema": "x/2"}'), 3, "schema"),
+        ("missing", lambda p: (p / WEIGHTS).unlink(), 2, "cannot be opened"),
+        ("truncated", lambda p: _truncate(p / WEIGHTS), 4, "truncated"),
+        ("checksum", lambda p: _flip(p / WEIGHTS), 4, "SHA-256"),
+        ("device", lambda p: _edit(p, device="cuda", kind="cuda"), 5, "device 'cuda'"),
+        ("machine", lambda p: _edit(p, machine="aarch64"), 5, "aarch64"),
+    ],
+)  # fmt: skip
+def test_corrupted_artifact_fails_cleanly(
+    modec_run: Path,
+    artifact_copy: Path,
+    tmp_path: Path,
+    case: str,
+    corrupt: object,
+    code: int,
+    message: str,
+) -> None:
+    corrupt(artifact_copy)  # type: ignore[operator]
+    _, args = _inputs(tmp_path, 1, 4)
+    res = subprocess.run(
+        [str(modec_run), str(artifact_copy), *args, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env={**os.environ},
+    )  # fmt: skip
+    assert res.returncode == code, (case, res.returncode, res.stderr)  # > 0: no signal
+    assert message in res.stderr
+
+
+def test_bad_input_fails_cleanly(modec_run: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "ids.npy", np.zeros((2, 3), np.int32))
+    np.save(tmp_path / "mask.npy", np.ones((2, 3), np.int64))
+    res = subprocess.run(
+        [str(modec_run), str(tiny_artifact), f"input_ids={tmp_path / 'ids.npy'}",
+         f"attention_mask={tmp_path / 'mask.npy'}", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 7 and "dtype" in res.stderr

@@ -1,0 +1,153 @@
+"""modec.runtime: load / run the artifact, and refuse every kind of broken artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import modec.runtime as rt
+from modec.artifact import LIBRARY, MANIFEST, SCHEMA, WEIGHTS, read_manifest, write_artifact
+from modec.errors import BadInputError, ModelError
+from modec.lowering.tiny_model import TinyConfig, build_tiny_decoder, tiny_inputs
+
+CFG = TinyConfig()
+
+
+def test_run_matches_onnxruntime(tiny_artifact: Path) -> None:
+    sess = rt.load(tiny_artifact)
+    ref_sess = ort.InferenceSession(build_tiny_decoder(CFG).SerializeToString())
+    for batch, seq in [(2, 7), (1, 40)]:
+        inp = tiny_inputs(CFG, batch, seq)
+        out = sess.run(inp)
+        ref = ref_sess.run(None, inp)[0]
+        assert list(out) == ["logits"]
+        np.testing.assert_allclose(out["logits"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_manifest_contents(tiny_artifact: Path) -> None:
+    m = read_manifest(tiny_artifact)
+    assert [s.name for s in m.inputs] == ["input_ids", "attention_mask"]
+    assert m.outputs[0].shape == ("B", "T", CFG.vocab)
+    assert m.params[0].name == "tok_emb" and m.params[0].shape == (CFG.vocab, CFG.dim)
+    assert m.target["kind"] == "llvm" and m.target["device"] == "cpu"
+    assert set(m.files) == {LIBRARY, WEIGHTS}
+    assert m.sections["lowering"]["stats"]["matmul_batched"] == 4
+    text = (tiny_artifact / MANIFEST).read_text()
+    assert json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n" == text
+
+
+def test_rebuild_is_deterministic(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Weights are byte-identical; the manifest differs at most in model.so's checksum."""
+    from modec.lowering.build import build_artifact
+
+    again = tmp_path / "again"
+    build_artifact(build_tiny_decoder(CFG), again)
+    assert (again / WEIGHTS).read_bytes() == (tiny_artifact / WEIGHTS).read_bytes()
+    a = json.loads((again / MANIFEST).read_text())
+    b = json.loads((tiny_artifact / MANIFEST).read_text())
+    for m in (a, b):
+        del m["files"][LIBRARY]
+    assert a == b
+
+
+def _edit_manifest(path: Path, fn: object) -> None:
+    obj = json.loads((path / MANIFEST).read_text())
+    fn(obj)  # type: ignore[operator]
+    (path / MANIFEST).write_text(json.dumps(obj))
+
+
+def _flip_byte(p: Path, offset: int) -> None:
+    data = bytearray(p.read_bytes())
+    data[offset] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "manifest_not_json": (
+        lambda p: (p / MANIFEST).write_text('{"schema": "modec.art'),
+        "not valid JSON",
+    ),
+    "manifest_missing": (lambda p: (p / MANIFEST).unlink(), "not found"),
+    "schema_version": (
+        lambda p: _edit_manifest(p, lambda m: m.update(schema="modec.artifact/99")),
+        "schema",
+    ),
+    "field_missing": (lambda p: _edit_manifest(p, lambda m: m.pop("params")), "malformed field"),
+    "weights_missing": (lambda p: (p / WEIGHTS).unlink(), "missing"),
+    "weights_truncated": (
+        lambda p: (p / WEIGHTS).write_bytes((p / WEIGHTS).read_bytes()[:-100]),
+        "truncated",
+    ),
+    "weights_checksum": (lambda p: _flip_byte(p / WEIGHTS, -5), "SHA-256"),
+    "library_checksum": (lambda p: _flip_byte(p / LIBRARY, 5000), "SHA-256"),
+    "other_device": (
+        lambda p: _edit_manifest(p, lambda m: m["target"].update(kind="cuda", device="cuda")),
+        "built for target 'cuda'",
+    ),
+    "other_machine": (
+        lambda p: _edit_manifest(p, lambda m: m["target"].update(machine="aarch64")),
+        "architecture 'aarch64'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corrupted_artifact_is_refused(artifact_copy: Path, case: str) -> None:
+    corrupt, message = CORRUPTIONS[case]
+    corrupt(artifact_copy)
+    with pytest.raises(ModelError, match=message) as info:
+        rt.load(artifact_copy)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("attention_mask"), "missing"),
+        (lambda d: d.update(extra=np.zeros(1)), "unknown"),
+        (lambda d: d.update(input_ids=d["input_ids"].astype(np.int32)), "dtype int32"),
+        (lambda d: d.update(input_ids=d["input_ids"][0]), "rank 1"),
+        (lambda d: d.update(attention_mask=d["attention_mask"][:, :3]), "another input"),
+    ],
+)
+def test_bad_inputs_are_refused(tiny_artifact: Path, change: object, message: str) -> None:
+    sess = rt.load(tiny_artifact)
+    inp = tiny_inputs(CFG, 2, 5)
+    change(inp)  # type: ignore[operator]
+    with pytest.raises(BadInputError, match=message):
+        sess.run(inp)
+
+
+def _lib(p: Path) -> None:
+    p.write_bytes(b"lib")
+
+
+def _write(out: Path, force: bool = False) -> None:
+    write_artifact(
+        out,
+        write_library=_lib,
+        params={"w": np.ones(3, np.float32)},
+        inputs=[],
+        outputs=[],
+        target={"kind": "llvm", "device": "cpu"},
+        tvm_version="x",
+        force=force,
+    )
+
+
+def test_write_refuses_foreign_directory_unless_forced(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(BadInputError, match="force"):
+        _write(out)
+    assert (out / "precious.txt").exists()
+    _write(out, force=True)
+    assert not (out / "precious.txt").exists()
+    assert json.loads((out / MANIFEST).read_text())["schema"] == SCHEMA
+    _write(out)  # an existing artifact is replaced without force
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dirs left
