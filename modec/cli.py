@@ -10,9 +10,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from modec import __version__
-from modec.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ModecError
+from modec.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ModecError, UsageError
 
 log = logging.getLogger("modec")
 
@@ -26,23 +27,115 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _runner(path: str, threads: int) -> tuple[str, Any]:
+    """How to run ``path``: a compiled/simulated output directory or an ONNX file."""
+    from pathlib import Path
+
+    from modec.driver import SIM_MODEL, SimulatedRunner
+    from modec.errors import ModelError
+    from modec.frontend import OrtRunner
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / SIM_MODEL).exists():
+            return "simulated", SimulatedRunner(p, threads)
+        raise ModelError(f"{path}: a directory without {SIM_MODEL}; pass a modec output or .onnx")
+    runner = OrtRunner(path, threads=threads)
+    if any(n.domain == "ai.modec" for n in runner.proto.graph.node):
+        return "simulated", SimulatedRunner(p, threads)
+    return "onnxruntime", runner
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from modec import data
     from modec.evaluate import evaluate
-    from modec.frontend import OrtRunner
 
-    runner = OrtRunner(args.model, threads=args.threads)
+    backend, runner = _runner(args.model, args.threads)
     ds = data.load(args.data)
     data.check_against(ds, runner.inputs)
     result = evaluate(runner, ds, batch_size=args.batch_size)
     if args.json:
-        sys.stdout.write(
-            json.dumps({"model": args.model, "data": args.data, **result.to_json()}, indent=2)
-            + "\n"
-        )
+        doc = {"model": args.model, "data": args.data, "backend": backend, **result.to_json()}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        sys.stdout.write(f"{args.model} on {args.data} ({result.overall.n} samples)\n")
+        sys.stdout.write(f"{args.model} on {args.data} ({result.overall.n} samples, {backend})\n")
         sys.stdout.write(result.table() + "\n")
+    return EXIT_OK
+
+
+BUNDLED_HELP = """modec compile needs a model. To run the bundled example:
+
+  modec compile examples/digits-vlm/model.onnx --calib examples/digits-vlm/calib.npz \\
+      --budget 3.0 -o out/digits-vlm --eval examples/digits-vlm/eval.npz
+"""
+
+
+def _progress_factory(quiet: bool) -> Any:
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    def make(total: int, desc: str) -> Any:
+        return tqdm(total=total, desc=desc, unit="it", leave=False, file=sys.stderr)
+
+    return make
+
+
+def _parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError as exc:
+        raise UsageError(f"--bits {text!r}: expected comma-separated integers, e.g. 2,3,4") from exc
+    if not bits:
+        raise UsageError("--bits is empty; pass e.g. 2,3,4")
+    return bits
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from modec import driver
+
+    if args.model is None:
+        sys.stderr.write(BUNDLED_HELP)
+        return EXIT_USAGE
+    if args.calib is None:
+        raise UsageError(
+            f"{args.model}: no calibration data; pass --calib DATA (a modec dataset .npz, "
+            "see docs/data-format.md)"
+        )
+    opts = driver.CompileOptions(
+        budget=args.budget, bits=_parse_bits(args.bits), group_size=args.group_size,
+        method=args.method, scope=args.scope, sense=args.sense,
+        budget_bytes=args.budget_bytes, key_ratio=args.key_ratio,
+        sensitivity_samples=args.sensitivity_samples, quantizer=args.quantizer,
+        seed=args.seed, threads=args.threads,
+    )  # fmt: skip
+    res = driver.compile_model(
+        args.model, args.calib, args.output, opts, pipeline=args.pipeline, force=args.force,
+        progress=_progress_factory(args.quiet),
+    )  # fmt: skip
+    summary = driver.summarize(res)
+    if args.eval:
+        from modec import data
+        from modec.evaluate import evaluate
+        from modec.frontend import OrtRunner
+
+        ds = data.load(args.eval)
+        base = evaluate(OrtRunner(args.model, threads=args.threads), ds)
+        quant = evaluate(driver.SimulatedRunner(res.out, threads=args.threads), ds)
+        summary["accuracy"] = {"fp32": base.to_json(), "quantized": quant.to_json()}
+        driver.record_accuracy(res.out, summary["accuracy"])
+    sys.stdout.write(driver.format_summary(summary) + "\n")
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from modec import inspection as insp
+
+    info = insp.inspect_path(args.path)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    else:
+        sys.stdout.write(insp.format_info(info) + "\n")
     return EXIT_OK
 
 
@@ -58,8 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
     verb.add_argument("-q", "--quiet", action="store_true", help="log errors only")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
+    co = sub.add_parser("compile", help="quantize a MoE model's experts with MODE")
+    co.add_argument("model", nargs="?", help="an .onnx file")
+    co.add_argument("--calib", help="calibration data (modec dataset .npz)")
+    co.add_argument("--budget", type=float, default=3.0, help="average bits per expert")
+    co.add_argument("--bits", default="2,3,4", help="candidate widths (default 2,3,4)")
+    co.add_argument("--group-size", type=int, default=128)
+    co.add_argument("--method", default="mode", help="mode, uniform, mc-moe, veq-me, ...")
+    co.add_argument("--scope", choices=["layer", "global"], default="layer")
+    co.add_argument("--sense", choices=["eq", "le"], default="eq")
+    co.add_argument("--budget-bytes", type=int, default=0, help="byte budget (overrides --budget)")
+    co.add_argument("--key-ratio", type=float, default=0.2, help="share of key vision tokens")
+    co.add_argument("--sensitivity-samples", type=int, default=32)
+    co.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq")
+    co.add_argument("--pipeline", help="pipeline text (overrides the default MODE pipeline)")
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--threads", type=int, default=2)
+    co.add_argument("--eval", help="evaluation data: report fp32 and quantized accuracy")
+    co.add_argument("-o", "--output", default="out", help="output directory (default: out)")
+    co.add_argument("--force", action="store_true", help="replace a non-modec output directory")
+    co.set_defaults(func=_cmd_compile)
+
+    ins = sub.add_parser("inspect", help="what a model or a modec output contains")
+    ins.add_argument("path", help="an .onnx file or a modec output directory")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=_cmd_inspect)
+
     ev = sub.add_parser("eval", help="accuracy of a model on an evaluation set")
-    ev.add_argument("model", help="an .onnx file")
+    ev.add_argument("model", help="an .onnx file or a modec output directory")
     ev.add_argument("--data", required=True, help="a modec dataset (.npz) with answers")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--threads", type=int, default=2)
@@ -71,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -108,6 +108,10 @@ def ort_session(
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
+def _has_custom_ops(proto: onnx.ModelProto) -> bool:
+    return any(n.domain == "ai.modec" for n in proto.graph.node)
+
+
 class OrtRunner:
     """Runs an ONNX file in onnxruntime; ``run(feeds)`` returns the first output."""
 
@@ -116,9 +120,17 @@ class OrtRunner:
         proto = load_onnx_proto(path)
         self.inputs = input_specs(proto)
         self.output = proto.graph.output[0].name
-        self.session = ort_session(proto.SerializeToString(), threads)
+        self.proto = proto
+        self.session = (
+            None if _has_custom_ops(proto) else ort_session(proto.SerializeToString(), threads)
+        )
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if self.session is None:
+            raise ModelError(
+                f"{self.path}: holds ai.modec nodes that onnxruntime cannot run; run it with "
+                "modec's executor (modec eval picks it automatically)"
+            )
         out = self.session.run([self.output], feeds)[0]
         return np.asarray(out)
 

@@ -342,6 +342,18 @@ def _check_bits_feasible(
     )
 
 
+def check_budget(n: int, bits: Sequence[int], budget: float, sense: Sense = "eq") -> None:
+    """Raise the same errors as the solvers would, without costs: for a pre-flight check.
+
+    The driver calls this before calibration so that an infeasible ``--budget`` fails in
+    milliseconds instead of after minutes of statistics.
+    """
+    b = _check_bits(bits)
+    k = _check_average_budget(budget)
+    target, _ = _floor_target(n, k)
+    _check_bits_feasible(k, n, b, sense, target)
+
+
 # --------------------------------------------------------------------------------------
 # The solve
 # --------------------------------------------------------------------------------------
