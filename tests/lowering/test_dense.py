@@ -138,3 +138,14 @@ def test_hook_that_breaks_param_order_is_refused(tiny: onnx.ModelProto) -> None:
 
     with pytest.raises(InternalError, match="after hook bad"):
         lower_dense(tiny, hooks=[bad])
+
+
+def test_cuda_build_only(tiny: onnx.ModelProto) -> None:
+    """The CUDA path compiles (dlight GPU schedules; kernels not scheduled by modec)."""
+    target = {"kind": "cuda", "arch": "sm_90"}
+    dm = lower_dense(tiny, target=target)
+    assert "matmul_dense" not in dm.stats  # CPU kernels are not used for CUDA
+    ex = compile_module(dm, target)
+    host = ex.mod.imports[0]
+    assert host.kind == "llvm"
+    assert "__global__" in host.imports[0].inspect_source()
