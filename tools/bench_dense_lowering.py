@@ -12,6 +12,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -53,7 +54,7 @@ def main() -> None:
     dev = tvm.cpu()
     params = [tvm.runtime.tensor(p, dev) for p in dm.params.values()]
 
-    def vm_fn(exe: object) -> Callable[[], object]:
+    def vm_fn(exe: object) -> Callable[[], Any]:
         vm = relax.VirtualMachine(exe, dev)
         f = vm["main"]
         return lambda: f(*(tvm.runtime.tensor(inputs[s.name], dev) for s in dm.inputs), *params)
