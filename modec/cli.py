@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from modec import __version__
@@ -128,6 +129,28 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from modec import driver, sweep
+
+    if args.calib is None:
+        raise UsageError(f"{args.model}: no calibration data; pass --calib DATA")
+    budgets = sweep.parse_budgets(args.budgets)
+    opts = driver.CompileOptions(
+        bits=_parse_bits(args.bits), group_size=args.group_size, method=args.method,
+        seed=args.seed, threads=args.threads, sensitivity_samples=args.sensitivity_samples,
+    )  # fmt: skip
+    rows = sweep.sweep(
+        args.model, args.calib, budgets, opts, args.eval, _progress_factory(args.quiet)
+    )
+    files = sweep.write_sweep(args.output, rows, f"modec sweep: {args.model} ({args.method})")
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    else:
+        sys.stdout.write((Path(args.output) / "sweep.md").read_text())
+        sys.stdout.write(f"wrote {', '.join(files)} to {args.output}\n")
+    return EXIT_OK
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from modec import inspection as insp
 
@@ -171,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     co.add_argument("--force", action="store_true", help="replace a non-modec output directory")
     co.set_defaults(func=_cmd_compile)
+
+    sw = sub.add_parser("sweep", help="accuracy and size against budget (one calibration)")
+    sw.add_argument("model", help="an .onnx file")
+    sw.add_argument("--calib", help="calibration data (modec dataset .npz)")
+    sw.add_argument("--budgets", default="2.0:4.0:0.25", help="start:stop:step or a,b,c")
+    sw.add_argument("--bits", default="2,3,4")
+    sw.add_argument("--group-size", type=int, default=128)
+    sw.add_argument("--method", default="mode")
+    sw.add_argument("--sensitivity-samples", type=int, default=32)
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--threads", type=int, default=2)
+    sw.add_argument("--eval", help="evaluation data (accuracy per budget)")
+    sw.add_argument("-o", "--output", default="sweep", help="where the table and plot go")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(func=_cmd_sweep)
 
     ins = sub.add_parser("inspect", help="what a model or a modec output contains")
     ins.add_argument("path", help="an .onnx file or a modec output directory")

@@ -243,11 +243,8 @@ class DigitsVLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        # Small embeddings (GPT-2 / LLaMA init, std 0.02): with nn.Embedding's N(0, 1) the
-        # position embedding (norm ~11) drowns the projected patch features, and the decoder
-        # learns to read the image very slowly (measured: multimodal accuracy at chance after
-        # 1,250 steps).
-        nn.init.normal_(self.embed_tokens.weight, std=0.02)
+        # Small position embeddings (std 0.02, GPT-2 init): with nn.Embedding's N(0, 1) the
+        # position embedding (norm ~11) drowns the projected patch features at image positions.
         nn.init.normal_(self.embed_positions.weight, std=0.02)
 
     def set_moe_form(self, form: MoEForm) -> None:

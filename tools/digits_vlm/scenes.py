@@ -20,7 +20,6 @@ the answer is predicted at the last position. Everything is deterministic from a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +178,8 @@ class Sample:
     image: np.ndarray | None  # [64, 64] or None for text-only
     answer: int
     patch_labels: np.ndarray | None = None  # [64]: digit under each patch, 10 = background
+    #: (token index, answer id) of every question; empty = just the last position.
+    targets: tuple[tuple[int, int], ...] = ()
 
 
 def patch_labels(placed: dict[tuple[int, int], int]) -> np.ndarray:
@@ -201,6 +202,37 @@ def make_sample(family: str, pool: DigitPool, rng: np.random.Generator) -> Sampl
     return Sample(family, [BOS_ID] + [TOKEN[w] for w in words], None, TOKEN[ans])
 
 
+def make_dialogue(multimodal: bool, pool: DigitPool, rng: np.random.Generator,
+                  turns: int) -> Sample:  # fmt: skip
+    """Several questions about one image (or text-only), each answered before the next.
+
+    Training only: every question's answer is supervised at its '?' position, so one
+    forward pass trains ``turns`` answers. The first turn is exactly an evaluation-style
+    sample, since attention is causal.
+    """
+    families = MULTIMODAL_FAMILIES if multimodal else TEXT_FAMILIES
+    placed = None
+    tokens = [BOS_ID]
+    image = labels = None
+    if multimodal:
+        image, placed = render(pool, rng, int(rng.integers(1, 4)))
+        labels = patch_labels(placed)
+        tokens += [IMAGE_ID] * NUM_PATCHES
+    targets = []
+    first = ""
+    # Distinct families per dialogue, so a later answer cannot be copied from an earlier one.
+    picks = rng.choice(len(families), size=min(turns, len(families)), replace=False)
+    for turn, f in enumerate(picks):
+        fam = families[int(f)]
+        first = first or fam
+        words, ans = question(fam, rng, placed)
+        tokens += [TOKEN[w] for w in words]
+        targets.append((len(tokens) - 1, TOKEN[ans]))
+        if turn + 1 < len(picks):
+            tokens.append(TOKEN[ans])
+    return Sample(first, tokens, image, targets[-1][1], labels, tuple(targets))
+
+
 def collate(samples: list[Sample], seq_len: int | None = None) -> dict[str, np.ndarray]:
     """Left-pad a list of samples into model inputs plus modality / answer / family arrays."""
     t = seq_len or max(len(s.tokens) for s in samples)
@@ -210,6 +242,7 @@ def collate(samples: list[Sample], seq_len: int | None = None) -> dict[str, np.n
     modality = np.zeros((n, t), dtype=np.int8)
     pixels = np.zeros((n, 1, CANVAS, CANVAS), dtype=np.float32)
     patches = np.full((n, NUM_PATCHES), -100, dtype=np.int64)
+    targets = np.full((n, t), -100, dtype=np.int64)
     for i, s in enumerate(samples):
         L = len(s.tokens)
         ids[i, t - L :] = s.tokens
@@ -219,6 +252,8 @@ def collate(samples: list[Sample], seq_len: int | None = None) -> dict[str, np.n
             pixels[i, 0] = s.image
         if s.patch_labels is not None:
             patches[i] = s.patch_labels
+        for pos, ans in s.targets or ((L - 1, s.answer),):
+            targets[i, t - L + pos] = ans
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -227,6 +262,7 @@ def collate(samples: list[Sample], seq_len: int | None = None) -> dict[str, np.n
         "answer": np.array([s.answer for s in samples], dtype=np.int64),
         "family": np.array([FAMILIES.index(s.family) for s in samples], dtype=np.int64),
         "patch_labels": patches,
+        "targets": targets,
     }
 
 
@@ -240,14 +276,3 @@ def make_split(
         order = rng.permutation(len(samples))
         samples = [samples[i] for i in order]
     return samples
-
-
-def sample_stream(pool: DigitPool, seed: int, multimodal_share: float = 0.7) -> Iterator[Sample]:
-    """An endless stream of training samples (multimodal with probability ``multimodal_share``)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        if rng.random() < multimodal_share:
-            fam = MULTIMODAL_FAMILIES[int(rng.integers(len(MULTIMODAL_FAMILIES)))]
-        else:
-            fam = TEXT_FAMILIES[int(rng.integers(len(TEXT_FAMILIES)))]
-        yield make_sample(fam, pool, rng)

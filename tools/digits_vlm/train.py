@@ -74,8 +74,7 @@ def train(
         )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    mm_stream = scenes.sample_stream(pools["train"], seed=seed + 1, multimodal_share=1.0)
-    txt_stream = scenes.sample_stream(pools["train"], seed=seed + 2, multimodal_share=0.0)
+    rng = np.random.default_rng(seed + 1)
     # Validation on calibration-pool digits (never on eval digits).
     val = scenes.make_split(pools["calib"], {f: 40 for f in scenes.FAMILIES}, seed=seed + 3)
     log: list[dict[str, float]] = []
@@ -83,11 +82,14 @@ def train(
     bar = tqdm(range(steps), desc="train digits-vlm", unit="step")
     for step in bar:
         # Mostly multimodal batches; every fourth batch is text-only (short sequences).
-        stream = txt_stream if step % 4 == 3 else mm_stream
-        b = batch_tensors([next(stream) for _ in range(batch)])
+        mm = step % 4 != 3
+        turns = 3 if mm else 4
+        b = batch_tensors(
+            [scenes.make_dialogue(mm, pools["train"], rng, turns) for _ in range(batch)]
+        )
         feats.clear()
-        logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"])[:, -1]
-        ce = F.cross_entropy(logits, b["answer"])
+        logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"])
+        ce = F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=-100)
         patch_logits = patch_head(feats[-1]).reshape(-1, 11)
         labels = b["patch_labels"].reshape(-1)
         patch_ce = (
