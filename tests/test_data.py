@@ -51,8 +51,13 @@ def test_encoding_must_be_exact(tmp_path):
     arr = _arrays()
     arr["pixel_values"] = arr["pixel_values"] + np.float32(1e-3)
     with pytest.raises(DataError, match="not exactly representable"):
-        data.save(tmp_path / "x.npz", arr, modality=None, header={"image_token_id": 2},
-                  encodings={"pixel_values": {"stored": "uint8", "scale": 1 / 255, "offset": 0}})
+        data.save(
+            tmp_path / "x.npz",
+            arr,
+            modality=None,
+            header={"image_token_id": 2},
+            encodings={"pixel_values": {"stored": "uint8", "scale": 1 / 255, "offset": 0}},
+        )
     assert not list(tmp_path.iterdir()), "a failed save must leave nothing behind"
 
 
@@ -94,7 +99,7 @@ def test_bad_files_name_file_key_and_expectation(tmp_path, drop, replace, messag
 def test_not_a_dataset(tmp_path):
     p = tmp_path / "junk.npz"
     p.write_bytes(b"not a zip file at all")
-    with pytest.raises(DataError, match="not a readable .npz"):
+    with pytest.raises(DataError, match=r"not a readable \.npz"):
         data.load(p)
     with pytest.raises(DataError, match="no such data file"):
         data.load(tmp_path / "missing.npz")
@@ -126,7 +131,7 @@ def test_batches_trim_common_left_padding(tmp_path):
     p = tmp_path / "d.npz"
     data.save(p, arr, modality=data.derive_modality(arr["input_ids"], 2, arr["attention_mask"]))
     ds = data.load(p)
-    (idx, feeds), = list(ds.batches(8))
+    ((idx, feeds),) = list(ds.batches(8))
     assert feeds["input_ids"].shape == (3, 4)
     assert feeds["pixel_values"].shape == (3, 1, 2, 2)
     np.testing.assert_array_equal(idx, [0, 1, 2])

@@ -125,7 +125,7 @@ def test_failures_name_the_pass_and_what_ran_before():
     with pytest.raises(InternalError, match=r"pass test-boom failed after \['test-write-fact'\]"):
         p.run(_tiny_model(), pl.PassContext())
     p = pl.Pipeline.parse("test-write-fact,test-boom{user_error=true}")
-    with pytest.raises(BadInputError, match="^test-boom: budget 1.5 is infeasible"):
+    with pytest.raises(BadInputError, match=r"^test-boom: budget 1\.5 is infeasible"):
         p.run(_tiny_model(), pl.PassContext())
 
 
