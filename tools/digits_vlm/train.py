@@ -77,7 +77,7 @@ def train(
     rng = np.random.default_rng(seed + 1)
     # Validation on calibration-pool digits (never on eval digits).
     val = scenes.make_split(pools["calib"], {f: 40 for f in scenes.FAMILIES}, seed=seed + 3)
-    log: list[dict[str, float]] = []
+    log: list[dict[str, object]] = []
     start = time.time()
     bar = tqdm(range(steps), desc="train digits-vlm", unit="step")
     for step in bar:
