@@ -162,6 +162,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from modec.report_html import write_report_html
+
+    path = write_report_html(args.output)
+    sys.stdout.write(f"{path}\n")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="modec",
@@ -214,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path", help="an .onnx file or a modec output directory")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_cmd_inspect)
+
+    rep = sub.add_parser("report", help="write OUT/report.html from OUT/report.json")
+    rep.add_argument("output", metavar="OUT", help="a modec output directory")
+    rep.add_argument("--open", action="store_true", help="open the page in a web browser")
+    rep.set_defaults(func=_cmd_report)
 
     ev = sub.add_parser("eval", help="accuracy of a model on an evaluation set")
     ev.add_argument("model", help="an .onnx file or a modec output directory")

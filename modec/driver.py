@@ -8,7 +8,8 @@ a fresh temporary directory that is renamed over ``out`` only when everything su
 - ``experts.safetensors``: every expert's codes, fp16 scales and uint8 zeros
   (``l{layer}.{proj}.e{expert}.{codes|scale|zero}``), unpacked;
 - ``allocation.json``: the width of every expert (deterministic: no timings);
-- ``report.json``: the pipeline text, options, per-pass timings and every pass's section.
+- ``report.json``: the pipeline text, options, per-pass timings and every pass's section;
+- ``report.html``: the same report as a self-contained page with plots (docs/report.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from modec.pipeline import (
     build_report,
     write_json,
 )
+from modec.report_html import write_report_html
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +209,7 @@ def compile_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write_json(tmp / REPORT_FILE, report)
+        write_report_html(tmp)
         if alloc is not None:
             write_json(
                 tmp / ALLOCATION_FILE,
@@ -332,6 +335,7 @@ def summarize(res: CompileResult) -> dict[str, Any]:
     report = json.loads((res.out / REPORT_FILE).read_text())
     report["summary"] = summary
     write_json(res.out / REPORT_FILE, report)
+    write_report_html(res.out)  # report.html shows the summary too
     return summary
 
 
@@ -340,6 +344,7 @@ def record_accuracy(out: Path, accuracy: dict[str, Any]) -> None:
     report = json.loads((out / REPORT_FILE).read_text())
     report.setdefault("summary", {})["accuracy"] = accuracy
     write_json(out / REPORT_FILE, report)
+    write_report_html(out)
 
 
 def format_summary(s: dict[str, Any]) -> str:
