@@ -68,10 +68,8 @@ class CompileOptions:
     cache_dir: str | None = None
 
 
-def pipeline_text(o: CompileOptions) -> str:
-    """The default MODE pipeline for these options, as pipeline text."""
-    from modec.numerics.importance import NEEDS_SENSITIVITY
-
+def analysis_text(o: CompileOptions, sensitivity: bool = True) -> str:
+    """The analysis half of the MODE pipeline (structure, statistics, sensitivities)."""
     bits = ":".join(str(b) for b in o.bits)
     passes = [
         "find-moe",
@@ -79,17 +77,29 @@ def pipeline_text(o: CompileOptions) -> str:
         "find-attention",
         f"collect-routing{{key_ratio={o.key_ratio}}}",
     ]
-    if o.method in NEEDS_SENSITIVITY:
+    if sensitivity:
         passes.append(
             f"measure-sensitivity{{bits={bits},group_size={o.group_size},"
             f"samples={o.sensitivity_samples}}}"
         )
-    passes.append(
-        f"allocate-bits{{budget={o.budget},bits={bits},method={o.method},scope={o.scope},"
-        f"sense={o.sense},budget_bytes={o.budget_bytes},group_size={o.group_size}}}"
-    )
-    passes.append(f"quantize-experts{{group_size={o.group_size},method={o.quantizer}}}")
     return ",".join(passes)
+
+
+def allocation_text(o: CompileOptions) -> str:
+    """The decision half: allocate-bits and quantize-experts."""
+    bits = ":".join(str(b) for b in o.bits)
+    return (
+        f"allocate-bits{{budget={o.budget},bits={bits},method={o.method},scope={o.scope},"
+        f"sense={o.sense},budget_bytes={o.budget_bytes},group_size={o.group_size}}},"
+        f"quantize-experts{{group_size={o.group_size},method={o.quantizer}}}"
+    )
+
+
+def pipeline_text(o: CompileOptions) -> str:
+    """The default MODE pipeline for these options, as pipeline text."""
+    from modec.numerics.importance import NEEDS_SENSITIVITY
+
+    return f"{analysis_text(o, o.method in NEEDS_SENSITIVITY)},{allocation_text(o)}"
 
 
 def build_pipeline(text: str) -> Pipeline:
@@ -172,6 +182,34 @@ def commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def load_inputs(
+    model_path: str | os.PathLike[str],
+    calib_path: str | os.PathLike[str],
+    o: CompileOptions,
+    progress: Callable[[int, str], ProgressBar] | None = None,
+) -> tuple[ir.Model, PassContext]:
+    """Load and check the model and calibration data; the context the passes start from.
+
+    The cheap checks run first (weights finite, MoE layers present, budget feasible) so that
+    bad input fails in milliseconds, before any calibration work.
+    """
+    from modec.frontend import input_specs, load_onnx_proto
+
+    proto = load_onnx_proto(model_path)
+    model = ir.serde.deserialize_model(proto)
+    check_weights_finite(model)
+    preflight(model, o)
+    calib = data_mod.load(calib_path)
+    data_mod.check_against(calib, input_specs(proto))
+    ctx = PassContext(
+        facts={"calib.data"},
+        artifacts={"calib.data": calib},
+        options={**asdict(o), "model": str(model_path), "calib": str(calib_path)},
+        progress=progress,
+    )
+    return model, ctx
+
+
 def compile_model(
     model_path: str | os.PathLike[str],
     calib_path: str | os.PathLike[str],
@@ -183,25 +221,11 @@ def compile_model(
     progress: Callable[[int, str], ProgressBar] | None = None,
 ) -> CompileResult:
     """Run the MODE pipeline and write the output directory (see the module docstring)."""
-    from modec.frontend import input_specs, load_onnx_proto
-
     o = options or CompileOptions()
     out_dir = Path(out)
     prepare_out(out_dir, force)
-    proto = load_onnx_proto(model_path)
-    model = ir.serde.deserialize_model(proto)
-    check_weights_finite(model)
-    preflight(model, o)
-    calib = data_mod.load(calib_path)
-    data_mod.check_against(calib, input_specs(proto))
-    text = pipeline or pipeline_text(o)
-    pipe = build_pipeline(text)
-    ctx = PassContext(
-        facts={"calib.data"},
-        artifacts={"calib.data": calib},
-        options={**asdict(o), "model": str(model_path), "calib": str(calib_path)},
-        progress=progress,
-    )
+    model, ctx = load_inputs(model_path, calib_path, o, progress)
+    pipe = build_pipeline(pipeline or pipeline_text(o))
     model, records = pipe.run(model, ctx)
     alloc = ctx.artifacts.get("allocation")
     report = build_report(pipe, records, ctx)

@@ -12,13 +12,20 @@ import copy
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import onnx_ir as ir
 
 from modec import data as data_mod
-from modec.driver import CompileOptions, build_pipeline, check_weights_finite, preflight
+from modec.driver import (
+    CompileOptions,
+    allocation_text,
+    analysis_text,
+    build_pipeline,
+    load_inputs,
+    preflight,
+)
 from modec.pipeline import PassContext, PassRecord, ProgressBar
 
 log = logging.getLogger(__name__)
@@ -41,27 +48,8 @@ def analyze(
     progress: Callable[[int, str], ProgressBar] | None = None,
 ) -> Analysis:
     """Run find-moe … measure-sensitivity once."""
-    from modec.frontend import input_specs, load_onnx_proto
-
-    proto = load_onnx_proto(model_path)
-    model = ir.serde.deserialize_model(proto)
-    check_weights_finite(model)
-    preflight(model, options)
-    calib = data_mod.load(calib_path)
-    data_mod.check_against(calib, input_specs(proto))
-    bits = ":".join(str(b) for b in options.bits)
-    text = (
-        f"find-moe,canonicalize-moe,find-attention,collect-routing{{key_ratio={options.key_ratio}}},"
-        f"measure-sensitivity{{bits={bits},group_size={options.group_size},"
-        f"samples={options.sensitivity_samples}}}"
-    )
-    ctx = PassContext(
-        facts={"calib.data"},
-        artifacts={"calib.data": calib},
-        options={**asdict(options), "model": str(model_path), "calib": str(calib_path)},
-        progress=progress,
-    )
-    model, records = build_pipeline(text).run(model, ctx)
+    model, ctx = load_inputs(model_path, calib_path, options, progress)
+    model, records = build_pipeline(analysis_text(options)).run(model, ctx)
     return Analysis(model, ctx, records, options)
 
 
@@ -69,12 +57,6 @@ def quantize(an: Analysis, method: str, budget: float, quantizer: str = "gptq") 
     """allocate-bits + quantize-experts for one method and budget; returns the simulated model."""
     o = replace(an.options, method=method, budget=budget, quantizer=quantizer)
     preflight(an.model, o)
-    bits = ":".join(str(b) for b in o.bits)
-    text = (
-        f"allocate-bits{{budget={o.budget},bits={bits},method={o.method},scope={o.scope},"
-        f"sense={o.sense},group_size={o.group_size}}},"
-        f"quantize-experts{{group_size={o.group_size},method={o.quantizer}}}"
-    )
     ctx = PassContext(
         facts=set(an.ctx.facts),
         artifacts=dict(an.ctx.artifacts),
@@ -82,7 +64,7 @@ def quantize(an: Analysis, method: str, budget: float, quantizer: str = "gptq") 
         progress=an.ctx.progress,
     )
     model = ir.serde.deserialize_model(ir.serde.serialize_model(an.model))
-    model, _ = build_pipeline(text).run(model, ctx)
+    model, _ = build_pipeline(allocation_text(o)).run(model, ctx)
     model.meta["modec.allocation"] = ctx.artifacts["allocation"]
     return model
 
