@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ELEM = {
+#: ONNX tensor element types modec handles, as numpy dtype names.
+ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.DOUBLE: "float64",
@@ -90,7 +91,9 @@ def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
                 dims.append(d.dim_param)
             else:
                 dims.append(None)
-        specs.append(InputSpec(vi.name, _ELEM.get(tt.elem_type, str(tt.elem_type)), tuple(dims)))
+        specs.append(
+            InputSpec(vi.name, ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), tuple(dims))
+        )
     return specs
 
 

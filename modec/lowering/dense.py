@@ -47,6 +47,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from modec.artifact import TensorSpec
 from modec.errors import InternalError, ModelError
+from modec.frontend import ONNX_DTYPES as _ONNX_DTYPES
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.lowering.matmul_kernels import matmul_primfunc
 
@@ -54,17 +55,6 @@ logger = logging.getLogger(__name__)
 
 #: A converter for a custom ONNX op: (block builder, inputs, attributes) -> Relax expression.
 OpConverter: TypeAlias = Callable[[relax.BlockBuilder, list[Any], dict[str, Any]], relax.Expr]
-
-_ONNX_DTYPES: dict[int, str] = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.INT64: "int64",
-    onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.INT8: "int8",
-    onnx.TensorProto.UINT8: "uint8",
-    onnx.TensorProto.BOOL: "bool",
-}
 
 
 @dataclass
