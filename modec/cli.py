@@ -30,14 +30,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _runner(path: str, threads: int) -> tuple[str, Any]:
     """How to run ``path``: a compiled/simulated output directory or an ONNX file."""
-    from pathlib import Path
-
-    from modec.driver import SIM_MODEL, SimulatedRunner
+    from modec.driver import SIM_MODEL, CompiledRunner, SimulatedRunner
     from modec.errors import ModelError
     from modec.frontend import OrtRunner
 
     p = Path(path)
     if p.is_dir():
+        if (p / "manifest.json").exists():
+            return "compiled", CompiledRunner(p)
         if (p / SIM_MODEL).exists():
             return "simulated", SimulatedRunner(p, threads)
         raise ModelError(f"{path}: a directory without {SIM_MODEL}; pass a modec output or .onnx")

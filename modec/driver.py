@@ -393,3 +393,17 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"  {split:<13} fp32 {100 * a:6.2f}%  quantized {100 * b:6.2f}%")
     lines.append(f"  report        {s['report']}")
     return "\n".join(lines)
+
+
+class CompiledRunner:
+    """Runs a compiled artifact (``manifest.json`` + library) with `modec.runtime`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from modec import runtime
+
+        self.session = runtime.load(path)
+        self.inputs = list(self.session.inputs)
+        self.output = self.session.outputs[0].name
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(feeds)[self.output]
