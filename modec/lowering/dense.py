@@ -160,7 +160,71 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         if op_name in self._custom:
             sym = self._custom[op_name](self.bb, list(inputs), dict(attrs))
             return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
+        fix = _FRONTEND_FIXES.get(op_name)
+        fixed = fix(list(inputs), dict(attrs)) if fix is not None else None
+        if fixed is not None:
+            return self.bb.normalize(fixed)
         return super()._convert_operator(op_name, inputs, attrs, opset)
+
+
+def _expand_const_shape(inputs: list[Any], attrs: dict[str, Any]) -> relax.Expr | None:
+    """ONNX Expand to a constant shape of data with symbolic dims (None: not this case).
+
+    The frontend's Expand reads ``dim.value`` of every data dim when the target shape is a
+    constant and fails on a symbolic one (digits-vlm's attention-mask broadcast). ONNX
+    broadcasting: a target dim of 1 keeps the data dim; otherwise the data dim is 1 or equal.
+    """
+    data, shape = inputs
+    if not isinstance(shape, tvm.ir.GenericConst) or not isinstance(data.ty, relax.TensorType):
+        return None
+    dims = list(data.ty.shape.values) if data.ty.shape is not None else None
+    if dims is None or all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    target = [int(v) for v in np.asarray(shape.value.numpy()).reshape(-1)]
+    rank = max(len(target), len(dims))
+    dims = [tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
+    target = [1] * (rank - len(target)) + target
+    out: list[Any] = []
+    for d, s in zip(dims, target, strict=True):
+        if s in (1, -1):
+            out.append(d)
+        elif isinstance(d, tirx.IntImm) and int(d) not in (1, s):
+            raise ModelError(f"ONNX Expand: cannot broadcast data shape {dims} to {target}")
+        else:
+            out.append(tirx.IntImm("int64", s))
+    return relax.op.broadcast_to(data, relax.ShapeExpr(out))
+
+
+def _gather_elements(inputs: list[Any], attrs: dict[str, Any]) -> relax.Expr | None:
+    """ONNX GatherElements (the frontend's reads ``ty.dtype.dtype`` and always fails).
+
+    Negative indices count from the end of ``axis``, as ONNX specifies (static extent only;
+    a symbolic one falls back to the frontend).
+    """
+    data, indices = inputs
+    axis = int(attrs.get("axis", 0))
+    if not isinstance(data.ty, relax.TensorType) or not isinstance(indices.ty, relax.TensorType):
+        return None
+    if data.ty.shape is None:
+        return None
+    extent = _static(data.ty.shape.values[axis])
+    if extent is None:
+        return None
+    dtype = str(indices.ty.dtype)
+    wrapped = relax.op.where(
+        relax.op.less(indices, relax.const(0, dtype)),
+        relax.op.add(indices, relax.const(extent, dtype)),
+        indices,
+    )
+    return relax.op.gather_elements(data, wrapped, axis)
+
+
+#: Ops whose frontend converter fails on graphs modec lowers: op type -> converter that
+#: returns the Relax expression, or None to fall back to the frontend's.
+_FRONTEND_FIXES: dict[str, Callable[[list[Any], dict[str, Any]], relax.Expr | None]] = {
+    "Expand": _expand_const_shape,
+    "GatherElements": _gather_elements,
+}
 
 
 def _opset(model: onnx.ModelProto) -> int:
