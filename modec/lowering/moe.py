@@ -1,0 +1,553 @@
+"""Lower canonical ``ai.modec::MoE`` nodes to Relax with mixed-precision grouped kernels.
+
+One `MoELowering` serves one model: its `convert` method is the ``op_converters["MoE"]``
+of `modec.lowering.dense.import_onnx`, its `add_params` method the `RelaxHook` that turns
+the packed weights into parameters of ``main``. Per MoE layer, over ``T`` flattened tokens
+(symbolic) and ``k`` experts per token, the converter emits, in order:
+
+1. Router (fp32, never quantized): ``logits = x · W_rᵀ (+ b_r)`` as a ``relax.matmul``
+   (scheduled later by `schedule_dense_ops`), then the scores and the top-k choice exactly
+   as `modec.moe.reference.route`: softmax + top-k (+ renormalisation), softmax over the
+   top-k logits, or sigmoid (+ correction bias for the choice, group-limited routing,
+   renormalisation); times ``routed_scaling_factor``.
+2. Bookkeeping: one small TIR PrimFunc (``moe_sort``) does a stable counting sort of the
+   ``T·k`` (token, slot) pairs by expert *rank*, where experts are ranked by width group
+   first (ascending bits) and by index inside a group. It returns, for every sorted row,
+   its token (``tok``) and expert (``eid``); for every pair its sorted row (``inv``); and
+   the row offsets of every expert in rank order (``offsets [E + 1]``). A width group's
+   ``indptr`` is the slice of ``offsets`` over its experts: absolute rows, so every group
+   kernel reads and writes one shared sorted buffer.
+3. ``xs = take(x, tok)`` gathers the rows ``[T·k, H]``.
+4. Per projection (gate, up, down) and per width group, one grouped kernel
+   (`modec.kernels.grouped_moe`): the first group's call allocates the output ``[T·k, N]``
+   (``call_tir``), the other groups write their own row ranges into it
+   (``call_tir_inplace``). The ranges of all groups cover all ``T·k`` rows, so a layer with
+   widths {2, 3, 4} launches 3 x 3 = 9 kernels regardless of E.
+5. Activation (``silu``, ``gelu`` or ``gpt_oss``, optionally gated) and per-expert biases
+   (``take(bias, eid)``) as element-wise Relax ops between the kernels.
+6. Combine without a scatter: ``take(y, inv)`` puts every pair back in (token, slot) order,
+   ``[T, k, H] · weights[T, k, 1]`` summed over ``k``; deterministic (no atomics).
+7. Shared expert in fp32 (``relax.matmul`` with transposed weights, optional sigmoid gate).
+
+Parameters the converter creates are named ``moe{layer}.{what}``: the packed experts
+``moe{l}.{proj}.w{bits}.codes|scale|zero`` and the fp32 router / bias / shared-expert
+weights (transposed to ``[K, N]`` so the dense scheduler takes them as projections).
+The node's own initializers (the dequantized experts among them) become unused and
+`add_params` drops them from ``main``: they never reach ``weights.safetensors``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import tvm
+from tvm import relax, tirx
+from tvm.script import tirx as T
+
+from modec.errors import InternalError, ModelError
+from modec.kernels import grouped_moe
+from modec.kernels.target import TargetLike, resolve_target
+from modec.lowering.dense import DenseModule
+from modec.moe.canonical import is_moe_node
+from modec.moe.reference import MoEParams
+from modec.numerics.packing import LAYOUT, PackedWeight, pack
+from modec.numerics.schemes import QuantScheme
+
+logger = logging.getLogger(__name__)
+
+#: Projections of a routed expert, in the order they run.
+PROJECTIONS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True, eq=False)
+class WidthGroup:
+    """The experts of one MoE layer that share a width.
+
+    Attributes:
+        bits: the width.
+        experts: expert indices, ascending.
+        start: rank of the first expert (index into the layer's ``offsets``).
+        packed: per projection, the experts' stacked packed weight ``[E_w, N, K]``.
+    """
+
+    bits: int
+    experts: tuple[int, ...]
+    start: int
+    packed: dict[str, PackedWeight]
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPlan:
+    """Everything the converter needs for one MoE layer."""
+
+    layer: int
+    node_name: str
+    params: MoEParams
+    group_size: int
+    widths: tuple[int, ...]
+    groups: tuple[WidthGroup, ...]
+
+    @property
+    def rank(self) -> np.ndarray:
+        """``rank[e]``: position of expert e in (width group, index) order."""
+        r = np.empty(self.params.num_experts, dtype=np.int64)
+        for g in self.groups:
+            for i, e in enumerate(g.experts):
+                r[e] = g.start + i
+        return r
+
+
+def plan_layers(model: ir.Model, quantized: Any) -> list[LayerPlan]:
+    """Group every MoE layer's experts by width and pack them.
+
+    Args:
+        model: the canonical model (MoE nodes in graph order are layers 0..L-1).
+        quantized: a `passes.quantize_experts.QuantizedExperts` (``group_size``,
+            ``widths[l][e]``, ``layers[l][proj][e]``).
+
+    Raises:
+        ModelError: the quantized experts do not match the model's MoE layers.
+    """
+    nodes = [n for n in model.graph if is_moe_node(n)]
+    if len(nodes) != len(quantized.layers) or len(nodes) != len(quantized.widths):
+        raise ModelError(
+            f"lower-tvm: the model has {len(nodes)} MoE layers but the quantized experts cover "
+            f"{len(quantized.layers)}; run quantize-experts on this model"
+        )
+    plans = []
+    for layer, node in enumerate(nodes):
+        p = MoEParams.from_node(node)
+        widths = tuple(int(w) for w in quantized.widths[layer])
+        if len(widths) != p.num_experts:
+            raise ModelError(
+                f"lower-tvm: MoE layer {layer} ({node.name}) has {p.num_experts} experts but "
+                f"{len(widths)} widths; re-run allocate-bits"
+            )
+        projs = {"gate": p.gate, "up": p.up, "down": p.down}
+        groups: list[WidthGroup] = []
+        start = 0
+        for bits in sorted(set(widths)):
+            experts = tuple(e for e, w in enumerate(widths) if w == bits)
+            packed: dict[str, PackedWeight] = {}
+            for proj, dense in projs.items():
+                if dense is None:
+                    continue
+                qws = quantized.layers[layer].get(proj)
+                if qws is None:
+                    raise ModelError(
+                        f"lower-tvm: MoE layer {layer} ({node.name}) has a {proj} projection "
+                        "but no quantized codes for it; run quantize-experts"
+                    )
+                for e in experts:
+                    if qws[e].scheme.bits != bits or qws[e].q.shape != dense.shape[1:]:
+                        raise ModelError(
+                            f"lower-tvm: layer {layer} expert {e} {proj}: codes are "
+                            f"{qws[e].scheme.name} {list(qws[e].q.shape)}, expected w{bits} "
+                            f"{list(dense.shape[1:])}"
+                        )
+                scheme = QuantScheme(bits, int(quantized.group_size))
+                packed[proj] = pack(
+                    np.stack([qws[e].q for e in experts]),
+                    np.stack([qws[e].scale for e in experts]),
+                    np.stack([qws[e].zero for e in experts]),
+                    scheme,
+                )
+            groups.append(WidthGroup(bits, experts, start, packed))
+            start += len(experts)
+        plans.append(
+            LayerPlan(
+                layer,
+                node.name or f"moe{layer}",
+                p,
+                int(quantized.group_size),
+                widths,
+                tuple(groups),
+            )
+        )
+    return plans
+
+
+def sort_primfunc(num_experts: int, top_k: int, index_dtype: str = "int64") -> tirx.PrimFunc:
+    """The bookkeeping kernel: stable counting sort of (token, slot) pairs by expert rank.
+
+    Arguments (destination-passing): ``experts [T, k]`` (``index_dtype``), ``rank [E]``
+    int64; outputs ``tok [T·k]``, ``eid [T·k]``, ``inv [T·k]``, ``offsets [E + 1]``, all
+    int64 (see the module docstring). Serial: O(T·k + E), negligible next to the kernels.
+    An out-of-range expert index is clamped (a wrong answer, never a crash).
+    """
+    e_count, k = num_experts, top_k
+
+    @T.prim_func(private=True, s_tir=False)
+    def moe_sort(
+        var_experts: T.handle,
+        rank: T.Buffer((e_count,), "int64"),  # type: ignore[valid-type]
+        var_tok: T.handle,
+        var_eid: T.handle,
+        var_inv: T.handle,
+        offsets: T.Buffer((e_count + 1,), "int64"),  # type: ignore[valid-type]
+    ) -> None:
+        T.func_attr({"tirx.noalias": True})
+        t = T.int64()
+        experts = T.match_buffer(var_experts, (t, k), index_dtype)
+        tok = T.match_buffer(var_tok, (t * k,), "int64")
+        eid = T.match_buffer(var_eid, (t * k,), "int64")
+        inv = T.match_buffer(var_inv, (t * k,), "int64")
+        cursor = T.alloc_buffer((e_count,), "int64")
+        for e in T.serial(e_count):
+            cursor[e] = T.int64(0)
+        for i in T.serial(t):
+            for j in T.serial(k):
+                ex = T.max(T.min(T.Cast("int64", experts[i, j]), e_count - 1), 0)
+                cursor[rank[ex]] = cursor[rank[ex]] + T.int64(1)
+        offsets[0] = T.int64(0)
+        for r in T.serial(e_count):
+            offsets[r + 1] = offsets[r] + cursor[r]
+            cursor[r] = offsets[r]
+        for i in T.serial(t):
+            for j in T.serial(k):
+                ex = T.max(T.min(T.Cast("int64", experts[i, j]), e_count - 1), 0)
+                pos = cursor[rank[ex]]
+                tok[pos] = i
+                eid[pos] = ex
+                inv[i * k + j] = pos
+                cursor[rank[ex]] = pos + T.int64(1)
+
+    return moe_sort
+
+
+@dataclass
+class MoELowering:
+    """Lowers the MoE nodes of one canonical model; see the module docstring.
+
+    Use ``op_converters={"MoE": lowering.convert}`` and ``hooks=[lowering.add_params]``
+    with `modec.lowering.dense.lower_dense` / `modec.lowering.build.build_artifact`.
+
+    Attributes:
+        plans: one `LayerPlan` per MoE node, in graph order.
+        target: the compile target (CPU kernels only for now).
+        new_params: parameters created by the converter, name -> (Relax var, array).
+        kernels: per layer, the grouped-kernel launches as (projection, bits, E_w).
+    """
+
+    plans: list[LayerPlan]
+    target: TargetLike = "llvm"
+    new_params: dict[str, tuple[relax.Var, np.ndarray]] = field(default_factory=dict)
+    kernels: list[list[tuple[str, int, int]]] = field(default_factory=list)
+    _funcs: dict[tuple[Any, ...], relax.GlobalVar] = field(default_factory=dict)
+    _next: int = 0
+
+    # ------------------------------------------------------------------ parameters
+
+    def _param(self, name: str, array: np.ndarray) -> relax.Var:
+        if name in self.new_params:
+            raise InternalError(f"lower-tvm: parameter {name} created twice")
+        arr = np.ascontiguousarray(array)
+        var = relax.Var(name, relax.TensorType([int(d) for d in arr.shape], str(arr.dtype)))
+        self.new_params[name] = (var, arr)
+        return var
+
+    def add_params(self, dm: DenseModule) -> DenseModule:
+        """RelaxHook: add the converter's parameters to ``main``, drop unused weights.
+
+        The new parameters follow the imported weights that are still used, in creation
+        order; `DenseModule.params` is rebuilt in the same order.
+        """
+        main = dm.mod["main"]
+        n_in = int(main.attrs["num_input"])
+        used = {v.name for v in relax.analysis.free_vars(main.body)}
+        kept = [p for p in main.params[n_in:] if p.name in used]
+        dropped = len(main.params) - n_in - len(kept)
+        added = [v for v, _ in self.new_params.values()]
+        missing = [v.name for v in added if v.name not in used]
+        if missing:
+            raise InternalError(f"lower-tvm: created parameters never used: {missing[:4]}")
+        params = {p.name: dm.params[p.name] for p in kept}
+        for name, (_, arr) in self.new_params.items():
+            if name in params:
+                raise ModelError(
+                    f"lower-tvm: parameter name {name} clashes with a model initializer; "
+                    "rename the initializer"
+                )
+            params[name] = arr
+        func = relax.Function(
+            list(main.params[:n_in]) + kept + added, main.body, main.ret_ty, main.is_pure,
+            main.attrs,
+        )  # fmt: skip
+        mod = dm.mod
+        mod[mod.get_global_var("main")] = func
+        stats = {
+            **dm.stats,
+            "moe_layers": len(self.plans),
+            "moe_kernels": sum(len(k) for k in self.kernels),
+            "weights_dropped": dropped,
+        }
+        logger.info(
+            "lower-tvm: %d MoE layers, %d grouped kernel launches, %d dense weights dropped",
+            len(self.plans), stats["moe_kernels"], dropped,
+        )  # fmt: skip
+        return replace(dm, mod=mod, params=params, stats=stats)
+
+    # ------------------------------------------------------------------ kernels
+
+    def _func(self, bb: relax.BlockBuilder, key: tuple[Any, ...], make: Any, name: str) -> Any:
+        if key not in self._funcs:
+            func = make().with_attr("global_symbol", name).with_attr("op_pattern", 8)
+            self._funcs[key] = bb.add_func(func, name)
+        return self._funcs[key]
+
+    def _grouped(self, bb: relax.BlockBuilder, pw: PackedWeight, e_w: int) -> Any:
+        s = pw.scheme
+        key = ("grouped", s.bits, s.group_size, pw.n, pw.k, e_w)
+        name = f"modec_moe_{s.name}_n{pw.n}_k{pw.k}_e{e_w}"
+        tgt = resolve_target(self.target)
+
+        def make() -> tirx.PrimFunc:
+            return grouped_moe.primfunc(s, pw.n, pw.k, e_w, tgt, "int64")["main"]
+
+        return self._func(bb, key, make, name)
+
+    # ------------------------------------------------------------------ converter
+
+    def convert(self, bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]) -> Any:
+        """op_converters["MoE"]: the Relax expression of the next MoE node (graph order)."""
+        if self._next >= len(self.plans):
+            raise InternalError(
+                f"lower-tvm: MoE node number {self._next + 1} has no plan "
+                f"({len(self.plans)} planned); the imported graph differs from the planned one"
+            )
+        plan = self.plans[self._next]
+        self._next += 1
+        p = plan.params
+        if int(attrs.get("num_experts", p.num_experts)) != p.num_experts:
+            raise InternalError(f"lower-tvm: MoE node {plan.node_name}: attributes do not match")
+        x = inputs[0]
+        shape = list(x.ty.shape.values)
+        hidden = int(p.router_weight.shape[1])
+        if len(shape) < 1 or not isinstance(shape[-1], tirx.IntImm) or int(shape[-1]) != hidden:
+            raise ModelError(
+                f"MoE node {plan.node_name}: hidden input has shape {shape}, the router "
+                f"expects last dim {hidden}"
+            )
+        tokens: Any = tirx.IntImm("int64", 1)
+        for d in shape[:-1]:
+            tokens = tokens * d
+        tokens = tvm.sym.Analyzer().simplify(tokens)
+        x2 = bb.emit(relax.op.reshape(x, [tokens, hidden]))
+        if x2.ty.dtype != "float32":
+            x2 = bb.emit(relax.op.astype(x2, "float32"))
+        weights, experts = self._route(bb, plan, x2)
+        out = self._experts(bb, plan, x2, tokens, weights, experts)
+        shared = self._shared(bb, plan, x2)
+        if shared is not None:
+            out = bb.emit(relax.op.add(out, shared))
+        return relax.op.reshape(out, shape)
+
+    def _route(self, bb: relax.BlockBuilder, plan: LayerPlan, x2: Any) -> tuple[Any, Any]:
+        p, pre, k = plan.params, f"moe{plan.layer}", plan.params.top_k
+        wr = self._param(f"{pre}.router.weight_t", p.router_weight.T.astype(np.float32))
+        logits = bb.emit(relax.op.matmul(x2, wr))
+        if p.router_bias is not None:
+            logits = bb.emit(relax.op.add(logits, self._param(f"{pre}.router.bias", p.router_bias)))
+
+        def topk(v: Any, kk: int) -> tuple[Any, Any]:
+            both = bb.emit(relax.op.topk(v, kk, axis=-1, ret_type="both", dtype="int64"))
+            return bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
+
+        if p.scoring == "sigmoid":
+            scores = bb.emit(relax.op.sigmoid(logits))
+            choice = scores
+            if p.correction_bias is not None:
+                cb = self._param(f"{pre}.router.correction_bias", p.correction_bias)
+                choice = bb.emit(relax.op.add(scores, cb))
+            if p.n_group > 1:
+                choice = self._group_limit(bb, p, choice)
+            _, experts = topk(choice, k)
+            weights = bb.emit(relax.op.gather_elements(scores, experts, axis=1))
+            if p.norm_topk_prob:
+                den = bb.emit(relax.op.sum(weights, axis=[-1], keepdims=True))
+                den = bb.emit(relax.op.add(den, relax.const(1e-20, "float32")))
+                weights = bb.emit(relax.op.divide(weights, den))
+        elif p.softmax_after_topk:
+            top, experts = topk(logits, k)
+            weights = bb.emit(relax.op.nn.softmax(top, axis=-1))
+        elif p.scoring == "softmax":
+            scores = bb.emit(relax.op.nn.softmax(logits, axis=-1))
+            weights, experts = topk(scores, k)
+            if p.norm_topk_prob:
+                den = bb.emit(relax.op.sum(weights, axis=[-1], keepdims=True))
+                weights = bb.emit(relax.op.divide(weights, den))
+        else:
+            raise ModelError(f"MoE node {plan.node_name}: unknown scoring {p.scoring!r}")
+        if p.routed_scaling_factor != 1.0:
+            factor = relax.const(np.float32(p.routed_scaling_factor), "float32")
+            weights = bb.emit(relax.op.multiply(weights, factor))
+        return weights, experts
+
+    @staticmethod
+    def _group_limit(bb: relax.BlockBuilder, p: MoEParams, choice: Any) -> Any:
+        # DeepSeek-V3 group-limited routing (docs/ir.md): group score = sum of its top-2
+        # choice scores; keep the topk_group best groups, mask the others to -inf. The kept
+        # groups are those scoring >= the topk_group-th best score (equal on exact ties only).
+        e, g = p.num_experts, p.n_group
+        t = choice.ty.shape.values[0]
+        grouped = bb.emit(relax.op.reshape(choice, [t, g, e // g]))
+        top2 = bb.emit(
+            relax.op.topk(grouped, min(2, e // g), axis=-1, ret_type="values", dtype="int64")
+        )
+        gscore = bb.emit(relax.op.sum(top2, axis=[-1]))
+        kth = bb.emit(relax.op.topk(gscore, p.topk_group, axis=-1, ret_type="values"))
+        thresh = bb.emit(
+            relax.op.strided_slice(kth, axes=[1], begin=[p.topk_group - 1], end=[p.topk_group])
+        )
+        keep = bb.emit(relax.op.greater_equal(gscore, thresh))  # [T, G]
+        keep = bb.emit(relax.op.repeat(keep, e // g, axis=1))  # [T, E]
+        ninf = relax.const(np.float32(-np.inf), "float32")
+        return bb.emit(relax.op.where(keep, choice, ninf))
+
+    def _experts(
+        self, bb: relax.BlockBuilder, plan: LayerPlan, x2: Any, tokens: Any, weights: Any,
+        experts: Any,
+    ) -> Any:  # fmt: skip
+        p, pre, k = plan.params, f"moe{plan.layer}", plan.params.top_k
+        e_count = p.num_experts
+        hidden = int(p.router_weight.shape[1])
+        rows = tvm.sym.Analyzer().simplify(tokens * k)
+        sort = self._func(
+            bb,
+            ("sort", e_count, k),
+            lambda: sort_primfunc(e_count, k),
+            f"modec_moe_sort_e{e_count}_k{k}",
+        )
+        idx = relax.TensorType([rows], "int64")
+        res = bb.emit(
+            relax.call_tir(
+                sort,
+                [experts, relax.const(plan.rank, "int64")],
+                [idx, idx, idx, relax.TensorType([e_count + 1], "int64")],
+            )
+        )
+        tok, eid, inv, offsets = (bb.emit(relax.TupleGetItem(res, i)) for i in range(4))
+        xs = bb.emit(relax.op.take(x2, tok, axis=0, mode="clip"))
+        indptr = [
+            bb.emit(
+                relax.op.strided_slice(
+                    offsets, axes=[0], begin=[g.start], end=[g.start + len(g.experts) + 1]
+                )
+            )
+            for g in plan.groups
+        ]
+        launches: list[tuple[str, int, int]] = []
+
+        def project(proj: str, inp: Any, n: int) -> Any:
+            y: Any = None
+            out_ty = relax.TensorType([rows, n], "float32")
+            for g, ip in zip(plan.groups, indptr, strict=True):
+                pw = g.packed[proj]
+                base = f"{pre}.{proj}.w{g.bits}"
+                args = [
+                    inp, ip, self._param(f"{base}.codes", pw.codes),
+                    self._param(f"{base}.scale", pw.scale), self._param(f"{base}.zero", pw.zero),
+                ]  # fmt: skip
+                gv = self._grouped(bb, pw, len(g.experts))
+                if y is None:
+                    y = bb.emit(relax.call_tir(gv, args, out_ty))
+                else:
+                    y = bb.emit(relax.call_tir_inplace(gv, [*args, y], 5, out_ty))
+                launches.append((proj, g.bits, len(g.experts)))
+            bias = {"gate": p.gate_bias, "up": p.up_bias, "down": p.down_bias}[proj]
+            if bias is not None:
+                b = self._param(f"{pre}.{proj}.bias", bias)
+                y = bb.emit(relax.op.add(y, relax.op.take(b, eid, axis=0, mode="clip")))
+            return y
+
+        inter = int(p.up.shape[1])
+        u = project("up", xs, inter)
+        g = project("gate", xs, inter) if p.gate is not None else None
+        a = _activation(bb, p.activation, g, u, p.alpha, p.limit)
+        y = project("down", a, hidden)
+        self.kernels.append(launches)
+        back = bb.emit(relax.op.take(y, inv, axis=0, mode="clip"))
+        back = bb.emit(relax.op.reshape(back, [tokens, k, hidden]))
+        w3 = bb.emit(relax.op.reshape(weights, [tokens, k, 1]))
+        return bb.emit(relax.op.sum(relax.op.multiply(back, w3), axis=[1]))
+
+    def _shared(self, bb: relax.BlockBuilder, plan: LayerPlan, x2: Any) -> Any:
+        p, pre = plan.params, f"moe{plan.layer}"
+        if p.shared_up is None or p.shared_down is None:
+            return None
+
+        def linear(name: str, w: np.ndarray) -> Any:
+            return bb.emit(relax.op.matmul(x2, self._param(f"{pre}.shared.{name}_t", w.T)))
+
+        u = linear("up", p.shared_up)
+        g = linear("gate", p.shared_gate) if p.shared_gate is not None else None
+        a = _activation(bb, p.shared_activation, g, u, p.alpha, p.limit)
+        s = bb.emit(relax.op.matmul(a, self._param(f"{pre}.shared.down_t", p.shared_down.T)))
+        if p.shared_expert_gate is not None:
+            gate = linear("expert_gate", p.shared_expert_gate)
+            s = bb.emit(relax.op.multiply(s, relax.op.sigmoid(gate)))
+        return s
+
+
+def _activation(
+    bb: relax.BlockBuilder, kind: str, g: Any, u: Any, alpha: float, limit: float
+) -> Any:
+    """``act(g) · u`` (gated) or ``act(u)``, as `modec.moe.reference._act`."""
+    if kind == "gpt_oss":
+        if g is None:
+            raise ModelError("MoE activation gpt_oss needs a gate projection")
+        lim = relax.const(np.float32(limit), "float32")
+        g = bb.emit(relax.op.minimum(g, lim))
+        u = bb.emit(relax.op.clip(u, -float(limit), float(limit)))
+        sg = relax.op.sigmoid(relax.op.multiply(g, relax.const(np.float32(alpha), "float32")))
+        one = relax.const(np.float32(1.0), "float32")
+        return bb.emit(relax.op.multiply(relax.op.add(u, one), relax.op.multiply(g, sg)))
+    x = u if g is None else g
+    if kind == "silu":
+        a = relax.op.nn.silu(x)
+    elif kind == "gelu":
+        a = relax.op.nn.gelu(x)
+    else:
+        raise ModelError(f"unknown MoE activation {kind!r}; modec lowers silu, gelu, gpt_oss")
+    return bb.emit(a if g is None else relax.op.multiply(a, u))
+
+
+def moe_section(plans: Sequence[LayerPlan]) -> dict[str, Any]:
+    """The manifest's ``moe`` section: per layer the widths and the packed byte sizes."""
+    layers = []
+    for plan in plans:
+        groups = []
+        for g in plan.groups:
+            sizes = {
+                proj: {
+                    "codes": int(pw.codes.nbytes),
+                    "scales": int(pw.scale.nbytes),
+                    "zeros": int(pw.zero.nbytes),
+                }
+                for proj, pw in sorted(g.packed.items())
+            }
+            groups.append({"bits": g.bits, "experts": list(g.experts), "bytes": sizes})
+        layers.append(
+            {
+                "layer": plan.layer,
+                "node": plan.node_name,
+                "num_experts": plan.params.num_experts,
+                "top_k": plan.params.top_k,
+                "widths": list(plan.widths),
+                "groups": groups,
+                "kernels": sum(len(g.packed) for g in plan.groups),
+            }
+        )
+    group_size = plans[0].group_size if plans else None
+    return {"layout": LAYOUT, "group_size": group_size, "layers": layers}
+
+
+def lower_model_proto(model: ir.Model) -> onnx.ModelProto:
+    """The canonical model as an ONNX proto for `modec.lowering.dense.import_onnx`."""
+    return ir.to_proto(model)

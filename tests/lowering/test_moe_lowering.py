@@ -1,0 +1,183 @@
+"""lower-tvm on a tiny digits-vlm: compiled artifact vs the simulated-quantization model.
+
+The simulated model is the canonical graph whose expert initializers hold the dequantized
+RTN weights, run by `modec.executor.Executor` (dense parts in onnxruntime, MoE in the numpy
+reference). The artifact runs the same experts from packed codes in the grouped kernels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+pytest.importorskip("tvm")
+
+from modec import data
+from modec.errors import ModelError, UsageError
+from modec.moe.canonical import canonicalize_moe, is_moe_node
+from modec.numerics.quant import quantize_rtn
+from modec.numerics.schemes import QuantScheme
+from modec.passes.quantize_experts import QuantizedExperts
+from modec.pipeline import PassContext
+
+WIDTHS = ((2, 3, 4, 4), (3, 3, 2, 4))
+GROUP = 32
+_INPUT_INDEX = {"gate": 3, "up": 4, "down": 5}
+
+
+def _simulated(model_path: Path, widths: tuple[tuple[int, ...], ...]) -> tuple[ir.Model, Any]:
+    """Canonicalize, RTN-quantize the experts at ``widths``, write back the dequantized ones."""
+    model = ir.load(str(model_path))
+    canonicalize_moe(model)
+    q = QuantizedExperts(GROUP, widths)
+    for layer, node in enumerate(n for n in model.graph if is_moe_node(n)):
+        per: dict[str, list[Any]] = {}
+        for proj, i in _INPUT_INDEX.items():
+            v = node.inputs[i]
+            assert v is not None and v.const_value is not None
+            w = np.asarray(v.const_value.numpy(), dtype=np.float32)
+            qs = [quantize_rtn(w[e], QuantScheme(widths[layer][e], GROUP)) for e in range(len(w))]
+            v.const_value = ir.tensor(np.stack([qw.dequantize() for qw in qs]), name=v.name)
+            per[proj] = qs
+        q.layers.append(per)
+    return model, q
+
+
+@pytest.fixture(scope="module")
+def lowered(tiny_vlm: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from modec.passes.lower_tvm import LowerTVMPass
+
+    model, q = _simulated(tiny_vlm["model"], WIDTHS)
+    out = tmp_path_factory.mktemp("moe_artifact") / "out"
+    ctx = PassContext(
+        artifacts={"quantized": q},
+        options={"artifact_dir": str(out), "pipeline": "find-moe,canonicalize-moe,lower-tvm"},
+    )
+    ctx.current = "lower-tvm"
+    result = LowerTVMPass().run(model, ctx)
+    assert result.modified is False
+    return model, q, out, ctx
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_artifact_matches_simulated_model(lowered: Any, tiny_vlm: dict[str, Path]) -> None:
+    import modec.runtime
+    from modec.executor import Executor
+
+    model, _, out, _ = lowered
+    sess = modec.runtime.load(out)
+    ex = Executor(model)
+    ds = data.load(tiny_vlm["eval"])
+    multimodal = ds.multimodal
+    text_only = np.flatnonzero(~multimodal)
+    vision = np.flatnonzero(multimodal)
+    assert len(text_only) and len(vision)
+    checked = 0
+    # Batch sizes 1, 3 and 7; text-only batches are trimmed to their own (shorter) length.
+    for name, idx, bs in (("text", text_only, 3), ("vision", vision, 7), ("mixed", None, 1)):
+        sub = ds.subset(idx if idx is not None else np.arange(4))
+        for _, feeds in sub.batches(bs):
+            got = sess.run(feeds)["logits"]
+            want = ex.run(feeds).outputs["logits"]
+            assert got.shape == want.shape
+            assert _rel(got, want) < 1e-4, f"{name} batch {feeds['input_ids'].shape}"
+            checked += 1
+    assert checked >= 4
+    lengths = {f["input_ids"].shape[1] for _, f in ds.subset(text_only).batches(3)}
+    lengths |= {f["input_ids"].shape[1] for _, f in ds.subset(vision).batches(7)}
+    assert len(lengths) >= 2, "expected batches of different sequence lengths"
+
+
+def test_quantization_is_visible(lowered: Any, tiny_vlm: dict[str, Path]) -> None:
+    """The artifact follows the quantized experts, not the fp32 ones (the test can fail)."""
+    import modec.runtime
+    from modec.executor import Executor
+
+    _, _, out, _ = lowered
+    fp32 = ir.load(str(tiny_vlm["model"]))
+    canonicalize_moe(fp32)
+    feeds = next(iter(data.load(tiny_vlm["eval"]).batches(4)))[1]
+    got = modec.runtime.load(out).run(feeds)["logits"]
+    full = Executor(fp32).run(feeds).outputs["logits"]
+    assert _rel(got, full) > 1e-3
+
+
+def test_one_kernel_per_width_and_projection(tiny_vlm: dict[str, Path]) -> None:
+    import tvm
+    from tvm import relax
+
+    from modec.lowering.dense import import_onnx
+    from modec.lowering.moe import MoELowering, plan_layers
+
+    widths = ((2, 3, 4, 4), (4, 4, 4, 4))
+    model, q = _simulated(tiny_vlm["model"], widths)
+    low = MoELowering(plan_layers(model, q))
+    dm = low.add_params(import_onnx(ir.to_proto(model), {"MoE": low.convert}))
+    calls: list[str] = []
+
+    def visit(e: Any) -> None:
+        if (
+            isinstance(e, relax.Call)
+            and isinstance(e.op, tvm.ir.Op)
+            and e.op.name in ("relax.call_tir", "relax.call_tir_inplace")
+        ):
+            calls.append(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(dm.mod["main"].body, visit)
+    grouped = [c for c in calls if c.startswith("modec_moe_w")]
+    # Layer 0: widths {2, 3, 4} x (gate, up, down) = 9; layer 1: one width x 3 = 3.
+    assert len(grouped) == 12
+    assert sum(c.startswith("modec_moe_sort") for c in calls) == 2
+    assert [len(k) for k in low.kernels] == [9, 3]
+    assert {(p, b) for p, b, _ in low.kernels[0]} == {
+        (p, b) for p in ("gate", "up", "down") for b in (2, 3, 4)
+    }
+    # Packed experts are parameters with deterministic names; dequantized experts are gone.
+    assert "moe0.gate.w3.codes" in dm.params and dm.params["moe0.gate.w3.codes"].dtype == np.uint32
+    assert "moe1.down.w4.scale" in dm.params and "moe1.down.w2.scale" not in dm.params
+    expert_inits = {v.name for n in model.graph if is_moe_node(n) for v in n.inputs[3:6] if v}
+    assert len(expert_inits) == 6 and not expert_inits & set(dm.params)
+
+
+def test_manifest_sections(lowered: Any) -> None:
+    import json
+
+    _, _, out, ctx = lowered
+    man = json.loads((out / "manifest.json").read_text())
+    moe = man["sections"]["moe"]
+    assert moe["layout"] == "n16k32" and moe["group_size"] == GROUP
+    assert [layer["widths"] for layer in moe["layers"]] == [list(w) for w in WIDTHS]
+    g = moe["layers"][0]["groups"][0]
+    assert g["bits"] == 2 and g["experts"] == [0]
+    # H = I = 32, one 2-bit expert: N_pad/16 * K_pad/32 * bits * 64 bytes of codes.
+    assert g["bytes"]["gate"] == {"codes": 2 * 1 * 2 * 64, "scales": 2 * 1 * 16 * 2,
+                                  "zeros": 2 * 1 * 16}  # fmt: skip
+    assert "lower-tvm" in man["sections"]["pipeline"]["lower-tvm"]
+    assert man["sections"]["pipeline"]["text"].endswith("lower-tvm")
+    assert ctx.stats["lower-tvm"]["moe_kernel_launches"] == 18
+    names = [p["name"] for p in man["params"]]
+    assert "moe0.up.w2.codes" in names and "moe0.router.weight_t" in names
+
+
+def test_missing_artifact_dir_is_usage_error(tiny_vlm: dict[str, Path]) -> None:
+    from modec.passes.lower_tvm import LowerTVMPass
+
+    model, q = _simulated(tiny_vlm["model"], WIDTHS)
+    with pytest.raises(UsageError, match="artifact_dir"):
+        LowerTVMPass().run(model, PassContext(artifacts={"quantized": q}))
+
+
+def test_quantized_layers_must_match(tiny_vlm: dict[str, Path]) -> None:
+    from modec.lowering.moe import plan_layers
+
+    model, q = _simulated(tiny_vlm["model"], WIDTHS)
+    short = QuantizedExperts(GROUP, WIDTHS[:1], q.layers[:1])
+    with pytest.raises(ModelError, match="2 MoE layers"):
+        plan_layers(model, short)
