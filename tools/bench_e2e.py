@@ -106,12 +106,14 @@ def main() -> None:
     import modec.runtime
     from tools.digits_vlm.export import sample_batch
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_e2e-"))
     model_path = Path(args.model)
+    out = Path(args.artifact) if args.artifact else None
+    if not model_path.exists() or out is None:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_e2e-"))
+        print(f"work directory {tmp}")
     if not model_path.exists():
         print(f"{model_path} not found: exporting a random-weight digits-vlm of the same shape")
         model_path = random_model(tmp / "model.onnx")
-    out = Path(args.artifact) if args.artifact else None
     if out is None:
         widths = [int(w) for w in args.widths.split(":")]
         t = time.perf_counter()
