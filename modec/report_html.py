@@ -200,18 +200,26 @@ def _ink(t: float) -> str:
 
 
 class _Scale:
-    """Maps values to [0, 1]: linear, or logarithmic when positive and spanning > 100×."""
+    """Maps values to [0, 1]: linear, or logarithmic when the positive values span > 100×.
+
+    KL sensitivities and GPTQ losses span orders of magnitude, so a linear scale would paint
+    all but the largest the same colour. On a log scale, zeros (an expert whose output did
+    not change) take the bottom colour; negative values rule the log scale out.
+    """
 
     def __init__(self, values: Sequence[float], *, force_linear: bool = False) -> None:
         finite = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
-        self.lo = min(finite) if finite else 0.0
-        self.hi = max(finite) if finite else 1.0
         positive = [v for v in finite if v > 0]
+        self.zeros = sum(v == 0 for v in finite)
         self.log = (
             not force_linear
-            and len(positive) == len(finite) > 0
-            and self.hi / max(self.lo, 1e-300) > 100
+            and bool(positive)
+            and all(v >= 0 for v in finite)
+            and max(positive) / min(positive) > 100
         )
+        data = positive if self.log else finite
+        self.lo = min(data) if data else 0.0
+        self.hi = max(data) if data else 1.0
 
     def __call__(self, v: float) -> float:
         if not isinstance(v, int | float) or not math.isfinite(v):
@@ -219,6 +227,8 @@ class _Scale:
         if self.hi <= self.lo:
             return 0.5
         if self.log:
+            if v <= 0:
+                return 0.0
             return (math.log10(v) - math.log10(self.lo)) / (
                 math.log10(self.hi) - math.log10(self.lo)
             )
@@ -226,7 +236,10 @@ class _Scale:
 
     def describe(self) -> str:
         kind = "log" if self.log else "linear"
-        return f"{kind} colour scale from {_num(float(self.lo))} to {_num(float(self.hi))}"
+        text = f"{kind} colour scale from {_num(float(self.lo))} to {_num(float(self.hi))}"
+        if self.log and self.zeros:
+            text += f" ({self.zeros} zero value(s) drawn at the bottom colour)"
+        return text
 
 
 # --------------------------------------------------------------------------- SVG plots
@@ -523,6 +536,13 @@ def _num_layers(report: dict[str, Any]) -> int:
     return best
 
 
+def _val(value: Any) -> str:
+    """A scalar for a key/value table: numbers formatted, anything else as short JSON."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return _num(value)
+    return _e(_short(value))
+
+
 def _short(value: Any, limit: int = 160) -> str:
     """Compact JSON of an option or statistic value."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
@@ -686,19 +706,20 @@ def _moe_layers(report: dict[str, Any]) -> str:
     return "".join(out)
 
 
-# Frequencies drawn per layer: (label, colour, report keys tried in order).
-_FREQ_SERIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("text", COLOR_TEXT, ("f_text",)),
-    ("vision (all)", COLOR_VISION, ("f_vision_all",)),
-    ("key vision", COLOR_KEY, ("f_vision", "f_key")),
-    ("global", COLOR_GLOBAL, ("f_global",)),
+# Frequencies drawn per layer: (label, colour, report key); see passes/collect_routing.py.
+_FREQ_SERIES: tuple[tuple[str, str, str], ...] = (
+    ("text", COLOR_TEXT, "f_text"),
+    ("vision (all)", COLOR_VISION, "f_vision_all"),
+    ("key vision", COLOR_KEY, "f_vision"),
+    ("global", COLOR_GLOBAL, "f_global"),
 )
-# Token counts per layer: (label, report keys tried in order).
-_COUNT_SERIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("all", ("count_all", "count", "counts", "tokens")),
-    ("text", ("count_text",)),
-    ("vision", ("count_vision", "count_vision_all")),
-    ("key vision", ("count_key", "count_vision_key", "count_key_vision")),
+# Routed-token counts per layer: (label, report key).
+_COUNT_SERIES: tuple[tuple[str, str], ...] = (
+    ("all", "count_all"),
+    ("text", "count_text"),
+    ("vision", "count_vision"),
+    ("key vision", "count_key"),
+    ("redundant vision", "count_redundant"),
 )
 
 
@@ -717,11 +738,11 @@ def _routing(report: dict[str, Any]) -> str:
         (k, v) for k, v in sorted(sec.items()) if not isinstance(v, list | dict) and k != "layers"
     ]
     if general:
-        out.append(_kv([(k, _e(_short(v))) for k, v in general]))
+        out.append(_kv([(k, _val(v)) for k, v in general]))
     for layer in range(n_layers):
         series = []
-        for name, color, keys in _FREQ_SERIES:
-            vals = _floats(_layer_value(sec, layer, *keys))
+        for name, color, key in _FREQ_SERIES:
+            vals = _floats(_layer_value(sec, layer, key))
             if vals:
                 series.append((name, color, vals))
         if not series:
@@ -743,14 +764,37 @@ def _routing(report: dict[str, Any]) -> str:
             )
         )
     out.append(_coverage(sec, n_layers))
-    fallbacks = sec.get("attention_fallbacks", sec.get("attention_fallback"))
-    if fallbacks:
-        out.append("<h3>Attention fallbacks</h3>")
-        if isinstance(fallbacks, list):
-            items = "".join(f"<li>{_e(_short(f, 300))}</li>" for f in fallbacks)
-            out.append(f'<ul id="list-attention-fallbacks">{items}</ul>')
-        else:
-            out.append(f'<pre id="list-attention-fallbacks">{_e(_short(fallbacks, 2000))}</pre>')
+    out.append(_attention_fallbacks(sec.get("attention_fallbacks")))
+    return "".join(out)
+
+
+def _attention_fallbacks(fallbacks: Any) -> str:
+    """The layers whose key vision tokens were not chosen by attention, and why."""
+    out = ["<h3>Attention fallbacks</h3>"]
+    if not fallbacks:
+        out.append(
+            '<p id="table-attention-fallbacks">none: key vision tokens were chosen by the '
+            "attention the question pays them in every layer.</p>"
+        )
+        return "".join(out)
+    rows = []
+    for f in fallbacks if isinstance(fallbacks, list) else [fallbacks]:
+        f = f if isinstance(f, dict) else {"reason": f}
+        rows.append(
+            [
+                _n(f.get("layer")),
+                _n(f.get("samples")) if "samples" in f else "all",
+                _e(f.get("reason", "")),
+                _e(f.get("rule", "")),
+            ]
+        )
+    out.append(
+        _table(
+            ["layer", "samples", "reason", "rule used instead"],
+            rows,
+            id="table-attention-fallbacks",
+        )
+    )
     return "".join(out)
 
 
@@ -758,23 +802,36 @@ def _coverage(sec: dict[str, Any], n_layers: int) -> str:
     """Token counts per modality, and the experts that got too few calibration tokens."""
     out = ["<h3>Calibration coverage</h3>"]
     cov = sec.get("coverage")
-    header = ["layer", *(f"{name} tokens" for name, _ in _COUNT_SERIES), "starved experts"]
+    header = [
+        "layer",
+        *(name for name, _ in _COUNT_SERIES),
+        "key tokens chosen by",
+        "starved experts",
+    ]
     rows = []
     for layer in range(n_layers):
         cells = [_n(layer)]
-        for _, keys in _COUNT_SERIES:
-            vals = _floats(_layer_value(sec, layer, *keys))
+        for _, key in _COUNT_SERIES:
+            vals = _floats(_layer_value(sec, layer, key))
             cells.append(_n(int(sum(v for v in vals if math.isfinite(v)))) if vals else "–")
+        source = _layer_value(sec, layer, "key_source")
+        cells.append(_e(source) if source is not None else "–")
         cells.append(_starved_cell(cov, layer))
         rows.append(cells)
+    out.append(
+        "<p>Routed tokens per layer (summed over experts, so a token counts once for each of "
+        "its top-k experts); <i>attention</i> means the key vision tokens were chosen by the "
+        "attention the question pays them, <i>hidden</i> by the fallback score.</p>"
+    )
     out.append(_table(header, rows, id="table-coverage"))
     if isinstance(cov, dict):
         general = [(k, v) for k, v in sorted(cov.items()) if not isinstance(v, list | dict)]
         if general:
-            out.append(_kv([(k, _e(_short(v))) for k, v in general]))
+            out.append(_kv([(k, _val(v)) for k, v in general]))
     out.append(
-        '<p class="muted">A starved expert received fewer calibration tokens of a modality '
-        "than the threshold above; its statistics for that modality are unreliable.</p>"
+        '<p class="muted">A starved expert received fewer than <code>min_tokens</code> '
+        "calibration tokens of a modality; its statistics for that modality are unreliable."
+        "</p>"
     )
     return "".join(out)
 
@@ -818,32 +875,38 @@ def _sensitivity(report: dict[str, Any]) -> str:
         return out[0] + _not_run("measure-sensitivity", "sensitivity matrix")
     bits = sec.get("bits") or (sections.get("allocate-bits") or {}).get("bits") or []
     out.append(
-        "<p>δ(e, b): KL divergence of the output distribution when only expert e is "
-        "quantized to b bits, for the tokens of one modality (MODE §3.2). Text and vision of "
-        "one layer share a colour scale.</p>"
+        "<p>δ(e, b): mean KL divergence of the next-token distribution when only expert e is "
+        "RTN-quantized to b bits for the tokens of one modality (MODE §3.2). Text and vision "
+        "of one layer share a colour scale; grey cells belong to an expert that no token of "
+        "that modality reached in the subset (δ = 0, nothing to measure).</p>"
     )
-    general = [
-        (k, v)
-        for k, v in sorted(sec.items())
-        if not isinstance(v, list | dict) or k in ("timings", "seconds")
-    ]
+    general = [(k, _val(v)) for k, v in sorted(sec.items()) if not isinstance(v, list | dict)]
+    subset = sec.get("subset")
+    if isinstance(subset, dict):
+        general.append(("subset", _e(", ".join(f"{k} {subset[k]}" for k in sorted(subset)))))
     if general:
-        out.append(_kv([(k, _e(_short(v))) for k, v in general]))
+        out.append(_kv(general))
+    unused = sec.get("unused") if isinstance(sec.get("unused"), dict) else {}
+    timings = sec.get("layers") if isinstance(sec.get("layers"), list) else []
+    rows = []
     for layer in range(_num_layers(report)):
         text = _layer_value(sec, layer, "delta_text")
         vision = _layer_value(sec, layer, "delta_vision")
         if not isinstance(text, list) and not isinstance(vision, list):
             continue
-        mats = [
-            (name, [_floats(row) for row in m])
-            for name, m in (("text", text), ("vision", vision))
-            if isinstance(m, list)
-        ]
+        mats: list[tuple[str, list[list[float | None]]]] = []
+        for name, m in (("text", text), ("vision", vision)):
+            if not isinstance(m, list):
+                continue
+            skip = {e for l_, e in unused.get(name, []) if l_ == layer}
+            mats.append(
+                (name, [[None if e in skip else v for v in _floats(r)] for e, r in enumerate(m)])
+            )
         n_exp = max(len(m) for _, m in mats)
         n_bits = max((len(r) for _, m in mats for r in m), default=0)
-        cols = [f"{b}-bit" for b in bits][:n_bits] or [f"w{j}" for j in range(n_bits)]
+        cols = [f"{b}-bit" for b in bits][:n_bits]
         cols += [f"w{j}" for j in range(len(cols), n_bits)]
-        scale = _Scale([v for _, m in mats for r in m for v in r])
+        scale = _Scale([v for _, m in mats for r in m for v in r if v is not None])
         # Experts across, widths down: paper-scale layers (128 experts) stay one screen wide.
         body = []
         for name, m in mats:
@@ -869,6 +932,29 @@ def _sensitivity(report: dict[str, Any]) -> str:
                 f"{_e(scale.describe())}.",
             )
         )
+        t = timings[layer] if layer < len(timings) and isinstance(timings[layer], dict) else {}
+        rows.append(
+            [
+                _n(layer),
+                _n(t.get("seconds"), 3),
+                _n(t.get("runs")),
+                _e(", ".join(f"e{e}" for l_, e in unused.get("text", []) if l_ == layer) or "–"),
+                _e(", ".join(f"e{e}" for l_, e in unused.get("vision", []) if l_ == layer) or "–"),
+            ]
+        )
+    if rows:
+        out.append("<h3>Per layer</h3>")
+        out.append(
+            _table(
+                ["layer", "seconds", "re-runs", "unused by text", "unused by vision"],
+                rows,
+                id="table-sensitivity-layers",
+            )
+        )
+        if not timings:
+            out.append(
+                '<p class="muted">no per-layer timings (the result came from the cache).</p>'
+            )
     return "".join(out)
 
 

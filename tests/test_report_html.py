@@ -134,21 +134,31 @@ def synthetic_report(layers: int = 2, experts: int = 6, seed: int = 0) -> dict[s
                 {"kind": "probs", "node": f"/layers.{i}/attn/Softmax", "value": f"probs_{i}",
                  "q": None, "k": None} for i in range(layers)
             ]},
-            "collect-routing": {
-                "key_ratio": 0.2,
+            "collect-routing": {  # as passes/collect_routing.py writes it
+                "key_ratio": 0.2, "samples": 27,
                 "count_all": counts(200), "count_text": counts(80), "count_vision": counts(120),
-                "count_key": counts(30),
+                "count_key": counts(30), "count_redundant": counts(90),
+                "mean_weight": [vec() for _ in range(layers)],
                 "f_text": [vec() for _ in range(layers)],
                 "f_vision": [vec() for _ in range(layers)],
                 "f_vision_all": [vec() for _ in range(layers)],
+                "f_redundant": [vec() for _ in range(layers)],
                 "f_global": [vec() for _ in range(layers)],
-                "coverage": {"min_tokens": 8, "layers": [
+                "key_source": ["attention"] * (layers - 1) + ["attention+hidden"],
+                "coverage": {"min_tokens": 16, "starved": layers + 1, "layers": [
                     {"text": [], "vision": [1] if i == layers - 1 else [], "key_vision": [1]}
                     for i in range(layers)]},
-                "attention_fallbacks": [],
+                "attention_fallbacks": [
+                    {"layer": layers - 1, "samples": 2, "rule": "cosine similarity of vision MoE "
+                     "inputs to the mean question MoE input",
+                     "reason": "2 sample(s) have no text after their image"}],
             },
-            "measure-sensitivity": {
-                "bits": bits, "samples": 8, "seconds": 1.5, "cache_hit": False,
+            "measure-sensitivity": {  # as passes/measure_sensitivity.py writes it
+                "bits": bits, "group_size": 128, "samples": 8, "positions": "answer",
+                "workers": 1, "subset": {"multimodal": 5, "text_only": 3, "seed": 0},
+                "unused": {"text": [], "vision": [[0, experts - 1]]},
+                "cache_hit": False, "cache_key": None, "cache_path": None, "seconds": 1.5,
+                "layers": [{"seconds": 0.5, "runs": 3 * experts} for _ in range(layers)],
                 "delta_text": [[[rng.random() * 10.0**-j for j in range(3)]
                                 for _ in range(experts)] for _ in range(layers)],
                 "delta_vision": [[[rng.random() * 10.0**-j for j in range(3)]
@@ -231,6 +241,17 @@ def test_page_shows_the_numbers():
     # the RTN fallback and its reason; the starved expert
     assert "3 tokens &lt; min_tokens 32" in doc
     assert 'class="bad">e1</span>' in doc
+    # the attention fallback, and where key tokens came from
+    assert "2 sample(s) have no text after their image" in doc and "attention+hidden" in doc
+    # an expert no vision token reached has no vision sensitivity: grey, listed
+    fig = doc[doc.index('id="plot-sensitivity-layer-0"') :]
+    fig = fig[: fig.index("</figure>")]
+    e_last = len(report["sections"]["allocate-bits"]["widths"][0]) - 1
+    assert fig.count(f"2-bit, e{e_last}: n/a") == 1
+    assert f"<td>e{e_last}</td>" in doc
+    # routed-token totals per layer
+    total = sum(report["sections"]["collect-routing"]["count_key"][0])
+    assert f'<td class="num">{total:,}</td>' in doc
     # accuracy change in percentage points
     assert f"{100 * (27 - 30) / 36:+.2f} pt" in doc
     # every expert's width is in the widths plot (as cell text and tooltip)
@@ -241,6 +262,19 @@ def test_page_shows_the_numbers():
     assert {(int(a), int(b)): int(w) for a, b, w in cells} == {
         (i, e): w for i, row in enumerate(widths) for e, w in enumerate(row)
     }
+
+
+def test_sensitivity_colour_scale_is_log_over_decades_with_zeros():
+    report = synthetic_report(layers=1, experts=2)
+    sec = report["sections"]["measure-sensitivity"]
+    sec["unused"] = {"text": [], "vision": []}
+    sec["delta_text"] = [[[1.0, 1e-2, 1e-4], [0.0, 0.0, 0.0]]]
+    sec["delta_vision"] = [[[0.5, 1e-3, 1e-5], [2e-2, 2e-3, 0.0]]]
+    doc = render_report(report)
+    assert "log colour scale from 1e-05 to 1 (4 zero value(s) drawn at the bottom colour)" in doc
+    sec["delta_vision"] = [[[0.5, 0.4, 0.3], [0.2, 0.1, 0.05]]]
+    sec["delta_text"] = [[[0.5, 0.4, 0.3], [0.2, 0.1, 0.0]]]
+    assert "linear colour scale from 0 to 0.5" in render_report(report)
 
 
 def test_missing_sections_say_not_run():
@@ -364,33 +398,47 @@ def test_compile_writes_report_html(tiny_vlm, tmp_path):
     assert doc == render_report(json.loads((out / "report.json").read_text()))
 
 
-def _have_passes() -> bool:
+def _registered(*names: str) -> bool:
     import modec.passes  # noqa: F401
     from modec.pipeline import REGISTRY
 
-    return {"collect-routing", "measure-sensitivity"} <= set(REGISTRY)
+    return set(names) <= set(REGISTRY)
 
 
-@pytest.mark.skipif(not _have_passes(), reason="collect-routing/measure-sensitivity not written")
-def test_compile_summary_and_accuracy_rerender(tiny_vlm, tmp_path):
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param("mc-moe", marks=pytest.mark.skipif(
+            not _registered("collect-routing"), reason="passes/collect_routing.py not written")),
+        pytest.param("mode", marks=pytest.mark.skipif(
+            not _registered("collect-routing", "measure-sensitivity"),
+            reason="passes/measure_sensitivity.py not written")),
+    ],
+)  # fmt: skip
+def test_compile_summary_and_accuracy_rerender(tiny_vlm, tmp_path, method):
     """The real pipeline end to end; summarize and record_accuracy refresh report.html."""
     from modec.driver import CompileOptions, compile_model, record_accuracy, summarize
 
     res = compile_model(tiny_vlm["model"], tiny_vlm["calib"], tmp_path / "out",
-                        CompileOptions(sensitivity_samples=8))  # fmt: skip
+                        CompileOptions(sensitivity_samples=8, method=method))  # fmt: skip
     page = res.out / "report.html"
-    c = check_html(page.read_text())
+    doc = page.read_text()
+    c = check_html(doc)
     layers = len(res.allocation.widths)
-    for pid in plot_ids(layers):
-        if pid not in ("plot-sizes", "plot-accuracy"):
-            assert pid in c.ids, pid
-    assert "plot-sizes" not in c.ids and "could not render" not in page.read_text()
+    expected = set(plot_ids(layers)) - {"plot-sizes", "plot-accuracy"}
+    if method != "mode":  # mc-moe needs no sensitivities
+        expected -= {f"plot-sensitivity-layer-{i}" for i in range(layers)}
+        assert "measure-sensitivity: not run" in doc
+    assert expected <= set(c.ids), expected - set(c.ids)
+    assert "plot-sizes" not in c.ids and "could not render" not in doc
+    assert doc == render_report(json.loads((res.out / "report.json").read_text()))
     summarize(res)
     assert "plot-sizes" in check_html(page.read_text()).ids
-    acc = synthetic_report()["summary"]["accuracy"]
-    record_accuracy(res.out, acc)
+    record_accuracy(res.out, synthetic_report()["summary"]["accuracy"])
     doc = page.read_text()
-    assert "plot-accuracy" in check_html(doc).ids and "not run" not in doc
+    assert "plot-accuracy" in check_html(doc).ids
+    assert "could not render" not in doc
+    assert doc == render_report(json.loads((res.out / "report.json").read_text()))
 
 
 # --------------------------------------------------------------------------- a browser
