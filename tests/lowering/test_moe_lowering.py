@@ -181,3 +181,110 @@ def test_quantized_layers_must_match(tiny_vlm: dict[str, Path]) -> None:
     short = QuantizedExperts(GROUP, WIDTHS[:1], q.layers[:1])
     with pytest.raises(ModelError, match="2 MoE layers"):
         plan_layers(model, short)
+
+
+def _one_node_model(arrays: dict[str, np.ndarray | None], attrs: dict[str, Any]) -> ir.Model:
+    """A graph with one canonical MoE node: hidden [b, s, H] -> MoE -> out."""
+    from modec.moe.reference import INPUT_NAMES
+
+    h = int(arrays["router_weight"].shape[1])  # type: ignore[union-attr]
+    x = ir.Value(
+        name="hidden", shape=ir.Shape(["b", "s", h]), type=ir.TensorType(ir.DataType.FLOAT)
+    )
+    inputs: list[ir.Value | None] = [x]
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 18, "ai.modec": 1}, name="g")
+    for name in INPUT_NAMES[1:]:
+        arr = arrays.get(name)
+        if arr is None:
+            inputs.append(None)
+            continue
+        v = ir.Value(
+            name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.FLOAT),
+            const_value=ir.tensor(np.ascontiguousarray(arr, dtype=np.float32), name=name),
+        )  # fmt: skip
+        graph.register_initializer(v)
+        inputs.append(v)
+    while inputs[-1] is None:
+        inputs.pop()
+    node = ir.Node(
+        "ai.modec", "MoE", inputs, name="moe0",
+        attributes=[ir.convenience.convert_attribute(k, v) for k, v in attrs.items()],
+    )  # fmt: skip
+    node.outputs[0].name = "out"
+    node.outputs[0].shape = ir.Shape(["b", "s", h])
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph.append(node)
+    graph.outputs.append(node.outputs[0])
+    return ir.Model(graph, ir_version=9)
+
+
+_VARIANTS = {
+    "softmax_topk_plain": dict(scoring="softmax", norm_topk_prob=0, activation="gelu"),
+    "softmax_after_topk_gpt_oss": dict(
+        scoring="softmax", softmax_after_topk=1, activation="gpt_oss", alpha=1.702, limit=7.0
+    ),
+    "sigmoid_grouped_scaled_shared": dict(
+        scoring="sigmoid",
+        norm_topk_prob=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        activation="silu",
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(_VARIANTS))
+def test_routing_variants_match_reference(variant: str, tmp_path: Path) -> None:
+    import modec.runtime
+    from modec.lowering.build import build_artifact
+    from modec.lowering.moe import MoELowering, plan_layers
+    from modec.moe.reference import MoEParams, moe_forward
+
+    rng = np.random.default_rng(0)
+    e, h, i, k = 8, 32, 64, 2
+    widths = ((2, 3, 4, 4, 3, 2, 4, 3),)
+    a = _VARIANTS[variant]
+    arrays: dict[str, np.ndarray | None] = {
+        "router_weight": rng.normal(size=(e, h)).astype(np.float32),
+        "gate": rng.normal(size=(e, i, h)).astype(np.float32) * 0.2,
+        "up": rng.normal(size=(e, i, h)).astype(np.float32) * 0.2,
+        "down": rng.normal(size=(e, h, i)).astype(np.float32) * 0.2,
+    }
+    if variant != "softmax_topk_plain":
+        arrays["router_bias"] = rng.normal(size=(e,)).astype(np.float32) * 0.1
+        arrays["gate_bias"] = rng.normal(size=(e, i)).astype(np.float32) * 0.1
+        arrays["up_bias"] = rng.normal(size=(e, i)).astype(np.float32) * 0.1
+        arrays["down_bias"] = rng.normal(size=(e, h)).astype(np.float32) * 0.1
+    if a["scoring"] == "sigmoid":
+        arrays["correction_bias"] = rng.normal(size=(e,)).astype(np.float32) * 0.5
+        arrays["shared_gate"] = rng.normal(size=(16, h)).astype(np.float32) * 0.2
+        arrays["shared_up"] = rng.normal(size=(16, h)).astype(np.float32) * 0.2
+        arrays["shared_down"] = rng.normal(size=(h, 16)).astype(np.float32) * 0.2
+        arrays["shared_expert_gate"] = rng.normal(size=(1, h)).astype(np.float32)
+    q = QuantizedExperts(GROUP, widths)
+    per: dict[str, list[Any]] = {}
+    for proj in ("gate", "up", "down"):
+        w = arrays[proj]
+        assert w is not None
+        qs = [quantize_rtn(w[x], QuantScheme(widths[0][x], GROUP)) for x in range(e)]
+        arrays[proj] = np.stack([qw.dequantize() for qw in qs])
+        per[proj] = qs
+    q.layers.append(per)
+    attrs: dict[str, Any] = {"num_experts": e, "top_k": k, "gated": 1}
+    attrs["has_shared"] = int(arrays.get("shared_up") is not None)
+    attrs["shared_gated"] = attrs["has_shared"]
+    attrs.update(a)
+    model = _one_node_model(arrays, attrs)
+    low = MoELowering(plan_layers(model, q))
+    out = tmp_path / "out"
+    build_artifact(
+        ir.to_proto(model), out, hooks=[low.add_params], op_converters={"MoE": low.convert}
+    )
+    sess = modec.runtime.load(out)
+    p = MoEParams.from_node(next(n for n in model.graph if is_moe_node(n)))
+    for b, s in ((1, 1), (2, 5), (3, 17)):
+        x = rng.normal(size=(b, s, h)).astype(np.float32)
+        got = sess.run({"hidden": x})["out"]
+        want = moe_forward(p, x).output
+        assert _rel(got, want) < 1e-4, (variant, b, s)
