@@ -194,10 +194,18 @@ def save(
         # Fixed zip timestamps would need a custom writer; np.savez_compressed writes a fixed
         # date already (1980-01-01), so the file is byte-identical for identical arrays.
         np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; use what open() would
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _default_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def load(path: str | os.PathLike[str]) -> Dataset:

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import torch
 
+from modec.data import _default_mode
 from tools.digits_vlm import scenes
 from tools.digits_vlm.model import DigitsVLM, DigitsVLMConfig, MoEForm
 
@@ -105,6 +106,7 @@ def export(
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".onnx.tmp")
     os.close(fd)
     onnx.save(proto, tmp)
+    os.chmod(tmp, _default_mode())
     os.replace(tmp, dest)
     return proto
 
