@@ -108,7 +108,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         method=args.method, scope=args.scope, sense=args.sense,
         budget_bytes=args.budget_bytes, key_ratio=args.key_ratio,
         sensitivity_samples=args.sensitivity_samples, quantizer=args.quantizer,
-        seed=args.seed, threads=args.threads,
+        seed=args.seed, threads=args.threads, target=args.target,
     )  # fmt: skip
     res = driver.compile_model(
         args.model, args.calib, args.output, opts, pipeline=args.pipeline, force=args.force,
@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--key-ratio", type=float, default=0.2, help="share of key vision tokens")
     co.add_argument("--sensitivity-samples", type=int, default=32)
     co.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq")
+    co.add_argument("--target", default="llvm",
+                    help="TVM target of the compiled artifact: llvm (default), cuda, or none "
+                         "(simulated quantization only, no kernels)")  # fmt: skip
     co.add_argument("--pipeline", help="pipeline text (overrides the default MODE pipeline)")
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--threads", type=int, default=2)

@@ -63,6 +63,8 @@ class CompileOptions:
     key_ratio: float = 0.2
     sensitivity_samples: int = 32
     quantizer: str = "gptq"
+    #: TVM target of the compiled artifact ("llvm", "cuda"), or "none" for no lowering.
+    target: str = "llvm"
     seed: int = 0
     threads: int = 2
     cache_dir: str | None = None
@@ -99,7 +101,10 @@ def pipeline_text(o: CompileOptions) -> str:
     """The default MODE pipeline for these options, as pipeline text."""
     from modec.numerics.importance import NEEDS_SENSITIVITY
 
-    return f"{analysis_text(o, o.method in NEEDS_SENSITIVITY)},{allocation_text(o)}"
+    text = f"{analysis_text(o, o.method in NEEDS_SENSITIVITY)},{allocation_text(o)}"
+    if o.target != "none":
+        text += f",lower-tvm{{target={o.target}}}"
+    return text
 
 
 def build_pipeline(text: str) -> Pipeline:
@@ -226,12 +231,17 @@ def compile_model(
     prepare_out(out_dir, force)
     model, ctx = load_inputs(model_path, calib_path, o, progress)
     pipe = build_pipeline(pipeline or pipeline_text(o))
-    model, records = pipe.run(model, ctx)
-    alloc = ctx.artifacts.get("allocation")
-    report = build_report(pipe, records, ctx)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a fresh temporary directory beside OUT (lower-tvm writes
+    # the artifact there too) and renamed over OUT only when all of it succeeded.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    ctx.options["artifact_dir"] = str(tmp)
+    ctx.options["pipeline"] = pipe.text()
     try:
+        model, records = pipe.run(model, ctx)
+        alloc = ctx.artifacts.get("allocation")
+        ctx.options.pop("artifact_dir")  # a temporary path: keep it out of the report
+        report = build_report(pipe, records, ctx)
         write_json(tmp / REPORT_FILE, report)
         write_report_html(tmp)
         if alloc is not None:
