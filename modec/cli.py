@@ -109,6 +109,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         budget_bytes=args.budget_bytes, key_ratio=args.key_ratio,
         sensitivity_samples=args.sensitivity_samples, quantizer=args.quantizer,
         seed=args.seed, threads=args.threads, target=args.target,
+        cache_dir=None if args.no_cache else args.cache_dir or driver.default_cache_dir(),
     )  # fmt: skip
     res = driver.compile_model(
         args.model, args.calib, args.output, opts, pipeline=args.pipeline, force=args.force,
@@ -203,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TVM target of the compiled artifact: llvm (default), cuda, or none "
                          "(simulated quantization only, no kernels)")  # fmt: skip
     co.add_argument("--pipeline", help="pipeline text (overrides the default MODE pipeline)")
+    co.add_argument(
+        "--cache-dir",
+        help="where sensitivities are cached (default: $XDG_CACHE_HOME/modec or ~/.cache/modec)",
+    )
+    co.add_argument("--no-cache", action="store_true", help="recompute; read and write no cache")
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--threads", type=int, default=2)
     co.add_argument("--eval", help="evaluation data: report fp32 and quantized accuracy")

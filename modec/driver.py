@@ -70,6 +70,12 @@ class CompileOptions:
     cache_dir: str | None = None
 
 
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/modec`` (or ``~/.cache/modec``): sensitivities keyed by content hash."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "modec")
+
+
 def analysis_text(o: CompileOptions, sensitivity: bool = True) -> str:
     """The analysis half of the MODE pipeline (structure, statistics, sensitivities)."""
     bits = ":".join(str(b) for b in o.bits)
@@ -125,7 +131,6 @@ class CompileResult:
 def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
     """Cheap checks before the expensive passes: experts per layer, budget feasibility."""
     from modec.moe.discover import find_moe
-    from modec.numerics import ilp
 
     regions = find_moe(model)
     if not regions:
@@ -134,12 +139,19 @@ def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
             "quantizes Mixture-of-Experts models only"
         )
     experts = [r.num_experts for r in regions]
-    for b in o.bits:
-        from modec.numerics.schemes import QuantScheme
+    check_budget(experts, o)
+    return experts
 
+
+def check_budget(experts: list[int], o: CompileOptions) -> None:
+    """Widths, group size and budget are usable for layers of ``experts`` experts."""
+    from modec.numerics import ilp
+    from modec.numerics.schemes import QuantScheme
+
+    for b in o.bits:
         QuantScheme(b, o.group_size)  # validates widths and group size
     if o.method == "uniform" or o.budget_bytes > 0:
-        return experts
+        return
     if o.scope == "global":
         ilp.check_budget(sum(experts), o.bits, o.budget, o.sense)  # type: ignore[arg-type]
     else:
@@ -148,7 +160,6 @@ def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
                 ilp.check_budget(n, o.bits, o.budget, o.sense)  # type: ignore[arg-type]
             except Exception as exc:
                 raise type(exc)(f"layer {i}: {exc}") from exc
-    return experts
 
 
 def check_weights_finite(model: ir.Model) -> None:

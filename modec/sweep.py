@@ -23,8 +23,8 @@ from modec.driver import (
     allocation_text,
     analysis_text,
     build_pipeline,
+    check_budget,
     load_inputs,
-    preflight,
 )
 from modec.pipeline import PassContext, PassRecord, ProgressBar
 
@@ -55,8 +55,11 @@ def analyze(
 
 def quantize(an: Analysis, method: str, budget: float, quantizer: str = "gptq") -> ir.Model:
     """allocate-bits + quantize-experts for one method and budget; returns the simulated model."""
+    from modec.moe.canonical import is_moe_node
+
     o = replace(an.options, method=method, budget=budget, quantizer=quantizer)
-    preflight(an.model, o)
+    experts = [int(n.attributes["num_experts"].value) for n in an.model.graph if is_moe_node(n)]
+    check_budget(experts, o)
     ctx = PassContext(
         facts=set(an.ctx.facts),
         artifacts=dict(an.ctx.artifacts),
