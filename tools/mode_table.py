@@ -42,7 +42,8 @@ def calibration_set(path: Path, seed: int) -> Path:
 
 
 def run(model: str, eval_path: str, seeds: list[int], budgets: list[float],
-        curve: list[float], methods: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+        curve: list[float], methods: list[str], bits: tuple[int, ...] = (2, 3, 4),
+        ) -> list[dict[str, Any]]:  # fmt: skip
     ds = data.load(eval_path)
     rows: list[dict[str, Any]] = []
     fp32 = evaluate(OrtRunner(model), ds)
@@ -52,10 +53,9 @@ def run(model: str, eval_path: str, seeds: list[int], budgets: list[float],
         for seed in seeds:
             calib = calibration_set(Path(tmp) / f"calib{seed}.npz", seed)
             t0 = time.perf_counter()
-            an = analyze(model, str(calib), CompileOptions(seed=seed))
+            an = analyze(model, str(calib), CompileOptions(seed=seed, bits=bits))
             print(f"seed {seed}: analysis {time.perf_counter() - t0:.1f} s", flush=True)
-            wanted = {(m, b) for m in methods for b in budgets}
-            wanted |= {("mode", b) for b in curve} | {("mc-moe", b) for b in curve}
+            wanted = {(m, b) for m in methods for b in budgets} | {("mode", b) for b in curve}
             for method, budget in sorted(wanted):
                 if method == "uniform" and float(budget) != int(budget):
                     continue
@@ -125,26 +125,29 @@ def main() -> None:
     ap.add_argument("--budgets", default="3.0,2.5,2.25")
     ap.add_argument("--curve", default="2.0,2.5,3.0,3.5,4.0")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--bits", default="2,3,4", help="candidate widths")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
     curve = [float(b) for b in args.curve.split(",") if b]
     methods = args.methods.split(",")
     t0 = time.perf_counter()
-    rows = run(args.model, args.eval, seeds, budgets, curve, methods)
+    bits = tuple(int(b) for b in args.bits.split(","))
+    rows = run(args.model, args.eval, seeds, budgets, curve, methods, bits)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    png = args.out.with_name("results_budget.png")
+    png = args.out.with_name(f"{args.out.stem}_budget.png")
     plot(rows, png)
     cmd = "python -m tools.mode_table " + " ".join(
         f"--{k} {v}" for k, v in (("seeds", args.seeds), ("budgets", args.budgets),
-                                  ("curve", args.curve), ("methods", args.methods))
+                                  ("curve", args.curve), ("methods", args.methods),
+                                  ("bits", args.bits), ("out", args.out))
     )  # fmt: skip
     body = f"""# MODE on the bundled example: accuracy at equal size
 
 Made by `{cmd}` in {time.perf_counter() - t0:.0f} s on 2 CPU cores. Mean ± std over
 calibration seeds {args.seeds} (each a fresh 128-sample calibration set); accuracies in %
 on `examples/digits-vlm/eval.npz`, simulated quantization (dequantized weights, modec's
-executor). Candidate widths 2, 3, 4; group size 128; GPTQ for every method.
+executor). Candidate widths {args.bits}; group size 128; GPTQ for every method.
 
 {table(rows, budgets, methods)}
 
