@@ -145,6 +145,7 @@ def from_torch(
     input_names: list[str],
     dynamic_shapes: dict[str, Any] | None = None,
     opset: int = 18,
+    kwargs: dict[str, Any] | None = None,
 ) -> ir.Model:
     """Export an ``nn.Module`` with the dynamo exporter to ``path`` and load it back.
 
@@ -157,6 +158,7 @@ def from_torch(
         prog = torch.onnx.export(
             module,
             example_inputs,
+            kwargs=kwargs,
             input_names=input_names,
             dynamic_shapes=dynamic_shapes,
             opset_version=opset,
@@ -193,16 +195,26 @@ def from_hf_dir(
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(d), experts_implementation="batched_mm", local_files_only=True
-    ).eval()
-    ids = torch.ones(1, seq_len, dtype=torch.int64)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(d), experts_implementation="batched_mm", local_files_only=True
+        ).eval()
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"{directory}: transformers cannot load it ({str(exc).splitlines()[0]}); check "
+            "config.json and the safetensors files"
+        ) from exc
+    model.config.use_cache = False
+    ids = torch.ones(2, seq_len, dtype=torch.int64)
+    mask = torch.ones_like(ids)
     seq = torch.export.Dim("seq", min=2, max=4096)
     batch = torch.export.Dim("batch", min=1, max=1024)
+    dims = {0: batch, 1: seq}
     return from_torch(
         model,
         (ids,),
         path,
-        ["input_ids"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+        ["input_ids", "attention_mask"],
+        dynamic_shapes={"input_ids": dims, "attention_mask": dims},
+        kwargs={"attention_mask": mask},
     )
