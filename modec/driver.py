@@ -14,6 +14,7 @@ a fresh temporary directory that is renamed over ``out`` only when everything su
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -271,6 +272,14 @@ def compile_model(
             _write_experts(tmp / EXPERTS_FILE, ctx.artifacts["quantized"])
             ir.save(model, str(tmp / SIM_MODEL))
         commit_dir(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise BadInputError(
+                f"{out_dir}: no space left on the device while writing the output (nothing was "
+                "changed there); free some space or choose another -o"
+            ) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
