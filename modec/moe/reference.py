@@ -210,8 +210,10 @@ def _act(kind: str, g: np.ndarray | None, u: np.ndarray, alpha: float, limit: fl
     return a if g is None else a * u
 
 
-def expert_mlp(p: MoEParams, e: int, x: np.ndarray, weights: MoEParams | None = None) -> np.ndarray:
-    """Expert ``e`` applied to rows ``x [n, H]`` (weights from ``weights`` if given)."""
+def expert_activation(
+    p: MoEParams, e: int, x: np.ndarray, weights: MoEParams | None = None
+) -> np.ndarray:
+    """The input of expert ``e``'s down projection, ``act(x·gateᵀ)·(x·upᵀ)``, rows ``[n, I]``."""
     w = weights or p
     u = x @ w.up[e].T
     if w.up_bias is not None:
@@ -221,7 +223,13 @@ def expert_mlp(p: MoEParams, e: int, x: np.ndarray, weights: MoEParams | None = 
         g = x @ w.gate[e].T
         if w.gate_bias is not None:
             g = g + w.gate_bias[e]
-    y = _act(p.activation, g, u, p.alpha, p.limit) @ w.down[e].T
+    return _act(p.activation, g, u, p.alpha, p.limit)
+
+
+def expert_mlp(p: MoEParams, e: int, x: np.ndarray, weights: MoEParams | None = None) -> np.ndarray:
+    """Expert ``e`` applied to rows ``x [n, H]`` (weights from ``weights`` if given)."""
+    w = weights or p
+    y = expert_activation(p, e, x, weights) @ w.down[e].T
     if w.down_bias is not None:
         y = y + w.down_bias[e]
     return y.astype(np.float32)
