@@ -297,7 +297,13 @@ def _write_experts(path: Path, q: Any) -> None:
                 tensors[f"{key}.codes"] = np.ascontiguousarray(qw.q)
                 tensors[f"{key}.scale"] = np.ascontiguousarray(qw.scale)
                 tensors[f"{key}.zero"] = np.ascontiguousarray(qw.zero)
-    meta = {"group_size": str(q.group_size), "widths": json.dumps([list(w) for w in q.widths])}
+    # One metadata key: safetensors writes the metadata map in hash order, which varies
+    # between processes, so two keys would make the file bytes differ run to run.
+    meta = {
+        "modec": json.dumps(
+            {"group_size": q.group_size, "widths": [list(w) for w in q.widths]}, sort_keys=True
+        )
+    }
     save_file(tensors, str(path), metadata=meta)
 
 
