@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--pipeline", help="pipeline text (overrides the default MODE pipeline)")
     co.add_argument(
         "--cache-dir",
-        help="where sensitivities are cached (default: $XDG_CACHE_HOME/modec or ~/.cache/modec)",
+        help="where routing statistics and sensitivities are cached, keyed by content hash "
+        "(default: $XDG_CACHE_HOME/modec or ~/.cache/modec)",
     )
     co.add_argument("--no-cache", action="store_true", help="recompute; read and write no cache")
     co.add_argument("--seed", type=int, default=0)

@@ -72,7 +72,7 @@ class CompileOptions:
 
 
 def default_cache_dir() -> str:
-    """``$XDG_CACHE_HOME/modec`` (or ``~/.cache/modec``): sensitivities keyed by content hash."""
+    """``$XDG_CACHE_HOME/modec`` (or ``~/.cache/modec``): analysis results by content hash."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "modec")
 

@@ -21,12 +21,16 @@ Rules:
    the score is the cosine similarity of each vision token's MoE input to the mean MoE input
    of the question tokens (`modec.mode.stats.hidden_key_scores`). Every fallback is logged
    and listed in the report.
-5. Coverage: experts that received fewer than ``min_tokens`` tokens of a modality are listed
+5. Cache: with ``ctx.options["cache_dir"]`` set, the statistics (and the fallbacks that
+   chose key tokens) are stored under a content hash of the model, the calibration data and
+   ``key_ratio`` / ``batch_size`` (`modec.cache`); a re-run with the same inputs loads them.
+6. Coverage: experts that received fewer than ``min_tokens`` tokens of a modality are listed
    per layer in the report; their statistics for that modality are unreliable.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +76,37 @@ class CollectRoutingPass(Pass):
             raise BadInputError(f"min_tokens must be >= 0; got {self.min_tokens}")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        from modec import cache
         from modec.data import Dataset
+        from modec.mode.stats import RoutingStats
+
+        ds: Dataset = ctx.artifacts["calib.data"]
+        cache_dir = ctx.options.get("cache_dir")
+        path = None
+        key = ""
+        if cache_dir:
+            opts = {"key_ratio": self.key_ratio, "batch_size": self.batch_size}
+            key = cache.content_key("routing", model, ds, opts)
+            path = cache.entry_path(cache_dir, "routing", key)
+            arrays = cache.load(path, key)
+            if arrays is not None:
+                meta = json.loads(str(arrays.pop("__meta__")))
+                stats = RoutingStats.from_arrays(arrays)
+                ctx.artifacts["routing.stats"] = stats
+                self._report(ctx, stats, meta["reasons"], meta["no_query"], hit=True)
+                return PassResult(model, modified=False)
+        stats, reasons, no_query = self._collect(model, ctx, ds)
+        if path is not None:
+            meta = json.dumps({"reasons": reasons, "no_query": no_query})
+            cache.store(path, key, {**stats.to_arrays(), "__meta__": np.array(meta)})
+        ctx.artifacts["routing.stats"] = stats
+        self._report(ctx, stats, reasons, no_query, hit=False)
+        return PassResult(model, modified=False)
+
+    def _collect(
+        self, model: ir.Model, ctx: PassContext, ds: Any
+    ) -> tuple[Any, list[str | None], list[int]]:
+        """Run the calibration set; the statistics, per-layer fallback reasons and counts."""
         from modec.executor import Executor
         from modec.mode.stats import (
             RoutingAccumulator,
@@ -82,7 +116,6 @@ class CollectRoutingPass(Pass):
         )
         from modec.moe.canonical import is_moe_node
 
-        ds: Dataset = ctx.artifacts["calib.data"]
         nodes = [n for n in model.graph if is_moe_node(n)]
         taps: list[Any] = list(ctx.artifacts.get("moe.attention") or [])
         if len(taps) != len(nodes):
@@ -165,14 +198,12 @@ class CollectRoutingPass(Pass):
                     key = select_key_tokens(scores, mod, self.key_ratio)
                     acc.add(layer, res.routing[layer], hidden.reshape(mod.size, -1), mod, key)
                 bar.update(1)
-        stats = acc.finish()
-        ctx.artifacts["routing.stats"] = stats
-        self._report(ctx, stats, reasons, no_query)
-        return PassResult(model, modified=False)
+        return acc.finish(), reasons, no_query
 
     def _report(
-        self, ctx: PassContext, stats: Any, reasons: list[str | None], no_query: list[int]
-    ) -> None:
+        self, ctx: PassContext, stats: Any, reasons: list[str | None], no_query: list[int],
+        hit: bool,
+    ) -> None:  # fmt: skip
         fallbacks: list[dict[str, Any]] = []
         for layer, (reason, n) in enumerate(zip(reasons, no_query, strict=True)):
             rule = "cosine similarity of vision MoE inputs to the mean question MoE input"
@@ -199,6 +230,7 @@ class CollectRoutingPass(Pass):
         ctx.stat("tokens", int(stats.count_all[0].sum()) if stats.num_layers else 0)
         ctx.stat("attention_fallbacks", len(fallbacks))
         ctx.stat("starved", starved)
+        ctx.stat("cache_hit", hit)
 
         def rows(values: tuple[Any, ...], as_int: bool = False) -> list[list[Any]]:
             return [[int(v) if as_int else float(v) for v in layer] for layer in values]
@@ -221,4 +253,5 @@ class CollectRoutingPass(Pass):
             coverage={"min_tokens": self.min_tokens, "starved": starved,
                       "layers": coverage_layers},
             attention_fallbacks=fallbacks,
+            cache_hit=hit,
         )  # fmt: skip

@@ -22,7 +22,8 @@ Rules:
    quantized weights are never used for M); it is listed in the report as unused.
 5. Cache: with ``ctx.options["cache_dir"]`` set, results are stored under a content hash of
    the model (graph and weights), the subset's data and the options that change δ; a re-run
-   (another budget, another allocation method) loads them. Hit or miss is reported.
+   (another budget, another allocation method) loads them (`modec.cache`). Hit or miss is
+   reported.
 6. ``workers`` > 1 spreads (layer, expert) jobs over processes (spawn); every worker builds
    its own executor from the same model bytes and gets the same caches and references, so
    the result equals ``workers=1`` exactly.
@@ -30,10 +31,7 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +45,6 @@ from modec.pipeline import Pass, PassContext, PassResult, register
 
 log = logging.getLogger(__name__)
 
-#: Bumped when the measurement changes, so stale cache entries are never read.
-CACHE_VERSION = "modec.sensitivity/1"
 _MODALITIES = ("text", "vision")
 
 
@@ -167,19 +163,6 @@ def _measure_expert(plan: _Plan, layer: int, expert: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def content_key(model: ir.Model, subset: Any, options: dict[str, Any]) -> str:
-    """sha256 of the model (graph + weights), the subset's data and the options."""
-    h = hashlib.sha256(CACHE_VERSION.encode())
-    h.update(ir.to_proto(model).SerializeToString(deterministic=True))
-    for name in sorted(subset.inputs):
-        arr = np.ascontiguousarray(subset.inputs[name])
-        h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
-        h.update(arr.tobytes())
-    h.update(np.ascontiguousarray(subset.modality).tobytes())
-    h.update(json.dumps(options, sort_keys=True).encode())
-    return h.hexdigest()
-
-
 @register
 @dataclass
 class MeasureSensitivityPass(Pass):
@@ -211,8 +194,9 @@ class MeasureSensitivityPass(Pass):
             raise BadInputError(f"positions must be answer or text; got {self.positions!r}")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        from modec import cache
         from modec.data import Dataset
-        from modec.mode.sensitivity import choose_subset
+        from modec.mode.sensitivity import Sensitivity, choose_subset
 
         t_start = time.perf_counter()
         ds: Dataset = ctx.artifacts["calib.data"]
@@ -227,17 +211,18 @@ class MeasureSensitivityPass(Pass):
         cache_dir = ctx.options.get("cache_dir")
         path: Path | None = None
         key = ""
+        sens = None
         if cache_dir:
-            key = content_key(model, subset, opts)
-            path = Path(cache_dir) / f"sensitivity-{key[:32]}.npz"
-        sens = _load(path, key, self.bits) if path is not None else None
+            key = cache.content_key("sensitivity", model, subset, opts)
+            path = cache.entry_path(cache_dir, "sensitivity", key)
+            arrays = cache.load(path, key)
+            sens = Sensitivity.from_arrays(arrays) if arrays is not None else None
         hit = sens is not None
         per_layer: list[dict[str, Any]] = []
         if sens is None:
             sens, per_layer = self._measure(model, ctx, subset, len(idx))
             if path is not None:
-                _store(path, key, sens)
-        assert sens is not None
+                cache.store(path, key, sens.to_arrays())
         n_mm = int(subset.multimodal.sum())
         unused = {
             m: [[int(l_), int(e)] for l_, e in zip(*np.nonzero(u), strict=True)]
@@ -373,39 +358,3 @@ class MeasureSensitivityPass(Pass):
                 out.append(fut.result())
                 bar.update(1)
         return out
-
-
-def _load(path: Path, key: str, bits: tuple[int, ...]) -> Any:
-    """The cached sensitivities at ``path`` if it exists and matches ``key``; else None."""
-    from modec.mode.sensitivity import Sensitivity
-
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["key"]) != key or tuple(int(b) for b in z["bits"]) != tuple(bits):
-                log.warning("measure-sensitivity: cache entry %s does not match; recomputing", path)
-                return None
-            sens = Sensitivity(
-                bits=tuple(int(b) for b in z["bits"]), delta_text=z["delta_text"],
-                delta_vision=z["delta_vision"], samples=int(z["samples"]),
-                unused_text=z["unused_text"], unused_vision=z["unused_vision"],
-            )  # fmt: skip
-    except (OSError, KeyError, ValueError, BadInputError) as exc:
-        log.warning("measure-sensitivity: unreadable cache entry %s (%s); recomputing", path, exc)
-        return None
-    log.info("measure-sensitivity: cache hit %s", path)
-    return sens
-
-
-def _store(path: Path, key: str, sens: Any) -> None:
-    """Write one cache entry atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(
-        tmp, key=np.array(key), bits=np.array(sens.bits), delta_text=sens.delta_text,
-        delta_vision=sens.delta_vision, samples=np.array(sens.samples),
-        unused_text=sens.unused_text, unused_vision=sens.unused_vision,
-    )  # fmt: skip
-    os.replace(tmp, path)
-    log.info("measure-sensitivity: cached %s", path)

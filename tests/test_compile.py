@@ -131,8 +131,36 @@ def test_cli_compile_then_eval_then_inspect(tiny_vlm, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
-    sens = next(p for p in report["passes"] if p["name"] == "measure-sensitivity")
-    assert sens["stats"]["cache_hit"] is True
+    for name in ("collect-routing", "measure-sensitivity"):
+        entry = next(p for p in report["passes"] if p["name"] == name)
+        assert entry["stats"]["cache_hit"] is True, name
+
+
+def test_interrupted_compile_resumes_from_the_finished_passes(tiny_vlm, tmp_path):
+    """Ctrl-C during measure-sensitivity: OUT untouched; the rerun reuses collect-routing."""
+    import signal
+    import time
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "modec.cli", "-q", "compile", str(tiny_vlm["model"]),
+           "--calib", str(tiny_vlm["calib"]), "--budget", "3.0", "--sensitivity-samples", "32",
+           "--target", "none", "-o", str(out), "--cache-dir", str(cache)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("routing-*.npz")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "collect-routing never finished"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not out.exists() and list(tmp_path.glob(".out.tmp-*")) == []
+    assert list(cache.glob("sensitivity-*.npz")) == []
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    hits = {p["name"]: p["stats"].get("cache_hit") for p in report["passes"]}
+    assert hits["collect-routing"] is True and hits["measure-sensitivity"] is False
 
 
 def test_cli_sweep_writes_table_and_plot(tiny_vlm, tmp_path):

@@ -58,6 +58,28 @@ class Sensitivity:
                 f"match [L, E, {len(self.bits)}] for widths {list(self.bits)}"
             )
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The fields as named arrays (for `modec.cache`)."""
+        return {
+            "bits": np.asarray(self.bits, dtype=np.int64),
+            "delta_text": self.delta_text,
+            "delta_vision": self.delta_vision,
+            "samples": np.asarray(self.samples),
+            "unused_text": self.unused_text,
+            "unused_vision": self.unused_vision,
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> Sensitivity:
+        return cls(
+            bits=tuple(int(b) for b in a["bits"]),
+            delta_text=np.asarray(a["delta_text"], dtype=np.float64),
+            delta_vision=np.asarray(a["delta_vision"], dtype=np.float64),
+            samples=int(a["samples"]),
+            unused_text=np.asarray(a["unused_text"], dtype=bool),
+            unused_vision=np.asarray(a["unused_vision"], dtype=bool),
+        )
+
 
 def log_softmax(logits: npt.ArrayLike) -> F64:
     """log softmax over the last axis, in float64."""

@@ -207,6 +207,36 @@ class RoutingStats:
     def num_layers(self) -> int:
         return len(self.count_all)
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The fields as named arrays, ``{field}.{layer}`` for per-layer ones (`modec.cache`)."""
+        out: dict[str, np.ndarray] = {
+            "key_ratio": np.asarray(self.key_ratio),
+            "samples": np.asarray(self.samples),
+            "key_source": np.asarray(self.key_source, dtype=str),
+        }
+        for name in _PER_LAYER:
+            for layer, arr in enumerate(getattr(self, name)):
+                out[f"{name}.{layer}"] = arr
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> RoutingStats:
+        sources = tuple(str(s) for s in a["key_source"])
+        per = {
+            name: tuple(a[f"{name}.{layer}"] for layer in range(len(sources)))
+            for name in _PER_LAYER
+        }
+        return cls(
+            key_ratio=float(a["key_ratio"]), samples=int(a["samples"]), key_source=sources,
+            **per,
+        )  # fmt: skip
+
+
+_PER_LAYER = (
+    "count_all", "count_text", "count_vision", "count_key", "count_redundant", "mean_weight",
+    "f_text", "f_vision", "f_vision_all", "f_redundant", "f_global", "hessian_in", "hessian_act",
+)  # fmt: skip
+
 
 class RoutingAccumulator:
     """Sums routing statistics batch by batch; `finish` freezes them into `RoutingStats`.

@@ -149,3 +149,21 @@ def test_attention_shape_mismatch_is_an_error():
 def test_bad_options(analysed):
     with pytest.raises(BadInputError, match="key_ratio"):
         analysed("collect-routing{key_ratio=1.5}")
+
+
+def test_cache_hit_is_identical(analysed, routed, tmp_path):
+    _, first = analysed("collect-routing", cache_dir=str(tmp_path))
+    _, second = analysed("collect-routing", cache_dir=str(tmp_path))
+    assert first.report["collect-routing"]["cache_hit"] is False
+    assert second.report["collect-routing"]["cache_hit"] is True
+    assert len(list(tmp_path.glob("routing-*.npz"))) == 1
+    a, b = routed[1].artifacts["routing.stats"], second.artifacts["routing.stats"]
+    for name, arr in a.to_arrays().items():
+        np.testing.assert_array_equal(arr, b.to_arrays()[name], err_msg=name)
+    sec_a = {k: v for k, v in routed[1].report["collect-routing"].items() if k != "cache_hit"}
+    sec_b = {k: v for k, v in second.report["collect-routing"].items() if k != "cache_hit"}
+    assert sec_a == sec_b
+    # Another key ratio is another entry.
+    _, other = analysed("collect-routing{key_ratio=0.5}", cache_dir=str(tmp_path))
+    assert other.report["collect-routing"]["cache_hit"] is False
+    assert len(list(tmp_path.glob("routing-*.npz"))) == 2
