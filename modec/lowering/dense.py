@@ -460,4 +460,22 @@ def compile_module(dm: DenseModule, target: TargetLike = "llvm") -> Any:
                 dlight.gpu.GeneralReduction(),
                 dlight.gpu.Fallback(),
             )(mod)
-        return tvm.compile(mod, target=tgt)
+        return tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
+
+
+def _relax_pipeline(tgt: Any) -> Any:
+    """The pipeline `tvm.compile` would pick, then a canonical shape-function order.
+
+    TVM emits the VM shape function in hash-map order, which varies between processes; the
+    extra pass makes the library bytes depend on the model only (`modec.lowering.determinism`).
+    """
+    from modec.lowering.determinism import canonical_shape_funcs
+
+    if "gpu" in tgt.keys:
+        try:
+            base = relax.get_default_pipeline(tgt)
+        except (ValueError, AttributeError):
+            base = relax.get_pipeline("default")
+    else:
+        base = relax.get_pipeline("default")
+    return tvm.transform.Sequential([base, canonical_shape_funcs])
