@@ -71,7 +71,12 @@ def main() -> None:
             )
             for i in range(args.runs)
         ]
-        rows.append(("second compile at a new budget, sensitivities from the disk cache", warm))
+        rows.append(
+            (
+                "second compile at a new budget, statistics and sensitivities from the disk cache",
+                warm,
+            )
+        )
     print("| step | median s | runs |")
     print("|---|---|---|")
     for name, xs in rows:

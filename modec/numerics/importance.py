@@ -132,5 +132,6 @@ def output_error(weight: npt.NDArray[np.float32], hessian: F | None, n_tokens: i
         if hessian is None or n_tokens == 0:
             out[j] = float((dw * dw).sum())
         else:
-            out[j] = float(np.einsum("nk,kl,nl->", dw, hessian, dw)) / n_tokens
+            # tr(ΔW H ΔWᵀ) through BLAS: a plain einsum loops in C at ~60x the time here.
+            out[j] = float(((dw @ hessian) * dw).sum()) / n_tokens
     return out
