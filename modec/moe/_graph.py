@@ -2,7 +2,10 @@
 find-attention and the executor.
 
 Values captured by a subgraph (an ``If`` branch reading an outer-scope value) count as inputs
-of the node that owns the subgraph, so reachability at the top level sees through them.
+of the node that owns the subgraph, so reachability at the top level sees through them. The
+fine walks (direct uses, any depth) continue from a value an ``If`` branch returns to the
+``If``'s output, so that e.g. TorchScript's ``squeeze(dim)`` on a dynamic dimension, exported
+as ``If(dim == 1, Squeeze(x), Identity(x))``, is seen through like a plain ``Squeeze``.
 """
 
 from __future__ import annotations
@@ -16,18 +19,63 @@ import onnx_ir as ir
 SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
 
 
+_OWNER = "modec.owner"
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
+
+
 def subgraph_nodes(node: ir.Node) -> Iterator[ir.Node]:
     """Every node inside ``node``'s subgraphs, recursively."""
-    for attr in node.attributes.values():
-        graphs: list[ir.Graph] = []
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs = [attr.as_graph()]
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs = list(attr.as_graphs())
-        for g in graphs:
-            for sub in g:
-                yield sub
-                yield from subgraph_nodes(sub)
+    for g in _subgraphs(node):
+        for sub in g:
+            yield sub
+            yield from subgraph_nodes(sub)
+
+
+def mark_subgraph_owners(node: ir.Node) -> None:
+    """Record in each subgraph's ``meta`` the node that owns it (read by `if_continuation`)."""
+    for g in _subgraphs(node):
+        g.meta[_OWNER] = node
+        for sub in g:
+            mark_subgraph_owners(sub)
+
+
+def if_continuation(value: ir.Value) -> ir.Value | None:
+    """The ``If`` output that ``value`` becomes when it is returned by one of its branches.
+
+    Needs `mark_subgraph_owners` (done by `GraphIndex`); None for any other value.
+    """
+    p = value.producer()
+    g = p.graph if p is not None else None
+    owner = g.meta.get(_OWNER) if g is not None else None
+    if owner is None or owner.op_type != "If":
+        return None
+    for i, out in enumerate(g.outputs):  # type: ignore[union-attr]
+        if out is value and i < len(owner.outputs):
+            return owner.outputs[i]
+    return None
+
+
+def direct_users(value: ir.Value) -> list[ir.Node]:
+    """Nodes reading ``value`` (any depth), continuing through ``If`` branch outputs."""
+    out: dict[ir.Node, None] = {}
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        for u in v.uses():
+            out[u.node] = None
+        cont = if_continuation(v)
+        if cont is not None:
+            stack.append(cont)
+    return list(out)
 
 
 class GraphIndex:
@@ -44,6 +92,7 @@ class GraphIndex:
         self.owner: dict[ir.Node, ir.Node] = {}
         for n in self.nodes:
             self.owner[n] = n
+            mark_subgraph_owners(n)
             for sub in subgraph_nodes(n):
                 self.owner[sub] = n
         self._implicit: dict[ir.Node, list[ir.Value]] = {}
@@ -128,8 +177,7 @@ def fine_forward(start: Iterable[ir.Node], allowed: set[ir.Node]) -> set[ir.Node
     stack = [v for n in start for v in n.outputs]
     while stack:
         v = stack.pop()
-        for u in v.uses():
-            c = u.node
+        for c in direct_users(v):
             if c in out or c not in allowed or c.op_type in _SHAPE_READERS:
                 continue
             out.add(c)

@@ -37,6 +37,7 @@ from modec.moe._graph import (
     GraphIndex,
     attr,
     const_array,
+    direct_users,
     fine_backward,
     fine_forward,
     name_scope,
@@ -575,15 +576,14 @@ class _Proj:
 
 
 def _through(v: ir.Value, ops: frozenset[str] = SHAPE_OPS) -> list[ir.Node]:
-    """Direct users of ``v``, looking through single-user shape ops."""
-    users = [u.node for u in v.uses()]
-    res: list[ir.Node] = []
-    for u in users:
+    """Direct users of ``v``, looking through shape ops (and `If`s made of them)."""
+    res: dict[ir.Node, None] = {}
+    for u in direct_users(v):
         if u.op_type in ops and u.inputs[0] is v:
-            res.extend(_through(u.outputs[0], ops))
+            res.update(dict.fromkeys(_through(u.outputs[0], ops)))
         else:
-            res.append(u)
-    return res
+            res[u] = None
+    return list(res)
 
 
 RowSel = Callable[[int], np.ndarray]
@@ -665,8 +665,7 @@ def _fine_from(values: list[ir.Value], allowed: set[ir.Node]) -> set[ir.Node]:
     stack = list(values)
     while stack:
         v = stack.pop()
-        for u in v.uses():
-            c = u.node
+        for c in direct_users(v):
             if c in out or c not in allowed or c.op_type in ("Shape", "Size"):
                 continue
             out.add(c)
