@@ -611,6 +611,14 @@ def _parts(proj_out: ir.Value) -> list[tuple[ir.Value, RowSel]] | None:
     if splits:
         s = splits[0]
         return [(s.outputs[0], _first_half), (s.outputs[1], _second_half)]
+    # torch.chunk(2) without the exporter's optimizer: SplitToSequence + SequenceAt(0 / 1).
+    seqs = [u for u in users if u.op_type == "SplitToSequence"]
+    if len(seqs) == 1:
+        ats = [a for a in direct_users(seqs[0].outputs[0]) if a.op_type == "SequenceAt"]
+        pos = [scalar(a.inputs[1]) for a in ats]
+        if len(ats) == 2 and sorted(p for p in pos if p is not None) == [0.0, 1.0]:
+            return [(a.outputs[0], _first_half if p == 0 else _second_half)
+                    for a, p in zip(ats, pos, strict=True)]  # fmt: skip
     slices = [u for u in users if u.op_type == "Slice"]
     if len(slices) != 2:
         return None
@@ -920,7 +928,10 @@ def _stacked(
         transposed = False
         users = _through(v, frozenset({"Reshape", "Squeeze", "Identity", "Cast"}))
         while len(users) == 1 and users[0].op_type == "Transpose":
-            transposed = not transposed
+            perm = attr(users[0], "perm")
+            # An identity perm (unoptimized dynamo exports emit them) changes nothing.
+            if perm is None or list(perm) != list(range(len(perm))):
+                transposed = not transposed
             users = _through(users[0].outputs[0], frozenset({"Reshape", "Squeeze", "Identity"}))
         if w.ndim == 3 and len(users) == 1 and users[0].op_type in ("MatMul", "Einsum"):
             mm = users[0]
