@@ -25,13 +25,31 @@ import numpy as np
 from modec import data
 from modec.driver import CompileOptions
 from modec.evaluate import evaluate
+from modec.executor import Executor
 from modec.frontend import OrtRunner
-from modec.sweep import analyze, evaluate_model, quantize
+from modec.mode.sensitivity import kl_divergence, log_softmax
+from modec.sweep import analyze, quantize
 from tools.digits_vlm import build_data, scenes
 
 METHODS = ["mode", "uniform", "mc-moe", "veq-me", "mode-no-key", "mode-no-sens",
            "mode-sens-only", "mode-redundant"]  # fmt: skip
 SPLITS = ("overall", "multimodal", "text_only")
+
+
+class Recorder:
+    """Wraps a batch runner and keeps the answer-position logits of every call, in order."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.last: list[np.ndarray] = []
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        out = np.asarray(self.run(feeds))
+        self.last.append(out[:, -1, :].astype(np.float64))
+        return out
+
+    def logits(self) -> np.ndarray:
+        return np.concatenate(self.last)
 
 
 def calibration_set(path: Path, seed: int) -> Path:
@@ -46,8 +64,10 @@ def run(model: str, eval_path: str, seeds: list[int], budgets: list[float],
         ) -> list[dict[str, Any]]:  # fmt: skip
     ds = data.load(eval_path)
     rows: list[dict[str, Any]] = []
-    fp32 = evaluate(OrtRunner(model), ds)
-    rows.append({"method": "fp32", "budget": 32.0, "seed": -1,
+    ref = Recorder(OrtRunner(model))
+    fp32 = evaluate(ref, ds)
+    ref_logp = log_softmax(ref.logits())
+    rows.append({"method": "fp32", "budget": 32.0, "seed": -1, "kl": 0.0,
                  **{k: getattr(fp32, k).accuracy for k in SPLITS}})  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
@@ -61,22 +81,28 @@ def run(model: str, eval_path: str, seeds: list[int], budgets: list[float],
                     continue
                 t0 = time.perf_counter()
                 sim = quantize(an, method, budget)
-                res = evaluate_model(sim, ds)
-                row = {"method": method, "budget": budget, "seed": seed,
+                ex = Executor(sim, intra_op_threads=2)
+                rec = Recorder(lambda feeds, ex=ex: ex.run(feeds).outputs[ex.output_names[0]])
+                res = evaluate(rec, ds)
+                kl = float(kl_divergence(ref_logp, rec.logits()).mean())
+                row = {"method": method, "budget": budget, "seed": seed, "kl": kl,
                        "average_bits": sim.meta["modec.allocation"].average,
                        **{k: getattr(res, k).accuracy for k in SPLITS}}  # fmt: skip
                 rows.append(row)
                 print(f"  {method:>15} @ {budget:.2f}: overall {100 * row['overall']:.2f}% "
-                      f"({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
+                      f"KL {kl:.2e} ({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
     return rows
 
 
 def table(rows: list[dict[str, Any]], budgets: list[float], methods: list[str]) -> str:
     fp = next(r for r in rows if r["method"] == "fp32")
-    lines = ["| method | budget | overall | multimodal | text-only | rel. to fp32 (overall) |",
-             "|---|---|---|---|---|---|",
+    with_kl = all("kl" in r for r in rows)
+    kl_head = " KL to fp32 (×1e-3) |" if with_kl else ""
+    head = "| method | budget | overall | multimodal | text-only | rel. to fp32 (overall) |"
+    lines = [head + kl_head,
+             "|---|---|---|---|---|---|" + ("---|" if with_kl else ""),
              f"| fp32 | 32 | {100 * fp['overall']:.2f} | {100 * fp['multimodal']:.2f} | "
-             f"{100 * fp['text_only']:.2f} | — |"]  # fmt: skip
+             f"{100 * fp['text_only']:.2f} | — |" + (" 0 |" if with_kl else "")]  # fmt: skip
     for b in budgets:
         for m in methods:
             sel = [r for r in rows if r["method"] == m and r["budget"] == b]
@@ -87,7 +113,11 @@ def table(rows: list[dict[str, Any]], budgets: list[float], methods: list[str]) 
                 v = np.array([100 * r[k] for r in sel])
                 cells.append(f"{v.mean():.2f} ± {v.std():.2f}")
             rel = 100 * (np.mean([r["overall"] for r in sel]) - fp["overall"]) / fp["overall"]
-            lines.append(f"| {m} | {b:g} | {' | '.join(cells)} | {rel:+.2f}% |")
+            kl = ""
+            if with_kl:
+                kls = np.array([1e3 * r["kl"] for r in sel])
+                kl = f" {kls.mean():.2f} ± {kls.std():.2f} |"
+            lines.append(f"| {m} | {b:g} | {' | '.join(cells)} | {rel:+.2f}% |{kl}")
     return "\n".join(lines)
 
 
