@@ -4,6 +4,7 @@ code, and nothing half-written in OUT."""
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 
@@ -60,7 +61,39 @@ def test_empty_calibration_set(tiny_vlm, tmp_path):
     data.save(path, ds.inputs, modality=ds.modality)
     with pytest.raises(DataError, match="the dataset is empty"):
         compile_model(tiny_vlm["model"], path, tmp_path / "o", CompileOptions(target="none"))
+    r = _run("compile", str(tiny_vlm["model"]), "--calib", str(path), "-o", str(tmp_path / "o"))
+    assert r.returncode == 3 and "the dataset is empty" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_truncated_model(tiny_vlm, tmp_path):
+    blob = tiny_vlm["model"].read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(blob[: len(blob) // 2])
+    r = _run("compile", str(cut), "--calib", str(tiny_vlm["calib"]), "-o", str(tmp_path / "o"))
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("modec: error")]
+    assert r.returncode == 3 and len(errors) == 1 and "cut.onnx" in errors[0], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_experts_without_calibration_tokens_fall_back_to_rtn(tiny_vlm, tmp_path):
+    """Two calibration samples leave every expert under GPTQ's token minimum: not an error."""
+    ds = data.load(tiny_vlm["calib"])
+    two = ds.subset(np.flatnonzero(~ds.multimodal)[:2])
+    path = tmp_path / "two.npz"
+    data.save(path, two.inputs, modality=two.modality)
+    out = tmp_path / "o"
+    r = _run("-q", "compile", str(tiny_vlm["model"]), "--calib", str(path), "--target", "none",
+             "--no-cache", "-o", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    sections = {p["name"]: p for p in report["passes"]}
+    quant = report["sections"]["quantize-experts"]
+    assert sections["quantize-experts"]["stats"]["rtn_fallbacks"] == 8  # 2 layers x 4 experts
+    reasons = [row["down"]["reason"] for layer in quant["layers"] for row in layer]
+    assert all(reason and "token" in reason for reason in reasons), reasons
+    coverage = report["sections"]["collect-routing"]["coverage"]
+    assert coverage["starved"] > 0
 
 
 def test_no_modality_and_no_image_token(tiny_vlm, tmp_path):
