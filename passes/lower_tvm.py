@@ -45,7 +45,7 @@ class LowerTVMPass(Pass):
     target: str = "llvm"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from modec.lowering.build import build_artifact
+        from modec.lowering.build import BUILD_STEPS, build_artifact
         from modec.lowering.moe import MoELowering, moe_section, plan_layers
 
         out = ctx.options.get("artifact_dir")
@@ -61,14 +61,16 @@ class LowerTVMPass(Pass):
         if ctx.options.get("pipeline"):
             pipeline["text"] = str(ctx.options["pipeline"])
         moe = moe_section(plans)
-        manifest = build_artifact(
-            ir.to_proto(model),
-            Path(out),
-            self.target,
-            hooks=[lowering.add_params],
-            op_converters={"MoE": lowering.convert},
-            sections={"moe": moe, "pipeline": pipeline},
-        )
+        with ctx.bar(len(BUILD_STEPS), "kernel build") as bar:
+            manifest = build_artifact(
+                ir.to_proto(model),
+                Path(out),
+                self.target,
+                hooks=[lowering.add_params],
+                op_converters={"MoE": lowering.convert},
+                sections={"moe": moe, "pipeline": pipeline},
+                step=lambda _name: bar.update(1),
+            )
         ctx.artifacts["artifact"] = manifest
         launches = sum(len(k) for k in lowering.kernels)
         ctx.stat("moe_layers", len(plans))

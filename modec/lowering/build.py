@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ def build_artifact(
     op_converters: Mapping[str, OpConverter] | None = None,
     sections: Mapping[str, Any] | None = None,
     force: bool = False,
+    step: Callable[[str], None] | None = None,
 ) -> Manifest:
     """Lower, compile and write an ONNX model as an artifact directory.
 
@@ -84,11 +85,20 @@ def build_artifact(
         op_converters: converters for custom ONNX ops.
         sections: extra free-form manifest sections.
         force: replace a non-artifact directory.
+        step: called after each of the BUILD_STEPS phases with its name (progress bars).
 
     Returns:
         The written manifest.
     """
+    done = step or (lambda _name: None)
     dm = lower_dense(model, target, hooks, op_converters)
+    done("lower")
     ex = compile_module(dm, target)
+    done("compile")
     manifest = write_dense_artifact(dm, ex, Path(out_dir), target, sections, force)
+    done("write")
     return manifest
+
+
+#: The phases `build_artifact` reports through ``step``.
+BUILD_STEPS = ("lower", "compile", "write")

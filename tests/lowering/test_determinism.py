@@ -40,8 +40,24 @@ def test_two_builds_are_byte_identical(tiny_vlm, tmp_path):
     o = CompileOptions(sensitivity_samples=8, budget=3.0, target="llvm",
                        cache_dir=str(tmp_path / "cache"))  # fmt: skip
     outs = [tmp_path / "a", tmp_path / "b"]
+    bars: dict[str, list[int]] = {}
+
+    class Bar:  # records (total, updates) of every progress bar the passes open
+        def __init__(self, total: int, desc: str) -> None:
+            self.desc = desc
+            bars[desc] = [total, 0]
+
+        def update(self, n: int = 1) -> None:
+            bars[self.desc][1] += n
+
+        def close(self) -> None:
+            pass
+
     for out in outs:
-        compile_model(tiny_vlm["model"], tiny_vlm["calib"], out, o)
+        compile_model(tiny_vlm["model"], tiny_vlm["calib"], out, o, progress=Bar)
+    # One bar per long step, each run to completion (calibration, sensitivity, GPTQ, build).
+    assert {"collect routing", "sensitivity", "GPTQ experts", "kernel build"} <= set(bars)
+    assert all(total == done for total, done in bars.values()), bars
     for name in ("model.so", "weights.safetensors", "manifest.json", "experts.safetensors",
                  "allocation.json", "model.sim.onnx"):  # fmt: skip
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
