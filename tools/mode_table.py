@@ -166,7 +166,14 @@ def main() -> None:
     rows = run(args.model, args.eval, seeds, budgets, curve, methods, bits)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     png = args.out.with_name(f"{args.out.stem}_budget.png")
-    plot(rows, png)
+    curves = [
+        m
+        for m in {r["method"] for r in rows}
+        if len({r["budget"] for r in rows if r["method"] == m}) >= 3
+    ]
+    if curves:  # a curve needs at least three budgets
+        plot(rows, png)
+    image = f"![accuracy against budget]({png.name})\n" if curves else ""
     cmd = "python -m tools.mode_table " + " ".join(
         f"--{k} {v}" for k, v in (("seeds", args.seeds), ("budgets", args.budgets),
                                   ("curve", args.curve), ("methods", args.methods),
@@ -181,8 +188,11 @@ executor). Candidate widths {args.bits}; group size 128; GPTQ for every method.
 
 {table(rows, budgets, methods)}
 
-![accuracy against budget]({png.name})
-"""
+{image}"""
+    # Hand-written analysis below the generated table survives a re-run.
+    marker = "\n## Findings"
+    if args.out.exists() and marker in (old := args.out.read_text()):
+        body += marker + old.split(marker, 1)[1]
     args.out.write_text(body)
     print(body)
 
