@@ -4,7 +4,8 @@
 #   TVM_ROOT        directory of the `tvm` package (holds lib/libtvm_runtime.so); asked from
 #                   Python when unset.
 #   Python_EXECUTABLE  interpreter used for the questions (default: python3 on PATH).
-# Result: the IMPORTED target modec::tvm_runtime (libtvm_runtime + tvm_ffi::shared, linked with
+# Result: the IMPORTED target modec::tvm_runtime (libtvm_runtime, libtvm_runtime_extra +
+# tvm_ffi::shared, linked with
 # --no-as-needed: with libtvm_ffi alone the VM segfaults, see DESIGN.md) and
 # ModecTVM_RUNTIME_DIRS (for rpath).
 
@@ -39,13 +40,26 @@ if(NOT MODEC_TVM_RUNTIME_LIB)
   message(FATAL_ERROR "modec: libtvm_runtime.so not found under ${TVM_ROOT}/lib; set TVM_ROOT")
 endif()
 
-# find_package(tvm) is broken in the wheel (no tvmTargets.cmake): declare the library here.
+# The wheel's runtime "extras" hold the contrib kernels compiled models call by name, among
+# them tvm.contrib.sort.topk (the MoE router's top-k); without them a MoE artifact loads but
+# fails at its first run.
+find_library(MODEC_TVM_RUNTIME_EXTRA_LIB NAMES tvm_runtime_extra PATHS "${TVM_ROOT}/lib"
+             NO_DEFAULT_PATH)
+if(NOT MODEC_TVM_RUNTIME_EXTRA_LIB)
+  message(FATAL_ERROR "modec: libtvm_runtime_extra.so not found under ${TVM_ROOT}/lib; set TVM_ROOT")
+endif()
+
+# find_package(tvm) is broken in the wheel (no tvmTargets.cmake): declare the libraries here.
 add_library(modec_tvm_runtime_imported SHARED IMPORTED)
 set_target_properties(modec_tvm_runtime_imported PROPERTIES IMPORTED_LOCATION "${MODEC_TVM_RUNTIME_LIB}")
+add_library(modec_tvm_runtime_extra_imported SHARED IMPORTED)
+set_target_properties(modec_tvm_runtime_extra_imported PROPERTIES
+  IMPORTED_LOCATION "${MODEC_TVM_RUNTIME_EXTRA_LIB}")
 
 add_library(modec_tvm_runtime INTERFACE)
 target_link_libraries(modec_tvm_runtime INTERFACE
-  "-Wl,--no-as-needed" modec_tvm_runtime_imported tvm_ffi::shared "-Wl,--as-needed")
+  "-Wl,--no-as-needed" modec_tvm_runtime_imported modec_tvm_runtime_extra_imported
+  tvm_ffi::shared "-Wl,--as-needed")
 add_library(modec::tvm_runtime ALIAS modec_tvm_runtime)
 
 get_filename_component(_modec_rt_dir "${MODEC_TVM_RUNTIME_LIB}" DIRECTORY)

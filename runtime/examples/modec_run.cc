@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -29,7 +30,8 @@ const struct {
   modec_dtype dtype;
 } kNpyTypes[] = {{"<f4", MODEC_FLOAT32}, {"<f2", MODEC_FLOAT16}, {"<f8", MODEC_FLOAT64},
                  {"<i8", MODEC_INT64},   {"<i4", MODEC_INT32},   {"|i1", MODEC_INT8},
-                 {"|u1", MODEC_UINT8},   {"|b1", MODEC_BOOL}};
+                 {"|u1", MODEC_UINT8},   {"|b1", MODEC_BOOL},    {"<u4", MODEC_UINT32},
+                 {"<u2", MODEC_UINT16},  {"<i2", MODEC_INT16},   {"<u8", MODEC_UINT64}};
 
 bool Fail(std::string* err, const std::string& msg) {
   *err = msg;
@@ -150,6 +152,13 @@ int main(int argc, char** argv) {
                            arrays[i].shape.data(), arrays[i].data.data()};
     }
     std::vector<modec::Tensor> outs = sess.Run(in);
+    std::error_code ec;
+    std::filesystem::create_directories(out_dir, ec);
+    if (ec) {
+      std::cerr << "modec_run: " << out_dir << ": cannot create the output directory (" << ec.message()
+                << "); pass an existing or creatable --out\n";
+      return 64;
+    }
     for (const auto& t : outs) {
       std::string err;
       if (!WriteNpy(out_dir + "/" + t.name + ".npy", t, &err)) {

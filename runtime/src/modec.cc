@@ -55,6 +55,10 @@ const DtypeInfo kDtypes[] = {
     {"int8", "I8", MODEC_INT8, {kDLInt, 8, 1}, 1},
     {"uint8", "U8", MODEC_UINT8, {kDLUInt, 8, 1}, 1},
     {"bool", "BOOL", MODEC_BOOL, {kDLBool, 8, 1}, 1},
+    {"uint32", "U32", MODEC_UINT32, {kDLUInt, 32, 1}, 4},
+    {"uint16", "U16", MODEC_UINT16, {kDLUInt, 16, 1}, 2},
+    {"int16", "I16", MODEC_INT16, {kDLInt, 16, 1}, 2},
+    {"uint64", "U64", MODEC_UINT64, {kDLUInt, 64, 1}, 8},
 };
 
 const DtypeInfo* ByNumpy(const std::string& s) {

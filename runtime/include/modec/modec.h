@@ -44,7 +44,11 @@ typedef enum {
   MODEC_INT32 = 4,
   MODEC_INT8 = 5,
   MODEC_UINT8 = 6,
-  MODEC_BOOL = 7
+  MODEC_BOOL = 7,
+  MODEC_UINT32 = 8, /* packed quantized codes of the MoE experts */
+  MODEC_UINT16 = 9,
+  MODEC_INT16 = 10,
+  MODEC_UINT64 = 11
 } modec_dtype;
 
 /* A dense, C-contiguous tensor on the host. For inputs the caller owns name, shape and data.
