@@ -141,6 +141,10 @@ def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
         )
     experts = [r.num_experts for r in regions]
     check_budget(experts, o)
+    if o.target != "none":
+        from modec.passes.lower_tvm import check_moe_target
+
+        check_moe_target(o.target)
     return experts
 
 

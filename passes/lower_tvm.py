@@ -34,6 +34,21 @@ from modec.pipeline import Pass, PassContext, PassResult, register
 log = logging.getLogger(__name__)
 
 
+def check_moe_target(target: str) -> None:
+    """Refuse a target the MoE lowering cannot build yet, before any expensive work.
+
+    The routing kernels (top-k, the token permutation and its inverse) are sequential TIR
+    with no GPU schedule, so a CUDA build of a model with MoE layers fails inside TVM.
+    """
+    from modec.kernels.target import is_cuda, resolve_target
+
+    if is_cuda(resolve_target(target)):
+        raise UsageError(
+            f"--target {target}: modec cannot build MoE models for CUDA yet (the routing "
+            "kernels have no GPU schedule); use --target llvm"
+        )
+
+
 @register
 @dataclass
 class LowerTVMPass(Pass):
@@ -54,6 +69,7 @@ class LowerTVMPass(Pass):
                 "lower-tvm needs ctx.options['artifact_dir'] (the directory the artifact is "
                 "written to); the compile driver sets it, a custom caller must too"
             )
+        check_moe_target(self.target)
         quantized = ctx.artifacts["quantized"]
         plans = plan_layers(model, quantized)
         lowering = MoELowering(plans, self.target)
