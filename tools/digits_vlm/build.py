@@ -139,8 +139,10 @@ def limits(result: dict, train_log: dict) -> str:
     seconds = float(train_log.get("train_seconds", 0))
     if seconds > 1800:
         notes.append(
-            f"- Training took {seconds / 60:.1f} minutes, above the 30-minute target: it ran "
-            "with one torch thread while other jobs shared the machine's two cores."
+            f"- Training took {seconds / 60:.1f} minutes with one torch thread on a shared "
+            "machine; the rebuild keeps one thread so that it reproduces these weights. "
+            "`python -m tools.digits_vlm.train --threads 2` trains on both cores, within the "
+            "30-minute target but not bit-identically (docs/performance.md, Training)."
         )
     return "\n".join(notes) if notes else "- None: every family is at 90% or above."
 
