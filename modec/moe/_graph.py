@@ -173,8 +173,16 @@ def fine_forward(start: Iterable[ir.Node], allowed: set[ir.Node]) -> set[ir.Node
     ``allowed`` bounds the walk (nodes at any depth); the start nodes themselves are excluded
     unless reached again.
     """
+    return fine_forward_from([v for n in start for v in n.outputs], allowed)
+
+
+def fine_forward_from(values: Iterable[ir.Value], allowed: set[ir.Node]) -> set[ir.Node]:
+    """Nodes (at any nesting depth, inside ``allowed``) downstream of ``values``.
+
+    Shape readers (``Shape``, ``Size``) end the walk: they carry no data.
+    """
     out: set[ir.Node] = set()
-    stack = [v for n in start for v in n.outputs]
+    stack = list(values)
     while stack:
         v = stack.pop()
         for c in direct_users(v):

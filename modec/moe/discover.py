@@ -40,6 +40,7 @@ from modec.moe._graph import (
     direct_users,
     fine_backward,
     fine_forward,
+    fine_forward_from,
     name_scope,
     scalar,
     shape_only,
@@ -642,8 +643,8 @@ def _act_info(
     start: list[ir.Value], others: list[ir.Value], allowed: set[ir.Node]
 ) -> tuple[Activation, float, float] | None:
     """Activation of the path from ``start`` that ``others`` do not share."""
-    mine = _fine_from(start, allowed)
-    theirs = _fine_from(others, allowed) if others else set()
+    mine = fine_forward_from(start, allowed)
+    theirs = fine_forward_from(others, allowed) if others else set()
     own = mine - theirs
     ops = {n.op_type for n in own}
     if ops & {"Erf", "Gelu", "Tanh"}:
@@ -666,19 +667,6 @@ def _act_info(
     if ops & {"Sigmoid", "Swish"}:
         return "silu", 0.0, 0.0
     return None
-
-
-def _fine_from(values: list[ir.Value], allowed: set[ir.Node]) -> set[ir.Node]:
-    out: set[ir.Node] = set()
-    stack = list(values)
-    while stack:
-        v = stack.pop()
-        for c in direct_users(v):
-            if c in out or c not in allowed or c.op_type in ("Shape", "Size"):
-                continue
-            out.add(c)
-            stack.extend(c.outputs)
-    return out
 
 
 @dataclass
@@ -882,7 +870,7 @@ def _expert_id(
                     if n.inputs[a] is idx_out or router.topk in up2:
                         return int(s)
     # (b) dense: the output multiplied by gate column e.
-    for u in _fine_from([down.out], allowed):
+    for u in fine_forward_from([down.out], allowed):
         if u.op_type != "Mul":
             continue
         for v in u.inputs:
