@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from modec.errors import BadInputError, ModelError
+from modec.interrupt import checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def write_artifact(
         )
         (tmp / MANIFEST).write_bytes(manifest_bytes(manifest))
         os.chmod(tmp, 0o755)
+        checkpoint()  # an interrupt swallowed during the build leaves OUT as it was
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(trash / "old")

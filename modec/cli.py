@@ -15,6 +15,7 @@ from typing import Any
 
 from modec import __version__
 from modec.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ModecError, UsageError
+from modec.interrupt import catch_sigint
 
 log = logging.getLogger("modec")
 
@@ -262,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return int(args.func(args))
+        with catch_sigint():
+            return int(args.func(args))
     except ModecError as exc:
         sys.stderr.write(f"modec: error: {exc}\n")
         return exc.exit_code

@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from modec import data as data_mod
 from modec.errors import BadInputError, ModelError
+from modec.interrupt import checkpoint
 from modec.pipeline import (
     REPORT_SCHEMA,
     PassContext,
@@ -194,6 +195,7 @@ def prepare_out(out: Path, force: bool) -> None:
 
 def commit_dir(tmp: Path, out: Path) -> None:
     """Move a finished temporary directory over ``out`` (old content removed only after)."""
+    checkpoint()  # the last moment a Ctrl-C (even one swallowed earlier) leaves OUT as it was
     backup = None
     if out.exists():
         backup = out.with_name(f".{out.name}.old-{os.getpid()}")

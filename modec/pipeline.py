@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from modec.errors import InternalError, ModecError, UsageError
+from modec.interrupt import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ class Pipeline:
         self.validate(ctx.facts)
         records: list[PassRecord] = []
         for p in self.passes:
+            checkpoint()  # a Ctrl-C swallowed inside the previous pass stops the run here
             ctx.current = p.name
             for inst in ctx.instruments:
                 inst.before_pass(p, ctx)
@@ -338,6 +340,7 @@ class Pipeline:
             )
             log.info("%s: %.2f s%s", p.name, seconds, " (modified)" if result.modified else "")
             model = result.model
+        checkpoint()
         ctx.current = ""
         return model, records
 

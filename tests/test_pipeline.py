@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +11,7 @@ import pytest
 
 from modec import pipeline as pl
 from modec.errors import BadInputError, InternalError, UsageError
+from modec.interrupt import catch_sigint, checkpoint
 
 
 def _tiny_model() -> ir.Model:
@@ -138,3 +140,37 @@ def test_write_json_is_atomic_and_handles_numpy(tmp_path):
     pl.write_json(path, {"a": np.int64(3), "b": np.arange(2), "c": {1, 0}})
     assert json.loads(path.read_text()) == {"a": 3, "b": [0, 1], "c": [0, 1]}
     assert [f.name for f in tmp_path.iterdir()] == ["r.json"]
+
+
+class _RaisesSigintWhenCollected:
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)  # Python cannot raise out of __del__
+
+
+@pl.register
+@dataclass
+class _SwallowsSigint(pl.Pass):
+    name = "test-swallows-sigint"
+
+    def run(self, model, ctx):
+        _RaisesSigintWhenCollected()
+        ctx.stat("ran", True)
+        return pl.PassResult(model, modified=False)
+
+
+def test_sigint_swallowed_by_a_finalizer_is_raised_at_the_next_checkpoint():
+    checkpoint()  # outside catch_sigint nothing is recorded and nothing raised
+    with catch_sigint():
+        _RaisesSigintWhenCollected()
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint()
+    checkpoint()  # the request ends with the block
+
+
+def test_pipeline_stops_between_passes_after_a_swallowed_sigint():
+    ctx = pl.PassContext()
+    p = pl.Pipeline.parse("test-swallows-sigint,test-write-fact")
+    with catch_sigint(), pytest.raises(KeyboardInterrupt):
+        p.run(_tiny_model(), ctx)
+    assert ctx.stats["test-swallows-sigint"] == {"ran": True}
+    assert "test-write-fact" not in ctx.stats
