@@ -202,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--sensitivity-samples", type=int, default=32)
     co.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq")
     co.add_argument("--target", default="llvm",
-                    help="TVM target of the compiled artifact: llvm (default) or none "
-                         "(simulated quantization only, no kernels); cuda is refused for MoE "
-                         "models until the routing kernels have GPU schedules")  # fmt: skip
+                    help="TVM target of the compiled artifact: llvm (default, this CPU), "
+                         "cuda (sm_90; built here, runs on a GPU machine) or none (simulated "
+                         "quantization only, no kernels)")  # fmt: skip
     co.add_argument("--pipeline", help="pipeline text (overrides the default MODE pipeline)")
     co.add_argument(
         "--cache-dir",

@@ -143,9 +143,9 @@ def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
     experts = [r.num_experts for r in regions]
     check_budget(experts, o)
     if o.target != "none":
-        from modec.passes.lower_tvm import check_moe_target
+        from modec.passes.lower_tvm import check_target
 
-        check_moe_target(o.target)
+        check_target(o.target)
     return experts
 
 

@@ -34,18 +34,23 @@ from modec.pipeline import Pass, PassContext, PassResult, register
 log = logging.getLogger(__name__)
 
 
-def check_moe_target(target: str) -> None:
-    """Refuse a target the MoE lowering cannot build yet, before any expensive work.
+def check_target(target: str) -> None:
+    """Refuse a target modec cannot build for, before any expensive work.
 
-    The routing kernels (top-k, the token permutation and its inverse) are sequential TIR
-    with no GPU schedule, so a CUDA build of a model with MoE layers fails inside TVM.
+    modec builds for ``llvm`` (this CPU; the default) and ``cuda`` (sm_90 unless a dict
+    target says otherwise). Anything else would fail inside TVM after calibration and
+    quantization, so it is a usage error here.
     """
-    from modec.kernels.target import is_cuda, resolve_target
+    from modec.errors import ModecError
+    from modec.kernels.target import resolve_target
 
-    if is_cuda(resolve_target(target)):
+    try:
+        kind = str(resolve_target(target).kind.name)
+    except ModecError as exc:
+        raise UsageError(f"--target {target}: {exc}") from exc
+    if kind not in ("llvm", "cuda"):
         raise UsageError(
-            f"--target {target}: modec cannot build MoE models for CUDA yet (the routing "
-            "kernels have no GPU schedule); use --target llvm"
+            f"--target {target}: modec builds for 'llvm' (this CPU) or 'cuda', not {kind!r}"
         )
 
 
@@ -69,7 +74,7 @@ class LowerTVMPass(Pass):
                 "lower-tvm needs ctx.options['artifact_dir'] (the directory the artifact is "
                 "written to); the compile driver sets it, a custom caller must too"
             )
-        check_moe_target(self.target)
+        check_target(self.target)
         quantized = ctx.artifacts["quantized"]
         plans = plan_layers(model, quantized)
         lowering = MoELowering(plans, self.target)

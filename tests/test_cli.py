@@ -65,8 +65,8 @@ def test_inspect_finds_layers(tiny_vlm):
         (["compile", "{nomoe}", "--calib", "{calib}", "-o", "{out}"], 3, "no MoE layer found"),
         (["compile", "{model}", "--calib", "{calib}", "-o", "{foreign}"], 3,
          "not a previous modec output"),
-        (["compile", "{model}", "--calib", "{calib}", "--target", "cuda", "-o", "{out}"], 2,
-         "cannot build MoE models for CUDA yet"),
+        (["compile", "{model}", "--calib", "{calib}", "--target", "tpu", "-o", "{out}"], 2,
+         "--target tpu: bad kernel target 'tpu'"),
     ],
 )  # fmt: skip
 def test_bad_input_one_line_and_exit_code(tiny_vlm, tmp_path, args, code, message):

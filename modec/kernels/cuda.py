@@ -163,8 +163,19 @@ def cuda_source(mod: tvm.IRModule, target: tvm.target.Target) -> str:
 def compile_fatbin(mod: tvm.IRModule, target: tvm.target.Target) -> bytes:
     """Generate CUDA source for `mod` and compile it with nvcc into a fatbin.
 
-    This wheel's `tvm.compile` keeps CUDA as source when TVM was built without the CUDA
-    runtime (it never calls the compile callback), so the nvcc step is explicit here.
+    TVM 0.27's `tvm.compile` keeps the CUDA kernels as source in the module (format
+    ``cuda``); its CUDA runtime compiles them when the module is loaded, through the
+    ``tvm_callback_cuda_compile`` global function. Without a GPU that never happens, so
+    this is the explicit nvcc step that proves the generated code compiles.
+
+    Raises:
+        RuntimeError: nvcc is not installed.
+    """
+    return fatbin_from_source(cuda_source(mod, target), target)
+
+
+def fatbin_from_source(src: str, target: tvm.target.Target) -> bytes:
+    """Compile CUDA C source that TVM generated for ``target`` into a fatbin with nvcc.
 
     Raises:
         RuntimeError: nvcc is not installed.
@@ -174,7 +185,6 @@ def compile_fatbin(mod: tvm.IRModule, target: tvm.target.Target) -> bytes:
     from tvm.support import nvcc
 
     arch = str(target.attrs.get("arch", "sm_90"))
-    src = cuda_source(mod, target)
     # nvcc.compile_cuda reads the compute version from the current target as well.
     with nvcc_compile_mode(), target:
         return bytes(nvcc.compile_cuda(src, target_format="fatbin", arch=arch, compiler="nvcc"))

@@ -443,24 +443,13 @@ def _check_params(dm: DenseModule, after: str) -> None:
 def compile_module(dm: DenseModule, target: TargetLike = "llvm") -> Any:
     """Phase 4: compile the module with `tvm.compile`; returns the VM executable.
 
-    For a CUDA target the remaining unscheduled PrimFuncs get dlight's GPU default
-    schedules first (build only: there is no GPU on the build machine).
+    For a CUDA target TVM's CUDA pipeline dispatches sort/top-k to its GPU kernels, then
+    legalizes and gives every PrimFunc not marked ``tirx.is_scheduled`` dlight's GPU default
+    schedule (build only: there is no GPU on the build machine).
     """
     tgt = resolve_target(target)
-    mod = dm.mod
     with tgt:
-        if is_cuda(tgt):
-            from tvm.s_tir import dlight
-
-            mod = relax.transform.LegalizeOps()(mod)
-            mod = dlight.ApplyDefaultSchedule(
-                dlight.gpu.Matmul(),
-                dlight.gpu.GEMV(),
-                dlight.gpu.Reduction(),
-                dlight.gpu.GeneralReduction(),
-                dlight.gpu.Fallback(),
-            )(mod)
-        return tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
+        return tvm.compile(dm.mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
 
 
 def _relax_pipeline(tgt: Any) -> Any:

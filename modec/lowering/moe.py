@@ -52,7 +52,7 @@ from tvm.script import tirx as T
 
 from modec.errors import InternalError, ModelError
 from modec.kernels import grouped_moe
-from modec.kernels.target import TargetLike, resolve_target
+from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.lowering.dense import DenseModule
 from modec.moe.canonical import is_moe_node
 from modec.moe.reference import MoEParams
@@ -173,15 +173,26 @@ def plan_layers(model: ir.Model, quantized: Any) -> list[LayerPlan]:
     return plans
 
 
-def sort_primfunc(num_experts: int, top_k: int, index_dtype: str = "int64") -> tirx.PrimFunc:
+def sort_primfunc(
+    num_experts: int, top_k: int, index_dtype: str = "int64", gpu: bool = False
+) -> tirx.PrimFunc:
     """The bookkeeping kernel: stable counting sort of (token, slot) pairs by expert rank.
 
     Arguments (destination-passing): ``experts [T, k]`` (``index_dtype``), ``rank [E]``
     int64; outputs ``tok [T·k]``, ``eid [T·k]``, ``inv [T·k]``, ``offsets [E + 1]``, all
-    int64 (see the module docstring). Serial: O(T·k + E), negligible next to the kernels.
-    An out-of-range expert index is clamped (a wrong answer, never a crash).
+    int64 (see the module docstring). Serial: O(T·k + E), negligible next to the kernels on
+    a CPU. An out-of-range expert index is clamped (a wrong answer, never a crash).
+
+    With ``gpu`` the same serial code runs as one CUDA thread (one block of one thread, the
+    counters in registers/local memory): correct and deterministic, but a GPU thread walks
+    the T·k pairs far slower than a CPU core, so this is the first thing to parallelise
+    (a block-wide histogram and scan) once a GPU is there to measure it.
     """
     e_count, k = num_experts, top_k
+    scope = "local" if gpu else "global"
+
+    def launch(tag: str) -> Any:
+        return T.thread_binding(1, thread=tag) if gpu else T.serial(1)
 
     @T.prim_func(private=True, s_tir=False)
     def moe_sort(
@@ -198,25 +209,27 @@ def sort_primfunc(num_experts: int, top_k: int, index_dtype: str = "int64") -> t
         tok = T.match_buffer(var_tok, (t * k,), "int64")
         eid = T.match_buffer(var_eid, (t * k,), "int64")
         inv = T.match_buffer(var_inv, (t * k,), "int64")
-        cursor = T.alloc_buffer((e_count,), "int64")
-        for e in T.serial(e_count):
-            cursor[e] = T.int64(0)
-        for i in T.serial(t):
-            for j in T.serial(k):
-                ex = T.max(T.min(T.Cast("int64", experts[i, j]), e_count - 1), 0)
-                cursor[rank[ex]] = cursor[rank[ex]] + T.int64(1)
-        offsets[0] = T.int64(0)
-        for r in T.serial(e_count):
-            offsets[r + 1] = offsets[r] + cursor[r]
-            cursor[r] = offsets[r]
-        for i in T.serial(t):
-            for j in T.serial(k):
-                ex = T.max(T.min(T.Cast("int64", experts[i, j]), e_count - 1), 0)
-                pos = cursor[rank[ex]]
-                tok[pos] = i
-                eid[pos] = ex
-                inv[i * k + j] = pos
-                cursor[rank[ex]] = pos + T.int64(1)
+        for _bx in launch("blockIdx.x"):
+            for _tx in launch("threadIdx.x"):
+                cursor = T.alloc_buffer((e_count,), "int64", scope=scope)
+                for e in T.serial(e_count):
+                    cursor[e] = T.int64(0)
+                for i in T.serial(t):
+                    for j in T.serial(k):
+                        ex = T.max(T.min(T.Cast("int64", experts[i, j]), e_count - 1), 0)
+                        cursor[rank[ex]] = cursor[rank[ex]] + T.int64(1)
+                offsets[0] = T.int64(0)
+                for r in T.serial(e_count):
+                    offsets[r + 1] = offsets[r] + cursor[r]
+                    cursor[r] = offsets[r]
+                for i in T.serial(t):
+                    for j in T.serial(k):
+                        ex = T.max(T.min(T.Cast("int64", experts[i, j]), e_count - 1), 0)
+                        pos = cursor[rank[ex]]
+                        tok[pos] = i
+                        eid[pos] = ex
+                        inv[i * k + j] = pos
+                        cursor[rank[ex]] = pos + T.int64(1)
 
     return moe_sort
 
@@ -241,6 +254,10 @@ class MoELowering:
     kernels: list[list[tuple[str, int, int]]] = field(default_factory=list)
     _funcs: dict[tuple[Any, ...], relax.GlobalVar] = field(default_factory=dict)
     _next: int = 0
+
+    @property
+    def _gpu(self) -> bool:
+        return is_cuda(resolve_target(self.target))
 
     # ------------------------------------------------------------------ parameters
 
@@ -298,6 +315,8 @@ class MoELowering:
     def _func(self, bb: relax.BlockBuilder, key: tuple[Any, ...], make: Any, name: str) -> Any:
         if key not in self._funcs:
             func = make().with_attr("global_symbol", name).with_attr("op_pattern", 8)
+            if self._gpu:  # already bound to threads: dlight's default schedules skip it
+                func = func.with_attr("tirx.is_scheduled", True)
             self._funcs[key] = bb.add_func(func, name)
         return self._funcs[key]
 
@@ -421,7 +440,7 @@ class MoELowering:
         sort = self._func(
             bb,
             ("sort", e_count, k),
-            lambda: sort_primfunc(e_count, k),
+            lambda: sort_primfunc(e_count, k, gpu=self._gpu),
             f"modec_moe_sort_e{e_count}_k{k}",
         )
         idx = relax.TensorType([rows], "int64")
@@ -444,9 +463,14 @@ class MoELowering:
         ]
         launches: list[tuple[str, int, int]] = []
 
+        # The CUDA kernels take and return fp16 (fp32 accumulation); the CPU kernels fp32.
+        act = "float16" if self._gpu else "float32"
+
         def project(proj: str, inp: Any, n: int) -> Any:
             y: Any = None
-            out_ty = relax.TensorType([rows, n], "float32")
+            out_ty = relax.TensorType([rows, n], act)
+            if act != "float32":
+                inp = bb.emit(relax.op.astype(inp, act))
             for g, ip in zip(plan.groups, indptr, strict=True):
                 pw = g.packed[proj]
                 base = f"{pre}.{proj}.w{g.bits}"
@@ -460,6 +484,8 @@ class MoELowering:
                 else:
                     y = bb.emit(relax.call_tir_inplace(gv, [*args, y], 5, out_ty))
                 launches.append((proj, g.bits, len(g.experts)))
+            if act != "float32":
+                y = bb.emit(relax.op.astype(y, "float32"))
             bias = {"gate": p.gate_bias, "up": p.up_bias, "down": p.down_bias}[proj]
             if bias is not None:
                 b = self._param(f"{pre}.{proj}.bias", bias)
