@@ -6,7 +6,9 @@ Per shape (N, K) and M in {1, 16, 64}, per width: modec TVM kernel (GEMV for M=1
 GEMM otherwise) vs onnxruntime com.microsoft::MatMulNBits (same group size), onnxruntime fp32
 MatMul and numpy fp32 matmul on the dequantized weight; and the bandwidth bound = packed bytes
 ÷ DRAM read rate, where the read rate is onnxruntime's fp32 GEMV streaming 1 GiB of weights.
-The DRAM section runs each kernel as one wide GEMV (K=2048) over >= 1 GiB of packed weights,
+The grouped section times the MoE kernel (E experts of one width, token ranges from an
+indptr) against E calls of the dense kernel doing the same work. The DRAM section runs each
+kernel as one wide GEMV (K=2048) over >= 1 GiB of packed weights,
 so nothing stays in the last-level cache. Times are medians of 7 runs, in microseconds.
 """
 
@@ -124,25 +126,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="only the paper shapes and M=1")
     ap.add_argument("--no-dram", action="store_true", help="skip the 1 GiB streaming section")
+    ap.add_argument(
+        "--sections", default="dense,grouped,dram",
+        help="comma-separated sections to run: dense, grouped, dram (default: all)",
+    )  # fmt: skip
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if args.no_dram:
+        sections.discard("dram")
+    if sections - {"dense", "grouped", "dram"}:
+        ap.error(f"--sections: unknown {sorted(sections - {'dense', 'grouped', 'dram'})}")
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
     from threadpoolctl import threadpool_info, threadpool_limits
 
     threadpool_limits(THREADS)
+    blas = [(i.get("internal_api"), i.get("architecture")) for i in threadpool_info()]
+    print(f"# threads={THREADS} blas={blas} load={os.getloadavg()}")
+    bw = dram_read_rate()
+    print(f"# DRAM read rate (onnxruntime fp32 GEMV over 1 GiB): {bw / 1e9:.2f} GB/s")
+    rng = np.random.default_rng(0)
+    shapes = SHAPES[2:] if args.quick else SHAPES
+    ms = (1,) if args.quick else (1, 16, 64)
+    if "dense" in sections:
+        dense_table(rng, shapes, ms, bw)
+    if "grouped" in sections:
+        grouped_table(rng)
+    if "dram" in sections:
+        dram_table(rng, bw)
+
+
+def dense_table(rng: np.random.Generator, shapes: list[tuple[int, int]], ms: tuple[int, ...],
+                bw: float) -> None:  # fmt: skip
+    """The per-shape table: modec vs MatMulNBits, onnxruntime fp32, numpy, the bound."""
     import tvm
 
     from modec.kernels import build_dequant_matmul
     from modec.numerics.packing import dequantize, pack
     from modec.numerics.schemes import QuantScheme
 
-    blas = [(i.get("internal_api"), i.get("architecture")) for i in threadpool_info()]
-    print(f"# threads={THREADS} blas={blas} load={os.getloadavg()}")
-    bw = dram_read_rate()
-    print(f"# DRAM read rate (onnxruntime fp32 GEMV over 1 GiB): {bw / 1e9:.2f} GB/s")
-    rng = np.random.default_rng(0)
     dev = tvm.cpu()
-    shapes = SHAPES[2:] if args.quick else SHAPES
-    ms = (1,) if args.quick else (1, 16, 64)
     print(
         "| N | K | M | bits | modec µs | MatMulNBits µs | ORT fp32 µs | numpy fp32 µs | "
         "bound µs | NBits/modec | fp32/modec | bound/modec |"
@@ -187,8 +209,61 @@ def main() -> None:
                     f"{t_fp32 / t_modec:.2f} | {bound / t_modec:.2f} |",
                     flush=True,
                 )
-    if args.no_dram:
-        return
+
+
+def grouped_table(rng: np.random.Generator) -> None:
+    """The grouped MoE kernel against one dense kernel call per expert (same total work)."""
+    import tvm
+
+    from modec.kernels import build_dequant_matmul, build_grouped_moe_matmul
+    from modec.numerics.packing import codes_shape, params_shape
+    from modec.numerics.schemes import QuantScheme
+
+    dev = tvm.cpu()
+    print("\n## Grouped MoE kernel (E experts of one width, `tok` tokens each)")
+    print("| N | K | bits | E | tok | grouped µs | E x dense µs | dense/grouped |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, k in SHAPES[2:]:
+        for bits in WIDTHS:
+            s = QuantScheme(bits, GROUP)
+            for e, tok in ((4, 1), (1, 16), (4, 16), (1, 64)):
+                codes = rng.integers(0, 2**32, (e, *codes_shape(n, k, s)), dtype=np.uint32)
+                sc = (rng.random((e, *params_shape(n, k, s))) * 0.02).astype(np.float16)
+                zs = rng.integers(0, s.qmax + 1, (e, *params_shape(n, k, s)), dtype=np.uint8)
+                x = rng.standard_normal((e * tok, k)).astype(np.float32)
+                indptr = np.arange(e + 1, dtype=np.int64) * tok
+                grouped = build_grouped_moe_matmul(s, n, k, e)
+                gargs = [tvm.runtime.tensor(a, dev) for a in (x, indptr, codes, sc, zs)]
+                gargs.append(tvm.runtime.empty((e * tok, n), "float32", dev))
+                t_g = timeit(functools.partial(grouped.run, *gargs))
+                dense = build_dequant_matmul(s, n, k, m=1 if tok == 1 else None)
+                calls = []
+                for i in range(e):
+                    a = [x[i * tok : (i + 1) * tok], codes[i], sc[i], zs[i]]
+                    targs = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in a]
+                    targs.append(tvm.runtime.empty((tok, n), "float32", dev))
+                    calls.append(functools.partial(dense.run, *targs))
+                t_d = timeit(functools.partial(_run_all, calls))
+                print(
+                    f"| {n} | {k} | {bits} | {e} | {tok} | {t_g * 1e6:.1f} | "
+                    f"{t_d * 1e6:.1f} | {t_d / t_g:.2f} |",
+                    flush=True,
+                )
+
+
+def _run_all(calls: list[Callable[[], Any]]) -> None:
+    for call in calls:
+        call()
+
+
+def dram_table(rng: np.random.Generator, bw: float) -> None:
+    """One wide GEMV per width over >= 1 GiB of packed weights (DRAM-bound)."""
+    import tvm
+
+    from modec.kernels import build_dequant_matmul
+    from modec.numerics.schemes import QuantScheme
+
+    dev = tvm.cpu()
     print("\n## DRAM-streaming GEMV (M=1, K=2048, >= 1 GiB of packed weights per call)")
     print("| bits | N | packed GiB | modec ms | GB/s | bound ms | bound/modec | MatMulNBits ms |")
     print("|---|---|---|---|---|---|---|---|")
