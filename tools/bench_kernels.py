@@ -8,8 +8,9 @@ MatMul and numpy fp32 matmul on the dequantized weight; and the bandwidth bound 
 ÷ DRAM read rate, where the read rate is onnxruntime's fp32 GEMV streaming 1 GiB of weights.
 The grouped section times the MoE kernel (E experts of one width, token ranges from an
 indptr) against E calls of the dense kernel doing the same work. The DRAM section runs each
-kernel as one wide GEMV (K=2048) over >= 1 GiB of packed weights,
-so nothing stays in the last-level cache. Times are medians of 7 runs, in microseconds.
+kernel as one wide GEMV (K=2048) over >= 1 GiB of packed weights, so nothing stays in the
+last-level cache, and beside it an XOR-reduction of the same codes in the same order (the
+layout's read rate without decoding). Times are medians of 7 runs, in microseconds.
 """
 
 from __future__ import annotations
@@ -128,14 +129,16 @@ def main() -> None:
     ap.add_argument("--no-dram", action="store_true", help="skip the 1 GiB streaming section")
     ap.add_argument(
         "--sections", default="dense,grouped,dram",
-        help="comma-separated sections to run: dense, grouped, dram (default: all)",
+        help="comma-separated sections to run: dense, grouped, dram (default: all), and "
+        "decode (GEMV with and without in-place decoding, side by side; not in the default)",
     )  # fmt: skip
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     if args.no_dram:
         sections.discard("dram")
-    if sections - {"dense", "grouped", "dram"}:
-        ap.error(f"--sections: unknown {sorted(sections - {'dense', 'grouped', 'dram'})}")
+    known = {"dense", "grouped", "dram", "decode"}
+    if sections - known:
+        ap.error(f"--sections: unknown {sorted(sections - known)}; choose from {sorted(known)}")
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
     from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -153,6 +156,8 @@ def main() -> None:
         grouped_table(rng)
     if "dram" in sections:
         dram_table(rng, bw)
+    if "decode" in sections:
+        decode_table(rng)
 
 
 def dense_table(rng: np.random.Generator, shapes: list[tuple[int, int]], ms: tuple[int, ...],
@@ -237,7 +242,7 @@ def grouped_table(rng: np.random.Generator) -> None:
                 gargs.append(tvm.runtime.empty((e * tok, n), "float32", dev))
                 t_g = timeit(functools.partial(grouped.run, *gargs))
                 dense = build_dequant_matmul(s, n, k, m=1 if tok == 1 else None)
-                calls = []
+                calls: list[Callable[[], Any]] = []
                 for i in range(e):
                     a = [x[i * tok : (i + 1) * tok], codes[i], sc[i], zs[i]]
                     targs = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in a]
@@ -251,6 +256,47 @@ def grouped_table(rng: np.random.Generator) -> None:
                 )
 
 
+def decode_table(rng: np.random.Generator) -> None:
+    """The GEMV with shift-and-subtract decoding against in-place decoding, side by side."""
+    import tvm
+
+    from modec.kernels import dequant_matmul
+    from modec.kernels.target import resolve_target
+    from modec.numerics.packing import codes_shape, params_shape
+    from modec.numerics.schemes import QuantScheme
+
+    dev, tgt = tvm.cpu(), resolve_target("llvm")
+    print("\n## GEMV decode: shift + magic-float subtract vs in place (CPU_GEMV_IN_PLACE)")
+    print("| N | K | bits | shift µs | in place µs | speed-up |")
+    print("|---|---|---|---|---|---|")
+    default = dequant_matmul.CPU_GEMV_IN_PLACE
+    try:
+        for n, k in SHAPES[2:]:
+            for bits in WIDTHS:
+                s = QuantScheme(bits, GROUP)
+                a = [
+                    rng.standard_normal((1, k)).astype(np.float32),
+                    rng.integers(0, 2**32, codes_shape(n, k, s), dtype=np.uint32),
+                    (rng.random(params_shape(n, k, s)) * 0.02).astype(np.float16),
+                    rng.integers(0, s.qmax + 1, params_shape(n, k, s), dtype=np.uint8),
+                ]
+                targs = [tvm.runtime.tensor(v, dev) for v in a]
+                targs.append(tvm.runtime.empty((1, n), "float32", dev))
+                times = []
+                for in_place in (False, True):
+                    dequant_matmul.CPU_GEMV_IN_PLACE = in_place
+                    mod = dequant_matmul.primfunc(s, n, k, tgt, m=1)
+                    kern = tvm.compile(mod, target=tgt)
+                    times.append(timeit(functools.partial(kern, *targs)))
+                print(
+                    f"| {n} | {k} | {bits} | {times[0] * 1e6:.1f} | {times[1] * 1e6:.1f} | "
+                    f"{times[0] / times[1]:.2f} |",
+                    flush=True,
+                )
+    finally:
+        dequant_matmul.CPU_GEMV_IN_PLACE = default
+
+
 def _run_all(calls: list[Callable[[], Any]]) -> None:
     for call in calls:
         call()
@@ -261,19 +307,21 @@ def dram_table(rng: np.random.Generator, bw: float) -> None:
     import tvm
 
     from modec.kernels import build_dequant_matmul
+    from modec.numerics.packing import codes_shape, params_shape
     from modec.numerics.schemes import QuantScheme
 
     dev = tvm.cpu()
     print("\n## DRAM-streaming GEMV (M=1, K=2048, >= 1 GiB of packed weights per call)")
-    print("| bits | N | packed GiB | modec ms | GB/s | bound ms | bound/modec | MatMulNBits ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| bits | N | packed GiB | modec ms | GB/s | bound ms | bound/modec | MatMulNBits ms "
+        "| layout read GB/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     k = 2048
     x = rng.standard_normal((1, k)).astype(np.float32)
     for bits in WIDTHS:
         s = QuantScheme(bits, GROUP)
         n = int(np.ceil(GIB * 8 / (k * bits) / 16) * 16)
-        from modec.numerics.packing import codes_shape, params_shape
-
         # Every uint32 pattern is a valid packing, so random words stand for packed codes.
         codes = rng.integers(0, 2**32, codes_shape(n, k, s), dtype=np.uint32)
         sc = (rng.random(params_shape(n, k, s)) * 0.02).astype(np.float16)
@@ -284,6 +332,9 @@ def dram_table(rng: np.random.Generator, bw: float) -> None:
         targs.append(tvm.runtime.empty((1, n), "float32", dev))
         del codes
         t = timeit(functools.partial(kern.run, *targs), runs=7, min_s=0.0)
+        read = layout_read_kernel(codes_shape(n, k, s))
+        out = tvm.runtime.empty((codes_shape(n, k, s)[0] // READ_TILE, 16), "uint32", dev)
+        t_read = timeit(functools.partial(read, targs[1], out), runs=7, min_s=0.0)
         del targs
         t_nb_s = "n/a"
         if bits == 4:
@@ -297,9 +348,49 @@ def dram_table(rng: np.random.Generator, bw: float) -> None:
             del nb
         print(
             f"| {bits} | {n} | {nbytes / GIB:.2f} | {t * 1e3:.1f} | {nbytes / t / 1e9:.2f} | "
-            f"{nbytes / bw * 1e3:.1f} | {nbytes / bw / t:.2f} | {t_nb_s} |",
+            f"{nbytes / bw * 1e3:.1f} | {nbytes / bw / t:.2f} | {t_nb_s} | "
+            f"{nbytes / t_read / 1e9:.2f} |",
             flush=True,
         )
+
+
+#: Row blocks per thread tile of `layout_read_kernel` (the GEMV's `CPU_NI`).
+READ_TILE = 4
+
+
+def layout_read_kernel(shape: tuple[int, ...]) -> Any:
+    """XOR-reduce packed codes [nb, kb, bits, 16] in the GEMV's access order, no decode.
+
+    Threads over tiles of `READ_TILE` row blocks; per k-block, every row block's `bits` words
+    of 16 lanes. Its read rate is what the GEMV could reach if decoding were free: the
+    layout's own limit, separate from the decode cost.
+    """
+    import tvm
+    from tvm.script import tirx as T
+
+    from modec.kernels.target import resolve_target
+
+    nb, kb, bits, lanes = shape
+    tiles = nb // READ_TILE
+
+    @T.prim_func(s_tir=False)
+    def read(
+        codes: T.Buffer((nb, kb, bits, lanes), "uint32"),  # type: ignore[valid-type]
+        out: T.Buffer((tiles, lanes), "uint32"),  # type: ignore[valid-type]
+    ) -> None:
+        for tb in T.parallel(tiles):
+            acc = T.alloc_buffer((lanes,), "uint32", scope="local")
+            for lane in T.vectorized(lanes):
+                acc[lane] = T.uint32(0)
+            for blk in T.serial(kb):
+                for ri in T.unroll(READ_TILE):
+                    for w in T.unroll(bits):
+                        for lane in T.vectorized(lanes):
+                            acc[lane] = acc[lane] ^ codes[tb * READ_TILE + ri, blk, w, lane]
+            for lane in T.vectorized(lanes):
+                out[tb, lane] = acc[lane]
+
+    return tvm.compile(read, target=resolve_target("llvm"))
 
 
 if __name__ == "__main__":

@@ -48,3 +48,34 @@ def magic_float(code_u32: tirx.PrimExpr) -> tirx.PrimExpr:
 def centered(code_u32: tirx.PrimExpr, zero_u8: tirx.PrimExpr) -> tirx.PrimExpr:
     """float32(q - z), exact, from a uint32 code and a uint8 zero point."""
     return magic_float(code_u32) - magic_float(tirx.Cast("uint32", zero_u8))
+
+
+def code_in_place(load_word: Any, j: Any, bits: int) -> tirx.PrimExpr:
+    """Code j of a block left where it sits in its word: ``q · 2^off`` as uint32.
+
+    One AND with a constant mask (once the j loop is unrolled) instead of shift + mask; the
+    caller multiplies the activation by ``2^-off`` (`in_place_shift`) once per k, which is
+    exact. Codes that straddle two words (3-bit) are assembled by `code_expr` (offset 0).
+    """
+    u32 = "uint32"
+    pos = j * bits
+    off = tirx.Cast(u32, tirx.floormod(pos, 32))
+    mask = tirx.shift_left(tirx.const((1 << bits) - 1, u32), off)
+    v = load_word(tirx.floordiv(pos, 32)) & mask
+    if 32 % bits == 0:
+        return v
+    straddles = off + tirx.const(bits, u32) > tirx.const(32, u32)
+    return tirx.Select(straddles, code_expr(load_word, j, bits), v)
+
+
+def in_place_shift(j: Any, bits: int) -> tirx.PrimExpr:
+    """The bit offset (int32) at which `code_in_place` leaves code j."""
+    off = tirx.floormod(j * bits, 32)
+    if 32 % bits == 0:
+        return off
+    return tirx.Select(off + bits > 32, 0, off)
+
+
+def pow2_neg(e: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2^-e as float32, exactly, for 0 <= e <= 31 (built from the exponent bits)."""
+    return tirx.reinterpret("float32", tirx.Cast("uint32", 127 - e) << tirx.const(23, "uint32"))
