@@ -73,3 +73,16 @@ def test_primfunc_signature_for_call_tir() -> None:
     assert [int(d) for d in bufs[2].shape] == [3, 4, 16]
     assert str(bufs[0].shape[0]) == "m" and int(bufs[0].shape[1]) == 200
     assert int(bufs[4].shape[1]) == 37
+
+
+@pytest.mark.parametrize("bits", (3, 4))
+def test_row_blocks_not_a_multiple_of_the_thread_tile(bits: int) -> None:
+    """N = 70: 5 row blocks of 16, a partial GEMV tile (4) and GEMM tile (2), padded."""
+    scheme = QuantScheme(bits, 32)
+    pw = random_packed(bits + 70, scheme, 70, 96)
+    rng = np.random.default_rng(70)
+    for m in (1, None):
+        kernel = build_dequant_matmul(scheme, 70, 96, m=m)
+        for rows in (1,) if m == 1 else (1, 6):
+            x = rng.standard_normal((rows, 96)).astype(np.float32)
+            assert_close(kernel(x, pw), reference_matmul(x, pw))
