@@ -8,7 +8,8 @@ size, KiB), median of ``--runs``:
 1. ``modec compile`` to quantized weights (``--target none``) and with the TVM lowering
    (``--target llvm``), no cache, so the calibration and sensitivity passes run;
 2. inference on the compiled artifact, batch 1 and batch 16 of the evaluation set: the
-   Python runtime (`modec.runtime`), the C++ example app (`runtime/examples/modec_run`,
+   Python runtime (`modec.runtime`; also with ``import torch`` made to fail, as on a machine
+   without PyTorch), the C++ example app (`runtime/examples/modec_run`,
    built with CMake into ``build/runtime``), and onnxruntime on the fp32 ONNX model;
 3. the bare interpreter with the imports each Python run needs, so that the model's own
    share can be read off.
@@ -47,6 +48,10 @@ s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 z = np.load(sys.argv[2])
 s.run(None, {k: z[k] for k in z.files})
 """
+# tvm_ffi imports torch whenever it is installed (a workaround for a symbol clash on
+# Windows), which costs ~200 MiB; a deployment without PyTorch does not pay it. This variant
+# makes `import torch` fail first, as it does there.
+_PY_RUNTIME_NO_TORCH = "import sys\nsys.modules['torch'] = None\n" + _PY_RUNTIME
 _IMPORT_RUNTIME = "import numpy, modec.runtime"
 _IMPORT_ORT = "import numpy, onnxruntime"
 
@@ -109,6 +114,9 @@ def main() -> None:
             np.savez(npz, **arrays)
             run_py = [py, "-c", _PY_RUNTIME, str(artifact), str(npz)]
             rows.append((f"Python runtime, batch {batch}", peak_kib(run_py, args.runs)))
+            run_py = [py, "-c", _PY_RUNTIME_NO_TORCH, str(artifact), str(npz)]
+            rows.append((f"Python runtime, batch {batch}, PyTorch not installed",
+                         peak_kib(run_py, args.runs)))  # fmt: skip
             if cxx is not None:
                 npys = []
                 for k, v in feeds.items():

@@ -62,24 +62,20 @@ class Session:
     """A loaded artifact; `run` maps input arrays by ONNX name to output arrays."""
 
     def __init__(self, path: Path, manifest: Manifest, device: str) -> None:
-        import tvm
-        from tvm import relax
+        from modec.runtime._tvm import Runtime
 
         self.path = path
         self.manifest = manifest
-        self._dev = tvm.cpu() if device == "cpu" else tvm.cuda()
         weights = _load_weights(path / WEIGHTS, manifest.params)
+        self._rt = Runtime(device)
         try:
-            lib = tvm.runtime.load_module(str(path / LIBRARY))
-            self._vm = relax.VirtualMachine(lib, self._dev)
-            self._main = self._vm[manifest.entry]
+            self._main = self._rt.load_vm(path / LIBRARY, manifest.entry)
         except Exception as exc:  # TVM raises its own error types; say what to do
             raise ModelError(
                 f"cannot load {path / LIBRARY} ({str(exc).strip().splitlines()[-1]}); rebuild "
                 f"the artifact with TVM {manifest.tvm_version or '?'}"
             ) from exc
-        self._params = [tvm.runtime.tensor(w, self._dev) for w in weights]
-        self._tensor = tvm.runtime.tensor
+        self._params = [self._rt.tensor(w) for w in weights]
         logger.info("loaded %s: %d params", path, len(weights))
 
     @property
@@ -143,15 +139,15 @@ class Session:
             BadInputError: wrong names, dtype, rank or dims.
         """
         arrays = self._check(inputs)
-        args = [self._tensor(a, self._dev) for a in arrays]
+        args = [self._rt.tensor(a) for a in arrays]
         res: Any = self._main(*args, *self._params)
-        results = [res] if hasattr(res, "numpy") else list(res)
+        results = [res] if hasattr(res, "shape") else list(res)
         if len(results) != len(self.outputs):
             raise ModelError(
                 f"{self.path / LIBRARY} returned {len(results)} outputs, the manifest lists "
                 f"{len(self.outputs)}; the artifact is inconsistent, rebuild it"
             )
-        return {s.name: r.numpy() for s, r in zip(self.outputs, results, strict=True)}
+        return {s.name: self._rt.numpy(r) for s, r in zip(self.outputs, results, strict=True)}
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu") -> Session:

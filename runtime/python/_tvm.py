@@ -1,0 +1,97 @@
+"""The TVM runtime without the TVM compiler: ``libtvm_runtime`` driven through ``tvm_ffi``.
+
+``import tvm`` maps the whole compiler (``libtvm_compiler.so``, ~160 MiB resident) into the
+process although running an artifact needs only the runtime library the C++ runtime links
+too. This module loads ``libtvm_runtime.so`` (and ``libtvm_runtime_extra.so``, which holds
+``tvm.contrib.sort.topk`` for the routers) from the installed ``tvm`` package without
+importing it, then uses the runtime's own global functions to load the Relax VM executable,
+allocate tensors on the device and copy to and from numpy.
+
+CUDA: TVM 0.27 keeps CUDA kernels as source in ``model.so`` and compiles them when the
+module is loaded, through ``tvm_callback_cuda_compile``, which only the Python ``tvm``
+package registers; for a CUDA device `load_libraries` therefore imports ``tvm`` as well.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modec.errors import ModelError
+
+#: DLPack device type codes.
+DEVICE_TYPES = {"cpu": 1, "cuda": 2}
+#: The VM's allocator kind: 2 = pooled (what `tvm.relax.VirtualMachine` uses by default).
+POOLED_ALLOCATOR = 2
+
+_loaded: set[str] = set()
+
+
+def _library_dir() -> Path:
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or spec.origin is None:
+        raise ModelError("the TVM runtime is not installed; pip install apache-tvm")
+    return Path(spec.origin).parent / "lib"
+
+
+def load_libraries(device: str) -> None:
+    """Make the TVM runtime (and its CUDA module for ``device == "cuda"``) available."""
+    names = ["libtvm_runtime.so", "libtvm_runtime_extra.so"]
+    if device == "cuda":
+        names.append("libtvm_runtime_cuda.so")
+    libdir = _library_dir()
+    for name in names:
+        if name in _loaded:
+            continue
+        path = libdir / name
+        try:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise ModelError(
+                f"cannot load the TVM runtime library {path} ({exc}); reinstall apache-tvm"
+                + (" on a machine with the CUDA driver" if device == "cuda" else "")
+            ) from exc
+        _loaded.add(name)
+    if device == "cuda":
+        import tvm  # noqa: F401  (registers tvm_callback_cuda_compile, see module docstring)
+
+
+class Runtime:
+    """The runtime's tensor functions on one device."""
+
+    def __init__(self, device: str) -> None:
+        import tvm_ffi
+
+        load_libraries(device)
+        self.device = tvm_ffi.device(device, 0)
+        self.device_type = DEVICE_TYPES[device]
+        self._ffi = tvm_ffi
+        self._alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+        self._copy_from = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
+        self._copy_to = tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")
+
+    def tensor(self, a: np.ndarray) -> Any:
+        """A device tensor holding a copy of ``a`` (aligned as the kernels expect)."""
+        a = np.ascontiguousarray(a)
+        t = self._alloc(self._ffi.Shape(a.shape), self._ffi.dtype(str(a.dtype)), self.device, None)
+        self._copy_from(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
+        return t
+
+    def numpy(self, t: Any) -> np.ndarray:
+        """A numpy copy of a tensor the VM returned."""
+        out = np.empty(tuple(int(d) for d in t.shape), dtype=str(t.dtype))
+        self._copy_to(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+        return out
+
+    def load_vm(self, library: Path, entry: str) -> Any:
+        """Load ``model.so``'s Relax VM executable on the device; return its ``entry``."""
+        vm = self._ffi.load_module(str(library))["vm_load_executable"]()
+        init = [self.device_type, 0, POOLED_ALLOCATOR]
+        if self.device_type != DEVICE_TYPES["cpu"]:
+            init += [DEVICE_TYPES["cpu"], 0, POOLED_ALLOCATOR]  # the host, for shape functions
+        vm["vm_initialization"](*init)
+        return vm[entry]
