@@ -28,6 +28,25 @@ def test_run_matches_onnxruntime(tiny_artifact: Path) -> None:
         np.testing.assert_allclose(out["logits"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def test_runtime_does_not_load_the_tvm_compiler(tiny_artifact: Path) -> None:
+    """A fresh process loads and runs the artifact with libtvm_runtime only, no `import tvm`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, modec.runtime as rt\n"
+        "from modec.lowering.tiny_model import TinyConfig, tiny_inputs\n"
+        "out = rt.load(sys.argv[1]).run(tiny_inputs(TinyConfig(), 1, 5))\n"
+        "assert np.isfinite(out['logits']).all()\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('tvm' in sys.modules, 'libtvm_compiler' in maps, 'libtvm_runtime.so' in maps)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_artifact)], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False", "True"]
+
+
 def test_manifest_contents(tiny_artifact: Path) -> None:
     m = read_manifest(tiny_artifact)
     assert [s.name for s in m.inputs] == ["input_ids", "attention_mask"]
