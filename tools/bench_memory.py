@@ -20,7 +20,6 @@ Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from modec import data
+from tools.cxx import build_modec_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME = "/usr/bin/time"
@@ -67,18 +67,6 @@ def peak_kib(cmd: list[str], runs: int) -> float:
     return statistics.median(out)
 
 
-def build_cxx() -> Path | None:
-    """The C++ example app, built with CMake if needed (None without cmake / g++)."""
-    if shutil.which("cmake") is None or shutil.which("g++") is None:
-        return None
-    build = ROOT / "build" / "runtime"
-    cfg = ["cmake", "-S", str(ROOT / "runtime"), "-B", str(build),
-           "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}"]  # fmt: skip
-    subprocess.run(cfg, check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
-    return build / "modec_run"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="examples/digits-vlm/model.onnx")
@@ -101,7 +89,7 @@ def main() -> None:
             rows.append((f"`modec compile --target {target}` (no cache)", kib))
         artifact = tmp / "out-llvm"
         ds = data.load(args.eval)
-        cxx = build_cxx()
+        cxx = build_modec_run(ROOT / "build" / "runtime")
         rows.append(("interpreter + `import numpy, modec.runtime`",
                      peak_kib([py, "-c", _IMPORT_RUNTIME], args.runs)))  # fmt: skip
         rows.append(("interpreter + `import numpy, onnxruntime`",

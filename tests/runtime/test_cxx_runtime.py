@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import modec.runtime as rt
 from modec.artifact import MANIFEST, WEIGHTS
 from modec.lowering.tiny_model import TinyConfig, tiny_inputs
+from tools.cxx import build_modec_run
 
 pytestmark = pytest.mark.cxx
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,16 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def modec_run() -> Path:
-    if shutil.which("cmake") is None or shutil.which("g++") is None:
+    app = build_modec_run(ROOT / "build" / "runtime-test")
+    if app is None:
         pytest.skip("cmake or g++ not installed")
-    build = ROOT / "build" / "runtime-test"
-    cfg = [
-        "cmake", "-S", str(ROOT / "runtime"), "-B", str(build),
-        "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}",
-    ]  # fmt: skip
-    subprocess.run(cfg, check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
-    return build / "modec_run"
+    return app
 
 
 def _inputs(tmp: Path, batch: int, seq: int) -> tuple[dict[str, np.ndarray], list[str]]:
