@@ -243,7 +243,7 @@ class MoELowering:
 
     Attributes:
         plans: one `LayerPlan` per MoE node, in graph order.
-        target: the compile target (CPU kernels only for now).
+        target: the compile target ("llvm", or CUDA: fp16 grouped kernels, one-thread sort).
         new_params: parameters created by the converter, name -> (Relax var, array).
         kernels: per layer, the grouped-kernel launches as (projection, bits, E_w).
     """
