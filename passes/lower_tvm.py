@@ -17,6 +17,10 @@ Rules:
    layout, byte sizes of codes / scales / zeros per group and projection) and a
    ``pipeline`` section (the pipeline text from ``ctx.options["pipeline"]`` if the driver
    set it, and this pass's options).
+5. ``target`` is ``llvm`` (this CPU) or a CUDA target (`check_target` refuses anything else
+   before the driver's expensive passes). For CUDA the expert kernels take fp16 activations
+   (cast around each projection) and the routing sort runs as one GPU thread; see
+   docs/artifact.md for what can run such an artifact.
 """
 
 from __future__ import annotations
