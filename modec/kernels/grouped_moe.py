@@ -11,8 +11,12 @@ expressions are the same as the dense kernels' (`_decode`). Per thread tile of
 `NI` x 16 output rows, each expert's tokens are processed in tiles of `MT` rows with an
 MT x NI x 16 register tile (each decoded vector serves MT tokens); an expert with fewer
 than `MT` tokens (decode) takes a one-token path with NI_1 x 16 accumulators instead, so
-one token does not pay for MT. Rows outside every range (t >= indptr[E]) are left as they
-were; a caller that routes every token never has such rows.
+one token does not pay for MT. The one-token path decodes codes in place, like the dense
+GEMV (`_decode.code_in_place`): before the tile loop, each of its rows is pre-scaled by
+2^-offset and summed per group into a static (E·(MT-1), K) workspace, then every tile
+masks and converts codes against it and applies the zero point per group as z·Σx. Rows
+outside every range (t >= indptr[E]) are left as they were; a caller that routes every
+token never has such rows.
 
 PrimFunc arguments, in this order (destination-passing, for Relax `call_tir`):
 
@@ -40,7 +44,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from modec.kernels._decode import centered, code_expr
+from modec.kernels._decode import centered, code_expr, code_in_place, in_place_shift, pow2_neg
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.numerics.packing import BLOCK, LANES, padded_k, padded_n
 from modec.numerics.schemes import QuantScheme
@@ -80,6 +84,10 @@ def _cpu_primfunc(
         q = code_expr(lambda w: codes[e, b, g * kblocks + blk, w, lane], j, bits)
         return centered(q, zero[e, b, g, lane])
 
+    def qv(codes: Any, e: Any, b: Any, g: Any, blk: Any, j: Any, lane: Any) -> Any:
+        q = code_in_place(lambda w: codes[e, b, g * kblocks + blk, w, lane], j, bits)
+        return T.Cast("float32", q)
+
     @T.prim_func(private=True, s_tir=False)
     def grouped(
         var_x: T.handle,
@@ -93,6 +101,25 @@ def _cpu_primfunc(
         t = T.int64()
         x = T.match_buffer(var_x, (t, k), "float32")
         y = T.match_buffer(var_y, (t, n), "float32")
+        # One-token path inputs, once per call: every expert with fewer than MT tokens has
+        # its rows pre-scaled for in-place decoding (xs = x·2^-offset) and its group sums
+        # of x (xsum) in slots e·(MT-1) + token, a static (E·(MT-1), K) workspace.
+        xs = T.alloc_buffer((e_count * (mt - 1), kp), "float32")
+        xsum = T.alloc_buffer((e_count * (mt - 1), groups), "float32")
+        for e in T.serial(e_count):
+            t0 = T.Cast("int64", indptr[e])
+            cnt = T.Cast("int64", indptr[e + 1]) - t0
+            if cnt < mt:
+                for tt in T.serial(cnt):
+                    for g in T.serial(groups):
+                        xsum[e * (mt - 1) + tt, g] = T.float32(0)
+                        for kk in T.serial(gs):
+                            xs[e * (mt - 1) + tt, g * gs + kk] = xval(
+                                x, t0 + tt, g * gs + kk
+                            ) * pow2_neg(in_place_shift(kk % BLOCK, bits))
+                            xsum[e * (mt - 1) + tt, g] = xsum[e * (mt - 1) + tt, g] + xval(
+                                x, t0 + tt, g * gs + kk
+                            )
         for tb in T.parallel(n_tiles):
             acc = T.alloc_buffer((mt, tile * LANES), "float32", scope="local")
             part = T.alloc_buffer((mt, tile * LANES), "float32", scope="local")
@@ -151,7 +178,9 @@ def _cpu_primfunc(
                                             (tb * tile + rs * ni + ri) * LANES + lane,
                                         ] = acc[mi, ri * LANES + lane]
                 else:
-                    # One-token path (decode): NI_1 independent accumulators per token.
+                    # One-token path (decode): NI_1 independent accumulators per token; codes
+                    # masked in place (`code_in_place`) against the pre-scaled xs, the zero
+                    # point applied per group as z·Σx.
                     for rs in T.serial(tile // ni1):
                         for tt in T.serial(cnt):
                             for ri, lane in T.grid(ni1, LANES):
@@ -166,9 +195,10 @@ def _cpu_primfunc(
                                             for lane in T.vectorized(LANES):
                                                 part[0, ri * LANES + lane] = part[
                                                     0, ri * LANES + lane
-                                                ] + xval(x, t0 + tt, g * gs + blk * BLOCK + j) * qz(
+                                                ] + xs[
+                                                    e * (mt - 1) + tt, g * gs + blk * BLOCK + j
+                                                ] * qv(
                                                     codes,
-                                                    zero,
                                                     e,
                                                     T.min(tb * tile + rs * ni1 + ri, nb - 1),
                                                     g,
@@ -178,9 +208,19 @@ def _cpu_primfunc(
                                                 )
                                 for ri in T.serial(ni1):
                                     for lane in T.vectorized(LANES):
-                                        acc[0, ri * LANES + lane] = acc[
-                                            0, ri * LANES + lane
-                                        ] + part[0, ri * LANES + lane] * T.Cast(
+                                        acc[0, ri * LANES + lane] = acc[0, ri * LANES + lane] + (
+                                            part[0, ri * LANES + lane]
+                                            - T.Cast(
+                                                "float32",
+                                                zero[
+                                                    e,
+                                                    T.min(tb * tile + rs * ni1 + ri, nb - 1),
+                                                    g,
+                                                    lane,
+                                                ],
+                                            )
+                                            * xsum[e * (mt - 1) + tt, g]
+                                        ) * T.Cast(
                                             "float32",
                                             scale[
                                                 e,
