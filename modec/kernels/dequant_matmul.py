@@ -158,10 +158,10 @@ def _compute(
     return [x, codes, scale, zero, y], {"qz": wq, "part": part, "acc": acc, "Y": y}
 
 
-def _schedule_cpu_gemv(func: tirx.PrimFunc, n: int) -> tvm.IRModule:
+def _schedule_cpu_gemv(func: tirx.PrimFunc, ni: int) -> tvm.IRModule:
+    """``ni``: row blocks per thread tile (the rows `_compute` padded to)."""
     sch = tvm.s_tir.Schedule(func)
     sch.compute_inline(sch.get_sblock("qz"))
-    ni = min(CPU_NI, padded_n(n) // LANES)
     acc = sch.get_sblock("acc")
     i, row, g = sch.get_loops(acc)
     ro, ri, lane = sch.split(row, [None, ni, LANES])
@@ -190,9 +190,9 @@ def _schedule_cpu_gemv(func: tirx.PrimFunc, n: int) -> tvm.IRModule:
     return sch.mod
 
 
-def _schedule_cpu_gemm(func: tirx.PrimFunc, n: int) -> tvm.IRModule:
+def _schedule_cpu_gemm(func: tirx.PrimFunc, ni: int) -> tvm.IRModule:
+    """``ni``: row blocks per thread tile (the rows `_compute` padded to)."""
     sch = tvm.s_tir.Schedule(func)
-    ni = min(CPU_GEMM_NI, padded_n(n) // LANES)
     acc = sch.get_sblock("acc")
     i, row, g = sch.get_loops(acc)
     ro, ri, lane = sch.split(row, [None, ni, LANES])
@@ -259,7 +259,7 @@ def primfunc(
 
         mod = schedule_dequant_matmul(func, n, gemv=m == 1)
     elif m == 1:
-        mod = _schedule_cpu_gemv(func, n)
+        mod = _schedule_cpu_gemv(func, tile)
     else:
-        mod = _schedule_cpu_gemm(func, n)
+        mod = _schedule_cpu_gemm(func, tile)
     return mod

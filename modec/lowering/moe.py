@@ -38,6 +38,7 @@ The node's own initializers (the dequantized experts among them) become unused a
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -255,9 +256,13 @@ class MoELowering:
     _funcs: dict[tuple[Any, ...], relax.GlobalVar] = field(default_factory=dict)
     _next: int = 0
 
-    @property
+    @functools.cached_property
+    def _target(self) -> tvm.target.Target:
+        return resolve_target(self.target)
+
+    @functools.cached_property
     def _gpu(self) -> bool:
-        return is_cuda(resolve_target(self.target))
+        return is_cuda(self._target)
 
     # ------------------------------------------------------------------ parameters
 
@@ -324,10 +329,9 @@ class MoELowering:
         s = pw.scheme
         key = ("grouped", s.bits, s.group_size, pw.n, pw.k, e_w)
         name = f"modec_moe_{s.name}_n{pw.n}_k{pw.k}_e{e_w}"
-        tgt = resolve_target(self.target)
 
         def make() -> tirx.PrimFunc:
-            return grouped_moe.primfunc(s, pw.n, pw.k, e_w, tgt, "int64")["main"]
+            return grouped_moe.primfunc(s, pw.n, pw.k, e_w, self._target, "int64")["main"]
 
         return self._func(bb, key, make, name)
 
