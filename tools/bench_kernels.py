@@ -113,6 +113,22 @@ def ort_matmulnbits(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: in
     return ort_session(helper.make_model(g, opset_imports=ops))
 
 
+def random_packed_words(
+    rng: np.random.Generator, s: Any, n: int, k: int, lead: tuple[int, ...] = ()
+) -> list[np.ndarray]:
+    """Random packed codes, fp16 scales and zeros of an [*lead, N, K] weight in `n16k32`.
+
+    Every uint32 pattern is a valid packing, so random words stand for packed codes.
+    """
+    from modec.numerics.packing import codes_shape, params_shape
+
+    return [
+        rng.integers(0, 2**32, (*lead, *codes_shape(n, k, s)), dtype=np.uint32),
+        (rng.random((*lead, *params_shape(n, k, s))) * 0.02).astype(np.float16),
+        rng.integers(0, s.qmax + 1, (*lead, *params_shape(n, k, s)), dtype=np.uint8),
+    ]
+
+
 def dram_read_rate(trials: int = 3) -> float:
     """Bytes/s of onnxruntime's fp32 GEMV over a 1 GiB weight (K=2048, N=131072).
 
@@ -231,7 +247,6 @@ def grouped_table(rng: np.random.Generator) -> None:
     import tvm
 
     from modec.kernels import build_dequant_matmul, build_grouped_moe_matmul
-    from modec.numerics.packing import codes_shape, params_shape
     from modec.numerics.schemes import QuantScheme
 
     dev = tvm.cpu()
@@ -242,9 +257,7 @@ def grouped_table(rng: np.random.Generator) -> None:
         for bits in WIDTHS:
             s = QuantScheme(bits, GROUP)
             for e, tok in ((4, 1), (1, 16), (4, 16), (1, 64)):
-                codes = rng.integers(0, 2**32, (e, *codes_shape(n, k, s)), dtype=np.uint32)
-                sc = (rng.random((e, *params_shape(n, k, s))) * 0.02).astype(np.float16)
-                zs = rng.integers(0, s.qmax + 1, (e, *params_shape(n, k, s)), dtype=np.uint8)
+                codes, sc, zs = random_packed_words(rng, s, n, k, (e,))
                 x = rng.standard_normal((e * tok, k)).astype(np.float32)
                 indptr = np.arange(e + 1, dtype=np.int64) * tok
                 grouped = build_grouped_moe_matmul(s, n, k, e)
@@ -272,7 +285,6 @@ def decode_table(rng: np.random.Generator) -> None:
 
     from modec.kernels import dequant_matmul
     from modec.kernels.target import resolve_target
-    from modec.numerics.packing import codes_shape, params_shape
     from modec.numerics.schemes import QuantScheme
 
     dev, tgt = tvm.cpu(), resolve_target("llvm")
@@ -284,12 +296,8 @@ def decode_table(rng: np.random.Generator) -> None:
         for n, k in SHAPES[2:]:
             for bits in WIDTHS:
                 s = QuantScheme(bits, GROUP)
-                a = [
-                    rng.standard_normal((1, k)).astype(np.float32),
-                    rng.integers(0, 2**32, codes_shape(n, k, s), dtype=np.uint32),
-                    (rng.random(params_shape(n, k, s)) * 0.02).astype(np.float16),
-                    rng.integers(0, s.qmax + 1, params_shape(n, k, s), dtype=np.uint8),
-                ]
+                a = [rng.standard_normal((1, k)).astype(np.float32)]
+                a += random_packed_words(rng, s, n, k)
                 targs = [tvm.runtime.tensor(v, dev) for v in a]
                 targs.append(tvm.runtime.empty((1, n), "float32", dev))
                 times = []
@@ -317,7 +325,7 @@ def dram_table(rng: np.random.Generator, bw: float) -> None:
     import tvm
 
     from modec.kernels import build_dequant_matmul
-    from modec.numerics.packing import codes_shape, params_shape
+    from modec.numerics.packing import codes_shape
     from modec.numerics.schemes import QuantScheme
 
     dev = tvm.cpu()
@@ -332,10 +340,7 @@ def dram_table(rng: np.random.Generator, bw: float) -> None:
     for bits in WIDTHS:
         s = QuantScheme(bits, GROUP)
         n = int(np.ceil(GIB * 8 / (k * bits) / 16) * 16)
-        # Every uint32 pattern is a valid packing, so random words stand for packed codes.
-        codes = rng.integers(0, 2**32, codes_shape(n, k, s), dtype=np.uint32)
-        sc = (rng.random(params_shape(n, k, s)) * 0.02).astype(np.float16)
-        zs = rng.integers(0, s.qmax + 1, params_shape(n, k, s), dtype=np.uint8)
+        codes, sc, zs = random_packed_words(rng, s, n, k)
         nbytes = codes.nbytes + sc.nbytes + zs.nbytes
         kern = build_dequant_matmul(s, n, k, m=1)
         targs = [tvm.runtime.tensor(a, dev) for a in (x, codes, sc, zs)]
