@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modec.data import Dataset
+from modec.interrupt import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def store(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
     A cache that cannot be written (read-only or full disk) only costs a recomputation next
     time, so the failure is logged and the compile goes on.
     """
+    checkpoint()  # results of a step that was interrupted are not committed
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

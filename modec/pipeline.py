@@ -118,10 +118,14 @@ class PassContext:
 
     @contextmanager
     def bar(self, total: int, desc: str) -> Iterator[ProgressBar]:
-        """A progress bar for a long step (silent unless the caller installed a factory)."""
+        """A progress bar for a long step (silent unless the caller installed a factory).
+
+        Every tick is also an interrupt `checkpoint`, so a Ctrl-C that Python could not
+        raise where it landed stops a long step at its next tick, not at the end of the pass.
+        """
         bar = self.progress(total, desc) if self.progress else _NullBar()
         try:
-            yield bar
+            yield _InterruptibleBar(bar)
         finally:
             bar.close()
 
@@ -130,6 +134,18 @@ class ProgressBar(typing.Protocol):
     def update(self, n: int = 1) -> Any: ...
 
     def close(self) -> Any: ...
+
+
+class _InterruptibleBar:
+    def __init__(self, bar: ProgressBar) -> None:
+        self._bar = bar
+
+    def update(self, n: int = 1) -> Any:
+        checkpoint()
+        return self._bar.update(n)
+
+    def close(self) -> Any:
+        return self._bar.close()
 
 
 class _NullBar:

@@ -6,6 +6,7 @@ import signal
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -174,3 +175,23 @@ def test_pipeline_stops_between_passes_after_a_swallowed_sigint():
         p.run(_tiny_model(), ctx)
     assert ctx.stats["test-swallows-sigint"] == {"ran": True}
     assert "test-write-fact" not in ctx.stats
+
+
+def test_progress_tick_is_a_checkpoint_and_interrupted_results_are_not_cached(tmp_path):
+    from modec import cache
+
+    ticks: list[int] = []
+    entry = tmp_path / "sensitivity-x.npz"
+    ctx = pl.PassContext()
+    with catch_sigint(), pytest.raises(KeyboardInterrupt), ctx.bar(3, "work") as bar:
+        for i in range(3):
+            if i == 1:
+                _RaisesSigintWhenCollected()
+            ticks.append(i)
+            bar.update(1)
+    assert ticks == [0, 1]  # the tick after the swallowed SIGINT stopped the loop
+    with catch_sigint():
+        _RaisesSigintWhenCollected()
+        with pytest.raises(KeyboardInterrupt):
+            cache.store(entry, "key", {"a": np.zeros(2)})
+    assert not entry.exists() and list(tmp_path.iterdir()) == []
