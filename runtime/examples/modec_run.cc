@@ -38,13 +38,18 @@ bool Fail(std::string* err, const std::string& msg) {
   return false;
 }
 
-// Reads a C-order little-endian .npy (format 1.0 / 2.0).
+// Reads a C-order little-endian .npy (format 1.0 / 2.0 / 3.0). Every refusal is one line
+// "PATH: what is wrong".
 bool ReadNpy(const std::string& path, Npy* out, std::string* err) {
   std::ifstream f(path, std::ios::binary);
   if (!f) return Fail(err, path + ": cannot open");
   std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (all.size() < 10 || all.compare(0, 6, "\x93NUMPY") != 0) return Fail(err, path + ": not a .npy file");
+  if (all.size() < 6 || all.compare(0, 6, "\x93NUMPY") != 0) {
+    return Fail(err, path + ": not a .npy file (no \\x93NUMPY magic)");
+  }
+  if (all.size() < 10) return Fail(err, path + ": truncated header");
   int major = static_cast<uint8_t>(all[6]);
+  if (major < 1 || major > 3) return Fail(err, path + ": unsupported .npy format version " + std::to_string(major));
   size_t hlen, hstart;
   if (major == 1) {
     hlen = static_cast<uint8_t>(all[8]) | (static_cast<uint8_t>(all[9]) << 8);
@@ -55,39 +60,72 @@ bool ReadNpy(const std::string& path, Npy* out, std::string* err) {
     for (int i = 3; i >= 0; --i) hlen = (hlen << 8) | static_cast<uint8_t>(all[8 + i]);
     hstart = 12;
   }
-  if (hstart + hlen > all.size()) return Fail(err, path + ": truncated header");
+  if (hlen > all.size() - hstart) return Fail(err, path + ": truncated header");
   std::string h = all.substr(hstart, hlen);
+  // The text after "'key':" (empty when the key is absent).
   auto field = [&](const std::string& key) -> std::string {
     size_t p = h.find("'" + key + "'");
     if (p == std::string::npos) return "";
     p = h.find(':', p);
-    return p == std::string::npos ? "" : h.substr(p + 1);
+    if (p == std::string::npos) return "";
+    size_t q = h.find_first_not_of(' ', p + 1);
+    return q == std::string::npos ? "" : h.substr(q);
   };
   std::string descr = field("descr");
+  if (descr.size() < 2 || descr[0] != '\'' || descr.find('\'', 1) == std::string::npos) {
+    return Fail(err, path + ": bad header (no 'descr' string)");
+  }
+  descr = descr.substr(1, descr.find('\'', 1) - 1);
   bool found = false;
   for (const auto& t : kNpyTypes) {
-    if (descr.find(std::string("'") + t.descr + "'") != std::string::npos) {
+    // '=' is native order: little-endian on the hosts this runtime builds for.
+    if (descr == t.descr || (descr.size() == 3 && descr[0] == '=' && descr.compare(1, 2, t.descr + 1) == 0)) {
       out->dtype = t.dtype;
       found = true;
     }
   }
-  if (!found) return Fail(err, path + ": unsupported dtype " + descr.substr(0, 8));
-  if (field("fortran_order").find("True") == 0 || field("fortran_order").find(" True") == 0) {
-    return Fail(err, path + ": Fortran order is not supported");
+  if (!found) {
+    std::string shown = descr.size() > 16 ? descr.substr(0, 16) + "..." : descr;
+    for (char& c : shown) c = static_cast<unsigned char>(c) < 0x20 ? '?' : c;
+    return Fail(err, path + ": unsupported dtype '" + shown +
+                         "' (little-endian bool, int8-64, uint8-64, float16/32/64 only)");
   }
+  std::string fortran = field("fortran_order");
+  if (fortran.compare(0, 4, "True") == 0) {
+    return Fail(err, path + ": Fortran order is not supported (save it C-contiguous)");
+  }
+  if (fortran.compare(0, 5, "False") != 0) return Fail(err, path + ": bad header (no 'fortran_order' True/False)");
   std::string shp = field("shape");
-  size_t a = shp.find('('), b = shp.find(')');
-  if (a == std::string::npos || b == std::string::npos) return Fail(err, path + ": bad shape");
-  std::stringstream ss(shp.substr(a + 1, b - a - 1));
-  std::string tok;
-  int64_t numel = 1;
-  while (std::getline(ss, tok, ',')) {
-    if (tok.find_first_not_of(" ") == std::string::npos) continue;
-    out->shape.push_back(std::stoll(tok));
-    numel *= out->shape.back();
+  size_t b = shp.find(')');
+  if (shp.empty() || shp[0] != '(' || b == std::string::npos) {
+    return Fail(err, path + ": bad header (no 'shape' tuple)");
   }
-  size_t nbytes = static_cast<size_t>(numel) * modec_dtype_size(out->dtype);
-  if (hstart + hlen + nbytes != all.size()) return Fail(err, path + ": data size does not match its shape");
+  std::stringstream ss(shp.substr(1, b - 1));
+  std::string tok;
+  size_t numel = 1;
+  const size_t esize = modec_dtype_size(out->dtype);
+  while (std::getline(ss, tok, ',')) {
+    size_t first = tok.find_first_not_of(' ');
+    if (first == std::string::npos) continue;
+    size_t last = tok.find_last_not_of(' ');
+    tok = tok.substr(first, last - first + 1);
+    if (tok.empty() || tok.size() > 18 || tok.find_first_not_of("0123456789") != std::string::npos) {
+      return Fail(err, path + ": bad header (shape entry '" + tok.substr(0, 20) + "' is not a size)");
+    }
+    int64_t d = std::stoll(tok);  // digits only, < 10^18: cannot throw
+    // numel * esize must fit the file: this bounds every product below (no overflow).
+    if (d != 0 && numel > all.size() / esize / static_cast<size_t>(d)) {
+      return Fail(err, path + ": data size does not match its shape (the shape needs more bytes than the file "
+                           "has)");
+    }
+    numel *= static_cast<size_t>(d);
+    out->shape.push_back(d);
+  }
+  size_t nbytes = numel * esize;
+  if (hstart + hlen + nbytes != all.size()) {
+    return Fail(err, path + ": data size does not match its shape (" + std::to_string(all.size() - hstart - hlen) +
+                         " bytes of data, the shape needs " + std::to_string(nbytes) + "; truncated?)");
+  }
   out->data.assign(all.begin() + hstart + hlen, all.end());
   return true;
 }

@@ -300,13 +300,31 @@ void FillInfo(const Spec& sp, modec_tensor* info) {
   info->data = nullptr;
 }
 
+std::string InputNames(const modec_session* s) {
+  std::string names;
+  for (const Spec& sp : s->inputs) names += (names.empty() ? "" : ", ") + sp.name;
+  return names;
+}
+
 void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* out, size_t* n_out) {
-  if (n_in != s->inputs.size()) {
-    Fail(MODEC_ERR_INPUT, "expected " + std::to_string(s->inputs.size()) + " inputs, got " + std::to_string(n_in));
-  }
   if (*n_out < s->outputs.size()) {
     Fail(MODEC_ERR_INVALID_ARGUMENT, "the outputs array holds " + std::to_string(*n_out) + ", the model has " +
                                          std::to_string(s->outputs.size()) + " outputs");
+  }
+  // Every given input is named, known and given once (then only missing ones remain).
+  for (size_t i = 0; i < n_in; ++i) {
+    if (in[i].name == nullptr) Fail(MODEC_ERR_INPUT, "input #" + std::to_string(i) + " has no name (NULL)");
+    bool known = false;
+    for (const Spec& sp : s->inputs) known = known || sp.name == in[i].name;
+    if (!known) {
+      Fail(MODEC_ERR_INPUT, std::string("unknown input '") + in[i].name + "'; the model's inputs are " +
+                                InputNames(s));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (std::strcmp(in[j].name, in[i].name) == 0) {
+        Fail(MODEC_ERR_INPUT, std::string("input '") + in[i].name + "' given twice");
+      }
+    }
   }
   std::map<std::string, int64_t> sym;
   std::vector<ffi::Tensor> args;
@@ -315,17 +333,28 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
     for (size_t i = 0; i < n_in; ++i) {
       if (in[i].name != nullptr && sp.name == in[i].name) t = &in[i];
     }
-    if (t == nullptr) Fail(MODEC_ERR_INPUT, "missing input '" + sp.name + "'");
-    if (t->dtype != sp.dtype->code) {
-      Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dtype differs: expected " + sp.dtype->numpy);
+    if (t == nullptr) {
+      Fail(MODEC_ERR_INPUT, "missing input '" + sp.name + "'; the model's inputs are " + InputNames(s));
     }
-    if (t->ndim != static_cast<int32_t>(sp.shape.size()) || (t->ndim > 0 && t->shape == nullptr)) {
+    if (t->dtype != sp.dtype->code) {
+      const DtypeInfo* got = ByCode(t->dtype);
+      Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dtype differs: got " +
+                                (got ? got->numpy : "code " + std::to_string(static_cast<int>(t->dtype))) +
+                                ", expected " + sp.dtype->numpy);
+    }
+    if (t->ndim != static_cast<int32_t>(sp.shape.size())) {
       Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' has rank " + std::to_string(t->ndim) + ", expected " +
                                 std::to_string(sp.shape.size()));
     }
+    if (t->ndim > 0 && t->shape == nullptr) {
+      Fail(MODEC_ERR_INVALID_ARGUMENT, "input '" + sp.name + "' has no shape (NULL)");
+    }
     for (int32_t d = 0; d < t->ndim; ++d) {
       int64_t got = t->shape[d];
-      if (got <= 0) Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dim " + std::to_string(d) + " is empty");
+      if (got <= 0) {
+        Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dim " + std::to_string(d) + " is " + std::to_string(got) +
+                                  " (must be >= 1)");
+      }
       if (sp.shape[d] >= 0 && got != sp.shape[d]) {
         Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dim " + std::to_string(d) + " is " + std::to_string(got) +
                                   ", expected " + std::to_string(sp.shape[d]));
@@ -376,6 +405,19 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
       Fail(MODEC_ERR_RUNTIME, "output '" + s->outputs[i].name + "' is not a contiguous host tensor of a known dtype");
     }
     ffi::ShapeView sh = t.shape();
+    const Spec& sp = s->outputs[i];
+    bool same = dt == sp.dtype && sh.size() == sp.shape.size();
+    for (size_t d = 0; same && d < sh.size(); ++d) same = sp.shape[d] < 0 || sh[d] == sp.shape[d];
+    if (!same) {
+      std::string got = std::string(dt->numpy) + " [";
+      for (size_t d = 0; d < sh.size(); ++d) got += (d ? ", " : "") + std::to_string(sh[d]);
+      std::string want = std::string(sp.dtype->numpy) + " [";
+      for (size_t d = 0; d < sp.shape.size(); ++d) {
+        want += (d ? ", " : "") + (sp.shape[d] < 0 ? sp.symbol[d] : std::to_string(sp.shape[d]));
+      }
+      Fail(MODEC_ERR_RUNTIME, "output '" + sp.name + "' is " + got + "], the manifest says " + want +
+                                  "]; manifest.json does not match model.so, rebuild the artifact");
+    }
     s->last_shapes.emplace_back(sh.begin(), sh.end());
     out[i].name = s->outputs[i].name.c_str();
     out[i].dtype = dt->code;
@@ -386,6 +428,23 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
   *n_out = s->last_out.size();
 }
 
+/*! \brief The header promises a one-line, non-empty message: a path or a TVM message may hold
+ * line breaks (a directory named "a\nb"), so each run of control characters becomes one space. */
+std::string OneLine(const std::string& msg) {
+  std::string out;
+  bool gap = false;
+  for (char c : msg) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      gap = true;
+      continue;
+    }
+    if (gap && !out.empty()) out += ' ';
+    gap = false;
+    out += c;
+  }
+  return out.empty() ? "unknown error" : out;
+}
+
 template <typename F>
 modec_status Guard(F&& f) {
   try {
@@ -393,16 +452,16 @@ modec_status Guard(F&& f) {
     g_last_error.clear();
     return MODEC_OK;
   } catch (const Failure& e) {
-    g_last_error = e.message;
+    g_last_error = OneLine(e.message);
     return e.status;
   } catch (const ffi::Error& e) {
-    g_last_error = "TVM error: " + e.kind() + ": " + e.message();
+    g_last_error = OneLine("TVM error: " + e.kind() + ": " + e.message());
     return MODEC_ERR_RUNTIME;
   } catch (const std::bad_alloc&) {
     g_last_error = "out of memory";
     return MODEC_ERR_RUNTIME;
   } catch (const std::exception& e) {
-    g_last_error = std::string("internal error: ") + e.what();
+    g_last_error = OneLine(std::string("internal error: ") + e.what());
     return MODEC_ERR_RUNTIME;
   } catch (...) {
     g_last_error = "internal error: unknown exception";
@@ -436,14 +495,24 @@ size_t modec_num_outputs(const modec_session* s) { return s ? s->outputs.size() 
 
 modec_status modec_input_info(const modec_session* s, size_t i, modec_tensor* info) {
   return modec::Guard([&] {
-    if (!s || !info || i >= s->inputs.size()) modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_input_info: bad argument");
+    if (!s || !info) modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_input_info: NULL session or info");
+    if (i >= s->inputs.size()) {
+      modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_input_info: index " + std::to_string(i) +
+                                                  " out of range, the model has " +
+                                                  std::to_string(s->inputs.size()) + " inputs");
+    }
     modec::FillInfo(s->inputs[i], info);
   });
 }
 
 modec_status modec_output_info(const modec_session* s, size_t i, modec_tensor* info) {
   return modec::Guard([&] {
-    if (!s || !info || i >= s->outputs.size()) modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_output_info: bad argument");
+    if (!s || !info) modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_output_info: NULL session or info");
+    if (i >= s->outputs.size()) {
+      modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_output_info: index " + std::to_string(i) +
+                                                  " out of range, the model has " +
+                                                  std::to_string(s->outputs.size()) + " outputs");
+    }
     modec::FillInfo(s->outputs[i], info);
   });
 }

@@ -25,7 +25,7 @@ extern "C" {
 /* Status codes (stable; also the exit codes of examples/modec_run). */
 typedef enum {
   MODEC_OK = 0,
-  MODEC_ERR_INVALID_ARGUMENT = 1, /* NULL pointer, unknown device, buffer too small */
+  MODEC_ERR_INVALID_ARGUMENT = 1, /* NULL pointer, unknown device, bad index, small output array */
   MODEC_ERR_IO = 2,               /* a file is missing or unreadable */
   MODEC_ERR_MANIFEST = 3,         /* manifest.json invalid JSON, wrong schema, bad field */
   MODEC_ERR_CHECKSUM = 4,         /* a file's size or SHA-256 differs from the manifest */
@@ -54,7 +54,7 @@ typedef enum {
 /* A dense, C-contiguous tensor on the host. For inputs the caller owns name, shape and data.
  * For outputs and for modec_input_info/modec_output_info the session owns them; they stay
  * valid until the next modec_run on that session or modec_close. In info queries a
- * symbolic dimension is -1 (its name: modec_dim_name). */
+ * symbolic dimension is -1 (its name is in manifest.json; the C API does not expose it). */
 typedef struct {
   const char* name;
   modec_dtype dtype;
