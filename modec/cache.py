@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +29,9 @@ from modec.interrupt import checkpoint
 log = logging.getLogger(__name__)
 
 #: Bumped whenever what an entry holds, or how it is computed, changes.
-CACHE_VERSION = "modec.cache/2"
+CACHE_VERSION = "modec.cache/3"
 
-__all__ = ["CACHE_VERSION", "content_key", "entry_path", "load", "store"]
+__all__ = ["CACHE_VERSION", "Lookup", "content_key", "entry_path", "load", "memoize", "store"]
 
 
 def content_key(kind: str, model: ir.Model, data: Dataset, options: dict[str, Any]) -> str:
@@ -84,3 +86,38 @@ def store(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
         log.warning("cache: could not write %s (%s); results are not cached", path, exc)
         return
     log.info("cache: stored %s", path)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Where an analysis result is cached and whether it was found there."""
+
+    hit: bool
+    key: str | None = None
+    path: Path | None = None
+
+
+def memoize(
+    cache_dir: str | None,
+    kind: str,
+    model: ir.Model,
+    data: Dataset,
+    options: dict[str, Any],
+    compute: Callable[[], dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], Lookup]:
+    """The arrays of an analysis result: loaded from the cache, or computed and stored.
+
+    The one cache path of the analysis passes: the entry is keyed by `content_key` over
+    ``kind``, the model, the data and ``options``; without ``cache_dir`` nothing is read or
+    written.
+    """
+    if not cache_dir:
+        return compute(), Lookup(hit=False)
+    key = content_key(kind, model, data, options)
+    path = entry_path(cache_dir, kind, key)
+    arrays = load(path, key)
+    if arrays is not None:
+        return arrays, Lookup(True, key, path)
+    arrays = compute()
+    store(path, key, arrays)
+    return arrays, Lookup(False, key, path)

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 usage, 3 bad input, 4 infeasible budget, 5 internal error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -29,30 +30,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _runner(path: str, threads: int) -> tuple[str, Any]:
-    """How to run ``path``: a compiled/simulated output directory or an ONNX file."""
-    from modec.driver import SIM_MODEL, CompiledRunner, SimulatedRunner
-    from modec.errors import ModelError
-    from modec.frontend import OrtRunner
-
-    p = Path(path)
-    if p.is_dir():
-        if (p / "manifest.json").exists():
-            return "compiled", CompiledRunner(p)
-        if (p / SIM_MODEL).exists():
-            return "simulated", SimulatedRunner(p, threads)
-        raise ModelError(f"{path}: a directory without {SIM_MODEL}; pass a modec output or .onnx")
-    runner = OrtRunner(path, threads=threads)
-    if any(n.domain == "ai.modec" for n in runner.proto.graph.node):
-        return "simulated", SimulatedRunner(p, threads)
-    return "onnxruntime", runner
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from modec import data
     from modec.evaluate import evaluate
+    from modec.runners import runner_for
 
-    backend, runner = _runner(args.model, args.threads)
+    backend, runner = runner_for(args.model, args.threads)
     ds = data.load(args.data)
     data.check_against(ds, runner.inputs)
     result = evaluate(runner, ds, batch_size=args.batch_size)
@@ -95,6 +78,8 @@ def _parse_bits(text: str) -> tuple[int, ...]:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from modec import driver
+    from modec.pipelines import CompileOptions
+    from modec.summary import format_summary
 
     if args.model is None:
         sys.stderr.write(BUNDLED_HELP)
@@ -104,7 +89,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             f"{args.model}: no calibration data; pass --calib DATA (a modec dataset .npz, "
             "see docs/data-format.md)"
         )
-    opts = driver.CompileOptions(
+    opts = CompileOptions(
         budget=args.budget, bits=_parse_bits(args.bits), group_size=args.group_size,
         method=args.method, scope=args.scope, sense=args.sense,
         budget_bytes=args.budget_bytes, key_ratio=args.key_ratio,
@@ -114,30 +99,59 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     )  # fmt: skip
     res = driver.compile_model(
         args.model, args.calib, args.output, opts, pipeline=args.pipeline, force=args.force,
-        progress=_progress_factory(args.quiet),
+        progress=_progress_factory(args.quiet), eval_path=args.eval,
+        dump_ir_after=args.dump_ir_after, dump_ir_dir=args.dump_ir_dir,
     )  # fmt: skip
-    summary = driver.summarize(res)
-    if args.eval:
-        from modec import data
-        from modec.evaluate import evaluate
-        from modec.frontend import OrtRunner
-
-        ds = data.load(args.eval)
-        base = evaluate(OrtRunner(args.model, threads=args.threads), ds)
-        quant = evaluate(driver.SimulatedRunner(res.out, threads=args.threads), ds)
-        summary["accuracy"] = {"fp32": base.to_json(), "quantized": quant.to_json()}
-        driver.record_accuracy(res.out, summary["accuracy"])
-    sys.stdout.write(driver.format_summary(summary) + "\n")
+    if res.summary:
+        sys.stdout.write(format_summary(res.summary) + "\n")
+    else:
+        sys.stdout.write(f"modec compile: wrote {res.out} (pipeline {res.report['pipeline']})\n")
     return EXIT_OK
 
 
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from modec.pipelines import PIPELINES, CompileOptions, registered_passes, standard_pipeline
+
+    out: list[str] = ["pipelines (--method NAME):"]
+    for name, what in PIPELINES.items():
+        out.append(f"  {name:<15} {what}")
+        out.append(f"  {'':<15} {standard_pipeline(CompileOptions(method=name)).text()}")
+    out.append("")
+    out.append("passes (--pipeline 'name{option=value,...},...'):")
+    for name, cls in registered_passes().items():
+        opts = ", ".join(
+            f"{f.name}={_default_text(f)}"
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        )
+        reads = ", ".join(t.__name__ for t in _class_reads(cls)) or "-"
+        writes = ", ".join(t.__name__ for t in cls.writes) or "-"
+        out.append(f"  {name:<20} reads {reads}; writes {writes}")
+        if opts:
+            out.append(f"  {'':<20} options: {opts}")
+    sys.stdout.write("\n".join(out) + "\n")
+    return EXIT_OK
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    from modec.pipeline_text import format_value
+
+    return format_value(f.default) if f.default is not dataclasses.MISSING else "?"
+
+
+def _class_reads(cls: Any) -> tuple[type, ...]:
+    """A pass class's reads (an instance property where they depend on options)."""
+    reads = cls.reads
+    return tuple(reads) if isinstance(reads, tuple) else tuple(cls().reads)
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from modec import driver, sweep
+    from modec import sweep
+    from modec.pipelines import CompileOptions
 
     if args.calib is None:
         raise UsageError(f"{args.model}: no calibration data; pass --calib DATA")
     budgets = sweep.parse_budgets(args.budgets)
-    opts = driver.CompileOptions(
+    opts = CompileOptions(
         bits=_parse_bits(args.bits), group_size=args.group_size, method=args.method,
         seed=args.seed, threads=args.threads, sensitivity_samples=args.sensitivity_samples,
     )  # fmt: skip
@@ -165,7 +179,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from modec.report_html import write_report_html
+    from modec.report import write_report_html
 
     path = write_report_html(args.output)
     sys.stdout.write(f"{path}\n")
@@ -176,81 +190,108 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v/-q, accepted before and after the subcommand (the subcommand's wins if given)."""
+    g = parser.add_mutually_exclusive_group()
+    default: Any = False if top else argparse.SUPPRESS
+    g.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log debug messages")  # fmt: skip
+    g.add_argument("-q", "--quiet", action="store_true", default=default, help="log errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from modec.pipelines import PIPELINES, CompileOptions
+
+    d = CompileOptions()  # the defaults, declared once (modec.defaults)
     p = _Parser(
         prog="modec",
         description="Modality-aware mixed-precision compiler for MoE vision-language models.",
         epilog="Exit codes: 0 ok, 2 usage, 3 bad input, 4 infeasible budget, 5 internal error.",
     )
     p.add_argument("--version", action="version", version=f"modec {__version__}")
-    verb = p.add_mutually_exclusive_group()
-    verb.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    verb.add_argument("-q", "--quiet", action="store_true", help="log errors only")
+    _verbosity(p, top=True)
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
-    co = sub.add_parser("compile", help="quantize a MoE model's experts with MODE")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        _verbosity(sp, top=False)
+        return sp
+
+    bits = ",".join(str(b) for b in d.bits)
+    co = command("compile", "quantize a MoE model's experts with MODE")
     co.add_argument("model", nargs="?", help="an .onnx file")
     co.add_argument("--calib", help="calibration data (modec dataset .npz)")
-    co.add_argument("--budget", type=float, default=3.0, help="average bits per expert")
-    co.add_argument("--bits", default="2,3,4", help="candidate widths (default 2,3,4)")
-    co.add_argument("--group-size", type=int, default=128)
-    co.add_argument("--method", default="mode", help="mode, uniform, mc-moe, veq-me, ...")
-    co.add_argument("--scope", choices=["layer", "global"], default="layer")
-    co.add_argument("--sense", choices=["eq", "le"], default="eq")
-    co.add_argument("--budget-bytes", type=int, default=0, help="byte budget (overrides --budget)")
-    co.add_argument("--key-ratio", type=float, default=0.2, help="share of key vision tokens")
-    co.add_argument("--sensitivity-samples", type=int, default=32)
-    co.add_argument("--quantizer", choices=["gptq", "rtn"], default="gptq")
-    co.add_argument("--target", default="llvm",
+    co.add_argument("--budget", type=float, default=d.budget, help="average bits per expert")
+    co.add_argument("--bits", default=bits, help=f"candidate widths (default {bits})")
+    co.add_argument("--group-size", type=int, default=d.group_size)
+    co.add_argument("--method", default=d.method, choices=list(PIPELINES),
+                    help="the named pipeline (modec passes lists them)")  # fmt: skip
+    co.add_argument("--scope", choices=["layer", "global"], default=d.scope)
+    co.add_argument("--sense", choices=["eq", "le"], default=d.sense)
+    co.add_argument("--budget-bytes", type=int, default=d.budget_bytes,
+                    help="byte budget (overrides --budget)")  # fmt: skip
+    co.add_argument("--key-ratio", type=float, default=d.key_ratio,
+                    help="share of key vision tokens")  # fmt: skip
+    co.add_argument("--sensitivity-samples", type=int, default=d.sensitivity_samples)
+    co.add_argument("--quantizer", choices=["gptq", "rtn"], default=d.quantizer)
+    co.add_argument("--target", default=d.target,
                     help="TVM target of the compiled artifact: llvm (default, this CPU), "
                          "cuda (sm_90; built here, runs on a GPU machine) or none (simulated "
                          "quantization only, no kernels)")  # fmt: skip
-    co.add_argument("--pipeline", help="pipeline text (overrides the default MODE pipeline)")
+    co.add_argument("--pipeline", help="pipeline text (overrides the named pipeline)")
     co.add_argument(
         "--cache-dir",
         help="where routing statistics and sensitivities are cached, keyed by content hash "
         "(default: $XDG_CACHE_HOME/modec or ~/.cache/modec)",
     )
     co.add_argument("--no-cache", action="store_true", help="recompute; read and write no cache")
-    co.add_argument("--seed", type=int, default=0)
-    co.add_argument("--threads", type=int, default=2)
+    co.add_argument("--seed", type=int, default=d.seed)
+    co.add_argument("--threads", type=int, default=d.threads)
     co.add_argument("--eval", help="evaluation data: report fp32 and quantized accuracy")
+    co.add_argument("--dump-ir-after", action="append", metavar="PASS",
+                    help="write the graph as ONNX after PASS (repeatable; 'all' for every "
+                         "pass) into --dump-ir-dir")  # fmt: skip
+    co.add_argument("--dump-ir-dir", metavar="DIR", help="where --dump-ir-after writes "
+                    "(default: OUT.ir beside the output)")  # fmt: skip
     co.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     co.add_argument("--force", action="store_true", help="replace a non-modec output directory")
     co.set_defaults(func=_cmd_compile)
 
-    sw = sub.add_parser("sweep", help="accuracy and size against budget (one calibration)")
+    sw = command("sweep", "accuracy and size against budget (one calibration)")
     sw.add_argument("model", help="an .onnx file")
     sw.add_argument("--calib", help="calibration data (modec dataset .npz)")
     sw.add_argument("--budgets", default="2.0:4.0:0.25", help="start:stop:step or a,b,c")
-    sw.add_argument("--bits", default="2,3,4")
-    sw.add_argument("--group-size", type=int, default=128)
-    sw.add_argument("--method", default="mode")
-    sw.add_argument("--sensitivity-samples", type=int, default=32)
-    sw.add_argument("--seed", type=int, default=0)
-    sw.add_argument("--threads", type=int, default=2)
+    sw.add_argument("--bits", default=bits)
+    sw.add_argument("--group-size", type=int, default=d.group_size)
+    sw.add_argument("--method", default=d.method, choices=list(PIPELINES))
+    sw.add_argument("--sensitivity-samples", type=int, default=d.sensitivity_samples)
+    sw.add_argument("--seed", type=int, default=d.seed)
+    sw.add_argument("--threads", type=int, default=d.threads)
     sw.add_argument("--eval", help="evaluation data (accuracy per budget)")
     sw.add_argument("-o", "--output", default="sweep", help="where the table and plot go")
     sw.add_argument("--json", action="store_true")
     sw.set_defaults(func=_cmd_sweep)
 
-    ins = sub.add_parser("inspect", help="what a model or a modec output contains")
+    ins = command("inspect", "what a model or a modec output contains")
     ins.add_argument("path", help="an .onnx file or a modec output directory")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=_cmd_inspect)
 
-    rep = sub.add_parser("report", help="write OUT/report.html from OUT/report.json")
+    rep = command("report", "write OUT/report.html from OUT/report.json")
     rep.add_argument("output", metavar="OUT", help="a modec output directory")
     rep.add_argument("--open", action="store_true", help="open the page in a web browser")
     rep.set_defaults(func=_cmd_report)
 
-    ev = sub.add_parser("eval", help="accuracy of a model on an evaluation set")
+    ev = command("eval", "accuracy of a model on an evaluation set")
     ev.add_argument("model", help="an .onnx file or a modec output directory")
     ev.add_argument("--data", required=True, help="a modec dataset (.npz) with answers")
     ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--threads", type=int, default=d.threads)
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    ps = command("passes", "the named pipelines and every pass with its options")
+    ps.set_defaults(func=_cmd_passes)
     return p
 
 

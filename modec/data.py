@@ -115,7 +115,7 @@ class Dataset:
         mod = self.modality[idx]
         used = (mod != PAD).any(axis=0)
         first = int(np.argmax(used)) if used.any() else mod.shape[1] - 1
-        return mod[:, first:]
+        return np.asarray(mod[:, first:])
 
 
 def _sequence_inputs(ds: Dataset) -> set[str]:

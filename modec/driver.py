@@ -1,27 +1,28 @@
-"""The compile driver: frontend → MODE pipeline → output directory.
+"""The compile driver: frontend → a named pipeline → the output directory, as one transaction.
 
-``compile_model`` runs the named pipeline on a model and a calibration set and writes, into
-a fresh temporary directory that is renamed over ``out`` only when everything succeeded:
+``compile_model`` loads and checks the model and calibration set (cheap checks first), runs
+the pipeline (`modec.pipelines`) with the output's staging directory as the artifact
+directory, computes the summary (and, with an evaluation set, the fp32 and quantized
+accuracy), builds the report in memory and writes, into the staging directory:
 
 - ``model.sim.onnx``: the canonical graph with dequantized expert weights (the
   simulated-quantization model, run by modec's executor);
 - ``experts.safetensors``: every expert's codes, fp16 scales and uint8 zeros
   (``l{layer}.{proj}.e{expert}.{codes|scale|zero}``), unpacked;
 - ``allocation.json``: the width of every expert (deterministic: no timings);
-- ``report.json``: the pipeline text, options, per-pass timings and every pass's section;
-- ``report.html``: the same report as a self-contained page with plots (docs/report.md).
+- ``report.json`` and ``report.html`` (rendered once, from the same dict);
+- the artifact (``model.so``, ``weights.safetensors``, ``manifest.json``) from lower-tvm.
+
+Then `modec.output.commit` makes it ``OUT`` in one step; nothing touches ``OUT`` after.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,47 +30,30 @@ import numpy as np
 import onnx_ir as ir
 
 from modec import data as data_mod
-from modec.errors import BadInputError, ModelError
-from modec.interrupt import checkpoint
-from modec.pipeline import (
-    REPORT_SCHEMA,
-    PassContext,
-    Pipeline,
-    ProgressBar,
-    build_report,
-    write_json,
+from modec.errors import ModelError
+from modec.facts import BitAllocation, Calibration, Facts, QuantizedExperts
+from modec.instruments import DumpIR, Instrument, ProgressBar
+from modec.output import (
+    ALLOCATION_FILE,
+    EXPERTS_FILE,
+    REPORT_FILE,
+    SIM_MODEL,
+    prepare_out,
+    transaction,
 )
-from modec.report_html import write_report_html
+from modec.pipeline import PassContext, Pipeline, RunOptions, build_report, json_text
+from modec.pipelines import CompileOptions, parse_pipeline, standard_pipeline
 
 log = logging.getLogger(__name__)
 
-SIM_MODEL = "model.sim.onnx"
-EXPERTS_FILE = "experts.safetensors"
-ALLOCATION_FILE = "allocation.json"
-REPORT_FILE = "report.json"
-#: Files that mark a directory as modec output (safe to overwrite).
-MARKERS = (REPORT_FILE, "manifest.json")
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    """What ``modec compile`` takes besides the model and data."""
-
-    budget: float = 3.0
-    bits: tuple[int, ...] = (2, 3, 4)
-    group_size: int = 128
-    method: str = "mode"
-    scope: str = "layer"
-    sense: str = "eq"
-    budget_bytes: int = 0
-    key_ratio: float = 0.2
-    sensitivity_samples: int = 32
-    quantizer: str = "gptq"
-    #: TVM target of the compiled artifact ("llvm", "cuda"), or "none" for no lowering.
-    target: str = "llvm"
-    seed: int = 0
-    threads: int = 2
-    cache_dir: str | None = None
+__all__ = [
+    "CompileOptions",
+    "CompileResult",
+    "check_budget",
+    "compile_model",
+    "default_cache_dir",
+    "load_inputs",
+]
 
 
 def default_cache_dir() -> str:
@@ -78,56 +62,18 @@ def default_cache_dir() -> str:
     return os.path.join(base, "modec")
 
 
-def analysis_text(o: CompileOptions, sensitivity: bool = True) -> str:
-    """The analysis half of the MODE pipeline (structure, statistics, sensitivities)."""
-    bits = ":".join(str(b) for b in o.bits)
-    passes = [
-        "find-moe",
-        "canonicalize-moe",
-        "find-attention",
-        f"collect-routing{{key_ratio={o.key_ratio}}}",
-    ]
-    if sensitivity:
-        passes.append(
-            f"measure-sensitivity{{bits={bits},group_size={o.group_size},"
-            f"samples={o.sensitivity_samples}}}"
-        )
-    return ",".join(passes)
-
-
-def allocation_text(o: CompileOptions) -> str:
-    """The decision half: allocate-bits and quantize-experts."""
-    bits = ":".join(str(b) for b in o.bits)
-    return (
-        f"allocate-bits{{budget={o.budget},bits={bits},method={o.method},scope={o.scope},"
-        f"sense={o.sense},budget_bytes={o.budget_bytes},group_size={o.group_size}}},"
-        f"quantize-experts{{group_size={o.group_size},method={o.quantizer}}}"
-    )
-
-
-def pipeline_text(o: CompileOptions) -> str:
-    """The default MODE pipeline for these options, as pipeline text."""
-    from modec.numerics.importance import NEEDS_SENSITIVITY
-
-    text = f"{analysis_text(o, o.method in NEEDS_SENSITIVITY)},{allocation_text(o)}"
-    if o.target != "none":
-        text += f",lower-tvm{{target={o.target}}}"
-    return text
-
-
-def build_pipeline(text: str) -> Pipeline:
-    import modec.passes  # noqa: F401  (registers every pass)
-
-    # Parse then print: the report records the normalised text (defaults dropped).
-    return Pipeline.parse(text, name="mode")
-
-
 @dataclass
 class CompileResult:
+    """What a compile wrote and decided."""
+
     out: Path
     report: dict[str, Any]
-    allocation: Any
+    allocation: BitAllocation | None
     model: ir.Model = field(repr=False)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return dict(self.report.get("summary") or {})
 
 
 def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
@@ -143,7 +89,7 @@ def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
     experts = [r.num_experts for r in regions]
     check_budget(experts, o)
     if o.target != "none":
-        from modec.passes.lower_tvm import check_target
+        from modec.kernels.target import check_target
 
         check_target(o.target)
     return experts
@@ -159,11 +105,11 @@ def check_budget(experts: list[int], o: CompileOptions) -> None:
     if o.method == "uniform" or o.budget_bytes > 0:
         return
     if o.scope == "global":
-        ilp.check_budget(sum(experts), o.bits, o.budget, o.sense)  # type: ignore[arg-type]
+        ilp.check_budget(sum(experts), o.bits, o.budget, o.sense)
     else:
         for i, n in enumerate(experts):
             try:
-                ilp.check_budget(n, o.bits, o.budget, o.sense)  # type: ignore[arg-type]
+                ilp.check_budget(n, o.bits, o.budget, o.sense)
             except Exception as exc:
                 raise type(exc)(f"layer {i}: {exc}") from exc
 
@@ -179,30 +125,6 @@ def check_weights_finite(model: ir.Model) -> None:
             raise ModelError(
                 f"initializer {name!r} holds {bad} NaN/Inf value(s); fix or re-export the model"
             )
-
-
-def prepare_out(out: Path, force: bool) -> None:
-    """Refuse to overwrite a directory that is not modec output (unless ``force``)."""
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"{out}: exists and is not a directory; choose another -o")
-    foreign = out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in MARKERS)
-    if foreign and not force:
-        raise BadInputError(
-            f"{out}: exists and is not a previous modec output; choose another -o or pass "
-            "--force to replace it"
-        )
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory over ``out`` (old content removed only after)."""
-    checkpoint()  # the last moment a Ctrl-C (even one swallowed earlier) leaves OUT as it was
-    backup = None
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, backup)
-    os.replace(tmp, out)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def load_inputs(
@@ -225,9 +147,8 @@ def load_inputs(
     calib = data_mod.load(calib_path)
     data_mod.check_against(calib, input_specs(proto))
     ctx = PassContext(
-        facts={"calib.data"},
-        artifacts={"calib.data": calib},
-        options={**asdict(o), "model": str(model_path), "calib": str(calib_path)},
+        facts=Facts(Calibration(calib)),
+        options=RunOptions(seed=o.seed, threads=o.threads, cache_dir=o.cache_dir),
         progress=progress,
     )
     return model, ctx
@@ -242,57 +163,89 @@ def compile_model(
     pipeline: str | None = None,
     force: bool = False,
     progress: Callable[[int, str], ProgressBar] | None = None,
+    eval_path: str | os.PathLike[str] | None = None,
+    dump_ir_after: Iterable[str] | None = None,
+    dump_ir_dir: str | os.PathLike[str] | None = None,
+    instruments: Iterable[Instrument] = (),
 ) -> CompileResult:
-    """Run the MODE pipeline and write the output directory (see the module docstring)."""
+    """Run the pipeline and write the output directory (see the module docstring).
+
+    Args:
+        pipeline: pipeline text replacing the named pipeline of ``options.method``.
+        eval_path: an evaluation set: the report then holds fp32 and quantized accuracy.
+        dump_ir_after: pass names (or ``all``) after which the graph is written as ONNX to
+            ``dump_ir_dir`` (default ``OUT.ir``, beside the output, not inside it).
+    """
     o = options or CompileOptions()
     out_dir = Path(out)
     prepare_out(out_dir, force)
     model, ctx = load_inputs(model_path, calib_path, o, progress)
-    pipe = build_pipeline(pipeline or pipeline_text(o))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Everything is written into a fresh temporary directory beside OUT (lower-tvm writes
-    # the artifact there too) and renamed over OUT only when all of it succeeded.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    ctx.options["artifact_dir"] = str(tmp)
-    ctx.options["pipeline"] = pipe.text()
-    try:
+    pipe = parse_pipeline(pipeline) if pipeline else standard_pipeline(o)
+    ctx.instruments.extend(instruments)
+    if dump_ir_after:
+        where = Path(dump_ir_dir) if dump_ir_dir else out_dir.with_name(f"{out_dir.name}.ir")
+        ctx.instruments.append(DumpIR(where, after=dump_ir_after))
+    with transaction(out_dir) as tmp:
+        ctx.options = replace(ctx.options, artifact_dir=str(tmp), pipeline=pipe.text())
         model, records = pipe.run(model, ctx)
-        alloc = ctx.artifacts.get("allocation")
-        ctx.options.pop("artifact_dir")  # a temporary path: keep it out of the report
-        report = build_report(pipe, records, ctx)
-        write_json(tmp / REPORT_FILE, report)
-        write_report_html(tmp)
-        if alloc is not None:
-            write_json(
-                tmp / ALLOCATION_FILE,
-                {
-                    "method": alloc.method,
-                    "budget": alloc.budget,
-                    "bits": list(alloc.bits),
-                    "group_size": o.group_size,
-                    "widths": [list(w) for w in alloc.widths],
-                    "pipeline": pipe.text(),
-                },
-            )
-        if "quantized" in ctx.artifacts:
-            _write_experts(tmp / EXPERTS_FILE, ctx.artifacts["quantized"])
+        alloc = ctx.facts.find(BitAllocation)
+        quantized = ctx.facts.find(QuantizedExperts)
+        report_options = {**asdict(o), "model": str(model_path), "calib": str(calib_path),
+                          "pipeline": pipe.text()}  # fmt: skip
+        report = build_report(pipe, records, ctx, report_options)
+        if quantized is not None:
+            _write_experts(tmp / EXPERTS_FILE, quantized)
             ir.save(model, str(tmp / SIM_MODEL))
-        commit_dir(tmp, out_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise BadInputError(
-                f"{out_dir}: no space left on the device while writing the output (nothing was "
-                "changed there); free some space or choose another -o"
-            ) from exc
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if alloc is not None:
+            from modec.summary import summarize
+
+            report["summary"] = summarize(
+                str(out_dir), model, alloc, records, str(out_dir / REPORT_FILE)
+            )
+            (tmp / ALLOCATION_FILE).write_text(json_text(_allocation_doc(alloc, pipe)))
+            if eval_path is not None and quantized is not None:
+                report["summary"]["accuracy"] = _accuracy(model_path, tmp, eval_path, o.threads)
+        _write_report(tmp, report)
     return CompileResult(out_dir, report, alloc, model)
 
 
-def _write_experts(path: Path, q: Any) -> None:
+def _allocation_doc(alloc: BitAllocation, pipe: Pipeline) -> dict[str, Any]:
+    return {
+        "method": alloc.method,
+        "budget": alloc.budget,
+        "bits": list(alloc.bits),
+        "group_size": alloc.group_size,
+        "widths": [list(w) for w in alloc.widths],
+        "pipeline": pipe.text(),
+    }
+
+
+def _accuracy(
+    model_path: str | os.PathLike[str], staged: Path, eval_path: str | os.PathLike[str],
+    threads: int,
+) -> dict[str, Any]:  # fmt: skip
+    """fp32 (onnxruntime) and simulated-quantization accuracy on an evaluation set."""
+    from modec.evaluate import evaluate
+    from modec.frontend import OrtRunner
+    from modec.runners import SimulatedRunner
+
+    ds = data_mod.load(eval_path)
+    base = evaluate(OrtRunner(model_path, threads=threads), ds)
+    quant = evaluate(SimulatedRunner(staged, threads=threads), ds)
+    return {"fp32": base.to_json(), "quantized": quant.to_json()}
+
+
+def _write_report(directory: Path, report: dict[str, Any]) -> None:
+    """``report.json`` and ``report.html``, the page rendered once from the dict in memory."""
+    from modec.report import write_report_html
+
+    text = json_text(report)
+    (directory / REPORT_FILE).write_text(text)
+    # The page is drawn from exactly what report.json holds (lists, plain numbers).
+    write_report_html(directory, json.loads(text))
+
+
+def _write_experts(path: Path, q: QuantizedExperts) -> None:
     from safetensors.numpy import save_file
 
     tensors: dict[str, np.ndarray] = {}
@@ -311,141 +264,3 @@ def _write_experts(path: Path, q: Any) -> None:
         )
     }
     save_file(tensors, str(path), metadata=meta)
-
-
-def is_modec_output(path: Path) -> bool:
-    """A directory written by `compile_model`."""
-    rep = path / REPORT_FILE
-    if not rep.exists():
-        return False
-    try:
-        return bool(json.loads(rep.read_text()).get("schema") == REPORT_SCHEMA)
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-class SimulatedRunner:
-    """Runs a simulated-quantization (or any canonical) model with modec's executor."""
-
-    def __init__(self, path: str | os.PathLike[str], threads: int = 2) -> None:
-        from modec.executor import Executor
-        from modec.frontend import input_specs, load_onnx_proto
-
-        p = Path(path)
-        if p.is_dir():
-            p = p / SIM_MODEL
-        if not p.exists():
-            raise BadInputError(f"{path}: no {SIM_MODEL}; compile the model first")
-        proto = load_onnx_proto(p)
-        self.inputs = input_specs(proto)
-        self.executor = Executor(ir.serde.deserialize_model(proto), intra_op_threads=threads)
-        self.output = self.executor.output_names[0]
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.executor.run(feeds).outputs[self.output]
-
-
-def size_summary(model: ir.Model, widths: Any, group_size: int) -> dict[str, int]:
-    """Bytes of the expert weights (fp32, fp16, quantized: codes + scales + zeros) and the rest."""
-    from modec.moe.canonical import is_moe_node
-    from modec.moe.reference import MoEParams
-    from modec.numerics.schemes import QuantScheme
-
-    expert_params = codes = scales = zeros = 0
-    expert_names: set[str] = set()
-    for layer, node in enumerate(n for n in model.graph if is_moe_node(n)):
-        p = MoEParams.from_node(node)
-        for idx, w in ((3, p.gate), (4, p.up), (5, p.down)):
-            if w is None:
-                continue
-            v = node.inputs[idx]
-            if v is not None and v.name:
-                expert_names.add(v.name)
-            expert_params += int(w.size)
-            for e in range(w.shape[0]):
-                b = QuantScheme(int(widths[layer][e]), group_size).nbytes(w.shape[1], w.shape[2])
-                codes, scales, zeros = codes + b["codes"], scales + b["scales"], zeros + b["zeros"]
-    other = sum(
-        int(v.const_value.nbytes)
-        for name, v in model.graph.initializers.items()
-        if v.const_value is not None and name not in expert_names
-    )
-    return {
-        "expert_params": expert_params,
-        "experts_fp32": 4 * expert_params,
-        "experts_fp16": 2 * expert_params,
-        "experts_codes": codes,
-        "experts_scales": scales,
-        "experts_zeros": zeros,
-        "experts_quantized": codes + scales + zeros,
-        "other_fp32": other,
-        "model_fp32": 4 * expert_params + other,
-        "model_quantized": codes + scales + zeros + other,
-    }
-
-
-def summarize(res: CompileResult) -> dict[str, Any]:
-    """The end-of-compile summary (also stored in the report)."""
-    alloc = res.allocation
-    sizes = size_summary(res.model, alloc.widths, int(res.report["options"]["group_size"]))
-    summary = {
-        "out": str(res.out),
-        "method": alloc.method,
-        "budget": alloc.budget,
-        "average_bits": alloc.average,
-        "histogram": {str(k): v for k, v in alloc.histogram().items()},
-        "sizes": sizes,
-        "seconds": {r["name"]: round(r["seconds"], 2) for r in res.report["passes"]},
-        "report": str(res.out / REPORT_FILE),
-    }
-    report = json.loads((res.out / REPORT_FILE).read_text())
-    report["summary"] = summary
-    write_json(res.out / REPORT_FILE, report)
-    write_report_html(res.out)  # report.html shows the summary too
-    return summary
-
-
-def record_accuracy(out: Path, accuracy: dict[str, Any]) -> None:
-    """Add measured accuracies to an output's report."""
-    report = json.loads((out / REPORT_FILE).read_text())
-    report.setdefault("summary", {})["accuracy"] = accuracy
-    write_json(out / REPORT_FILE, report)
-    write_report_html(out)
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """One screen for the terminal."""
-    mib = 2**20
-    z = s["sizes"]
-    hist = "  ".join(f"{b}-bit: {n}" for b, n in s["histogram"].items())
-    lines = [
-        f"modec compile: {s['method']} at {s['budget']} bits (average {s['average_bits']:.3f})",
-        f"  widths        {hist}",
-        f"  experts       {z['experts_fp32'] / mib:.2f} MiB fp32 -> "
-        f"{z['experts_quantized'] / mib:.2f} MiB (codes {z['experts_codes'] / mib:.2f}, "
-        f"scales {z['experts_scales'] / mib:.2f}, zeros {z['experts_zeros'] / mib:.2f})",
-        f"  model         {z['model_fp32'] / mib:.2f} MiB fp32 -> "
-        f"{z['model_quantized'] / mib:.2f} MiB ({z['model_fp32'] / z['model_quantized']:.1f}x)",
-        "  time          " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()),
-    ]
-    acc = s.get("accuracy")
-    if acc:
-        for split in ("overall", "multimodal", "text_only"):
-            a, b = acc["fp32"][split]["accuracy"], acc["quantized"][split]["accuracy"]
-            lines.append(f"  {split:<13} fp32 {100 * a:6.2f}%  quantized {100 * b:6.2f}%")
-    lines.append(f"  report        {s['report']}")
-    return "\n".join(lines)
-
-
-class CompiledRunner:
-    """Runs a compiled artifact (``manifest.json`` + library) with `modec.runtime`."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        from modec import runtime
-
-        self.session = runtime.load(path)
-        self.inputs = list(self.session.inputs)
-        self.output = self.session.outputs[0].name
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(feeds)[self.output]

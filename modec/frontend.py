@@ -196,9 +196,10 @@ def from_hf_dir(
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             str(d), experts_implementation="batched_mm", local_files_only=True
-        ).eval()
+        )
+        model = loaded.eval()
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"{directory}: transformers cannot load it ({str(exc).splitlines()[0]}); check "

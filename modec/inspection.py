@@ -16,8 +16,8 @@ def inspect_model(path: str) -> dict[str, Any]:
     from modec.frontend import input_specs, load_onnx_proto
     from modec.moe.attention import find_attention
     from modec.moe.canonical import canonicalize_moe
+    from modec.moe.describe import describe_region
     from modec.moe.discover import find_moe
-    from modec.passes.find_moe import describe_region
 
     proto = load_onnx_proto(path)
     model = ir.serde.deserialize_model(proto)
@@ -53,7 +53,7 @@ def inspect_model(path: str) -> dict[str, Any]:
 
 def inspect_output(path: Path) -> dict[str, Any]:
     """A modec output directory: allocation, sizes, passes."""
-    from modec.driver import ALLOCATION_FILE, REPORT_FILE
+    from modec.output import ALLOCATION_FILE, REPORT_FILE
 
     try:
         report = json.loads((path / REPORT_FILE).read_text())

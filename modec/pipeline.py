@@ -1,17 +1,16 @@
-"""Pass infrastructure: passes, the context they share, pipelines as text, and the runner.
+"""Pass infrastructure: passes, the context they share, the runner and the report.
 
 A pass is a small class of configuration (its options are dataclass fields) with a kebab-case
-``name``, the facts it ``reads`` and ``writes``, and ``run(model, ctx) -> PassResult``.
-Passes hold no state between runs: counters go to ``ctx.stats``, per-node annotations to the
-IR (``modec.*`` meta keys), whole-model decisions to ``ctx.report``.
+``name``, the fact types it ``reads`` and ``writes`` (`modec.facts`), and
+``run(model, ctx) -> PassResult``. Passes hold no state between runs: counters go to
+``ctx.stats``, whole-model decisions to ``ctx.report``, typed results to ``ctx.facts``.
 
-A pipeline is a list of passes and can be written and printed as text, MLIR style::
-
-    find-moe,canonicalize-moe,collect-routing{key_ratio=0.2},allocate-bits{budget=3.0,bits=2:3:4}
-
-The runner checks that every fact a pass reads is written by an earlier pass (or given by
-the caller), times each pass, optionally dumps the graph after each pass that changed it,
-wraps failures with the names of the passes that ran before, and assembles one report.
+The runner checks before the first pass that every fact a pass reads is written by an
+earlier pass (or given by the caller) and that the passes agree on shared options (one group
+size, one set of widths); after each pass, that it wrote exactly the facts it declared. It
+calls the instruments around each pass (`modec.instruments`: timing, IR dumps), wraps
+failures with the names of the passes that ran before, and assembles one report. Pipelines
+as text: `modec.pipeline_text`; the named pipelines: `modec.pipelines`.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -32,11 +29,13 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from modec.errors import InternalError, ModecError, UsageError
+from modec.facts import Facts
+from modec.instruments import Instrument, InterruptibleBar, NullBar, PassTimer, ProgressBar
 from modec.interrupt import checkpoint
+from modec.output import REPORT_SCHEMA
+from modec.pipeline_text import format_value, parse_pass, split_top
 
 log = logging.getLogger(__name__)
-
-REPORT_SCHEMA = "modec.report/1"
 
 
 @dataclass(frozen=True)
@@ -58,31 +57,23 @@ class PassRecord:
     stats: dict[str, Any]
 
 
-class Instrument:
-    """Hooks around each pass (timing, IR dumps and progress are instruments)."""
+@dataclass(frozen=True)
+class RunOptions:
+    """Run-wide settings that no single pass owns.
 
-    def before_pass(self, p: Pass, ctx: PassContext) -> None:
-        return None
+    Attributes:
+        seed: seeds every random choice (sensitivity subset, solver).
+        threads: onnxruntime intra-op threads of the executors.
+        cache_dir: where analysis results are cached by content hash; None: no cache.
+        artifact_dir: where lower-tvm writes the artifact (the driver's temporary directory).
+        pipeline: the pipeline text, recorded in the artifact's manifest.
+    """
 
-    def after_pass(self, p: Pass, ctx: PassContext, result: PassResult, seconds: float) -> None:
-        return None
-
-
-class DumpIR(Instrument):
-    """Writes the graph as ONNX after every pass that modified it: ``NN-<pass>.onnx``."""
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
-        self.count = 0
-
-    def after_pass(self, p: Pass, ctx: PassContext, result: PassResult, seconds: float) -> None:
-        self.count += 1
-        if not result.modified:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{self.count:02d}-{p.name}.onnx"
-        ir.save(result.model, str(path))
-        log.debug("dumped IR after %s to %s", p.name, path)
+    seed: int = 0
+    threads: int = 2
+    cache_dir: str | None = None
+    artifact_dir: str | None = None
+    pipeline: str = ""
 
 
 @dataclass
@@ -90,20 +81,19 @@ class PassContext:
     """What the passes of one pipeline run share.
 
     Attributes:
-        facts: names of the facts available so far (initial ones come from the caller).
-        artifacts: in-memory analysis results by fact name (routing statistics, ...).
+        facts: the typed facts known so far (`modec.facts`); the caller gives the initial
+            ones (the calibration set).
+        options: run-wide settings.
         stats: per pass, named counters.
         report: per pass, the section it contributes to ``report.json``.
-        options: run-wide options (seed, cache directory, ...).
-        instruments: hooks called around each pass.
+        instruments: hooks called around each pass (timing, IR dumps).
         progress: factory for progress bars ``progress(total, desc)``; a no-op by default.
     """
 
-    facts: set[str] = field(default_factory=set)
-    artifacts: dict[str, Any] = field(default_factory=dict)
+    facts: Facts = field(default_factory=Facts)
+    options: RunOptions = field(default_factory=RunOptions)
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
     instruments: list[Instrument] = field(default_factory=list)
     progress: Callable[[int, str], ProgressBar] | None = None
     current: str = ""
@@ -116,6 +106,13 @@ class PassContext:
         """The running pass's section of the report (created on first use)."""
         return self.report.setdefault(self.current, {})
 
+    def fork(self) -> PassContext:
+        """A context for another pipeline over the same facts (later writes stay apart)."""
+        return PassContext(
+            facts=self.facts.copy(), options=self.options, progress=self.progress,
+            instruments=list(self.instruments),
+        )  # fmt: skip
+
     @contextmanager
     def bar(self, total: int, desc: str) -> Iterator[ProgressBar]:
         """A progress bar for a long step (silent unless the caller installed a factory).
@@ -123,45 +120,21 @@ class PassContext:
         Every tick is also an interrupt `checkpoint`, so a Ctrl-C that Python could not
         raise where it landed stops a long step at its next tick, not at the end of the pass.
         """
-        bar = self.progress(total, desc) if self.progress else _NullBar()
+        bar = self.progress(total, desc) if self.progress else NullBar()
         try:
-            yield _InterruptibleBar(bar)
+            yield InterruptibleBar(bar)
         finally:
             bar.close()
-
-
-class ProgressBar(typing.Protocol):
-    def update(self, n: int = 1) -> Any: ...
-
-    def close(self) -> Any: ...
-
-
-class _InterruptibleBar:
-    def __init__(self, bar: ProgressBar) -> None:
-        self._bar = bar
-
-    def update(self, n: int = 1) -> Any:
-        checkpoint()
-        return self._bar.update(n)
-
-    def close(self) -> Any:
-        return self._bar.close()
-
-
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Pass(ABC):
     """Base class of every pass. Subclasses are dataclasses whose fields are the options."""
 
     name: ClassVar[str]
-    reads: ClassVar[tuple[str, ...]] = ()
-    writes: ClassVar[tuple[str, ...]] = ()
+    #: The fact types (`modec.facts`) the pass reads; each must be written earlier.
+    reads: ClassVar[tuple[type, ...]] = ()
+    #: The fact types the pass writes; the runner checks it wrote exactly these.
+    writes: ClassVar[tuple[type, ...]] = ()
 
     @abstractmethod
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
@@ -188,9 +161,12 @@ class Pass(ABC):
                 else dataclasses.MISSING
             )
             if value != default:
-                parts.append(f"{f.name}={_format_value(value)}")
+                parts.append(f"{f.name}={format_value(value)}")
         return f"{self.name}{{{','.join(parts)}}}" if parts else self.name
 
+
+#: Options that every pass having them must agree on (`Pipeline.validate`).
+SHARED_OPTIONS = ("group_size", "bits")
 
 #: Every registered pass by name.
 REGISTRY: dict[str, type[Pass]] = {}
@@ -204,93 +180,6 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, tuple | list):
-        return ":".join(_format_value(v) for v in value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _parse_value(raw: str, annotation: Any, where: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    try:
-        if origin is tuple:
-            return tuple(_parse_value(v, args[0], where) for v in raw.split(":") if v)
-        if origin is typing.Literal:
-            if raw not in args:
-                raise ValueError(f"choose from {list(args)}")
-            return raw
-        if annotation is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError("expected true or false")
-            return raw.lower() in ("true", "1")
-        if annotation is int:
-            return int(raw)
-        if annotation is float:
-            return float(raw)
-        if args and type(None) in args:  # Optional[X]
-            if raw in ("", "none", "None"):
-                return None
-            inner = next(a for a in args if a is not type(None))
-            return _parse_value(raw, inner, where)
-        return raw
-    except ValueError as exc:
-        raise UsageError(f"{where}: bad value {raw!r} ({exc})") from exc
-
-
-def _split_top(text: str) -> list[str]:
-    """Split on commas that are not inside braces."""
-    out: list[str] = []
-    cur: list[str] = []
-    depth = 0
-    for ch in text:
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        out.append("".join(cur).strip())
-    return out
-
-
-def parse_pass(text: str) -> Pass:
-    """One pass from ``name`` or ``name{opt=value,...}``."""
-    name, _, rest = text.partition("{")
-    name = name.strip()
-    if name not in REGISTRY:
-        raise UsageError(f"unknown pass {name!r}; known passes: {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name]
-    kwargs: dict[str, Any] = {}
-    if rest:
-        if not rest.endswith("}"):
-            raise UsageError(f"pass {text!r}: missing '}}'")
-        hints = typing.get_type_hints(cls)
-        fields: set[str] = (
-            {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-        )
-        for item in _split_top(rest[:-1]):
-            key, eq, raw = item.partition("=")
-            key = key.strip()
-            if not eq or key not in fields:
-                raise UsageError(
-                    f"pass {name}: unknown option {key!r}; options: {', '.join(sorted(fields))}"
-                )
-            kwargs[key] = _parse_value(raw.strip(), hints[key], f"pass {name} option {key}")
-    try:
-        return cls(**kwargs)
-    except ModecError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"pass {name}: {exc}") from exc
-
-
 @dataclass
 class Pipeline:
     """A named, ordered list of passes."""
@@ -300,10 +189,11 @@ class Pipeline:
 
     @classmethod
     def parse(cls, text: str, name: str = "custom") -> Pipeline:
-        items = _split_top(text)
+        """Passes from pipeline text (`modec.pipeline_text`); passes must be registered."""
+        items = split_top(text)
         if not items:
             raise UsageError("empty pipeline; name at least one pass, e.g. find-moe")
-        return cls([parse_pass(t) for t in items], name)
+        return cls([parse_pass(t, REGISTRY) for t in items], name)
 
     def text(self) -> str:
         return ",".join(p.text() for p in self.passes)
@@ -311,8 +201,14 @@ class Pipeline:
     def __str__(self) -> str:
         return self.text()
 
-    def validate(self, given: Iterable[str] = ()) -> None:
-        """Every fact a pass reads must be given or written by an earlier pass."""
+    def validate(self, given: Iterable[type] = ()) -> None:
+        """Check the contracts before anything runs.
+
+        1. Every fact a pass reads is given or written by an earlier pass (the error names
+           the passes that write it).
+        2. Options that several passes must agree on (`SHARED_OPTIONS`: one group size, one
+           set of widths) have one value across the pipeline.
+        """
         have = set(given)
         for i, p in enumerate(self.passes):
             missing = [r for r in p.reads if r not in have]
@@ -321,22 +217,37 @@ class Pipeline:
                 writers = sorted(
                     q.name for q in REGISTRY.values() if any(m in q.writes for m in missing)
                 )
+                fix = (
+                    f"put one of {writers} before it"
+                    if writers
+                    else "no pass writes it: the caller gives it (modec.driver.load_inputs "
+                    "gives the Calibration)"
+                )
                 raise UsageError(
-                    f"pass {p.name} reads {missing} but no earlier pass writes it (earlier: "
-                    f"{earlier or 'none'}); put one of {writers or ['?']} before it"
+                    f"pass {p.name} reads {[m.__name__ for m in missing]} but no earlier pass "
+                    f"writes it (earlier: {earlier or 'none'}); {fix}"
                 )
             have.update(p.writes)
+        for option in SHARED_OPTIONS:
+            values = {p.name: v for p in self.passes if (v := p.options().get(option)) is not None}
+            if len(set(values.values())) > 1:
+                listed = ", ".join(f"{n} {option}={format_value(v)}" for n, v in values.items())
+                raise UsageError(
+                    f"the passes disagree on {option} ({listed}); give every pass the same {option}"
+                )
 
     def run(self, model: ir.Model, ctx: PassContext) -> tuple[ir.Model, list[PassRecord]]:
         """Run every pass in order; return the final model and what ran."""
-        self.validate(ctx.facts)
+        self.validate(ctx.facts.kinds())
+        timer = PassTimer()
+        instruments = [timer, *ctx.instruments]
         records: list[PassRecord] = []
         for p in self.passes:
             checkpoint()  # a Ctrl-C swallowed inside the previous pass stops the run here
             ctx.current = p.name
-            for inst in ctx.instruments:
+            for inst in instruments:
                 inst.before_pass(p, ctx)
-            t0 = time.perf_counter()
+            before = ctx.facts.ids()
             try:
                 result = p.run(model, ctx)
             except ModecError as exc:
@@ -347,10 +258,10 @@ class Pipeline:
                     f"pass {p.name} failed after {ran or 'no other pass'}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            seconds = time.perf_counter() - t0
-            for inst in ctx.instruments:
-                inst.after_pass(p, ctx, result, seconds)
-            ctx.facts.update(p.writes)
+            _check_writes(p, before, ctx.facts.ids())
+            for inst in instruments:
+                inst.after_pass(p, ctx, result)
+            seconds = timer.seconds[-1]
             records.append(
                 PassRecord(p.name, p.text(), seconds, result.modified, ctx.stats.get(p.name, {}))
             )
@@ -359,6 +270,19 @@ class Pipeline:
         checkpoint()
         ctx.current = ""
         return model, records
+
+
+def _check_writes(p: Pass, before: dict[type, int], after: dict[type, int]) -> None:
+    """A pass writes exactly the facts it declares (a new value for each, nothing else)."""
+    written = {k for k, v in after.items() if before.get(k) != v}
+    declared = set(p.writes)
+    if written != declared:
+        extra = sorted(k.__name__ for k in written - declared)
+        absent = sorted(k.__name__ for k in declared - written)
+        raise InternalError(
+            f"pass {p.name} broke its contract: wrote undeclared {extra or 'nothing'}, did not "
+            f"write declared {absent or 'nothing'}; fix its `writes`"
+        )
 
 
 def _with_history(exc: ModecError, p: Pass, records: list[PassRecord]) -> ModecError:
@@ -376,6 +300,7 @@ def build_report(
     pipeline: Pipeline,
     records: list[PassRecord],
     ctx: PassContext,
+    options: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``report.json`` document (schema `REPORT_SCHEMA`, see docs/report.md)."""
@@ -383,18 +308,23 @@ def build_report(
         "schema": REPORT_SCHEMA,
         "pipeline": pipeline.text(),
         "pipeline_name": pipeline.name,
-        "options": ctx.options,
+        "options": options,
         "passes": [dataclasses.asdict(r) for r in records],
         "sections": ctx.report,
         **(extra or {}),
     }
 
 
+def json_text(doc: Any) -> str:
+    """The canonical JSON text modec writes (sorted keys, numpy values as plain numbers)."""
+    return json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
 def write_json(path: str | os.PathLike[str], doc: Any) -> None:
     """Write JSON atomically (temp file in the same directory, then rename)."""
     dest = Path(path)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.write_text(json_text(doc))
     os.replace(tmp, dest)
 
 

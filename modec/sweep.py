@@ -13,20 +13,16 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import onnx_ir as ir
 
 from modec import data as data_mod
-from modec.driver import (
-    CompileOptions,
-    allocation_text,
-    analysis_text,
-    build_pipeline,
-    check_budget,
-    load_inputs,
-)
-from modec.pipeline import PassContext, PassRecord, ProgressBar
+from modec.driver import check_budget, load_inputs
+from modec.facts import BitAllocation
+from modec.instruments import ProgressBar
+from modec.pipeline import PassContext, PassRecord, Pipeline
+from modec.pipelines import CompileOptions, analysis_passes, decision_passes
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +43,33 @@ def analyze(
     options: CompileOptions,
     progress: Callable[[int, str], ProgressBar] | None = None,
 ) -> Analysis:
-    """Run find-moe … measure-sensitivity once."""
+    """Run the analysis phases (find-moe … measure-sensitivity) once."""
     model, ctx = load_inputs(model_path, calib_path, options, progress)
-    model, records = build_pipeline(analysis_text(options)).run(model, ctx)
+    model, records = Pipeline(analysis_passes(options), name="analysis").run(model, ctx)
     return Analysis(model, ctx, records, options)
 
 
-def quantize(an: Analysis, method: str, budget: float, quantizer: str = "gptq") -> ir.Model:
-    """allocate-bits + quantize-experts for one method and budget; returns the simulated model."""
+@dataclass
+class Quantized:
+    """One allocation: the simulated-quantization model and the widths it used."""
+
+    model: ir.Model
+    allocation: BitAllocation
+
+
+def quantize(
+    an: Analysis, method: str, budget: float, quantizer: Literal["gptq", "rtn"] = "gptq"
+) -> Quantized:
+    """allocate-bits + quantize-experts for one method and budget, on a copy of the model."""
     from modec.moe.canonical import is_moe_node
 
     o = replace(an.options, method=method, budget=budget, quantizer=quantizer)
     experts = [int(n.attributes["num_experts"].value) for n in an.model.graph if is_moe_node(n)]
     check_budget(experts, o)
-    ctx = PassContext(
-        facts=set(an.ctx.facts),
-        artifacts=dict(an.ctx.artifacts),
-        options=dict(an.ctx.options),
-        progress=an.ctx.progress,
-    )
+    ctx = an.ctx.fork()
     model = ir.serde.deserialize_model(ir.serde.serialize_model(an.model))
-    model, _ = build_pipeline(allocation_text(o)).run(model, ctx)
-    model.meta["modec.allocation"] = ctx.artifacts["allocation"]
-    return model
+    model, _ = Pipeline(decision_passes(o), name=method).run(model, ctx)
+    return Quantized(model, ctx.facts.get(BitAllocation))
 
 
 def evaluate_model(model: ir.Model, ds: data_mod.Dataset, threads: int = 2) -> Any:
@@ -110,14 +110,14 @@ def sweep(
     progress: Callable[[int, str], ProgressBar] | None = None,
 ) -> list[dict[str, Any]]:
     """One analysis, then allocation + simulated evaluation per budget."""
-    from modec.driver import size_summary
+    from modec.summary import size_summary
 
     an = analyze(model_path, calib_path, options, progress)
     ds = data_mod.load(eval_path) if eval_path else None
     rows: list[dict[str, Any]] = []
     for budget in budgets:
-        model = quantize(an, options.method, budget, options.quantizer)
-        alloc = model.meta["modec.allocation"]
+        q = quantize(an, options.method, budget, options.quantizer)
+        model, alloc = q.model, q.allocation
         sizes = size_summary(model, alloc.widths, options.group_size)
         row: dict[str, Any] = {
             "budget": budget,

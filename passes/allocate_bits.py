@@ -1,12 +1,13 @@
-"""allocate-bits: one width per expert from an integer linear program (python-mip).
+"""allocate-bits: one width per expert from an integer linear program (MODE step 4).
 
-Reads: ``moe.canonical``, ``routing.stats``, and ``sensitivity`` for the methods that use
-KL sensitivities. Writes: ``allocation`` (``ctx.artifacts["allocation"]``: `BitAllocation`).
-Modifies: nothing.
+Reads: `CanonicalMoE`, `RoutingStats`, `KeyVision`, and `Sensitivity` for the methods that use
+KL sensitivities. Writes: `BitAllocation`. Modifies: nothing. The costs and the solve live
+in `modec.method.allocate`; the importance signals in `modec.numerics.importance`; the ILP in
+`modec.numerics.ilp`.
 
 Rules:
-1. The cost of expert e at width b comes from the importance signal of ``method``
-   (`modec.numerics.importance`): MODE's Σ_M f_M(e)·δ_M(e,b) by default.
+1. The cost of expert e at width b comes from the importance signal of ``method``: MODE's
+   f_text(e)·δ_text(e,b) + f_key(e)·δ_vision(e,b) by default.
 2. ``scope=layer`` (the paper) solves one ILP per layer with Σ_e b_e = ⌊n·budget⌋
    (``sense=eq``) or ≤ (``sense=le``); ``scope=global`` solves one ILP over all experts.
 3. ``budget_bytes`` > 0 replaces the average-bit budget by a byte budget over all experts
@@ -19,80 +20,15 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import onnx_ir as ir
 
+from modec.defaults import BITS, BUDGET, GROUP_SIZE
 from modec.errors import BadInputError
-from modec.numerics.importance import METHODS, NEEDS_SENSITIVITY, LayerSignals, layer_cost
+from modec.facts import BitAllocation, CanonicalMoE, KeyVision, RoutingStats, Sensitivity
+from modec.numerics.importance import METHODS, NEEDS_SENSITIVITY
 from modec.pipeline import Pass, PassContext, PassResult, register
-
-
-@dataclass(frozen=True)
-class BitAllocation:
-    """The chosen width of every expert, and how it was chosen."""
-
-    method: str
-    bits: tuple[int, ...]
-    budget: float
-    widths: tuple[tuple[int, ...], ...]  # [layer][expert]
-    objective: float
-    status: str
-    solve_seconds: float
-    rounded: bool
-
-    def histogram(self) -> dict[int, int]:
-        flat = [w for layer in self.widths for w in layer]
-        return {b: flat.count(b) for b in sorted(set(flat))}
-
-    @property
-    def average(self) -> float:
-        flat = [w for layer in self.widths for w in layer]
-        return float(np.mean(flat))
-
-
-def layer_signals(stats: Any, sens: Any, layer: int, err: np.ndarray) -> LayerSignals:
-    """Collect one layer's signals from the routing statistics and sensitivities."""
-    f64 = np.float64
-    return LayerSignals(
-        f_text=np.asarray(stats.f_text[layer], f64),
-        f_key=np.asarray(stats.f_vision[layer], f64),
-        f_vision=np.asarray(stats.f_vision_all[layer], f64),
-        f_redundant=np.asarray(stats.f_redundant[layer], f64),
-        f_global=np.asarray(stats.f_global[layer], f64),
-        n_text=np.asarray(stats.count_text[layer], f64),
-        n_vision=np.asarray(stats.count_vision[layer], f64),
-        mean_weight=np.asarray(stats.mean_weight[layer], f64),
-        err=err,
-        delta_text=None if sens is None else np.asarray(sens.delta_text[layer], f64),
-        delta_vision=None if sens is None else np.asarray(sens.delta_vision[layer], f64),
-    )
-
-
-def expert_errors(
-    model: ir.Model, stats: Any, bits: tuple[int, ...], group_size: int
-) -> list[np.ndarray]:
-    """Per layer, each expert's RTN output error at each width [E, J] (gate + up + down)."""
-    from modec.moe.canonical import is_moe_node
-    from modec.moe.reference import MoEParams
-    from modec.numerics.importance import output_error
-
-    out = []
-    nodes = [n for n in model.graph if is_moe_node(n)]
-    for layer, node in enumerate(nodes):
-        p = MoEParams.from_node(node)
-        e_count = p.num_experts
-        err = np.zeros((e_count, len(bits)))
-        for e in range(e_count):
-            n_tok = int(stats.tokens[layer][e])
-            h_in = stats.hessian_in[layer][e]
-            h_act = stats.hessian_act[layer][e]
-            for w, h in ((p.gate, h_in), (p.up, h_in), (p.down, h_act)):
-                if w is not None:
-                    err[e] += output_error(w[e], h, n_tok, bits, group_size)
-        out.append(err)
-    return out
 
 
 @register
@@ -101,36 +37,46 @@ class AllocateBitsPass(Pass):
     """Choose every expert's width; see the module docstring."""
 
     name = "allocate-bits"
-    writes = ("allocation",)
-    budget: float = 3.0
-    bits: tuple[int, ...] = (2, 3, 4)
+    writes = (BitAllocation,)
+    budget: float = BUDGET
+    bits: tuple[int, ...] = BITS
     method: str = "mode"
     scope: Literal["layer", "global"] = "layer"
     sense: Literal["eq", "le"] = "eq"
     budget_bytes: int = 0
-    group_size: int = 128
+    group_size: int = GROUP_SIZE
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise BadInputError(f"unknown --method {self.method!r}; choose from {list(METHODS)}")
 
     @property
-    def reads(self) -> tuple[str, ...]:  # type: ignore[override]
-        base = ("moe.canonical", "routing.stats")
-        return (*base, "sensitivity") if self.method in NEEDS_SENSITIVITY else base
+    def reads(self) -> tuple[type, ...]:  # type: ignore[override]
+        if self.method == "uniform":  # no costs: only the expert counts
+            return (CanonicalMoE, RoutingStats)
+        base: tuple[type, ...] = (CanonicalMoE, RoutingStats, KeyVision)
+        return (*base, Sensitivity) if self.method in NEEDS_SENSITIVITY else base
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from modec.numerics import ilp
+        from modec.method.allocate import (
+            AllocationProblem,
+            moe_params,
+            solve_allocation,
+            uniform_allocation,
+        )
 
-        stats = ctx.artifacts["routing.stats"]
-        sens = ctx.artifacts.get("sensitivity")
+        stats = ctx.facts.get(RoutingStats)
+        sens = ctx.facts.find(Sensitivity) if self.method in NEEDS_SENSITIVITY else None
         if sens is not None and tuple(sens.bits) != tuple(self.bits):
             raise BadInputError(
                 f"sensitivities were measured for widths {list(sens.bits)} but --bits is "
                 f"{list(self.bits)}; measure them for the same widths"
             )
-        n_layers = len(stats.f_text)
-        experts = [len(f) for f in stats.f_text]
+        problem = AllocationProblem(
+            method=self.method, budget=self.budget, bits=tuple(self.bits),
+            group_size=self.group_size, scope=self.scope, sense=self.sense,
+            budget_bytes=self.budget_bytes, seed=ctx.options.seed,
+        )  # fmt: skip
         section = ctx.section()
         if self.method == "uniform":
             if float(self.budget) != int(self.budget) or int(self.budget) not in self.bits:
@@ -138,70 +84,21 @@ class AllocateBitsPass(Pass):
                     f"--method uniform needs an integer --budget among --bits {list(self.bits)}; "
                     f"got {self.budget}"
                 )
-            widths = tuple(tuple([int(self.budget)] * n) for n in experts)
-            alloc = BitAllocation(
-                "uniform", self.bits, self.budget, widths, 0.0, "not solved", 0.0, False
-            )
+            alloc = uniform_allocation([len(f) for f in stats.f_text], problem)
         else:
-            errs = expert_errors(model, stats, self.bits, self.group_size)
-            signals = [layer_signals(stats, sens, i, errs[i]) for i in range(n_layers)]
-            gamma = 1.0
-            if self.method == "veq-me":
-                from modec.numerics.importance import veq_gamma
-
-                gamma = veq_gamma(signals)
-                section["veq_gamma"] = gamma
-            costs = [layer_cost(self.method, s, gamma) for s in signals]
-            section["costs"] = [c.tolist() for c in costs]
-            opts = ilp.SolverOptions(seed=int(ctx.options.get("seed", 0)))
-            if self.budget_bytes > 0:
-                nbytes = [
-                    np.stack([ilp.expert_nbytes(_shapes(model, i), self.bits, self.group_size)
-                              for _ in range(experts[i])])
-                    for i in range(n_layers)
-                ]  # fmt: skip
-                sols = [
-                    ilp.allocate_bytes(costs, self.bits, nbytes, self.budget_bytes, options=opts)
-                ]
-            elif self.scope == "global":
-                sols = [
-                    ilp.allocate_bits_global(
-                        costs, self.bits, self.budget, sense=self.sense, options=opts
-                    )
-                ]
-            else:
-                sols = list(
-                    ilp.allocate_bits_per_layer(
-                        costs, self.bits, self.budget, sense=self.sense, options=opts
-                    )
-                )
-            widths = tuple(tuple(int(w) for w in layer) for s in sols for layer in s.per_layer())
-            alloc = BitAllocation(
-                method=self.method,
-                bits=self.bits,
-                budget=self.budget,
-                widths=widths,
-                objective=float(sum(s.objective for s in sols)),
-                status=",".join(sorted({str(s.status) for s in sols})),
-                solve_seconds=float(sum(s.solve_time_s for s in sols)),
-                rounded=any(s.rounded for s in sols),
+            res = solve_allocation(
+                moe_params(model), stats, ctx.facts.get(KeyVision), sens, problem
             )
-            section["layers"] = [
-                {
-                    "status": str(s.status),
-                    "objective": s.objective,
-                    "gap": s.gap,
-                    "solve_seconds": s.solve_time_s,
-                    "rounded": s.rounded,
-                    "target": s.target,
-                }
-                for s in sols
-            ]
+            alloc = res.allocation
+            if res.veq_gamma is not None:
+                section["veq_gamma"] = res.veq_gamma
+            section["costs"] = [c.tolist() for c in res.costs]
+            section["layers"] = res.solves
             if alloc.rounded:
                 section["note"] = (
                     "n·budget was not an integer in some layer; the bit target was rounded down"
                 )
-        ctx.artifacts["allocation"] = alloc
+        ctx.facts.put(alloc)
         section.update(
             method=alloc.method,
             budget=alloc.budget,
@@ -214,13 +111,3 @@ class AllocateBitsPass(Pass):
         ctx.stat("average_bits", alloc.average)
         ctx.stat("solve_seconds", alloc.solve_seconds)
         return PassResult(model, modified=False)
-
-
-def _shapes(model: ir.Model, layer: int) -> list[tuple[int, int]]:
-    """[N, K] of each projection of one expert of MoE layer ``layer``."""
-    from modec.moe.canonical import is_moe_node
-    from modec.moe.reference import MoEParams
-
-    node = [n for n in model.graph if is_moe_node(n)][layer]
-    p = MoEParams.from_node(node)
-    return [tuple(w.shape[1:]) for w in (p.gate, p.up, p.down) if w is not None]

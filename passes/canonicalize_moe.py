@@ -1,6 +1,7 @@
 """canonicalize-moe: replace each MoE region by one ``ai.modec::MoE`` node (docs/ir.md).
 
-Reads: ``moe.regions``. Writes: ``moe.canonical``. Modifies: the graph.
+Reads: `MoELayers`. Writes: `CanonicalMoE` (the new nodes' names). Modifies: the graph.
+The rewrite lives in `modec.moe.canonical`.
 
 Rules:
 1. Each region found by find-moe becomes one node whose inputs are the token states, the
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from modec.facts import CanonicalMoE, MoELayers
 from modec.moe.canonical import canonicalize_moe
 from modec.pipeline import Pass, PassContext, PassResult, register
 
@@ -26,12 +28,12 @@ class CanonicalizeMoEPass(Pass):
     """Rewrite every MoE region into the canonical node; see the module docstring."""
 
     name = "canonicalize-moe"
-    reads = ("moe.regions",)
-    writes = ("moe.canonical",)
+    reads = (MoELayers,)
+    writes = (CanonicalMoE,)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        nodes = canonicalize_moe(model, ctx.artifacts["moe.regions"])
-        ctx.artifacts["moe.nodes"] = nodes
+        nodes = canonicalize_moe(model, list(ctx.facts.get(MoELayers).regions))
+        ctx.facts.put(CanonicalMoE(tuple(n.name or "" for n in nodes)))
         ctx.stat("replaced", len(nodes))
         ctx.section()["nodes"] = [n.name for n in nodes]
         return PassResult(model, modified=bool(nodes))

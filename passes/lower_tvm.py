@@ -1,9 +1,8 @@
 """lower-tvm: compile the quantized model into a modec artifact (model.so + weights).
 
-Reads: ``moe.canonical`` (the model's MoE layers are ``ai.modec::MoE`` nodes) and
-``quantized`` (``ctx.artifacts["quantized"]``: `QuantizedExperts`). Writes: ``artifact``
-(``ctx.artifacts["artifact"]``: the `modec.artifact.Manifest`). Modifies: nothing in the
-graph (``modified=False``); the artifact goes to ``ctx.options["artifact_dir"]``.
+Reads: `CanonicalMoE` (the model's MoE layers are ``ai.modec::MoE`` nodes) and
+`QuantizedExperts`. Writes: `Artifact` (the `modec.artifact.Manifest`). Modifies: nothing in
+the graph (``modified=False``); the artifact goes to the run's ``artifact_dir``.
 
 Rules:
 1. Dense ops go through `modec.lowering.dense` (TVM Relax frontend + scheduled matmuls);
@@ -15,8 +14,8 @@ Rules:
    expert initializers of the graph are not shipped.
 4. The manifest gets a ``moe`` section (per-layer widths, width groups, group size,
    layout, byte sizes of codes / scales / zeros per group and projection) and a
-   ``pipeline`` section (the pipeline text from ``ctx.options["pipeline"]`` if the driver
-   set it, and this pass's options).
+   ``pipeline`` section (the run's pipeline text if the driver set it, and this pass's
+   options).
 5. ``target`` is ``llvm`` (this CPU) or a CUDA target (`check_target` refuses anything else
    before the driver's expensive passes). For CUDA the expert kernels take fp16 activations
    (cast around each projection) and the routing sort runs as one GPU thread; see
@@ -25,37 +24,13 @@ Rules:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import onnx_ir as ir
 
 from modec.errors import UsageError
+from modec.facts import Artifact, CanonicalMoE, QuantizedExperts
 from modec.pipeline import Pass, PassContext, PassResult, register
-
-log = logging.getLogger(__name__)
-
-
-def check_target(target: str) -> None:
-    """Refuse a target modec cannot build for, before any expensive work.
-
-    modec builds for ``llvm`` (this CPU; the default) and ``cuda`` (sm_90 unless a dict
-    target says otherwise). Anything else would fail inside TVM after calibration and
-    quantization, so it is a usage error here.
-    """
-    from modec.errors import ModecError
-    from modec.kernels.target import resolve_target
-
-    try:
-        kind = str(resolve_target(target).kind.name)
-    except ModecError as exc:
-        raise UsageError(f"--target {target}: {exc}") from exc
-    if kind not in ("llvm", "cuda"):
-        raise UsageError(
-            f"--target {target}: modec builds for 'llvm' (this CPU) or 'cuda', not {kind!r}"
-        )
 
 
 @register
@@ -64,51 +39,35 @@ class LowerTVMPass(Pass):
     """Build the artifact with mixed-precision MoE kernels; see the module docstring."""
 
     name = "lower-tvm"
-    reads = ("moe.canonical", "quantized")
-    writes = ("artifact",)
+    reads = (CanonicalMoE, QuantizedExperts)
+    writes = (Artifact,)
     target: str = "llvm"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from modec.lowering.build import BUILD_STEPS, build_artifact
-        from modec.lowering.moe import MoELowering, moe_section, plan_layers
+        from modec.lowering.build import BUILD_STEPS
+        from modec.lowering.lower import lower_model
 
-        out = ctx.options.get("artifact_dir")
+        out = ctx.options.artifact_dir
         if not out:
             raise UsageError(
-                "lower-tvm needs ctx.options['artifact_dir'] (the directory the artifact is "
+                "lower-tvm needs RunOptions.artifact_dir (the directory the artifact is "
                 "written to); the compile driver sets it, a custom caller must too"
             )
-        check_target(self.target)
-        quantized = ctx.artifacts["quantized"]
-        plans = plan_layers(model, quantized)
-        lowering = MoELowering(plans, self.target)
-        pipeline: dict[str, Any] = {"lower-tvm": self.text()}
-        if ctx.options.get("pipeline"):
-            pipeline["text"] = str(ctx.options["pipeline"])
-        moe = moe_section(plans)
+        pipeline = {"lower-tvm": self.text()}
+        if ctx.options.pipeline:
+            pipeline["text"] = ctx.options.pipeline
         with ctx.bar(len(BUILD_STEPS), "kernel build") as bar:
-            manifest = build_artifact(
-                ir.to_proto(model),
-                Path(out),
-                self.target,
-                hooks=[lowering.add_params],
-                op_converters={"MoE": lowering.convert},
-                sections={"moe": moe, "pipeline": pipeline},
+            res = lower_model(
+                model, ctx.facts.get(QuantizedExperts), out, self.target, pipeline=pipeline,
                 step=lambda _name: bar.update(1),
-            )
-        ctx.artifacts["artifact"] = manifest
-        launches = sum(len(k) for k in lowering.kernels)
-        ctx.stat("moe_layers", len(plans))
-        ctx.stat("moe_kernel_launches", launches)
-        ctx.stat("params", len(manifest.params))
-        packed = sum(
-            b for layer in moe["layers"] for g in layer["groups"]
-            for sizes in g["bytes"].values() for b in sizes.values()
-        )  # fmt: skip
-        ctx.stat("packed_expert_bytes", packed)
+            )  # fmt: skip
+        ctx.facts.put(Artifact(res.manifest))
+        ctx.stat("moe_layers", res.moe_layers)
+        ctx.stat("moe_kernel_launches", res.moe_kernel_launches)
+        ctx.stat("params", res.params)
+        ctx.stat("packed_expert_bytes", res.packed_expert_bytes)
         ctx.section().update(
-            target=self.target, moe_kernel_launches=launches,
-            packed_expert_bytes=packed,
+            target=self.target, moe_kernel_launches=res.moe_kernel_launches,
+            packed_expert_bytes=res.packed_expert_bytes,
         )  # fmt: skip
-        log.info("lower-tvm: wrote %s (%d MoE kernel launches)", out, launches)
         return PassResult(model, modified=False)

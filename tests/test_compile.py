@@ -11,8 +11,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from modec import data
-from modec.driver import CompileOptions, SimulatedRunner, compile_model
+from modec.driver import CompileOptions, compile_model
 from modec.evaluate import evaluate
+from modec.runners import SimulatedRunner
 
 FAST = CompileOptions(sensitivity_samples=8, budget=3.0, target="none")
 
@@ -29,10 +30,11 @@ def test_outputs_and_report(compiled):
     files = {p.name for p in out.iterdir()}
     assert {"report.json", "allocation.json", "experts.safetensors", "model.sim.onnx"} <= files
     report = json.loads((out / "report.json").read_text())
-    assert report["schema"] == "modec.report/1"
+    assert report["schema"] == "modec.report/2"
     ran = [p["name"] for p in report["passes"]]
     assert ran == ["find-moe", "canonicalize-moe", "find-attention", "collect-routing",
-                   "measure-sensitivity", "allocate-bits", "quantize-experts"]  # fmt: skip
+                   "select-key-vision", "measure-sensitivity", "allocate-bits",
+                   "quantize-experts"]  # fmt: skip
     assert report["pipeline"].split(",")[0] == "find-moe"
     assert all(p["seconds"] >= 0 for p in report["passes"])
     alloc = json.loads((out / "allocation.json").read_text())
@@ -104,13 +106,26 @@ def test_other_methods(tiny_vlm, tmp_path, method):
 
 def test_cli_compile_then_eval_then_inspect(tiny_vlm, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "modec.cli", "-q", "compile", str(tiny_vlm["model"]),
+    # -q after the subcommand, as a user types it.
+    cmd = [sys.executable, "-m", "modec.cli", "compile", "-q", str(tiny_vlm["model"]),
            "--calib", str(tiny_vlm["calib"]), "--budget", "2.5", "--sensitivity-samples", "8",
            "-o", str(out), "--eval", str(tiny_vlm["eval"]),
-           "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+           "--cache-dir", str(tmp_path / "cache"),
+           "--dump-ir-after", "quantize-experts"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # -q: no progress bars, no warnings
     assert "widths" in r.stdout and "quantized" in r.stdout and "report" in r.stdout
+    # The summary and the accuracy are in the report and on the page, written once.
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["accuracy"]["quantized"]["overall"]["accuracy"] >= 0.0
+    assert "plot-accuracy" in (out / "report.html").read_text()
+    # Every file of the output is 0644 (less the umask), the directory 0755.
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    # --dump-ir-after writes the graph beside the output, never inside it.
+    dumped = sorted(p.name for p in (tmp_path / "cli.ir").iterdir())
+    assert dumped == ["08-quantize-experts.onnx"]
     r = subprocess.run([sys.executable, "-m", "modec.cli", "eval", str(out), "--data",
                         str(tiny_vlm["eval"]), "--json"], capture_output=True, text=True,
                        timeout=600)  # fmt: skip

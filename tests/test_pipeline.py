@@ -1,4 +1,4 @@
-"""Pass infrastructure: pipeline text, read/write checks, timing records, errors, IR dumps."""
+"""Pass infrastructure: pipeline text, typed contracts, timing records, errors, IR dumps."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 
 from modec import pipeline as pl
 from modec.errors import BadInputError, InternalError, UsageError
+from modec.facts import FACT_TYPES, CanonicalMoE, Facts, MoELayers
+from modec.instruments import DumpIR
 from modec.interrupt import catch_sigint, checkpoint
 
 
@@ -27,10 +29,11 @@ def _tiny_model() -> ir.Model:
 @dataclass
 class _WriteFact(pl.Pass):
     name = "test-write-fact"
-    writes = ("fact.a",)
+    writes = (CanonicalMoE,)
     count: int = 1
 
     def run(self, model, ctx):
+        ctx.facts.put(CanonicalMoE(("moe0",)))
         ctx.stat("count", self.count)
         ctx.section()["seen"] = True
         return pl.PassResult(model, modified=False)
@@ -40,7 +43,7 @@ class _WriteFact(pl.Pass):
 @dataclass
 class _ReadFact(pl.Pass):
     name = "test-read-fact"
-    reads = ("fact.a",)
+    reads = (CanonicalMoE,)
     mode: Literal["fast", "exact"] = "fast"
     ratio: float = 0.2
     widths: tuple[int, ...] = (2, 3, 4)
@@ -100,14 +103,90 @@ def test_bad_pipeline_text(text, message):
 
 def test_reads_need_an_earlier_writer():
     p = pl.Pipeline.parse("test-read-fact,test-write-fact")
-    with pytest.raises(UsageError, match=r"reads \['fact.a'\].*put one of \['test-write-fact'\]"):
+    with pytest.raises(
+        UsageError,
+        match=r"reads \['CanonicalMoE'\].*put one of \[[^]]*'test-write-fact'[^]]*\] before",
+    ):
         p.validate()
-    p.validate(given={"fact.a"})  # a fact supplied by the caller is enough
+    p.validate(given={CanonicalMoE})  # a fact supplied by the caller is enough
+
+
+@pl.register
+@dataclass
+class _Liar(pl.Pass):
+    """Declares one fact and writes another (or nothing)."""
+
+    name = "test-liar"
+    writes = (CanonicalMoE,)
+    write_other: bool = True
+
+    def run(self, model, ctx):
+        if self.write_other:
+            ctx.facts.put(MoELayers(()))
+        return pl.PassResult(model, modified=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "test-liar",
+            r"wrote undeclared \['MoELayers'\], did not write declared \['CanonicalMoE'\]",
+        ),
+        ("test-liar{write_other=false}", r"wrote undeclared nothing, did not write declared"),
+    ],
+)
+def test_a_pass_must_write_exactly_what_it_declares(text, message):
+    with pytest.raises(InternalError, match=message):
+        pl.Pipeline.parse(text).run(_tiny_model(), pl.PassContext())
+
+
+def test_facts_are_typed():
+    facts = Facts(CanonicalMoE(("a",)))
+    assert facts.get(CanonicalMoE).nodes == ("a",)
+    assert facts.find(MoELayers) is None
+    with pytest.raises(InternalError, match="no MoELayers fact"):
+        facts.get(MoELayers)
+    with pytest.raises(InternalError, match="dict is not a fact type"):
+        facts.put({"moe.nodes": 1})
+
+
+def test_passes_must_agree_on_group_size_and_bits():
+    import modec.passes  # noqa: F401  (registers the real passes)
+
+    text = "allocate-bits{group_size=64},quantize-experts"
+    with pytest.raises(
+        UsageError,
+        match=r"disagree on group_size \(allocate-bits group_size=64, quantize-experts "
+        r"group_size=128\)",
+    ):
+        pl.Pipeline.parse(text).validate(given=FACT_TYPES)
+    text = "measure-sensitivity{bits=2:4},allocate-bits"
+    with pytest.raises(UsageError, match=r"disagree on bits"):
+        pl.Pipeline.parse(text).validate(given=FACT_TYPES)
+
+
+def test_every_named_pipeline_round_trips_through_text():
+    from modec.pipelines import PIPELINES, CompileOptions, parse_pipeline, standard_pipeline
+
+    for name in PIPELINES:
+        for o in (
+            CompileOptions(method=name),
+            CompileOptions(method=name, budget=4.0, bits=(2, 4), group_size=64, target="none"),
+        ):
+            if name == "uniform" and o.budget != int(o.budget):
+                continue
+            p = standard_pipeline(o)
+            again = parse_pipeline(p.text())
+            assert again.text() == p.text()
+            assert [type(q) for q in again.passes] == [type(q) for q in p.passes]
+            assert [q.options() for q in again.passes] == [q.options() for q in p.passes]
+            p.validate(given=(pl.REGISTRY["collect-routing"].reads[-1],))
 
 
 def test_run_records_passes_stats_and_report(tmp_path):
     p = pl.Pipeline.parse("test-write-fact{count=3},test-read-fact,test-rename")
-    ctx = pl.PassContext(instruments=[pl.DumpIR(tmp_path / "dump")])
+    ctx = pl.PassContext(instruments=[DumpIR(tmp_path / "dump")])
     model, records = p.run(_tiny_model(), ctx)
     assert [r.name for r in records] == ["test-write-fact", "test-read-fact", "test-rename"]
     assert [r.modified for r in records] == [False, False, True]
@@ -116,11 +195,26 @@ def test_run_records_passes_stats_and_report(tmp_path):
     assert model.graph.name == "renamed"
     # Only the pass that modified the graph is dumped.
     assert [f.name for f in (tmp_path / "dump").iterdir()] == ["03-test-rename.onnx"]
-    report = pl.build_report(p, records, ctx)
+    report = pl.build_report(p, records, ctx, {"seed": 0})
     assert report["schema"] == pl.REPORT_SCHEMA
     assert report["pipeline"] == p.text()
     assert [x["name"] for x in report["passes"]] == [r.name for r in records]
     assert report["sections"]["test-write-fact"] == {"seen": True}
+    assert report["options"] == {"seed": 0}
+
+
+def test_dump_ir_after_named_passes(tmp_path):
+    p = pl.Pipeline.parse("test-write-fact,test-read-fact,test-rename")
+    dump = DumpIR(tmp_path / "dump", after=["test-read-fact"])
+    p.run(_tiny_model(), pl.PassContext(instruments=[dump]))
+    # Named passes are dumped whether or not they modified the graph; others are not.
+    assert [f.name for f in (tmp_path / "dump").iterdir()] == ["02-test-read-fact.onnx"]
+    every = DumpIR(tmp_path / "all", after=["all"])
+    p.run(_tiny_model(), pl.PassContext(instruments=[every]))
+    assert sorted(f.name for f in (tmp_path / "all").iterdir()) == [
+        "01-test-write-fact.onnx", "02-test-read-fact.onnx", "03-test-rename.onnx",
+    ]  # fmt: skip
+    assert ir.load(str(tmp_path / "all" / "03-test-rename.onnx")).graph.name == "renamed"
 
 
 def test_failures_name_the_pass_and_what_ran_before():

@@ -24,8 +24,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from modec.driver import CompileOptions, build_pipeline, compile_model
-from modec.pipeline import PassContext
+from modec.passes.allocate_bits import AllocateBitsPass
+
+from modec.driver import compile_model
+from modec.pipeline import Pipeline
+from modec.pipelines import CompileOptions
 from modec.sweep import analyze, quantize
 
 MODEL = "examples/digits-vlm/model.onnx"
@@ -53,11 +56,8 @@ def main() -> None:
         an = analyze(MODEL, CALIB, base)
         alloc_only = []
         for _ in range(max(5, args.runs)):
-            ctx = PassContext(
-                set(an.ctx.facts), dict(an.ctx.artifacts), options=dict(an.ctx.options)
-            )
-            pipe = build_pipeline("allocate-bits{budget=2.5}")
-            alloc_only.append(timed(functools.partial(pipe.run, an.model, ctx)))
+            pipe = Pipeline([AllocateBitsPass(budget=2.5)])
+            alloc_only.append(timed(functools.partial(pipe.run, an.model, an.ctx.fork())))
         rows.append(("re-solve: allocate-bits at a new budget (statistics in memory)", alloc_only))
         requant = [timed(lambda: quantize(an, "mode", 2.5)) for _ in range(max(5, args.runs))]
         rows.append(("re-solve: allocate-bits + GPTQ at a new budget (in memory)", requant))

@@ -4,11 +4,12 @@
                               [--widths 2:3:4] [--group-size 128] [--runs 10]
 
 Without --artifact, the experts are RTN-quantized at widths cycling through --widths (expert
-e of every layer gets widths[e % len]) and the artifact is built with the lower-tvm pass
-into a temporary directory. Without --model (or when the file does not exist) a
-random-weight digits-vlm of the bundled shape (4 layers x 16 experts, H = I = 128) is
-exported first. Inputs are digits-vlm sample batches (multimodal). Reports medians of
---runs timed calls after 2 warm-up calls: batch-1 latency and batch-16 throughput.
+e of every layer gets widths[e % len]) and the artifact is built with
+`modec.lowering.lower.lower_model` (the body of the lower-tvm pass) into a temporary
+directory. Without --model (or when the file does not exist) a random-weight digits-vlm of
+the bundled shape (4 layers x 16 experts, H = I = 128) is exported first. Inputs are
+digits-vlm sample batches (multimodal). Reports medians of --runs timed calls after 2 warm-up
+calls: batch-1 latency and batch-16 throughput.
 onnxruntime runs with --threads intra-op threads, the TVM VM with its default pool.
 """
 
@@ -21,19 +22,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from modec.method.quantize import quantize_model_rtn
 from modec.moe.canonical import canonicalize_moe, is_moe_node
-from modec.numerics.quant import quantize_rtn
-from modec.numerics.schemes import QuantScheme
-from modec.passes.quantize_experts import QuantizedExperts
-from modec.pipeline import PassContext
-
-_INPUT_INDEX = {"gate": 3, "up": 4, "down": 5}
 
 
 def median_ms(fn: Callable[[], object], runs: int) -> float:
@@ -60,33 +54,21 @@ def random_model(path: Path) -> Path:
     return path
 
 
-def build_rtn_artifact(model_path: Path, out: Path, widths: list[int], group_size: int) -> Any:
-    """RTN-quantize every expert (widths cycling per expert), lower with lower-tvm."""
-    from modec.passes.lower_tvm import LowerTVMPass
+def build_rtn_artifact(model_path: Path, out: Path, widths: list[int], group_size: int) -> Path:
+    """RTN-quantize every expert (widths cycling per expert), lower it into ``out``."""
+    from modec.lowering.lower import lower_model
 
     model = ir.load(str(model_path))
     canonicalize_moe(model)
-    nodes = [n for n in model.graph if is_moe_node(n)]
-    per_layer = []
-    for node in nodes:
-        e_count = int(node.attributes["num_experts"].value)
-        per_layer.append(tuple(widths[e % len(widths)] for e in range(e_count)))
-    q = QuantizedExperts(group_size, tuple(per_layer))
-    for layer, node in enumerate(nodes):
-        per: dict[str, list[Any]] = {}
-        for proj, i in _INPUT_INDEX.items():
-            v = node.inputs[i]
-            if v is None or v.const_value is None:
-                continue
-            w = np.asarray(v.const_value.numpy(), dtype=np.float32)
-            per[proj] = [
-                quantize_rtn(w[e], QuantScheme(per_layer[layer][e], group_size))
-                for e in range(len(w))
-            ]
-        q.layers.append(per)
-    ctx = PassContext(artifacts={"quantized": q}, options={"artifact_dir": str(out)})
-    ctx.current = "lower-tvm"
-    LowerTVMPass().run(model, ctx)
+    per_layer = tuple(
+        tuple(widths[e % len(widths)] for e in range(int(n.attributes["num_experts"].value)))
+        for n in model.graph
+        if is_moe_node(n)
+    )
+    # The artifact ships the codes only, so the fp weights need not be replaced.
+    quantized = quantize_model_rtn(model, per_layer, group_size, write_back=False)
+    # The pipeline section the lower-tvm pass records with its default options.
+    lower_model(model, quantized, out, "llvm", pipeline={"lower-tvm": "lower-tvm"})
     return out
 
 
@@ -104,6 +86,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     import modec.runtime
+
     from tools.digits_vlm.export import sample_batch
 
     model_path = Path(args.model)

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from modec import data
-from modec.driver import CompiledRunner, SimulatedRunner
 from modec.evaluate import evaluate
+from modec.runners import CompiledRunner, SimulatedRunner
 
 
 def topk_margin(routing: dict[int, Any], shape: tuple[int, ...]) -> np.ndarray:

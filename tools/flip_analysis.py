@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from modec import data
-from modec.driver import CompileOptions
 from modec.executor import Executor
 from modec.frontend import OrtRunner
+from modec.pipelines import CompileOptions
 from modec.sweep import analyze, quantize
 from tools.mode_table import calibration_set
 
@@ -56,7 +56,7 @@ def main() -> None:
         calib = calibration_set(Path(tmp) / "calib.npz", args.seed)
         an = analyze(args.model, str(calib), CompileOptions(seed=args.seed, bits=bits))
     sim = quantize(an, args.method, args.budget, args.quantizer)
-    ex = Executor(sim)
+    ex = Executor(sim.model)
     fp_pred, fp_margin = answers(OrtRunner(args.model), ds)
     q_pred, _ = answers(lambda f: ex.run(f).outputs[ex.output_names[0]], ds)
     flipped = np.flatnonzero(fp_pred != q_pred)

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from modec import data
-from modec.driver import CompileOptions
 from modec.evaluate import evaluate
 from modec.executor import Executor
 from modec.frontend import OrtRunner
-from modec.mode.sensitivity import kl_divergence, log_softmax
+from modec.method.sensitivity import kl_divergence, log_softmax
+from modec.pipelines import CompileOptions
 from modec.sweep import analyze, quantize
 from tools.digits_vlm import build_data, scenes
 
@@ -81,12 +81,12 @@ def run(model: str, eval_path: str, seeds: list[int], budgets: list[float],
                     continue
                 t0 = time.perf_counter()
                 sim = quantize(an, method, budget)
-                ex = Executor(sim, intra_op_threads=2)
+                ex = Executor(sim.model, intra_op_threads=2)
                 rec = Recorder(lambda feeds, ex=ex: ex.run(feeds).outputs[ex.output_names[0]])
                 res = evaluate(rec, ds)
                 kl = float(kl_divergence(ref_logp, rec.logits()).mean())
                 row = {"method": method, "budget": budget, "seed": seed, "kl": kl,
-                       "average_bits": sim.meta["modec.allocation"].average,
+                       "average_bits": sim.allocation.average,
                        **{k: getattr(res, k).accuracy for k in SPLITS}}  # fmt: skip
                 rows.append(row)
                 print(f"  {method:>15} @ {budget:.2f}: overall {100 * row['overall']:.2f}% "

@@ -40,3 +40,22 @@ def resolve_target(target: TargetLike) -> tvm.target.Target:
 def is_cuda(target: tvm.target.Target) -> bool:
     """Whether the target is a CUDA GPU."""
     return str(target.kind.name) == "cuda"
+
+
+def check_target(target: str) -> None:
+    """Refuse a target modec cannot build for, before any expensive work.
+
+    modec builds for ``llvm`` (this CPU; the default) and ``cuda`` (sm_90 unless a dict
+    target says otherwise). Anything else would fail inside TVM after calibration and
+    quantization, so it is a usage error here.
+    """
+    from modec.errors import ModecError, UsageError
+
+    try:
+        kind = str(resolve_target(target).kind.name)
+    except ModecError as exc:
+        raise UsageError(f"--target {target}: {exc}") from exc
+    if kind not in ("llvm", "cuda"):
+        raise UsageError(
+            f"--target {target}: modec builds for 'llvm' (this CPU) or 'cuda', not {kind!r}"
+        )

@@ -54,7 +54,10 @@ def write_dense_artifact(
     secs.update(sections or {})
     return write_artifact(
         out_dir,
-        write_library=lambda p: executable.export_library(str(p)),
+        # Link without debug sections: TVMScript kernels carry the source line of their
+        # Python definition, so the DWARF line table (and with it the whole file) would
+        # change whenever the lowering code moves, though the machine code does not.
+        write_library=lambda p: executable.export_library(str(p), options=["-Wl,--strip-debug"]),
         params=dm.params,
         inputs=dm.inputs,
         outputs=dm.outputs,

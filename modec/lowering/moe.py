@@ -1,22 +1,24 @@
 """Lower canonical ``ai.modec::MoE`` nodes to Relax with mixed-precision grouped kernels.
 
-One `MoELowering` serves one model: its `convert` method is the ``op_converters["MoE"]``
-of `modec.lowering.dense.import_onnx`, its `add_params` method the `RelaxHook` that turns
-the packed weights into parameters of ``main``. Per MoE layer, over ``T`` flattened tokens
-(symbolic) and ``k`` experts per token, the converter emits, in order:
+One `MoELowering` serves one model, from the per-layer plans of
+`modec.lowering.moe_plan.plan_layers` (experts grouped by width, codes packed): its
+`convert` method is the ``op_converters["MoE"]`` of `modec.lowering.onnx_import.import_onnx`,
+its `add_params` method the `RelaxHook` that turns the packed weights into parameters of
+``main``. Per MoE layer, over ``T`` flattened tokens (symbolic) and ``k`` experts per token,
+the converter emits, in order:
 
 1. Router (fp32, never quantized): ``logits = x · W_rᵀ (+ b_r)`` as a ``relax.matmul``
    (scheduled later by `schedule_dense_ops`), then the scores and the top-k choice exactly
    as `modec.moe.reference.route`: softmax + top-k (+ renormalisation), softmax over the
    top-k logits, or sigmoid (+ correction bias for the choice, group-limited routing,
    renormalisation); times ``routed_scaling_factor``.
-2. Bookkeeping: one small TIR PrimFunc (``moe_sort``) does a stable counting sort of the
-   ``T·k`` (token, slot) pairs by expert *rank*, where experts are ranked by width group
-   first (ascending bits) and by index inside a group. It returns, for every sorted row,
-   its token (``tok``) and expert (``eid``); for every pair its sorted row (``inv``); and
-   the row offsets of every expert in rank order (``offsets [E + 1]``). A width group's
-   ``indptr`` is the slice of ``offsets`` over its experts: absolute rows, so every group
-   kernel reads and writes one shared sorted buffer.
+2. Bookkeeping: one small TIR PrimFunc (`modec.lowering.moe_sort`) does a stable counting
+   sort of the ``T·k`` (token, slot) pairs by expert *rank*, where experts are ranked by
+   width group first (ascending bits) and by index inside a group. It returns, for every
+   sorted row, its token (``tok``) and expert (``eid``); for every pair its sorted row
+   (``inv``); and the row offsets of every expert in rank order (``offsets [E + 1]``). A
+   width group's ``indptr`` is the slice of ``offsets`` over its experts: absolute rows, so
+   every group kernel reads and writes one shared sorted buffer.
 3. ``xs = take(x, tok)`` gathers the rows ``[T·k, H]``.
 4. Per projection (gate, up, down) and per width group, one grouped kernel
    (`modec.kernels.grouped_moe`): the first group's call allocates the output ``[T·k, N]``
@@ -40,199 +42,27 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 import tvm
 from tvm import relax, tirx
-from tvm.script import tirx as T
 
 from modec.errors import InternalError, ModelError
 from modec.kernels import grouped_moe
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.lowering.dense import DenseModule
-from modec.moe.canonical import is_moe_node
+from modec.lowering.moe_plan import LayerPlan, moe_section, plan_layers
+from modec.lowering.moe_sort import sort_primfunc
 from modec.moe.reference import MoEParams
-from modec.numerics.packing import LAYOUT, PackedWeight, pack
-from modec.numerics.schemes import QuantScheme
+from modec.numerics.packing import PackedWeight
+
+# plan_layers and moe_section are re-exported: callers build the plans and the manifest
+# section from here, next to the lowering that consumes them.
+__all__ = ["MoELowering", "moe_section", "plan_layers"]
 
 logger = logging.getLogger(__name__)
-
-#: Projections of a routed expert, in the order they run.
-PROJECTIONS = ("gate", "up", "down")
-
-
-@dataclass(frozen=True, eq=False)
-class WidthGroup:
-    """The experts of one MoE layer that share a width.
-
-    Attributes:
-        bits: the width.
-        experts: expert indices, ascending.
-        start: rank of the first expert (index into the layer's ``offsets``).
-        packed: per projection, the experts' stacked packed weight ``[E_w, N, K]``.
-    """
-
-    bits: int
-    experts: tuple[int, ...]
-    start: int
-    packed: dict[str, PackedWeight]
-
-
-@dataclass(frozen=True, eq=False)
-class LayerPlan:
-    """Everything the converter needs for one MoE layer."""
-
-    layer: int
-    node_name: str
-    params: MoEParams
-    group_size: int
-    widths: tuple[int, ...]
-    groups: tuple[WidthGroup, ...]
-
-    @property
-    def rank(self) -> np.ndarray:
-        """``rank[e]``: position of expert e in (width group, index) order."""
-        r = np.empty(self.params.num_experts, dtype=np.int64)
-        for g in self.groups:
-            for i, e in enumerate(g.experts):
-                r[e] = g.start + i
-        return r
-
-
-def plan_layers(model: ir.Model, quantized: Any) -> list[LayerPlan]:
-    """Group every MoE layer's experts by width and pack them.
-
-    Args:
-        model: the canonical model (MoE nodes in graph order are layers 0..L-1).
-        quantized: a `passes.quantize_experts.QuantizedExperts` (``group_size``,
-            ``widths[l][e]``, ``layers[l][proj][e]``).
-
-    Raises:
-        ModelError: the quantized experts do not match the model's MoE layers.
-    """
-    nodes = [n for n in model.graph if is_moe_node(n)]
-    if len(nodes) != len(quantized.layers) or len(nodes) != len(quantized.widths):
-        raise ModelError(
-            f"lower-tvm: the model has {len(nodes)} MoE layers but the quantized experts cover "
-            f"{len(quantized.layers)}; run quantize-experts on this model"
-        )
-    plans = []
-    for layer, node in enumerate(nodes):
-        p = MoEParams.from_node(node)
-        widths = tuple(int(w) for w in quantized.widths[layer])
-        if len(widths) != p.num_experts:
-            raise ModelError(
-                f"lower-tvm: MoE layer {layer} ({node.name}) has {p.num_experts} experts but "
-                f"{len(widths)} widths; re-run allocate-bits"
-            )
-        projs = {"gate": p.gate, "up": p.up, "down": p.down}
-        groups: list[WidthGroup] = []
-        start = 0
-        for bits in sorted(set(widths)):
-            experts = tuple(e for e, w in enumerate(widths) if w == bits)
-            packed: dict[str, PackedWeight] = {}
-            for proj, dense in projs.items():
-                if dense is None:
-                    continue
-                qws = quantized.layers[layer].get(proj)
-                if qws is None:
-                    raise ModelError(
-                        f"lower-tvm: MoE layer {layer} ({node.name}) has a {proj} projection "
-                        "but no quantized codes for it; run quantize-experts"
-                    )
-                for e in experts:
-                    if qws[e].scheme.bits != bits or qws[e].q.shape != dense.shape[1:]:
-                        raise ModelError(
-                            f"lower-tvm: layer {layer} expert {e} {proj}: codes are "
-                            f"{qws[e].scheme.name} {list(qws[e].q.shape)}, expected w{bits} "
-                            f"{list(dense.shape[1:])}"
-                        )
-                scheme = QuantScheme(bits, int(quantized.group_size))
-                packed[proj] = pack(
-                    np.stack([qws[e].q for e in experts]),
-                    np.stack([qws[e].scale for e in experts]),
-                    np.stack([qws[e].zero for e in experts]),
-                    scheme,
-                )
-            groups.append(WidthGroup(bits, experts, start, packed))
-            start += len(experts)
-        plans.append(
-            LayerPlan(
-                layer,
-                node.name or f"moe{layer}",
-                p,
-                int(quantized.group_size),
-                widths,
-                tuple(groups),
-            )
-        )
-    return plans
-
-
-def sort_primfunc(
-    num_experts: int, top_k: int, index_dtype: str = "int64", gpu: bool = False
-) -> tirx.PrimFunc:
-    """The bookkeeping kernel: stable counting sort of (token, slot) pairs by expert rank.
-
-    Arguments (destination-passing): ``experts [T, k]`` (``index_dtype``), ``rank [E]``
-    int64; outputs ``tok [T·k]``, ``eid [T·k]``, ``inv [T·k]``, ``offsets [E + 1]``, all
-    int64 (see the module docstring). Serial: O(T·k + E), negligible next to the kernels on
-    a CPU. An out-of-range expert index is clamped (a wrong answer, never a crash).
-
-    With ``gpu`` the same serial code runs as one CUDA thread (one block of one thread, the
-    counters in registers/local memory): correct and deterministic, but a GPU thread walks
-    the T·k pairs far slower than a CPU core, so this is the first thing to parallelise
-    (a block-wide histogram and scan) once a GPU is there to measure it.
-    """
-    e_count, k = num_experts, top_k
-    scope = "local" if gpu else "global"
-
-    def launch(tag: str) -> Any:
-        return T.thread_binding(1, thread=tag) if gpu else T.serial(1)
-
-    @T.prim_func(private=True, s_tir=False)
-    def moe_sort(
-        var_experts: T.handle,
-        rank: T.Buffer((e_count,), "int64"),  # type: ignore[valid-type]
-        var_tok: T.handle,
-        var_eid: T.handle,
-        var_inv: T.handle,
-        offsets: T.Buffer((e_count + 1,), "int64"),  # type: ignore[valid-type]
-    ) -> None:
-        T.func_attr({"tirx.noalias": True})
-        t = T.int64()
-        experts = T.match_buffer(var_experts, (t, k), index_dtype)
-        tok = T.match_buffer(var_tok, (t * k,), "int64")
-        eid = T.match_buffer(var_eid, (t * k,), "int64")
-        inv = T.match_buffer(var_inv, (t * k,), "int64")
-        for _bx in launch("blockIdx.x"):
-            for _tx in launch("threadIdx.x"):
-                cursor = T.alloc_buffer((e_count,), "int64", scope=scope)
-                for e in T.serial(e_count):
-                    cursor[e] = T.int64(0)
-                for i in T.serial(t):
-                    for j in T.serial(k):
-                        ex = T.max(T.min(T.Cast("int64", experts[i, j]), e_count - 1), 0)
-                        cursor[rank[ex]] = cursor[rank[ex]] + T.int64(1)
-                offsets[0] = T.int64(0)
-                for r in T.serial(e_count):
-                    offsets[r + 1] = offsets[r] + cursor[r]
-                    cursor[r] = offsets[r]
-                for i in T.serial(t):
-                    for j in T.serial(k):
-                        ex = T.max(T.min(T.Cast("int64", experts[i, j]), e_count - 1), 0)
-                        pos = cursor[rank[ex]]
-                        tok[pos] = i
-                        eid[pos] = ex
-                        inv[i * k + j] = pos
-                        cursor[rank[ex]] = pos + T.int64(1)
-
-    return moe_sort
 
 
 @dataclass
@@ -546,38 +376,3 @@ def _activation(
     else:
         raise ModelError(f"unknown MoE activation {kind!r}; modec lowers silu, gelu, gpt_oss")
     return bb.emit(a if g is None else relax.op.multiply(a, u))
-
-
-def moe_section(plans: Sequence[LayerPlan]) -> dict[str, Any]:
-    """The manifest's ``moe`` section: per layer the widths and the packed byte sizes."""
-    layers = []
-    for plan in plans:
-        groups = []
-        for g in plan.groups:
-            sizes = {
-                proj: {
-                    "codes": int(pw.codes.nbytes),
-                    "scales": int(pw.scale.nbytes),
-                    "zeros": int(pw.zero.nbytes),
-                }
-                for proj, pw in sorted(g.packed.items())
-            }
-            groups.append({"bits": g.bits, "experts": list(g.experts), "bytes": sizes})
-        layers.append(
-            {
-                "layer": plan.layer,
-                "node": plan.node_name,
-                "num_experts": plan.params.num_experts,
-                "top_k": plan.params.top_k,
-                "widths": list(plan.widths),
-                "groups": groups,
-                "kernels": sum(len(g.packed) for g in plan.groups),
-            }
-        )
-    group_size = plans[0].group_size if plans else None
-    return {"layout": LAYOUT, "group_size": group_size, "layers": layers}
-
-
-def lower_model_proto(model: ir.Model) -> onnx.ModelProto:
-    """The canonical model as an ONNX proto for `modec.lowering.dense.import_onnx`."""
-    return ir.to_proto(model)

@@ -60,7 +60,8 @@ def if_continuation(value: ir.Value) -> ir.Value | None:
         return None
     for i, out in enumerate(g.outputs):  # type: ignore[union-attr]
         if out is value and i < len(owner.outputs):
-            return owner.outputs[i]
+            outer: ir.Value = owner.outputs[i]
+            return outer
     return None
 
 

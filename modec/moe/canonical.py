@@ -127,15 +127,17 @@ def canonicalize_moe(model: ir.Model, regions: Sequence[MoERegion] | None = None
         assert producer is not None
         graph.insert_after(producer, node)
         old_out = r.output
-        ir.convenience.replace_all_uses_with(old_out, node.outputs[0])
+        # A graph output keeps its name: hand it over before rewiring (onnx_ir refuses to
+        # rewire a value that is still a graph output).
         if old_out.is_graph_output():
+            name = old_out.name
+            old_out.name = f"{name}.replaced"
+            node.outputs[0].name = name
             outs = graph.outputs
             for i, v in enumerate(outs):
                 if v is old_out:
-                    name = old_out.name
-                    old_out.name = f"{name}.replaced"
-                    node.outputs[0].name = name
                     outs[i] = node.outputs[0]
+        ir.convenience.replace_all_uses_with(old_out, node.outputs[0])
         _remove_dead(graph, r)
         new_nodes.append(node)
     if regions:

@@ -146,11 +146,11 @@ class MoEResult:
 def _softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=-1, keepdims=True)
     ez = np.exp(z)
-    return ez / ez.sum(axis=-1, keepdims=True)
+    return np.asarray(ez / ez.sum(axis=-1, keepdims=True))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return np.asarray((1.0 / (1.0 + np.exp(-x))).astype(np.float32))
 
 
 def _topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +199,7 @@ def _act(kind: str, g: np.ndarray | None, u: np.ndarray, alpha: float, limit: fl
         assert g is not None
         g = np.minimum(g, np.float32(limit))
         u = np.clip(u, -limit, limit)
-        return ((u + 1.0) * (g * _sigmoid(g * np.float32(alpha)))).astype(np.float32)
+        return np.asarray(((u + 1.0) * (g * _sigmoid(g * np.float32(alpha)))).astype(np.float32))
     x = u if g is None else g
     if kind == "silu":
         a = x * _sigmoid(x)
@@ -207,7 +207,7 @@ def _act(kind: str, g: np.ndarray | None, u: np.ndarray, alpha: float, limit: fl
         a = (0.5 * x * (1.0 + _erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(np.float32)
     else:
         raise ModelError(f"unknown MoE activation {kind!r}")
-    return a if g is None else a * u
+    return np.asarray(a if g is None else a * u)
 
 
 def expert_activation(
@@ -232,7 +232,7 @@ def expert_mlp(p: MoEParams, e: int, x: np.ndarray, weights: MoEParams | None = 
     y = expert_activation(p, e, x, weights) @ w.down[e].T
     if w.down_bias is not None:
         y = y + w.down_bias[e]
-    return y.astype(np.float32)
+    return np.asarray(y.astype(np.float32))
 
 
 def moe_forward(

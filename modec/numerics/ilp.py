@@ -9,12 +9,13 @@ importance-weighted sensitivity
          x[e, j] ∈ {0, 1}
 
 where cost[e, j] = Σ_M f_M(e) · δ_M(e, bits[j]) is already combined by the caller (see
-`combine_importance`). The budget row is an equality in the MODE paper; this module also
-offers `sense="le"`, a global variant with one budget over all experts of all layers, and a
-budget in bytes (codes + scales + zeros) with a `≤` row.
+`modec.numerics.importance.layer_cost`). The budget row is an equality in the MODE paper;
+this module also offers `sense="le"`, a global variant with one budget over all experts of
+all layers, and a budget in bytes (codes + scales + zeros) with a `≤` row.
 
-Every infeasible budget is rejected before the solver runs with an `InfeasibleBudgetError`
-whose one-line message names the feasible range and the fix.
+The budget arithmetic lives in `modec.numerics.budget`: every infeasible budget is rejected
+there, before the solver runs, with an `InfeasibleBudgetError` whose one-line message names
+the feasible range and the fix. `check_budget` and `expert_nbytes` are re-exported here.
 
 Determinism: CBC runs single-threaded with a fixed seed, and interchangeable experts get
 their widths in a canonical order (see `SolverOptions`). This is the only module
@@ -24,49 +25,43 @@ that imports python-mip.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import mip
 import numpy as np
 import numpy.typing as npt
 
 from modec.errors import BadInputError, InfeasibleBudgetError, ModecError
-from modec.numerics.schemes import QuantScheme
+from modec.numerics.allocation import Allocation, Status
+from modec.numerics.budget import (
+    DEFAULT_BITS,
+    Sense,
+    check_average_budget,
+    check_bits_feasible,
+    check_budget,
+    check_byte_budget,
+    check_costs,
+    check_widths,
+    expert_nbytes,
+    floor_target,
+)
 
 __all__ = [
-    "ALLOWED_BITS",
-    "DEFAULT_BITS",
     "Allocation",
     "IlpSolverError",
-    "Sense",
     "SolverOptions",
     "allocate_bits",
     "allocate_bits_global",
     "allocate_bits_per_layer",
     "allocate_bytes",
-    "combine_importance",
+    "check_budget",
     "expert_nbytes",
-    "reachable_totals",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Candidate widths a user may ask for. 2/3/4 are MODE's default candidates; 1 and 8 are
-#: allowed too. 5-7 pack (see `schemes.SUPPORTED_BITS`) but have no scheduled kernel, so
-#: allocating them would produce an artifact we cannot run.
-ALLOWED_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
-DEFAULT_BITS: tuple[int, ...] = (2, 3, 4)
-
-Sense = Literal["eq", "le"]
-Status = Literal["optimal", "feasible"]
-
-# n·k within this distance of an integer counts as that integer (2.3 · 10 = 22.999999999999996
-# must give 23, not 22).
-_INT_TOL = 1e-9
 # Objective scale handed to CBC, see `_solve`.
 _OBJ_SCALE = 1e6
 
@@ -110,248 +105,6 @@ class SolverOptions:
     max_mip_gap: float = 0.0
     cuts: int = 0
     preprocess: int = 0
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """The result of one solve.
-
-    Attributes:
-        widths: chosen width per expert, flattened over `layer_sizes` (layer 0's experts
-            first). Use `per_layer()` to split it.
-        layer_sizes: experts per layer; one entry for a per-layer solve.
-        status: "optimal", or "feasible" when the time limit stopped CBC with an incumbent.
-        objective: Σ_e cost[e, width(e)] with the costs as given (not CBC's rescaled ones).
-        gap: CBC's relative gap between incumbent and bound (0 when proven optimal).
-        solve_time_s: wall time of model build plus solve; excluded from equality.
-        total_bits: Σ_e width(e).
-        total_bytes: Σ_e bytes[e, width(e)] for a byte budget, else None.
-        budget_unit: "bits" (average-bit budget) or "bytes".
-        sense: "eq" or "le", the relation of the budget row.
-        target: right-hand side of the budget row (⌊n·k⌋ bits, or bytes).
-        rounded: True when n·k was not an integer and the target is its floor.
-    """
-
-    widths: tuple[int, ...]
-    layer_sizes: tuple[int, ...]
-    status: Status
-    objective: float
-    gap: float
-    solve_time_s: float = field(compare=False)
-    total_bits: int
-    total_bytes: int | None
-    budget_unit: Literal["bits", "bytes"]
-    sense: Sense
-    target: int
-    rounded: bool
-
-    def per_layer(self) -> tuple[tuple[int, ...], ...]:
-        """Split `widths` into one tuple per layer."""
-        out: list[tuple[int, ...]] = []
-        start = 0
-        for size in self.layer_sizes:
-            out.append(self.widths[start : start + size])
-            start += size
-        return tuple(out)
-
-    @property
-    def average_bits(self) -> float:
-        """Mean width over all experts."""
-        return self.total_bits / len(self.widths)
-
-
-# --------------------------------------------------------------------------------------
-# Input helpers
-# --------------------------------------------------------------------------------------
-
-
-def combine_importance(
-    freq: Mapping[str, npt.ArrayLike], delta: Mapping[str, npt.ArrayLike]
-) -> npt.NDArray[np.float64]:
-    """Combine per-modality routing frequency and sensitivity into the ILP cost (MODE).
-
-    cost[e, j] = Σ_M f_M(e) · δ_M(e, bits[j]).
-
-    Args:
-        freq: modality name → routing frequency per expert, shape [n].
-        delta: modality name → sensitivity per expert and candidate width, shape [n, J].
-
-    Returns:
-        The cost matrix [n, J] in float64.
-
-    Raises:
-        BadInputError: when the modalities or shapes do not match.
-    """
-    if set(freq) != set(delta) or not freq:
-        raise BadInputError(
-            f"frequency modalities {sorted(freq)} and sensitivity modalities {sorted(delta)} "
-            "must be the same non-empty set"
-        )
-    total: npt.NDArray[np.float64] | None = None
-    for m in sorted(freq):
-        f = np.asarray(freq[m], dtype=np.float64)
-        d = np.asarray(delta[m], dtype=np.float64)
-        if f.ndim != 1 or d.ndim != 2 or d.shape[0] != f.shape[0]:
-            raise BadInputError(
-                f"modality {m!r}: frequency must be [n] and sensitivity [n, J]; got "
-                f"{f.shape} and {d.shape}"
-            )
-        term = f[:, None] * d
-        if total is not None and total.shape != term.shape:
-            raise BadInputError(
-                f"modality {m!r}: sensitivity shape {d.shape} differs from the other "
-                f"modalities' {total.shape}"
-            )
-        total = term if total is None else total + term
-    assert total is not None
-    return total
-
-
-def expert_nbytes(
-    shapes: Sequence[tuple[int, int]], bits: Sequence[int], group_size: int = 128
-) -> npt.NDArray[np.int64]:
-    """Bytes of one expert at each candidate width: codes + scales + zeros of its projections.
-
-    Args:
-        shapes: the [N, K] shape of each projection of the expert (e.g. gate_up, down).
-        bits: candidate widths.
-        group_size: quantization group size along K.
-
-    Returns:
-        int64 array [J] with the expert's storage at each width (`QuantScheme.nbytes`).
-    """
-    out = np.zeros(len(bits), dtype=np.int64)
-    for j, b in enumerate(bits):
-        s = QuantScheme(int(b), group_size)
-        out[j] = sum(sum(s.nbytes(n, k).values()) for n, k in shapes)
-    return out
-
-
-def _check_bits(bits: Sequence[int]) -> npt.NDArray[np.int64]:
-    arr = np.asarray(list(bits))
-    if arr.ndim != 1 or arr.size == 0:
-        raise BadInputError(f"--bits must be a non-empty list of widths from {list(ALLOWED_BITS)}")
-    bad = [b for b in arr.tolist() if b not in ALLOWED_BITS]
-    if bad:
-        raise BadInputError(
-            f"unknown candidate width(s) {bad} in --bits; allowed widths are {list(ALLOWED_BITS)}"
-        )
-    if len(set(arr.tolist())) != arr.size:
-        raise BadInputError(f"--bits {arr.tolist()} lists a width twice; give each once")
-    return arr.astype(np.int64)
-
-
-def _check_costs(
-    costs: npt.ArrayLike | Sequence[npt.ArrayLike], n_widths: int, what: str = "cost"
-) -> tuple[npt.NDArray[np.float64], tuple[int, ...]]:
-    """Stack one [n, J] matrix or a sequence of them into [Σn, J]; return it and the sizes."""
-    if isinstance(costs, np.ndarray):
-        mats = [costs] if costs.ndim == 2 else list(costs)
-    else:
-        mats = [np.asarray(c) for c in costs]  # type: ignore[union-attr]
-    if not mats:
-        raise BadInputError(f"{what}: no layers given")
-    out = []
-    for i, m in enumerate(mats):
-        a = np.asarray(m, dtype=np.float64)
-        if a.ndim != 2 or a.shape[1] != n_widths or a.shape[0] == 0:
-            raise BadInputError(
-                f"{what} of layer {i} must have shape [experts, {n_widths}] (one column per "
-                f"candidate width); got {a.shape}"
-            )
-        if not np.all(np.isfinite(a)):
-            raise BadInputError(f"{what} of layer {i} contains NaN or inf")
-        out.append(a)
-    return np.concatenate(out, axis=0), tuple(a.shape[0] for a in out)
-
-
-def _check_average_budget(budget: float) -> float:
-    k = float(budget)
-    if not math.isfinite(k) or k <= 0:
-        raise BadInputError(f"--budget must be a positive number of average bits; got {budget}")
-    return k
-
-
-def _floor_target(n: int, k: float) -> tuple[int, bool]:
-    """⌊n·k⌋ with a tolerance for float error, and whether it rounded (MODE: floor)."""
-    nk = n * k
-    nearest = round(nk)
-    if abs(nk - nearest) <= _INT_TOL * max(1.0, abs(nk)):
-        return int(nearest), False
-    return math.floor(nk), True
-
-
-def reachable_totals(n: int, bits: Sequence[int]) -> int:
-    """Bitset of the totals reachable as a sum of exactly `n` widths from `bits`.
-
-    Bit t of the returned int is set iff t = Σ_e b_e for some choice b_e ∈ bits.
-    """
-    offs = sorted({int(b) - min(bits) for b in bits})
-    reach = 1
-    for _ in range(n):
-        nxt = 0
-        for o in offs:
-            nxt |= reach << o
-        reach = nxt
-    return reach << (n * min(bits))
-
-
-def _budget_arg(total: int, n: int) -> str:
-    """The smallest printed average k with ⌊n·k⌋ = total."""
-    digits = max(1, len(str(n)))
-    k = math.ceil(total / n * 10**digits) / 10**digits
-    return f"{k:.{digits}f}".rstrip("0").rstrip(".")
-
-
-def _check_bits_feasible(
-    k: float, n: int, bits: npt.NDArray[np.int64], sense: Sense, target: int
-) -> None:
-    """Raise InfeasibleBudgetError (before solving) if no allocation meets the budget."""
-    lo, hi = int(bits.min()), int(bits.max())
-    rng = f"[{float(lo)}, {float(hi)}]"
-    if target < n * lo:
-        below = [b for b in ALLOWED_BITS if b < lo and b not in bits and b <= k]
-        add = f" or add {below[-1]} to --bits" if below else ""
-        raise InfeasibleBudgetError(
-            f"budget {k:g} bits is below the smallest candidate width {lo} "
-            f"(⌊{n}·{k:g}⌋ = {target} < {n}·{lo}); raise --budget to within {rng}{add}"
-        )
-    if sense == "le":
-        return
-    if target > n * hi:
-        above = [b for b in ALLOWED_BITS if b > hi and b not in bits and b >= k]
-        add = f", or add {above[0]} to --bits" if above else ""
-        raise InfeasibleBudgetError(
-            f"budget {k:g} bits is above the largest candidate width {hi}; lower --budget to "
-            f"within {rng}, use --sense le{add}"
-        )
-    reach = reachable_totals(n, bits.tolist())
-    if (reach >> target) & 1:
-        return
-    below_t = (reach & ((1 << target) - 1)).bit_length() - 1
-    above_mask = reach >> (target + 1)
-    above_t = target + 1 + ((above_mask & -above_mask).bit_length() - 1) if above_mask else -1
-    options = [_budget_arg(t, n) for t in (below_t, above_t) if t >= 0]
-    fixes = [b for b in ALLOWED_BITS if b not in bits]
-    fix_bits = [b for b in fixes if (reachable_totals(n, [*bits.tolist(), b]) >> target) & 1]
-    add = f", or add {fix_bits[0]} to --bits" if fix_bits else ""
-    raise InfeasibleBudgetError(
-        f"budget {k:g} bits gives a target of {target} bits over {n} experts, which no "
-        f"combination of widths {sorted(bits.tolist())} sums to exactly; set --budget to "
-        f"{' or '.join(options)}, use --sense le{add}"
-    )
-
-
-def check_budget(n: int, bits: Sequence[int], budget: float, sense: Sense = "eq") -> None:
-    """Raise the same errors as the solvers would, without costs: for a pre-flight check.
-
-    The driver calls this before calibration so that an infeasible ``--budget`` fails in
-    milliseconds instead of after minutes of statistics.
-    """
-    b = _check_bits(bits)
-    k = _check_average_budget(budget)
-    target, _ = _floor_target(n, k)
-    _check_bits_feasible(k, n, b, sense, target)
 
 
 # --------------------------------------------------------------------------------------
@@ -458,39 +211,6 @@ def _canonical_ties(
     return out
 
 
-def _make_allocation(
-    choice: npt.NDArray[np.int64],
-    cost: npt.NDArray[np.float64],
-    bits: npt.NDArray[np.int64],
-    sizes: tuple[int, ...],
-    st: Status,
-    gap: float,
-    elapsed: float,
-    *,
-    unit: Literal["bits", "bytes"],
-    sense: Sense,
-    target: int,
-    rounded: bool,
-    nbytes: npt.NDArray[np.int64] | None = None,
-) -> Allocation:
-    rows = np.arange(len(choice))
-    widths = bits[choice]
-    return Allocation(
-        widths=tuple(int(w) for w in widths),
-        layer_sizes=sizes,
-        status=st,
-        objective=float(cost[rows, choice].sum()),
-        gap=gap,
-        solve_time_s=elapsed,
-        total_bits=int(widths.sum()),
-        total_bytes=None if nbytes is None else int(nbytes[rows, choice].sum()),
-        budget_unit=unit,
-        sense=sense,
-        target=target,
-        rounded=rounded,
-    )
-
-
 def _allocate_average(
     costs: npt.ArrayLike | Sequence[npt.ArrayLike],
     bits: Sequence[int],
@@ -500,19 +220,19 @@ def _allocate_average(
 ) -> Allocation:
     if sense not in ("eq", "le"):
         raise BadInputError(f"--sense must be 'eq' or 'le'; got {sense!r}")
-    b = _check_bits(bits)
-    cost, sizes = _check_costs(costs, b.size)
-    k = _check_average_budget(budget)
+    b = check_widths(bits)
+    cost, sizes = check_costs(costs, b.size)
+    k = check_average_budget(budget)
     n = cost.shape[0]
-    target, rounded = _floor_target(n, k)
-    _check_bits_feasible(k, n, b, sense, target)
+    target, rounded = floor_target(n, k)
+    check_bits_feasible(k, n, b, sense, target)
     if rounded:
         logger.info(
             "budget %g bits x %d experts = %g; target rounded down to %d", k, n, n * k, target
         )
     weight = np.broadcast_to(b, cost.shape).astype(np.int64)
     choice, st, gap, elapsed = _solve(cost, weight, target, sense, options)
-    return _make_allocation(
+    return Allocation.from_choice(
         choice, cost, b, sizes, st, gap, elapsed,
         unit="bits", sense=sense, target=target, rounded=rounded,
     )  # fmt: skip
@@ -530,7 +250,7 @@ def allocate_bits(
 
     Args:
         cost: importance matrix [n, J]; cost[e, j] is the loss of expert e at bits[j].
-        bits: candidate widths (default 2, 3, 4; each from `ALLOWED_BITS`).
+        bits: candidate widths (default 2, 3, 4; each from `budget.ALLOWED_BITS`).
         budget: average bits per expert k; the budget row is Σ b·x = ⌊n·k⌋ (`sense="eq"`,
             the paper) or ≤ (`sense="le"`).
         sense: "eq" or "le".
@@ -638,38 +358,11 @@ def allocate_bytes(
         InfeasibleBudgetError: when even the smallest width for every expert exceeds the
             budget (checked before solving).
     """
-    b = _check_bits(bits)
-    cost, sizes = _check_costs(costs, b.size)
-    if isinstance(expert_bytes, np.ndarray) and expert_bytes.ndim == 1:
-        nbytes = np.broadcast_to(expert_bytes, cost.shape)
-    elif not isinstance(expert_bytes, np.ndarray) and all(
-        np.ndim(v) == 0
-        for v in expert_bytes  # type: ignore[union-attr]
-    ):
-        nbytes = np.broadcast_to(np.asarray(expert_bytes), cost.shape)
-    else:
-        nbytes, bsizes = _check_costs(expert_bytes, b.size, what="expert_bytes")
-        if bsizes != sizes:
-            raise BadInputError(
-                f"expert_bytes has experts per layer {bsizes} but costs has {sizes}"
-            )
-    if np.any(nbytes < 0) or not np.all(nbytes == np.round(nbytes)):
-        raise BadInputError("expert_bytes must be non-negative whole numbers of bytes")
-    nb = np.asarray(nbytes, dtype=np.int64)
-    budget = float(budget_bytes)
-    if not math.isfinite(budget) or budget < 0:
-        raise BadInputError(f"--budget-bytes must be a non-negative number; got {budget_bytes}")
-    target = math.floor(budget)
-    lo, hi = int(nb.min(axis=1).sum()), int(nb.max(axis=1).sum())
-    if target < lo:
-        smaller = [w for w in ALLOWED_BITS if w < int(b.min()) and w not in b]
-        add = f" or add {smaller[-1]} to --bits" if smaller else ""
-        raise InfeasibleBudgetError(
-            f"budget {target} bytes is below the smallest possible size {lo} bytes (every "
-            f"expert at its smallest width); raise --budget-bytes to within [{lo}, {hi}]{add}"
-        )
+    b = check_widths(bits)
+    cost, sizes = check_costs(costs, b.size)
+    nb, target = check_byte_budget(expert_bytes, b, sizes, budget_bytes)
     choice, st, gap, elapsed = _solve(cost, nb, target, "le", options or SolverOptions())
-    return _make_allocation(
+    return Allocation.from_choice(
         choice, cost, b, sizes, st, gap, elapsed,
-        unit="bytes", sense="le", target=target, rounded=target != budget, nbytes=nb,
+        unit="bytes", sense="le", target=target, rounded=target != float(budget_bytes), nbytes=nb,
     )  # fmt: skip

@@ -179,7 +179,7 @@ def dequantize(
     g = scheme.group_size
     s32 = _expand(sa.astype(np.float16).astype(np.float32), g, k)
     z32 = _expand(za.astype(np.float32), g, k)
-    return ((qa.astype(np.float32) - z32) * s32).astype(np.float32)
+    return np.asarray((qa.astype(np.float32) - z32) * s32, dtype=np.float32)
 
 
 def quantize_rtn_stacked(w: npt.ArrayLike, scheme: QuantScheme) -> QuantizedWeight:

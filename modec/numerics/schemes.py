@@ -1,5 +1,5 @@
-"""The registry of weight quantization schemes, defined once for the quantizer, the packer,
-the kernels and the manifest.
+"""The weight quantization scheme, defined once for the quantizer, the packer, the kernels
+and the manifest.
 
 A scheme `w<bits>g<group>` quantizes a weight W[N, K] (N output rows, K the reduction axis)
 group-wise along K, asymmetrically: w ≈ (q - z) · s with integer codes q, z in [0, 2^bits - 1]
@@ -10,7 +10,6 @@ group size, the last group is shorter (ceil(K / group) groups per row).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from modec.errors import BadInputError
@@ -22,8 +21,6 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 
 SCALE_BYTES = 2  # fp16 scale per (row, group)
 ZERO_BYTES = 1  # uint8 zero point per (row, group)
-
-_NAME = re.compile(r"^w(\d)g(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -77,17 +74,3 @@ class QuantScheme:
         """Average stored bits per weight including scales and zeros."""
         b = self.nbytes(1, k)
         return 8.0 * (b["codes"] + b["scales"] + b["zeros"]) / k
-
-
-def scheme(name: str) -> QuantScheme:
-    """Parse a scheme name such as `w3g128`."""
-    m = _NAME.match(name)
-    if not m:
-        raise BadInputError(f"bad scheme name {name!r}; expected w<bits>g<group>, e.g. w3g128")
-    return QuantScheme(int(m.group(1)), int(m.group(2)))
-
-
-#: The named schemes users see; any valid (bits, group) pair is also accepted by `scheme`.
-REGISTRY: dict[str, QuantScheme] = {
-    s.name: s for s in (QuantScheme(b, g) for b in (2, 3, 4, 8) for g in (32, 64, 128))
-}

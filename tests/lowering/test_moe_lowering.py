@@ -1,8 +1,10 @@
 """lower-tvm on a tiny digits-vlm: compiled artifact vs the simulated-quantization model.
 
 The simulated model is the canonical graph whose expert initializers hold the dequantized
-RTN weights, run by `modec.executor.Executor` (dense parts in onnxruntime, MoE in the numpy
-reference). The artifact runs the same experts from packed codes in the grouped kernels.
+RTN weights (`modec.method.quantize.quantize_model_rtn`), run by `modec.executor.Executor`
+(dense parts in onnxruntime, MoE in the numpy reference). The artifact
+(`modec.lowering.lower.lower_model`) runs the same experts from packed codes in the grouped
+kernels.
 """
 
 from __future__ import annotations
@@ -18,49 +20,37 @@ pytest.importorskip("tvm")
 
 from modec import data
 from modec.errors import ModelError, UsageError
+from modec.facts import QuantizedExperts
+from modec.method.quantize import quantize_model_rtn
 from modec.moe.canonical import canonicalize_moe, is_moe_node
-from modec.numerics.quant import quantize_rtn
-from modec.numerics.schemes import QuantScheme
-from modec.passes.quantize_experts import QuantizedExperts
-from modec.pipeline import PassContext
 
 WIDTHS = ((2, 3, 4, 4), (3, 3, 2, 4))
 GROUP = 32
-_INPUT_INDEX = {"gate": 3, "up": 4, "down": 5}
+PIPELINE = {"text": "find-moe,canonicalize-moe,lower-tvm", "lower-tvm": "lower-tvm"}
 
 
-def _simulated(model_path: Path, widths: tuple[tuple[int, ...], ...]) -> tuple[ir.Model, Any]:
+def _simulated(
+    model_path: Path, widths: tuple[tuple[int, ...], ...]
+) -> tuple[ir.Model, QuantizedExperts]:
     """Canonicalize, RTN-quantize the experts at ``widths``, write back the dequantized ones."""
     model = ir.load(str(model_path))
     canonicalize_moe(model)
-    q = QuantizedExperts(GROUP, widths)
-    for layer, node in enumerate(n for n in model.graph if is_moe_node(n)):
-        per: dict[str, list[Any]] = {}
-        for proj, i in _INPUT_INDEX.items():
-            v = node.inputs[i]
-            assert v is not None and v.const_value is not None
-            w = np.asarray(v.const_value.numpy(), dtype=np.float32)
-            qs = [quantize_rtn(w[e], QuantScheme(widths[layer][e], GROUP)) for e in range(len(w))]
-            v.const_value = ir.tensor(np.stack([qw.dequantize() for qw in qs]), name=v.name)
-            per[proj] = qs
-        q.layers.append(per)
-    return model, q
+    return model, quantize_model_rtn(model, widths, GROUP)
 
 
 @pytest.fixture(scope="module")
 def lowered(tiny_vlm: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from modec.passes.lower_tvm import LowerTVMPass
+    from modec.lowering.build import BUILD_STEPS
+    from modec.lowering.lower import lower_model
 
     model, q = _simulated(tiny_vlm["model"], WIDTHS)
     out = tmp_path_factory.mktemp("moe_artifact") / "out"
-    ctx = PassContext(
-        artifacts={"quantized": q},
-        options={"artifact_dir": str(out), "pipeline": "find-moe,canonicalize-moe,lower-tvm"},
-    )
-    ctx.current = "lower-tvm"
-    result = LowerTVMPass().run(model, ctx)
-    assert result.modified is False
-    return model, q, out, ctx
+    steps: list[str] = []
+    before = ir.to_proto(model).SerializeToString()
+    result = lower_model(model, q, out, "llvm", pipeline=PIPELINE, step=steps.append)
+    assert steps == list(BUILD_STEPS)
+    assert ir.to_proto(model).SerializeToString() == before, "lower_model changed the model"
+    return model, q, out, result
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,6 +59,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_artifact_matches_simulated_model(lowered: Any, tiny_vlm: dict[str, Path]) -> None:
     import modec.runtime
+
     from modec.executor import Executor
 
     model, _, out, _ = lowered
@@ -98,6 +89,7 @@ def test_artifact_matches_simulated_model(lowered: Any, tiny_vlm: dict[str, Path
 def test_quantization_is_visible(lowered: Any, tiny_vlm: dict[str, Path]) -> None:
     """The artifact follows the quantized experts, not the fp32 ones (the test can fail)."""
     import modec.runtime
+
     from modec.executor import Executor
 
     _, _, out, _ = lowered
@@ -167,13 +159,11 @@ def test_cuda_build(tiny_vlm: dict[str, Path], tmp_path: Path, cuda_source: Any)
     """
     import json
 
-    from modec.passes.lower_tvm import LowerTVMPass
+    from modec.lowering.lower import lower_model
 
     model, q = _simulated(tiny_vlm["model"], WIDTHS)
     out = tmp_path / "cuda"
-    ctx = PassContext(artifacts={"quantized": q}, options={"artifact_dir": str(out)})
-    ctx.current = "lower-tvm"
-    LowerTVMPass(target="cuda").run(model, ctx)
+    lower_model(model, q, out, "cuda", pipeline={})
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["device"] == "cuda" and manifest["target"]["arch"] == "sm_90"
     assert {p["name"] for p in manifest["params"]} >= {"moe0.gate.w2.codes", "moe1.up.w4.zero"}
@@ -197,7 +187,7 @@ def test_cuda_source_compiles_with_nvcc(cuda_source: Any) -> None:
 def test_manifest_sections(lowered: Any) -> None:
     import json
 
-    _, _, out, ctx = lowered
+    _, _, out, result = lowered
     man = json.loads((out / "manifest.json").read_text())
     moe = man["sections"]["moe"]
     assert moe["layout"] == "n16k32" and moe["group_size"] == GROUP
@@ -207,19 +197,29 @@ def test_manifest_sections(lowered: Any) -> None:
     # H = I = 32, one 2-bit expert: N_pad/16 * K_pad/32 * bits * 64 bytes of codes.
     assert g["bytes"]["gate"] == {"codes": 2 * 1 * 2 * 64, "scales": 2 * 1 * 16 * 2,
                                   "zeros": 2 * 1 * 16}  # fmt: skip
-    assert "lower-tvm" in man["sections"]["pipeline"]["lower-tvm"]
-    assert man["sections"]["pipeline"]["text"].endswith("lower-tvm")
-    assert ctx.stats["lower-tvm"]["moe_kernel_launches"] == 18
+    assert man["sections"]["pipeline"] == PIPELINE
+    # 2 layers x 3 projections: layer 0 has widths {2, 3, 4}, layer 1 {2, 3, 4} too.
+    assert (result.moe_layers, result.moe_kernel_launches) == (2, 18)
+    assert result.params == len(man["params"]) == len(result.manifest.params)
+    packed = sum(
+        b for layer in moe["layers"] for g in layer["groups"]
+        for sizes in g["bytes"].values() for b in sizes.values()
+    )  # fmt: skip
+    assert result.packed_expert_bytes == packed > 0
     names = [p["name"] for p in man["params"]]
     assert "moe0.up.w2.codes" in names and "moe0.router.weight_t" in names
 
 
-def test_missing_artifact_dir_is_usage_error(tiny_vlm: dict[str, Path]) -> None:
-    from modec.passes.lower_tvm import LowerTVMPass
+@pytest.mark.parametrize("target", ["vulkan", "no-such-target"])
+def test_unsupported_target_is_usage_error(
+    tiny_vlm: dict[str, Path], tmp_path: Path, target: str
+) -> None:
+    from modec.lowering.lower import lower_model
 
     model, q = _simulated(tiny_vlm["model"], WIDTHS)
-    with pytest.raises(UsageError, match="artifact_dir"):
-        LowerTVMPass().run(model, PassContext(artifacts={"quantized": q}))
+    with pytest.raises(UsageError, match=f"--target {target}"):
+        lower_model(model, q, tmp_path / "out", target, pipeline={})
+    assert not (tmp_path / "out").exists()
 
 
 def test_quantized_layers_must_match(tiny_vlm: dict[str, Path]) -> None:
@@ -285,8 +285,8 @@ _VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(_VARIANTS))
 def test_routing_variants_match_reference(variant: str, tmp_path: Path) -> None:
     import modec.runtime
-    from modec.lowering.build import build_artifact
-    from modec.lowering.moe import MoELowering, plan_layers
+
+    from modec.lowering.lower import lower_model
     from modec.moe.reference import MoEParams, moe_forward
 
     rng = np.random.default_rng(0)
@@ -310,25 +310,15 @@ def test_routing_variants_match_reference(variant: str, tmp_path: Path) -> None:
         arrays["shared_up"] = rng.normal(size=(16, h)).astype(np.float32) * 0.2
         arrays["shared_down"] = rng.normal(size=(h, 16)).astype(np.float32) * 0.2
         arrays["shared_expert_gate"] = rng.normal(size=(1, h)).astype(np.float32)
-    q = QuantizedExperts(GROUP, widths)
-    per: dict[str, list[Any]] = {}
-    for proj in ("gate", "up", "down"):
-        w = arrays[proj]
-        assert w is not None
-        qs = [quantize_rtn(w[x], QuantScheme(widths[0][x], GROUP)) for x in range(e)]
-        arrays[proj] = np.stack([qw.dequantize() for qw in qs])
-        per[proj] = qs
-    q.layers.append(per)
     attrs: dict[str, Any] = {"num_experts": e, "top_k": k, "gated": 1}
     attrs["has_shared"] = int(arrays.get("shared_up") is not None)
     attrs["shared_gated"] = attrs["has_shared"]
     attrs.update(a)
     model = _one_node_model(arrays, attrs)
-    low = MoELowering(plan_layers(model, q))
+    # The reference runs the dequantized experts that quantize_model_rtn writes back.
+    q = quantize_model_rtn(model, widths, GROUP)
     out = tmp_path / "out"
-    build_artifact(
-        ir.to_proto(model), out, hooks=[low.add_params], op_converters={"MoE": low.convert}
-    )
+    lower_model(model, q, out, "llvm", pipeline={})
     sess = modec.runtime.load(out)
     p = MoEParams.from_node(next(n for n in model.graph if is_moe_node(n)))
     for b, s in ((1, 1), (2, 5), (3, 17)):

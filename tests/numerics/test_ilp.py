@@ -1,5 +1,6 @@
-"""The MODE bit-allocation ILP (modec.numerics.ilp): budget, optimality, determinism,
-pre-solve infeasibility messages, and the global and byte-budget variants.
+"""The MODE bit-allocation ILP (modec.numerics.ilp) and its budget checks
+(modec.numerics.budget): budget, optimality, determinism, pre-solve infeasibility messages,
+and the global and byte-budget variants.
 
 Exact references live here, not in the library: brute force over all J^n allocations for
 tiny instances, and a dynamic program over the budget for paper-sized layers.
@@ -16,14 +17,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from modec.errors import BadInputError, InfeasibleBudgetError
+from modec.numerics.budget import check_budget, expert_nbytes
 from modec.numerics.ilp import (
     Allocation,
     allocate_bits,
     allocate_bits_global,
     allocate_bits_per_layer,
     allocate_bytes,
-    combine_importance,
-    expert_nbytes,
 )
 from modec.numerics.schemes import QuantScheme
 
@@ -89,6 +89,30 @@ def _bits_weight(cost: np.ndarray, bits: tuple[int, ...]) -> np.ndarray:
 # -- budget and optimality -------------------------------------------------------------
 
 
+def _brute_force_average(
+    cost: np.ndarray, bits: tuple[int, ...], k: float, sense: str
+) -> tuple[int, tuple[float, tuple[int, ...]] | None]:
+    """The target ⌊n·k⌋ and the brute-force optimum under an average-bit budget."""
+    target = math.floor(cost.shape[0] * k + 1e-9)
+    return target, brute_force(cost, _bits_weight(cost, bits), target, sense)
+
+
+@PROPS
+@given(inst=instances(), sense=st.sampled_from(["eq", "le"]))
+def test_precheck_rejects_exactly_the_infeasible_budgets(
+    inst: tuple[np.ndarray, tuple[int, ...], float], sense: str
+) -> None:
+    cost, bits, k = inst
+    _, ref = _brute_force_average(cost, bits, k, sense)
+    if ref is None:
+        with pytest.raises(InfeasibleBudgetError):
+            check_budget(cost.shape[0], bits, k, sense)  # type: ignore[arg-type]
+        with pytest.raises(InfeasibleBudgetError):
+            allocate_bits(cost, bits, k, sense=sense)  # type: ignore[arg-type]
+    else:
+        check_budget(cost.shape[0], bits, k, sense)  # type: ignore[arg-type]
+
+
 @PROPS
 @given(inst=instances(), sense=st.sampled_from(["eq", "le"]))
 def test_respects_budget_and_equals_brute_force(
@@ -96,13 +120,9 @@ def test_respects_budget_and_equals_brute_force(
 ) -> None:
     cost, bits, k = inst
     n = cost.shape[0]
-    target = math.floor(n * k + 1e-9)
-    ref = brute_force(cost, _bits_weight(cost, bits), target, sense)
-    if ref is None:
-        # The pre-check must reject exactly the instances that have no feasible allocation.
-        with pytest.raises(InfeasibleBudgetError):
-            allocate_bits(cost, bits, k, sense=sense)  # type: ignore[arg-type]
-        return
+    target, ref = _brute_force_average(cost, bits, k, sense)
+    assume(ref is not None)
+    assert ref is not None
     a = allocate_bits(cost, bits, k, sense=sense)  # type: ignore[arg-type]
     assert a.target == target
     assert a.total_bits == sum(a.widths)
@@ -184,10 +204,8 @@ def test_rounding_is_recorded() -> None:
 @given(inst=instances(max_n=6), sense=st.sampled_from(["eq", "le"]))
 def test_deterministic(inst: tuple[np.ndarray, tuple[int, ...], float], sense: str) -> None:
     cost, bits, k = inst
-    try:
-        a = allocate_bits(cost, bits, k, sense=sense)  # type: ignore[arg-type]
-    except InfeasibleBudgetError:
-        return
+    assume(_brute_force_average(cost, bits, k, sense)[1] is not None)
+    a = allocate_bits(cost, bits, k, sense=sense)  # type: ignore[arg-type]
     b = allocate_bits(cost.copy(), list(bits), k, sense=sense)  # type: ignore[arg-type]
     assert a == b  # every field but the solve time
 
@@ -343,14 +361,6 @@ def test_bytes_global_and_infeasible() -> None:
     msg = str(exc.value)
     assert f"[{per_width[0] * 5}, {per_width[2] * 5}]" in msg and "--budget-bytes" in msg
     assert "add 1 to --bits" in msg
-
-
-def test_combine_importance() -> None:
-    f = {"text": np.array([0.5, 0.0]), "vision": np.array([0.1, 0.9])}
-    d = {"text": np.array([[4.0, 2.0], [9.0, 9.0]]), "vision": np.array([[1.0, 0.0], [3.0, 1.0]])}
-    np.testing.assert_allclose(combine_importance(f, d), [[2.1, 1.0], [2.7, 0.9]])
-    with pytest.raises(BadInputError, match="same non-empty set"):
-        combine_importance({"text": f["text"]}, d)
 
 
 def test_allocation_is_frozen() -> None:

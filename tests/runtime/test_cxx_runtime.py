@@ -7,10 +7,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import modec.runtime as rt
 import numpy as np
 import pytest
 
-import modec.runtime as rt
 from modec.artifact import MANIFEST, WEIGHTS
 from modec.lowering.tiny_model import TinyConfig, tiny_inputs
 from tools.cxx import build_modec_run

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import modec.runtime as rt
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-import modec.runtime as rt
 from modec.artifact import LIBRARY, MANIFEST, SCHEMA, WEIGHTS, read_manifest, write_artifact
 from modec.errors import BadInputError, ModelError
 from modec.lowering.tiny_model import TinyConfig, build_tiny_decoder, tiny_inputs

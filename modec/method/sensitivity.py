@@ -3,12 +3,13 @@
 δ_M(e, b) is the mean KL divergence KL(p_fp32 ‖ p_quant) of the model's next-token
 distribution when only expert e of one layer is quantized to b bits and the quantized weights
 serve only the tokens of modality M. The measure-sensitivity pass runs the model; this module
-holds the result type and the arithmetic: log-softmax, KL, where KL is read, which samples.
+holds the arithmetic: log-softmax, KL, where KL is read, which samples. The probes themselves
+(re-running the model with one expert quantized) are `modec.method.probes`; the result type
+is `modec.facts.Sensitivity`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -18,7 +19,6 @@ from modec.data import PAD, TEXT
 from modec.errors import BadInputError
 
 __all__ = [
-    "Sensitivity",
     "choose_subset",
     "kl_divergence",
     "kl_positions",
@@ -27,58 +27,6 @@ __all__ = [
 
 F64 = npt.NDArray[np.float64]
 BoolA = npt.NDArray[np.bool_]
-
-
-@dataclass(frozen=True, eq=False)
-class Sensitivity:
-    """KL sensitivities of every expert (artifact ``sensitivity``).
-
-    Attributes:
-        bits: the widths measured, the last axis of the δ arrays.
-        delta_text: ``[L, E, B]`` float64, δ_text(e, b) per MoE layer.
-        delta_vision: ``[L, E, B]`` float64, δ_vision(e, b).
-        samples: calibration samples the KL was averaged over.
-        unused_text / unused_vision: ``[L, E]`` bool, the expert received no token of that
-            modality in the subset; its δ for the modality is 0 by rule (the quantized
-            weights are never used there), not measured.
-    """
-
-    bits: tuple[int, ...]
-    delta_text: F64
-    delta_vision: F64
-    samples: int
-    unused_text: BoolA
-    unused_vision: BoolA
-
-    def __post_init__(self) -> None:
-        want = (*self.delta_text.shape[:2], len(self.bits))
-        if self.delta_text.shape != want or self.delta_vision.shape != want:
-            raise BadInputError(
-                f"sensitivity arrays {self.delta_text.shape} / {self.delta_vision.shape} do not "
-                f"match [L, E, {len(self.bits)}] for widths {list(self.bits)}"
-            )
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """The fields as named arrays (for `modec.cache`)."""
-        return {
-            "bits": np.asarray(self.bits, dtype=np.int64),
-            "delta_text": self.delta_text,
-            "delta_vision": self.delta_vision,
-            "samples": np.asarray(self.samples),
-            "unused_text": self.unused_text,
-            "unused_vision": self.unused_vision,
-        }
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> Sensitivity:
-        return cls(
-            bits=tuple(int(b) for b in a["bits"]),
-            delta_text=np.asarray(a["delta_text"], dtype=np.float64),
-            delta_vision=np.asarray(a["delta_vision"], dtype=np.float64),
-            samples=int(a["samples"]),
-            unused_text=np.asarray(a["unused_text"], dtype=bool),
-            unused_vision=np.asarray(a["unused_vision"], dtype=bool),
-        )
 
 
 def log_softmax(logits: npt.ArrayLike) -> F64:
@@ -134,7 +82,7 @@ def choose_subset(multimodal: npt.ArrayLike, samples: int, seed: int) -> npt.NDA
     Args:
         multimodal: ``[S]`` bool, the sample has vision tokens.
         samples: how many to take (all when the dataset has fewer).
-        seed: the permutation seed (``ctx.options["seed"]``).
+        seed: the permutation seed (the run's ``seed``).
     """
     mm = np.asarray(multimodal, dtype=bool)
     n_all = mm.size

@@ -1,0 +1,279 @@
+"""Phase 1 of the dense lowering: an ONNX model → a Relax module with detached weights.
+
+`import_onnx` runs the Relax ONNX frontend with ``keep_params_in_input=True`` and
+`relax.frontend.detach_params`. Float initializers become weight parameters of ``main``
+(after the model inputs, in initializer order); integer and 0-d initializers (shapes, axes,
+scalars) become ``Constant`` nodes first, so that the frontend folds them and keeps shapes
+symbolic (as weight parameters it cannot read them; Reshape then fails). Custom ONNX ops
+(such as ``ai.modec::MoE``) are imported through ``op_converters``; a few standard ops whose
+frontend converter fails on graphs modec lowers get their own converter here
+(``_FRONTEND_FIXES``). Ops the frontend cannot import raise `ModelError` naming the op and
+the node. The later phases are in `modec.lowering.dense`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import numpy as np
+import onnx
+import tvm
+import tvm.relax.frontend.onnx
+from onnx import helper
+from tvm import relax, tirx
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from modec.artifact import TensorSpec
+from modec.errors import InternalError, ModelError
+from modec.frontend import ONNX_DTYPES as _ONNX_DTYPES
+
+__all__ = ["DenseModule", "OpConverter", "import_onnx", "static_extent"]
+
+logger = logging.getLogger(__name__)
+
+#: A converter for a custom ONNX op: (block builder, inputs, attributes) -> Relax expression.
+OpConverter: TypeAlias = Callable[[relax.BlockBuilder, list[Any], dict[str, Any]], relax.Expr]
+
+
+@dataclass
+class DenseModule:
+    """A Relax module plus what the artifact needs to run it.
+
+    Attributes:
+        mod: the IRModule; ``main(*inputs, *params)``.
+        params: weight arrays in the order of ``main``'s parameters after the inputs; the
+            keys are the Relax parameter names (the artifact's tensor names).
+        inputs: the ONNX graph inputs (name, dtype, shape with symbolic dims as strings).
+        outputs: the ONNX graph outputs, in ``main``'s return order.
+        stats: counters of what the lowering did (matmuls scheduled, left to the default).
+    """
+
+    mod: tvm.IRModule
+    params: dict[str, np.ndarray]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    try:
+        return onnx.load(str(path))
+    except FileNotFoundError as exc:
+        raise ModelError(
+            f"ONNX model {path} does not exist; pass the path of a .onnx file"
+        ) from exc
+    except Exception as exc:  # onnx raises DecodeError and friends; name the file instead
+        raise ModelError(f"cannot read ONNX model {path}: {exc}; is it an .onnx file?") from exc
+
+
+def _dims(vi: onnx.ValueInfoProto) -> tuple[int | str, ...]:
+    out: list[int | str] = []
+    for i, d in enumerate(vi.type.tensor_type.shape.dim):
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        else:
+            out.append(d.dim_param or f"{vi.name}_dim{i}")
+    return tuple(out)
+
+
+def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    elem = vi.type.tensor_type.elem_type
+    if elem not in _ONNX_DTYPES:
+        raise ModelError(
+            f"graph value {vi.name!r} has ONNX element type {elem}, which modec does not lower"
+        )
+    return TensorSpec(vi.name, _ONNX_DTYPES[elem], _dims(vi))
+
+
+def _constants_to_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Integer and 0-d initializers become Constant nodes (see the module docstring)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    keep: list[onnx.TensorProto] = []
+    consts: list[onnx.NodeProto] = []
+    for t in g.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and t.dims:
+            keep.append(t)
+        else:
+            consts.append(helper.make_node("Constant", [], [t.name], value=t, name=f"{t.name}_c"))
+    if consts:
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        nodes = consts + list(g.node)
+        del g.node[:]
+        g.node.extend(nodes)
+    return out
+
+
+class _Importer(onnx_frontend.ONNXGraphImporter):
+    """The frontend's importer with custom-op converters and node-naming errors."""
+
+    def __init__(self, converters: Mapping[str, OpConverter]) -> None:
+        super().__init__({}, {}, keep_params_in_input=True, sanitize=True)
+        self._custom = dict(converters)
+
+    def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
+        known = onnx_frontend._get_convert_map()
+        for node in graph.node:
+            op = node.op_type
+            if op in self._custom or op in ("Constant", "If"):
+                continue
+            if op not in known or node.domain not in ("", "ai.onnx"):
+                dom = f"{node.domain}::" if node.domain else ""
+                raise ModelError(
+                    f"ONNX op {dom}{op} (node {node.name or node.output[0]!r}) is not supported "
+                    "by the TVM Relax frontend; rewrite it to standard ops or register a "
+                    "converter in op_converters"
+                )
+
+    def _convert_operator(self, op_name: str, inputs: Any, attrs: Any, opset: int) -> Any:
+        if op_name in self._custom:
+            sym = self._custom[op_name](self.bb, list(inputs), dict(attrs))
+            return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
+        fix = _FRONTEND_FIXES.get(op_name)
+        fixed = fix(list(inputs), dict(attrs)) if fix is not None else None
+        if fixed is not None:
+            return self.bb.normalize(fixed)
+        return super()._convert_operator(op_name, inputs, attrs, opset)
+
+
+def _expand_const_shape(inputs: list[Any], attrs: dict[str, Any]) -> relax.Expr | None:
+    """ONNX Expand to a constant shape of data with symbolic dims (None: not this case).
+
+    The frontend's Expand reads ``dim.value`` of every data dim when the target shape is a
+    constant and fails on a symbolic one (digits-vlm's attention-mask broadcast). ONNX
+    broadcasting: a target dim of 1 keeps the data dim; otherwise the data dim is 1 or equal.
+    """
+    data, shape = inputs
+    if not isinstance(shape, tvm.ir.GenericConst) or not isinstance(data.ty, relax.TensorType):
+        return None
+    dims = list(data.ty.shape.values) if data.ty.shape is not None else None
+    if dims is None or all(isinstance(d, tirx.IntImm) for d in dims):
+        return None
+    target = [int(v) for v in np.asarray(shape.value.numpy()).reshape(-1)]
+    rank = max(len(target), len(dims))
+    dims = [tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
+    target = [1] * (rank - len(target)) + target
+    out: list[Any] = []
+    for d, s in zip(dims, target, strict=True):
+        if s in (1, -1):
+            out.append(d)
+        elif isinstance(d, tirx.IntImm) and int(d) not in (1, s):
+            raise ModelError(f"ONNX Expand: cannot broadcast data shape {dims} to {target}")
+        else:
+            out.append(tirx.IntImm("int64", s))
+    return relax.op.broadcast_to(data, relax.ShapeExpr(out))
+
+
+def _gather_elements(inputs: list[Any], attrs: dict[str, Any]) -> relax.Expr | None:
+    """ONNX GatherElements (the frontend's reads ``ty.dtype.dtype`` and always fails).
+
+    Negative indices count from the end of ``axis``, as ONNX specifies (static extent only;
+    a symbolic one falls back to the frontend).
+    """
+    data, indices = inputs
+    axis = int(attrs.get("axis", 0))
+    if not isinstance(data.ty, relax.TensorType) or not isinstance(indices.ty, relax.TensorType):
+        return None
+    if data.ty.shape is None:
+        return None
+    extent = static_extent(data.ty.shape.values[axis])
+    if extent is None:
+        return None
+    dtype = str(indices.ty.dtype)
+    wrapped = relax.op.where(
+        relax.op.less(indices, relax.const(0, dtype)),
+        relax.op.add(indices, relax.const(extent, dtype)),
+        indices,
+    )
+    return relax.op.gather_elements(data, wrapped, axis)
+
+
+#: Ops whose frontend converter fails on graphs modec lowers: op type -> converter that
+#: returns the Relax expression, or None to fall back to the frontend's.
+_FRONTEND_FIXES: dict[str, Callable[[list[Any], dict[str, Any]], relax.Expr | None]] = {
+    "Expand": _expand_const_shape,
+    "GatherElements": _gather_elements,
+}
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 1
+
+
+def import_onnx(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    op_converters: Mapping[str, OpConverter] | None = None,
+) -> DenseModule:
+    """Import an ONNX model into Relax with its weights detached as parameters.
+
+    Args:
+        model: an in-memory model or the path of a .onnx file (external data is read from
+            beside it).
+        op_converters: converters for ops the frontend does not know, by op type.
+
+    Returns:
+        The imported `DenseModule` (no kernels scheduled yet).
+
+    Raises:
+        ModelError: the file is unreadable or an op cannot be imported (names op and node).
+    """
+    proto = _load(model)
+    init_names = {t.name for t in proto.graph.initializer}
+    inputs = [_spec(vi) for vi in proto.graph.input if vi.name not in init_names]
+    outputs = [_spec(vi) for vi in proto.graph.output]
+    prepared = _constants_to_nodes(proto)
+    importer = _Importer(op_converters or {})
+    captured = io.StringIO()
+    try:
+        # The frontend prints the failing op's inputs to stdout; keep it in the debug log.
+        with contextlib.redirect_stdout(captured):
+            mod = importer.from_onnx(prepared.graph, _opset(prepared))
+    except ModelError:
+        raise
+    except Exception as exc:
+        failed = next(
+            (n for n in prepared.graph.node if n.output and n.output[0] not in importer._nodes),
+            None,
+        )
+        where = f"{failed.op_type} (node {failed.name or failed.output[0]!r})" if failed else "?"
+        first = str(exc).strip().splitlines()
+        detail = first[-1] if first else type(exc).__name__
+        logger.debug("frontend output: %s", captured.getvalue())
+        raise ModelError(
+            f"the TVM Relax frontend failed on ONNX op {where}: {detail}; simplify the graph "
+            "(onnxsim) or export with static shapes for that op"
+        ) from exc
+    mod, detached = relax.frontend.detach_params(mod)
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"])
+    if num_input != len(inputs):
+        raise InternalError(
+            f"import-onnx: Relax main has {num_input} inputs, the ONNX graph {len(inputs)}"
+        )
+    names = [p.name for p in main.params[num_input:]]
+    values = detached.get("main", [])
+    if len(names) != len(values) or len(set(names)) != len(names):
+        raise InternalError("import-onnx: detached parameters do not match main's parameters")
+    params = {n: v.numpy() for n, v in zip(names, values, strict=True)}
+    logger.info("imported %d inputs, %d weight tensors", num_input, len(params))
+    return DenseModule(mod, params, inputs, outputs, {"onnx_nodes": len(proto.graph.node)})
+
+
+def static_extent(e: Any) -> int | None:
+    """The value of a static dimension (``tirx.IntImm``); None for a symbolic one."""
+    return int(e.value) if isinstance(e, tirx.IntImm) else None

@@ -1,0 +1,151 @@
+"""Step 4 of MODE: one width per expert from an integer linear program (arXiv 2606.17118).
+
+Per layer (the paper) or over all layers: minimise Σ_e Σ_b cost[e, b]·x[e, b] with one width
+per expert and the average width equal to the budget. ``cost`` is the importance signal of
+the method (`modec.numerics.importance.layer_cost`): MODE's f_text·δ_text + f_key·δ_vision
+by default. The solver is `modec.numerics.ilp` (python-mip, one thread, fixed seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from modec.facts import BitAllocation, KeyVision, RoutingStats, Sensitivity
+from modec.numerics.importance import LayerSignals, layer_cost, output_error, veq_gamma
+
+
+def layer_signals(
+    stats: RoutingStats, key: KeyVision, sens: Sensitivity | None, layer: int, err: np.ndarray
+) -> LayerSignals:
+    """One layer's signals: frequencies per modality (key vision from select-key-vision), δ."""
+    f64 = np.float64
+    return LayerSignals(
+        f_text=np.asarray(stats.f_text[layer], f64),
+        f_key=np.asarray(key.f_key[layer], f64),
+        f_vision=np.asarray(stats.f_vision[layer], f64),
+        f_redundant=np.asarray(key.f_redundant[layer], f64),
+        f_global=np.asarray(stats.f_global[layer], f64),
+        n_text=np.asarray(stats.count_text[layer], f64),
+        n_vision=np.asarray(stats.count_vision[layer], f64),
+        mean_weight=np.asarray(stats.mean_weight[layer], f64),
+        err=err,
+        delta_text=None if sens is None else np.asarray(sens.delta_text[layer], f64),
+        delta_vision=None if sens is None else np.asarray(sens.delta_vision[layer], f64),
+    )
+
+
+def moe_params(model: ir.Model) -> list[Any]:
+    """`MoEParams` of every canonical MoE node, in execution order."""
+    from modec.moe.canonical import is_moe_node
+    from modec.moe.reference import MoEParams
+
+    return [MoEParams.from_node(n) for n in model.graph if is_moe_node(n)]
+
+
+def expert_errors(
+    params: list[Any], stats: RoutingStats, bits: tuple[int, ...], group_size: int
+) -> list[np.ndarray]:
+    """Per layer, each expert's RTN output error at each width [E, J] (gate + up + down)."""
+    out = []
+    for layer, p in enumerate(params):
+        err = np.zeros((p.num_experts, len(bits)))
+        for e in range(p.num_experts):
+            n_tok = int(stats.tokens[layer][e])
+            h_in = stats.hessian_in[layer][e]
+            h_act = stats.hessian_act[layer][e]
+            for w, h in ((p.gate, h_in), (p.up, h_in), (p.down, h_act)):
+                if w is not None:
+                    err[e] += output_error(w[e], h, n_tok, bits, group_size)
+        out.append(err)
+    return out
+
+
+@dataclass(frozen=True)
+class AllocationProblem:
+    """What allocate-bits solves (its options)."""
+
+    method: str
+    budget: float
+    bits: tuple[int, ...]
+    group_size: int
+    scope: Literal["layer", "global"] = "layer"
+    sense: Literal["eq", "le"] = "eq"
+    budget_bytes: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AllocationResult:
+    """The allocation and what the report shows of how it was found."""
+
+    allocation: BitAllocation
+    costs: list[np.ndarray]
+    solves: list[dict[str, Any]]
+    veq_gamma: float | None
+
+
+def uniform_allocation(experts: list[int], pr: AllocationProblem) -> BitAllocation:
+    """Every expert at the budget width (``method=uniform``: no ILP)."""
+    widths = tuple(tuple([int(pr.budget)] * n) for n in experts)
+    return BitAllocation(
+        "uniform", pr.bits, pr.budget, pr.group_size, widths, 0.0, "not solved", 0.0, False
+    )
+
+
+def solve_allocation(
+    params: list[Any],
+    stats: RoutingStats,
+    key: KeyVision,
+    sens: Sensitivity | None,
+    pr: AllocationProblem,
+) -> AllocationResult:
+    """Costs per layer from the method's importance signal, then the ILP."""
+    from modec.numerics import ilp
+
+    errs = expert_errors(params, stats, pr.bits, pr.group_size)
+    signals = [layer_signals(stats, key, sens, i, errs[i]) for i in range(len(params))]
+    gamma = veq_gamma(signals) if pr.method == "veq-me" else None
+    costs = [layer_cost(pr.method, s, 1.0 if gamma is None else gamma) for s in signals]
+    opts = ilp.SolverOptions(seed=pr.seed)
+    if pr.budget_bytes > 0:
+        nbytes = [
+            np.stack(
+                [ilp.expert_nbytes(_shapes(p), pr.bits, pr.group_size)
+                 for _ in range(p.num_experts)]
+            )
+            for p in params
+        ]  # fmt: skip
+        sols = [ilp.allocate_bytes(costs, pr.bits, nbytes, pr.budget_bytes, options=opts)]
+    elif pr.scope == "global":
+        sols = [ilp.allocate_bits_global(costs, pr.bits, pr.budget, sense=pr.sense, options=opts)]
+    else:
+        sols = list(
+            ilp.allocate_bits_per_layer(costs, pr.bits, pr.budget, sense=pr.sense, options=opts)
+        )
+    widths = tuple(tuple(int(w) for w in layer) for s in sols for layer in s.per_layer())
+    alloc = BitAllocation(
+        method=pr.method,
+        bits=pr.bits,
+        budget=pr.budget,
+        group_size=pr.group_size,
+        widths=widths,
+        objective=float(sum(s.objective for s in sols)),
+        status=",".join(sorted({str(s.status) for s in sols})),
+        solve_seconds=float(sum(s.solve_time_s for s in sols)),
+        rounded=any(s.rounded for s in sols),
+    )
+    solves = [
+        {"status": str(s.status), "objective": s.objective, "gap": s.gap,
+         "solve_seconds": s.solve_time_s, "rounded": s.rounded, "target": s.target}
+        for s in sols
+    ]  # fmt: skip
+    return AllocationResult(alloc, costs, solves, gamma)
+
+
+def _shapes(p: Any) -> list[tuple[int, int]]:
+    """[N, K] of each projection of one expert."""
+    return [tuple(w.shape[1:]) for w in (p.gate, p.up, p.down) if w is not None]

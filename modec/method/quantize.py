@@ -1,0 +1,151 @@
+"""Step 5 of MODE: quantize every routed expert at its allocated width (GPTQ, RTN fallback).
+
+Pure numerics over the stacked expert weights of one MoE layer; the quantize-experts pass
+feeds it each canonical MoE node, and `quantize_model_rtn` is the one RTN path that tools and
+tests use to build quantized experts without calibration.
+
+Rules (GPTQ, Frantar et al. 2022, per expert):
+1. gate and up use H_in = Σ x xᵀ of the tokens routed to the expert; down uses
+   H_act = Σ a aᵀ of the activations a = act(x·gateᵀ)·(x·upᵀ).
+2. Group-wise asymmetric at ``group_size``; dampening ``percdamp``, block size ``blocksize``.
+3. An expert with fewer than ``min_tokens`` routed tokens, or whose Hessian cannot be
+   factorised, falls back to round-to-nearest with the reason recorded; ``method=rtn``
+   quantizes every expert with RTN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnx_ir as ir
+
+from modec.facts import PROJECTIONS, QuantizedExperts
+from modec.numerics.gptq import gptq_quantize
+from modec.numerics.quant import QuantizedWeight, quantize_rtn
+from modec.numerics.schemes import QuantScheme
+
+F32 = npt.NDArray[np.float32]
+
+#: Input index of each projection's stacked weight on a canonical MoE node (docs/ir.md).
+INPUT_INDEX = {"gate": 3, "up": 4, "down": 5}
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """How GPTQ runs (defaults of the quantize-experts pass)."""
+
+    min_tokens: int = 32
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+
+@dataclass(frozen=True, eq=False)
+class LayerHessians:
+    """One layer's GPTQ inputs: ``[E, H, H]`` / ``[E, I, I]`` Hessians and ``[E]`` token counts."""
+
+    h_in: npt.NDArray[np.float64]
+    h_act: npt.NDArray[np.float64]
+    tokens: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedProjection:
+    """One projection of one layer: codes per expert, the dequantized stack, per-expert notes."""
+
+    codes: list[QuantizedWeight]
+    dequantized: F32
+    entries: list[dict[str, object]]
+
+
+def quantize_projection(
+    stacked: npt.ArrayLike,
+    widths: tuple[int, ...],
+    group_size: int,
+    *,
+    method: Literal["gptq", "rtn"],
+    hessians: npt.NDArray[np.float64] | None = None,
+    tokens: npt.NDArray[np.int64] | None = None,
+    settings: GPTQSettings = GPTQSettings(),
+    label: str = "",
+) -> QuantizedProjection:
+    """Quantize every expert of one stacked projection ``[E, N, K]`` at its width.
+
+    Args:
+        stacked: the fp weights of one projection of every expert.
+        widths: the width of each expert.
+        group_size: the quantization group along K.
+        method: ``gptq`` (needs ``hessians`` and ``tokens``) or ``rtn``.
+        hessians: ``[E, K, K]`` Σ x xᵀ of each expert's input.
+        tokens: ``[E]`` tokens each expert received.
+        settings: GPTQ's knobs.
+        label: names the projection in fallback messages (``layer 3 ... up``).
+    """
+    w = np.asarray(stacked, dtype=np.float32)
+    deq = np.empty_like(w)
+    codes: list[QuantizedWeight] = []
+    entries: list[dict[str, object]] = []
+    for e, width in enumerate(widths):
+        scheme = QuantScheme(int(width), group_size)
+        if method == "rtn":
+            qw = quantize_rtn(w[e], scheme)
+            deq[e] = qw.dequantize()
+            entries.append({"method": "rtn", "reason": "method=rtn"})
+        else:
+            assert hessians is not None and tokens is not None, "GPTQ needs Hessians"
+            res = gptq_quantize(
+                w[e], hessians[e], scheme, n_tokens=int(tokens[e]),
+                min_tokens=settings.min_tokens, percdamp=settings.percdamp,
+                blocksize=settings.blocksize, name=f"{label} expert {e}".strip(),
+            )  # fmt: skip
+            qw, deq[e] = res.qweight, res.dequantized
+            entries.append(
+                {"method": res.method, "reason": res.fallback_reason, "loss": res.loss,
+                 "output_mse": res.output_mse}
+            )  # fmt: skip
+        codes.append(qw)
+    return QuantizedProjection(codes, deq, entries)
+
+
+def expert_weights(node: ir.Node) -> dict[str, ir.Value]:
+    """The stacked weight value of each projection a canonical MoE node has."""
+    out: dict[str, ir.Value] = {}
+    for proj in PROJECTIONS:
+        value = node.inputs[INPUT_INDEX[proj]]
+        if value is not None and value.const_value is not None:
+            out[proj] = value
+    return out
+
+
+def quantize_model_rtn(
+    model: ir.Model,
+    widths: tuple[tuple[int, ...], ...],
+    group_size: int,
+    *,
+    write_back: bool = True,
+) -> QuantizedExperts:
+    """RTN-quantize every expert of every canonical MoE node of ``model`` at ``widths``.
+
+    With ``write_back`` the dequantized weights replace the fp ones in the graph, which makes
+    ``model`` the simulated-quantization model of the returned codes.
+    """
+    from modec.moe.canonical import is_moe_node
+
+    nodes = [n for n in model.graph if is_moe_node(n)]
+    if len(nodes) != len(widths):
+        raise ValueError(f"widths cover {len(widths)} MoE layers; the model has {len(nodes)}")
+    q = QuantizedExperts(group_size, widths)
+    for layer, node in enumerate(nodes):
+        per: dict[str, list[QuantizedWeight]] = {}
+        for proj, value in expert_weights(node).items():
+            assert value.const_value is not None
+            res = quantize_projection(
+                value.const_value.numpy(), widths[layer], group_size, method="rtn"
+            )
+            if write_back:
+                value.const_value = ir.tensor(res.dequantized, name=value.name)
+            per[proj] = res.codes
+        q.layers.append(per)
+    return q

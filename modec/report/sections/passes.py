@@ -1,0 +1,52 @@
+"""The ``passes`` section: what each pass took and recorded, and ``plot-pass-times``."""
+
+from __future__ import annotations
+
+from modec.report.data import Report
+from modec.report.html import esc, figure, ncell, pct, short, table
+from modec.report.svg import COLOR_TEXT, hbars
+
+
+def render(report: Report) -> str:
+    passes = report.get("passes") or []
+    out = ["<h2>Passes</h2>"]
+    if not passes:
+        return out[0] + '<p class="not-run">no pass ran.</p>'
+    total = sum(float(p.get("seconds", 0.0)) for p in passes)
+    rows = []
+    for p in passes:
+        stats = p.get("stats") or {}
+        st = ", ".join(f"{k}={short(stats[k], 40)}" for k in sorted(stats))
+        rows.append(
+            [
+                f"<code>{esc(p.get('name', '?'))}</code>",
+                ncell(float(p.get("seconds", 0.0)), 3),
+                pct(float(p.get("seconds", 0.0)) / total) if total > 0 else "–",
+                "yes" if p.get("modified") else "no",
+                esc(st),
+            ]
+        )
+    rows.append(["<b>total</b>", ncell(total, 3), "", "", ""])
+    out.append(
+        table(["pass", "seconds", "share", "modified graph", "statistics"], rows, id="table-passes")
+    )
+    bars = [
+        (str(p.get("name", "?")), [("seconds", COLOR_TEXT, float(p.get("seconds", 0.0)))])
+        for p in passes
+    ]
+    out.append(
+        figure(
+            "plot-pass-times",
+            hbars("seconds per pass", bars, fmt=lambda v: f"{v:.2f} s"),
+            "Wall-clock seconds per pass (the runner's timing instrument).",
+        )
+    )
+    texts = "".join(
+        f"<tr><td><code>{esc(p.get('name', '?'))}</code></td><td><code>{esc(p.get('text', ''))}"
+        "</code></td></tr>"
+        for p in passes
+    )
+    out.append(
+        f"<details><summary>pass text with options</summary><table>{texts}</table></details>"
+    )
+    return "".join(out)
