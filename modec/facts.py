@@ -29,6 +29,8 @@ types only (IR node types appear in annotations alone), so every layer above can
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -305,14 +307,33 @@ T = TypeVar("T")
 class Facts:
     """The facts known so far in one run: at most one value per fact type.
 
-    ``get(RoutingStats)`` returns a ``RoutingStats`` (typed); the runner compares
-    `kinds` before and after each pass to check that a pass wrote what it declared.
+    ``get(RoutingStats)`` returns a ``RoutingStats`` (typed). While a pass runs, the runner
+    `restrict`s the store to what the pass declared: reading an undeclared fact is an error,
+    and comparing `ids` before and after tells what the pass wrote.
     """
 
     def __init__(self, *values: object) -> None:
         self._values: dict[type, object] = {}
+        self._readable: frozenset[type] | None = None
+        self._reader = ""
         for v in values:
             self.put(v)
+
+    @contextmanager
+    def restrict(self, pass_name: str, reads: Iterable[type]) -> Iterator[None]:
+        """Within the block, `get` and `find` serve only ``reads`` (the pass's declaration)."""
+        self._readable, self._reader = frozenset(reads), pass_name
+        try:
+            yield
+        finally:
+            self._readable = None
+
+    def _check_readable(self, kind: type) -> None:
+        if self._readable is not None and kind not in self._readable:
+            raise InternalError(
+                f"pass {self._reader} reads {kind.__name__} without declaring it; add it to "
+                "its `reads` so that Pipeline.validate can check it is written first"
+            )
 
     def put(self, value: object) -> None:
         """Record ``value`` as the fact of its type (replacing an earlier one)."""
@@ -325,6 +346,7 @@ class Facts:
 
     def get(self, kind: type[T]) -> T:
         """The fact of type ``kind``; a pipeline that never wrote it is a programming error."""
+        self._check_readable(kind)
         value = self._values.get(kind)
         if value is None:
             raise InternalError(
@@ -336,6 +358,7 @@ class Facts:
 
     def find(self, kind: type[T]) -> T | None:
         """The fact of type ``kind`` if known (for optional reads)."""
+        self._check_readable(kind)
         value = self._values.get(kind)
         assert value is None or isinstance(value, kind)
         return value

@@ -249,7 +249,8 @@ class Pipeline:
                 inst.before_pass(p, ctx)
             before = ctx.facts.ids()
             try:
-                result = p.run(model, ctx)
+                with ctx.facts.restrict(p.name, p.reads):
+                    result = p.run(model, ctx)
             except ModecError as exc:
                 raise _with_history(exc, p, records) from exc
             except Exception as exc:

@@ -141,6 +141,23 @@ def test_a_pass_must_write_exactly_what_it_declares(text, message):
         pl.Pipeline.parse(text).run(_tiny_model(), pl.PassContext())
 
 
+@pl.register
+@dataclass
+class _Sneak(pl.Pass):
+    """Reads a fact it did not declare."""
+
+    name = "test-sneak"
+
+    def run(self, model, ctx):
+        ctx.facts.get(CanonicalMoE)
+        return pl.PassResult(model, modified=False)
+
+
+def test_a_pass_reads_only_what_it_declares():
+    with pytest.raises(InternalError, match="test-sneak reads CanonicalMoE without declaring"):
+        pl.Pipeline.parse("test-write-fact,test-sneak").run(_tiny_model(), pl.PassContext())
+
+
 def test_facts_are_typed():
     facts = Facts(CanonicalMoE(("a",)))
     assert facts.get(CanonicalMoE).nodes == ("a",)
