@@ -1,4 +1,8 @@
-"""collect-routing on the tiny digits-vlm: counts, frequencies, key tokens, Hessians."""
+"""collect-routing on the tiny digits-vlm: counts, frequencies, key scores, Hessians, cache.
+
+The key tokens themselves are chosen by select-key-vision (tests/passes/test_select_key_vision.py
+checks them against a recount); here the fixture runs both so that the totals add up.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import pytest
 from modec.data import PAD, TEXT, VISION
 from modec.errors import BadInputError
 from modec.executor import Executor
-from modec.mode.stats import (
+from modec.facts import Calibration, KeyVision, RoutingStats
+from modec.method.key_vision import (
     attention_key_scores,
     hidden_key_scores,
     key_count,
@@ -20,13 +25,14 @@ from modec.moe.reference import expert_activation
 
 @pytest.fixture(scope="module")
 def routed(analysed):
-    return analysed("collect-routing")
+    return analysed("collect-routing,select-key-vision")
 
 
 def test_counts_add_up(routed):
     model, ctx = routed
-    stats = ctx.artifacts["routing.stats"]
-    ds = ctx.artifacts["calib.data"]
+    stats = ctx.facts.get(RoutingStats)
+    kv = ctx.facts.get(KeyVision)
+    ds = ctx.facts.get(Calibration).data
     ex = Executor(model)
     n_text = int((ds.modality == TEXT).sum())
     n_vis = int((ds.modality == VISION).sum())
@@ -40,22 +46,22 @@ def test_counts_add_up(routed):
             stats.count_all[layer], stats.count_text[layer] + stats.count_vision[layer]
         )
         np.testing.assert_array_equal(
-            stats.count_vision[layer], stats.count_key[layer] + stats.count_redundant[layer]
+            stats.count_vision[layer], kv.count_key[layer] + kv.count_redundant[layer]
         )
         # Key tokens: ⌈20%⌉ of every sample's vision tokens, each routed to k experts.
         per_sample = [key_count(int((m == VISION).sum()), 0.2) for m in ds.modality]
-        assert stats.count_key[layer].sum() == k * sum(per_sample)
-        for f in (stats.f_text, stats.f_vision, stats.f_vision_all, stats.f_global):
+        assert kv.count_key[layer].sum() == k * sum(per_sample)
+        for f in (stats.f_text, stats.f_vision, kv.f_key, stats.f_global):
             assert f[layer].sum() == pytest.approx(1.0)
             assert (f[layer] >= 0).all()
-        assert stats.key_source[layer] == "attention"
+        assert stats.score_source[layer] == "attention"
 
 
 def test_counts_match_an_independent_run(routed):
     """Text counts recomputed from the executor's routing over the whole calibration set."""
     model, ctx = routed
-    stats = ctx.artifacts["routing.stats"]
-    ds = ctx.artifacts["calib.data"]
+    stats = ctx.facts.get(RoutingStats)
+    ds = ctx.facts.get(Calibration).data
     ex = Executor(model)
     want = [np.zeros(p.num_experts, np.int64) for p in ex.params]
     for idx, feeds in ds.batches(7):
@@ -69,8 +75,8 @@ def test_counts_match_an_independent_run(routed):
 
 def test_hessians_are_sums_of_outer_products(routed):
     model, ctx = routed
-    stats = ctx.artifacts["routing.stats"]
-    ds = ctx.artifacts["calib.data"]
+    stats = ctx.facts.get(RoutingStats)
+    ds = ctx.facts.get(Calibration).data
     ex = Executor(model)
     h_in = [np.zeros_like(h) for h in stats.hessian_in]
     h_act = [np.zeros_like(h) for h in stats.hessian_act]
@@ -99,11 +105,12 @@ def test_hessians_are_sums_of_outer_products(routed):
 def test_report_section(routed):
     _, ctx = routed
     sec = ctx.report["collect-routing"]
-    assert sec["key_ratio"] == 0.2
+    # The key ratio moved to select-key-vision with the key-token choice.
+    assert ctx.report["select-key-vision"]["key_ratio"] == 0.2
     assert sec["attention_fallbacks"] == []
     assert len(sec["f_text"]) == 2 and len(sec["f_text"][0]) == 4
     assert sec["coverage"]["min_tokens"] == 16
-    assert ctx.stats["collect-routing"]["samples"] == len(ctx.artifacts["calib.data"])
+    assert ctx.stats["collect-routing"]["samples"] == len(ctx.facts.get(Calibration).data)
 
 
 def test_key_scores_follow_the_question():
@@ -147,23 +154,33 @@ def test_attention_shape_mismatch_is_an_error():
 
 
 def test_bad_options(analysed):
+    # The key ratio is select-key-vision's option since the refactor.
     with pytest.raises(BadInputError, match="key_ratio"):
-        analysed("collect-routing{key_ratio=1.5}")
+        analysed("collect-routing,select-key-vision{key_ratio=1.5}")
+    with pytest.raises(BadInputError, match="batch_size"):
+        analysed("collect-routing{batch_size=0}")
 
 
 def test_cache_hit_is_identical(analysed, routed, tmp_path):
     _, first = analysed("collect-routing", cache_dir=str(tmp_path))
-    _, second = analysed("collect-routing", cache_dir=str(tmp_path))
+    _, second = analysed("collect-routing,select-key-vision", cache_dir=str(tmp_path))
     assert first.report["collect-routing"]["cache_hit"] is False
     assert second.report["collect-routing"]["cache_hit"] is True
     assert len(list(tmp_path.glob("routing-*.npz"))) == 1
-    a, b = routed[1].artifacts["routing.stats"], second.artifacts["routing.stats"]
+    a, b = routed[1].facts.get(RoutingStats), second.facts.get(RoutingStats)
     for name, arr in a.to_arrays().items():
         np.testing.assert_array_equal(arr, b.to_arrays()[name], err_msg=name)
     sec_a = {k: v for k, v in routed[1].report["collect-routing"].items() if k != "cache_hit"}
     sec_b = {k: v for k, v in second.report["collect-routing"].items() if k != "cache_hit"}
     assert sec_a == sec_b
-    # Another key ratio is another entry.
-    _, other = analysed("collect-routing{key_ratio=0.5}", cache_dir=str(tmp_path))
+    # The key tokens chosen from cached scores are the ones chosen from fresh scores.
+    ka, kb = routed[1].facts.get(KeyVision), second.facts.get(KeyVision)
+    for layer in range(a.num_layers):
+        np.testing.assert_array_equal(ka.key[layer], kb.key[layer])
+    # Another key ratio needs no new routing run: the scores are cached, not the choice.
+    _, ratio = analysed("collect-routing,select-key-vision{key_ratio=0.5}", cache_dir=str(tmp_path))
+    assert ratio.report["collect-routing"]["cache_hit"] is True
+    # Another batch size is another entry.
+    _, other = analysed("collect-routing{batch_size=5}", cache_dir=str(tmp_path))
     assert other.report["collect-routing"]["cache_hit"] is False
     assert len(list(tmp_path.glob("routing-*.npz"))) == 2

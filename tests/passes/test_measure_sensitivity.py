@@ -1,14 +1,20 @@
-"""measure-sensitivity on the tiny digits-vlm: δ by hand, modality masking, cache, workers."""
+"""measure-sensitivity on the tiny digits-vlm: δ by hand, modality masking, cache, workers.
+
+The references build their own log-softmax and KL in float64 (`_log_softmax`, `_kl`); only
+the subset choice (`choose_subset`, tested on its own below) and RTN (tests/numerics) come
+from modec.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from modec.data import TEXT, VISION
+from modec.data import PAD, TEXT, VISION
 from modec.errors import ModecError
 from modec.executor import Executor
-from modec.mode.sensitivity import choose_subset, kl_divergence, kl_positions, log_softmax
+from modec.facts import Calibration, Sensitivity
+from modec.method.sensitivity import choose_subset, kl_divergence, log_softmax
 from modec.moe.reference import Replacement
 from modec.numerics.quant import quantize_rtn
 from modec.numerics.schemes import QuantScheme
@@ -19,6 +25,19 @@ OPTS = "measure-sensitivity{samples=6,batch_size=4}"
 @pytest.fixture(scope="module")
 def measured(analysed):
     return analysed(OPTS)
+
+
+def _log_softmax(x):
+    """log p over the last axis in float64, written out (max-shifted for stability)."""
+    x = np.asarray(x, np.float64)
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def _kl(ref_logits, logits):
+    """KL(p_ref ‖ p) per row: Σ p_ref · (log p_ref − log p)."""
+    lp, lq = _log_softmax(ref_logits), _log_softmax(logits)
+    return np.sum(np.exp(lp) * (lp - lq), axis=-1)
 
 
 def _rtn(p, e, bits):
@@ -32,7 +51,7 @@ def _rtn(p, e, bits):
 
 def test_shape_sign_and_bits(measured):
     _, ctx = measured
-    s = ctx.artifacts["sensitivity"]
+    s = ctx.facts.get(Sensitivity)
     assert s.bits == (2, 3, 4) and s.samples == 6
     assert s.delta_text.shape == s.delta_vision.shape == (2, 4, 3)
     assert (s.delta_text >= 0).all() and (s.delta_vision >= 0).all()
@@ -50,8 +69,8 @@ def test_shape_sign_and_bits(measured):
 def test_delta_matches_a_full_rerun(measured):
     """One expert's δ recomputed with whole-model runs (no layer cache, no skipped batches)."""
     model, ctx = measured
-    s = ctx.artifacts["sensitivity"]
-    ds = ctx.artifacts["calib.data"]
+    s = ctx.facts.get(Sensitivity)
+    ds = ctx.facts.get(Calibration).data
     sub = ds.subset(choose_subset(ds.multimodal, 6, 0))
     ex = Executor(model)
     layer, expert = 0, int(np.argmax(s.delta_vision[0, :, 0]))
@@ -62,21 +81,74 @@ def test_delta_matches_a_full_rerun(measured):
         part = sub.subset(group)
         for idx, feeds in part.batches(4):
             mod = part.trimmed_modality(idx)
-            pos = kl_positions(mod, "answer")
+            pos = mod[:, -1] != PAD  # left padding: every sample's answer is last
             n_pos += int(pos.sum())
-            ref = log_softmax(ex.run(feeds).outputs[ex.output_names[0]][pos])
+            ref = ex.run(feeds).outputs[ex.output_names[0]][pos, -1]
             for m in (TEXT, VISION):
                 rep = Replacement(expert, mod.ravel() == m, **w)
                 out = ex.run(feeds, replace={layer: rep}).outputs[ex.output_names[0]]
-                total[m] += float(kl_divergence(ref, out[pos]).sum())
+                total[m] += float(_kl(ref, out[pos, -1]).sum())
     assert s.delta_text[layer, expert, 0] == pytest.approx(total[TEXT] / n_pos, rel=1e-5)
     assert s.delta_vision[layer, expert, 0] == pytest.approx(total[VISION] / n_pos, rel=1e-5)
     assert s.delta_vision[layer, expert, 0] > 0
 
 
+@pytest.fixture(scope="module")
+def small(analysed):
+    return analysed("measure-sensitivity{samples=4,bits=2:4}")
+
+
+def test_every_delta_matches_the_paper_formula(small):
+    """δ_M(e, b) of every expert of both layers, both widths, both modalities, from MODE §3.2.
+
+    Reference: each sample of the subset runs alone (its own length, no padding); the fp32
+    and the perturbed logits at its answer position (the last one) give KL(p_fp32 ‖ p_quant)
+    with this file's own log-softmax; only expert e of layer l is RTN-quantized (gate, up,
+    down) and only the tokens of modality M use the quantized weights; δ = Σ KL / the number
+    of answer positions in the subset.
+    """
+    model, ctx = small
+    s = ctx.facts.get(Sensitivity)
+    ds = ctx.facts.get(Calibration).data
+    sub = ds.subset(choose_subset(ds.multimodal, 4, ctx.options.seed))
+    assert s.bits == (2, 4) and s.samples == 4 == len(sub)
+    assert 0 < sub.multimodal.sum() < 4  # both kinds of sample are in the subset
+    ex = Executor(model)
+    out = ex.output_names[0]
+    n_layers, n_exp = len(ex.params), ex.params[0].num_experts
+    want = {TEXT: np.zeros((n_layers, n_exp, 2)), VISION: np.zeros((n_layers, n_exp, 2))}
+    weights = {
+        (layer, e, j): _rtn(ex.params[layer], e, b)
+        for layer in range(n_layers) for e in range(n_exp) for j, b in enumerate(s.bits)
+    }  # fmt: skip
+    t_full = sub.modality.shape[1]
+    for i in range(len(sub)):
+        real = sub.modality[i] != PAD
+        feeds = {
+            k: (a[i : i + 1][:, real] if a.ndim == 2 and a.shape[1] == t_full else a[i : i + 1])
+            for k, a in sub.inputs.items()
+        }
+        mod = sub.modality[i][real]
+        ref = ex.run(feeds).outputs[out][:, -1]
+        for (layer, e, j), w in weights.items():
+            for m in (TEXT, VISION):
+                if not (mod == m).any():
+                    continue  # nothing of modality m to quantize for: KL 0
+                rep = Replacement(e, mod == m, **w)
+                got = ex.run(feeds, replace={layer: rep}).outputs[out][:, -1]
+                want[m][layer, e, j] += float(_kl(ref, got).sum())
+    for m in want:
+        want[m] /= len(sub)  # one answer position per sample
+    # Not vacuous: text moves the answer through both layers, vision through the first.
+    assert (want[TEXT][0] > 0).any() and (want[TEXT][1] > 0).any()
+    assert (want[VISION][0] > 0).any()
+    np.testing.assert_allclose(s.delta_text, want[TEXT], rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(s.delta_vision, want[VISION], rtol=1e-4, atol=1e-12)
+
+
 def test_vision_only_replacement_leaves_text_only_samples(measured):
     model, ctx = measured
-    ds = ctx.artifacts["calib.data"]
+    ds = ctx.facts.get(Calibration).data
     text_only = ds.subset(np.flatnonzero(~ds.multimodal)[:4])
     ex = Executor(model)
     w = _rtn(ex.params[0], 0, 2)
@@ -95,7 +167,7 @@ def test_cache_hit_is_identical(analysed, tmp_path):
     _, second = analysed(OPTS, cache_dir=str(tmp_path))
     assert first.report["measure-sensitivity"]["cache_hit"] is False
     assert second.report["measure-sensitivity"]["cache_hit"] is True
-    a, b = first.artifacts["sensitivity"], second.artifacts["sensitivity"]
+    a, b = first.facts.get(Sensitivity), second.facts.get(Sensitivity)
     np.testing.assert_array_equal(a.delta_text, b.delta_text)
     np.testing.assert_array_equal(a.delta_vision, b.delta_vision)
     np.testing.assert_array_equal(a.unused_text, b.unused_text)
@@ -113,13 +185,13 @@ def test_corrupt_cache_entry_is_recomputed(analysed, tmp_path, measured):
     _, again = analysed(OPTS, cache_dir=str(tmp_path))
     assert again.report["measure-sensitivity"]["cache_hit"] is False
     np.testing.assert_array_equal(
-        again.artifacts["sensitivity"].delta_text, measured[1].artifacts["sensitivity"].delta_text
+        again.facts.get(Sensitivity).delta_text, measured[1].facts.get(Sensitivity).delta_text
     )
 
 
 def test_two_workers_equal_one(analysed, measured):
     _, par = analysed("measure-sensitivity{samples=6,batch_size=4,workers=2}")
-    a, b = measured[1].artifacts["sensitivity"], par.artifacts["sensitivity"]
+    a, b = measured[1].facts.get(Sensitivity), par.facts.get(Sensitivity)
     np.testing.assert_array_equal(a.delta_text, b.delta_text)
     np.testing.assert_array_equal(a.delta_vision, b.delta_vision)
 
@@ -135,12 +207,18 @@ def test_subset_is_proportional_and_seeded():
 
 def test_kl():
     ref = log_softmax(np.array([[1.0, 2.0, 3.0]]))
+    np.testing.assert_allclose(ref, _log_softmax([[1.0, 2.0, 3.0]]), rtol=1e-15)
     assert kl_divergence(ref, np.array([[1.0, 2.0, 3.0]]))[0] == 0.0
     assert kl_divergence(ref, np.array([[11.0, 12.0, 13.0]]))[0] == pytest.approx(0, abs=1e-12)
     q = np.array([[3.0, 2.0, 1.0]])
-    p = np.exp(ref[0])
-    want = float((p * (ref[0] - log_softmax(q)[0])).sum())
-    assert kl_divergence(ref, q)[0] == pytest.approx(want) and want > 0
+    # By hand: p = softmax(1, 2, 3), KL(p ‖ reversed p) = (p3 − p1)·(3 − 1) = 2·(p3 − p1).
+    p = np.exp([1.0, 2.0, 3.0]) / np.exp([1.0, 2.0, 3.0]).sum()
+    want = 2.0 * (p[2] - p[0])
+    assert kl_divergence(ref, q)[0] == pytest.approx(want, rel=1e-12) and want > 0
+    assert _kl([[1.0, 2.0, 3.0]], q)[0] == pytest.approx(want, rel=1e-12)
+    # Large logits: the shift keeps it finite, as in the reference.
+    big = np.array([[1000.0, 0.0, -1000.0]])
+    assert np.isfinite(kl_divergence(log_softmax(big), big[:, ::-1])).all()
 
 
 @pytest.mark.parametrize(
