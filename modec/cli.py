@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,15 +31,41 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _notify(quiet: bool) -> Any:
+    """Tells the user about slow one-off steps (a Hugging Face export) on stderr."""
+    if quiet:
+        return None
+
+    def tell(message: str) -> None:
+        sys.stderr.write(f"modec: {message}\n")
+
+    return tell
+
+
+def _model_file(path: str, cache_dir: str | None, quiet: bool) -> str:
+    """``path``, or the cached ONNX export of a Hugging Face model directory."""
+    from modec import hf
+
+    if not hf.is_hf_dir(path):
+        return path
+    from modec.driver import default_cache_dir
+
+    return str(hf.cached_export(path, cache_dir or default_cache_dir(), _notify(quiet)))
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from modec import data
-    from modec.evaluate import evaluate
     from modec.runners import runner_for
 
-    backend, runner = runner_for(args.model, args.threads)
+    model = _model_file(args.model, args.cache_dir, args.quiet)
+    backend, runner = runner_for(model, args.threads)
     ds = data.load(args.data)
     data.check_against(ds, runner.inputs)
-    result = evaluate(runner, ds, batch_size=args.batch_size)
+    if args.kl_to is not None:
+        return _eval_kl(args, backend, runner, ds)
+    from modec.evaluate import evaluate
+
+    result = evaluate(runner, ds, batch_size=args.batch_size or 64)
     if args.json:
         doc = {"model": args.model, "data": args.data, "backend": backend, **result.to_json()}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
@@ -46,6 +73,53 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{args.model} on {args.data} ({result.overall.n} samples, {backend})\n")
         sys.stdout.write(result.table() + "\n")
     return EXIT_OK
+
+
+def _eval_kl(args: argparse.Namespace, backend: str, runner: Any, ds: Any) -> int:
+    """``modec eval MODEL --kl-to REFERENCE``: next-token KL and top-1 agreement, no labels."""
+    from modec import data
+    from modec.evaluate import kl_divergence
+    from modec.runners import runner_for
+
+    ref_backend, reference = runner_for(
+        _model_file(args.kl_to, args.cache_dir, args.quiet), args.threads
+    )
+    data.check_against(ds, reference.inputs)
+    result = kl_divergence(reference, runner, ds, batch_size=args.batch_size or 8)
+    if args.json:
+        doc = {"model": args.model, "reference": args.kl_to, "data": args.data,
+               "backend": backend, "reference_backend": ref_backend,
+               "kl": result.to_json()}  # fmt: skip
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        sys.stdout.write(
+            f"{args.model} ({backend}) against {args.kl_to} ({ref_backend}) on {args.data} "
+            f"({result.samples} samples): KL(reference ‖ model) of the next token\n"
+        )
+        sys.stdout.write(result.table() + "\n")
+    return EXIT_OK
+
+
+def _cmd_calib_build(args: argparse.Namespace) -> int:
+    from modec import calibration
+
+    if args.dataset is None and args.prompts is None and args.text_only is None:
+        raise UsageError(
+            "calib build needs samples: --prompts (with --images for a vision-language "
+            "model), --text-only, or --dataset with --text-column"
+        )
+    result = calibration.build(
+        args.model, args.output, images=args.images, prompts=args.prompts,
+        text_only=args.text_only, dataset=args.dataset, image_column=args.image_column,
+        text_column=args.text_column, split=args.split, samples=args.samples,
+        max_tokens=args.max_tokens, seed=args.seed,
+    )  # fmt: skip
+    sys.stdout.write(result.line() + "\n")
+    return EXIT_OK
+
+
+def _cmd_calib(args: argparse.Namespace) -> int:
+    raise UsageError("calib needs a subcommand: modec calib build --model DIR ... -o calib.npz")
 
 
 BUNDLED_HELP = """modec compile needs a model. To run the bundled example:
@@ -101,6 +175,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         args.model, args.calib, args.output, opts, pipeline=args.pipeline, force=args.force,
         progress=_progress_factory(args.quiet), eval_path=args.eval,
         dump_ir_after=args.dump_ir_after, dump_ir_dir=args.dump_ir_dir,
+        notify=_notify(args.quiet),
     )  # fmt: skip
     if res.summary:
         sys.stdout.write(format_summary(res.summary) + "\n")
@@ -168,9 +243,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from modec import hf
     from modec import inspection as insp
 
-    info = insp.inspect_path(args.path)
+    if hf.is_hf_dir(args.path):
+        onnx_path = _model_file(args.path, args.cache_dir, args.quiet)
+        info = {**insp.inspect_model(onnx_path), "path": args.path, "onnx": onnx_path}
+    else:
+        info = insp.inspect_path(args.path)
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
@@ -193,10 +273,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
     """-v/-q, accepted before and after the subcommand (the subcommand's wins if given)."""
     g = parser.add_mutually_exclusive_group()
-    default: Any = False if top else argparse.SUPPRESS
-    g.add_argument("-v", "--verbose", action="store_true", default=default,
+    suffix = "" if top else "_after"
+    g.add_argument("-v", "--verbose", action="store_true", dest=f"verbose{suffix}",
                    help="log debug messages")  # fmt: skip
-    g.add_argument("-q", "--quiet", action="store_true", default=default, help="log errors only")
+    g.add_argument("-q", "--quiet", action="store_true", dest=f"quiet{suffix}",
+                   help="log errors only")  # fmt: skip
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    verbose, quiet = args.verbose, args.quiet
+    if getattr(args, "verbose_after", False) or getattr(args, "quiet_after", False):
+        verbose, quiet = args.verbose_after, args.quiet_after
+    return logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bits = ",".join(str(b) for b in d.bits)
     co = command("compile", "quantize a MoE model's experts with MODE")
-    co.add_argument("model", nargs="?", help="an .onnx file")
+    co.add_argument("model", nargs="?",
+                    help="an .onnx file or a local Hugging Face model directory "
+                         "(config.json + *.safetensors; exported to ONNX once)")  # fmt: skip
     co.add_argument("--calib", help="calibration data (modec dataset .npz)")
     co.add_argument("--budget", type=float, default=d.budget, help="average bits per expert")
     co.add_argument("--bits", default=bits, help=f"candidate widths (default {bits})")
@@ -273,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     ins = command("inspect", "what a model or a modec output contains")
-    ins.add_argument("path", help="an .onnx file or a modec output directory")
+    ins.add_argument("path", help="an .onnx file, a Hugging Face model directory or a modec "
+                     "output directory")  # fmt: skip
     ins.add_argument("--json", action="store_true")
+    ins.add_argument("--cache-dir", help="where a Hugging Face directory's ONNX export is cached")
     ins.set_defaults(func=_cmd_inspect)
 
     rep = command("report", "write OUT/report.html from OUT/report.json")
@@ -283,12 +375,47 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=_cmd_report)
 
     ev = command("eval", "accuracy of a model on an evaluation set")
-    ev.add_argument("model", help="an .onnx file or a modec output directory")
-    ev.add_argument("--data", required=True, help="a modec dataset (.npz) with answers")
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("model", help="an .onnx file, a Hugging Face model directory or a modec "
+                    "output directory")  # fmt: skip
+    ev.add_argument("--data", required=True, help="a modec dataset (.npz); with answers "
+                    "unless --kl-to")  # fmt: skip
+    ev.add_argument("--kl-to", metavar="REFERENCE",
+                    help="instead of accuracy: the next-token KL(reference ‖ model) and top-1 "
+                         "agreement at every non-pad position, all / text / vision, against "
+                         "REFERENCE (the original .onnx, run by onnxruntime); no labels "
+                         "needed")  # fmt: skip
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="samples per batch (default 64; 8 with --kl-to)")  # fmt: skip
+    ev.add_argument("--cache-dir", help="where a Hugging Face directory's ONNX export is cached")
     ev.add_argument("--threads", type=int, default=d.threads)
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    cal = command("calib", "calibration data from a model's own processor or tokenizer")
+    cal.set_defaults(func=_cmd_calib)
+    cal_sub = cal.add_subparsers(dest="calib_command", parser_class=_Parser)
+    cb = cal_sub.add_parser("build", help="build a calibration set (modec dataset .npz)")
+    _verbosity(cb, top=False)
+    cb.add_argument("--model", required=True, metavar="DIR",
+                    help="the model directory (tokenizer; processor for a VLM)")  # fmt: skip
+    cb.add_argument("--images", metavar="DIR_OR_LIST",
+                    help="a directory of images, or a text file listing image paths")  # fmt: skip
+    cb.add_argument("--prompts", metavar="JSONL",
+                    help='one prompt per line: {"prompt": "...", "image": "a.png"} or a string '
+                         "(text samples for a text-only model)")  # fmt: skip
+    cb.add_argument("--text-only", metavar="JSONL",
+                    help='text-only samples: {"text": "..."} or a string per line')  # fmt: skip
+    cb.add_argument("--dataset", metavar="PATH",
+                    help="a datasets data set saved with save_to_disk")  # fmt: skip
+    cb.add_argument("--image-column", help="the --dataset column holding images")
+    cb.add_argument("--text-column", help="the --dataset column holding prompts")
+    cb.add_argument("--split", help="the --dataset split (default: train, else the first)")
+    cb.add_argument("--samples", type=int, help="how many samples (default: all)")
+    cb.add_argument("--max-tokens", type=int, default=512,
+                    help="longest sample in tokens (default 512)")  # fmt: skip
+    cb.add_argument("--seed", type=int, default=d.seed, help="drawing and order of samples")
+    cb.add_argument("-o", "--output", required=True, help="the .npz to write")
+    cb.set_defaults(func=_cmd_calib_build)
 
     ps = command("passes", "the named pipelines and every pass with its options")
     ps.set_defaults(func=_cmd_passes)
@@ -298,8 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_log_level(args), format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -321,5 +447,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def run() -> None:
+    """The ``modec`` command: `main`, then exit with its code.
+
+    After an interrupt the exit goes through ``os._exit`` (streams flushed first): once, a
+    compile interrupted under heavy load printed "interrupted" (main returned 130) and still
+    exited -2, i.e. by SIGINT. The likely cause is CPython's "unhandled KeyboardInterrupt"
+    flag, which stays set when the interrupt once crossed C code that evaluates Python, and
+    makes the interpreter end by SIGINT at exit. ``os._exit`` makes the documented 130 certain.
+    """
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

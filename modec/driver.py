@@ -30,8 +30,9 @@ import numpy as np
 import onnx_ir as ir
 
 from modec import data as data_mod
-from modec.errors import ModelError
+from modec.errors import BadInputError, ModelError
 from modec.facts import BitAllocation, Calibration, Facts, QuantizedExperts
+from modec.hf import onnx_model
 from modec.instruments import DumpIR, Instrument, ProgressBar
 from modec.output import (
     ALLOCATION_FILE,
@@ -102,7 +103,14 @@ def check_budget(experts: list[int], o: CompileOptions) -> None:
 
     for b in o.bits:
         QuantScheme(b, o.group_size)  # validates widths and group size
-    if o.method == "uniform" or o.budget_bytes > 0:
+    if o.method == "uniform":
+        if float(o.budget) != int(o.budget) or int(o.budget) not in o.bits:
+            raise BadInputError(
+                f"--method uniform needs an integer --budget among --bits {list(o.bits)}; "
+                f"got {o.budget}"
+            )
+        return
+    if o.budget_bytes > 0:
         return
     if o.scope == "global":
         ilp.check_budget(sum(experts), o.bits, o.budget, o.sense)
@@ -114,17 +122,127 @@ def check_budget(experts: list[int], o: CompileOptions) -> None:
                 raise type(exc)(f"layer {i}: {exc}") from exc
 
 
+#: Ops whose constant inputs are weights: an ±inf there is always an error.
+_WEIGHT_OPS: dict[str, tuple[int, ...] | None] = {
+    "MatMul": None,
+    "Gemm": None,
+    "Gather": (0,),
+    "GatherElements": (0,),
+}
+#: Ops whose constant inputs may be mask fills (``masked_fill(-inf)``, an additive mask).
+_FILL_OPS: dict[str, tuple[int, ...] | None] = {"Where": (1, 2), "Add": None}
+#: Ops that only move or reshape a value: a fill stays a fill through them.
+_PASS_THROUGH = {"Cast", "CastLike", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity",
+                 "Slice", "Transpose", "Tile", "Concat"}  # fmt: skip
+
+
 def check_weights_finite(model: ir.Model) -> None:
-    """NaN/Inf in an initializer makes every statistic meaningless: refuse early."""
-    for name, v in model.graph.initializers.items():
-        if v.const_value is None:
+    """NaN anywhere, or ±inf in a weight, makes every statistic meaningless: refuse early.
+
+    Every floating-point initializer and ``Constant`` node (subgraphs too) is checked:
+
+    - NaN anywhere is an error;
+    - ±inf is an error in a weight: any tensor used as a ``MatMul``/``Gemm`` operand or a
+      ``Gather`` table, and any other tensor of more than one element;
+    - ±inf is accepted in a scalar (size-1) constant not used as a weight, and in a mask
+      fill of any size: a constant that only feeds ``Where`` (as a value) or ``Add``,
+      possibly through reshapes and casts. The dynamo exporter writes causal masks that way,
+      and DeepSeek's ``masked_fill(-inf)``.
+
+    The error names the tensor, what it is used as and how many values are bad.
+    """
+    for graph in _graphs(model.graph):
+        for name, v in graph.initializers.items():
+            if v.const_value is not None:
+                _check_finite("initializer", name, v, v.const_value.numpy())
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                arr = _constant_array(node)
+                if arr is not None:
+                    _check_finite("Constant", node.name or node.outputs[0].name or "?",
+                                  node.outputs[0], arr)  # fmt: skip
+
+
+def _graphs(graph: ir.Graph) -> list[ir.Graph]:
+    """``graph`` and every subgraph (``If``/``Loop``/``Scan`` bodies), depth first."""
+    out = [graph]
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                out += _graphs(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for g in attr.value:
+                    out += _graphs(g)
+    return out
+
+
+def _constant_array(node: ir.Node) -> np.ndarray | None:
+    for key in ("value", "value_float", "value_floats"):
+        attr = node.attributes.get(key)
+        if attr is None:
             continue
-        arr = v.const_value.numpy()
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            bad = int((~np.isfinite(arr)).sum())
-            raise ModelError(
-                f"initializer {name!r} holds {bad} NaN/Inf value(s); fix or re-export the model"
-            )
+        if key == "value":
+            return np.asarray(attr.value.numpy())
+        return np.asarray(attr.value, dtype=np.float32)
+    return None
+
+
+def _check_finite(kind: str, name: str, value: ir.Value, arr: np.ndarray) -> None:
+    if arr.dtype.kind not in "fc":
+        return
+    nan = int(np.isnan(arr).sum())
+    if nan:
+        raise ModelError(
+            f"{kind} {name!r} holds {nan} NaN value(s); NaN/Inf in a tensor makes every "
+            "statistic meaningless: fix or re-export the model"
+        )
+    inf = int(np.isinf(arr).sum())
+    if not inf:
+        return
+    weight = _weight_use(value)
+    if weight is None and (arr.size == 1 or _only_fills(value)):
+        return  # a -inf mask fill or scalar: what exporters write for masks
+    what = weight or f"a {list(arr.shape)} tensor, not a scalar or mask fill"
+    raise ModelError(
+        f"{kind} {name!r} ({what}) holds {inf} ±inf value(s); NaN/Inf in a weight makes "
+        "every statistic meaningless: fix or re-export the model"
+    )
+
+
+def _uses(value: ir.Value, seen: set[int] | None = None) -> list[tuple[ir.Node, int]]:
+    """The (node, input index) uses of ``value``, looking through `_PASS_THROUGH` ops."""
+    seen = set() if seen is None else seen
+    out: list[tuple[ir.Node, int]] = []
+    for node, idx in value.uses():
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in _PASS_THROUGH and node.outputs:
+            out += _uses(node.outputs[0], seen)
+        else:
+            out.append((node, idx))
+    return out
+
+
+def _weight_use(value: ir.Value) -> str | None:
+    for node, idx in _uses(value):
+        if node.op_type not in _WEIGHT_OPS:
+            continue
+        inputs = _WEIGHT_OPS[node.op_type]
+        if inputs is None or idx in inputs:
+            return f"a {node.op_type} weight of node {node.name!r}"
+    return None
+
+
+def _only_fills(value: ir.Value) -> bool:
+    uses = _uses(value)
+    for node, idx in uses:
+        if node.op_type not in _FILL_OPS:
+            return False
+        inputs = _FILL_OPS[node.op_type]
+        if inputs is not None and idx not in inputs:
+            return False
+    return bool(uses)
 
 
 def load_inputs(
@@ -167,10 +285,13 @@ def compile_model(
     dump_ir_after: Iterable[str] | None = None,
     dump_ir_dir: str | os.PathLike[str] | None = None,
     instruments: Iterable[Instrument] = (),
+    notify: Callable[[str], None] | None = None,
 ) -> CompileResult:
     """Run the pipeline and write the output directory (see the module docstring).
 
     Args:
+        model_path: an ``.onnx`` file or a local Hugging Face model directory (`modec.hf`).
+        notify: told when a Hugging Face directory is being exported to ONNX.
         pipeline: pipeline text replacing the named pipeline of ``options.method``.
         eval_path: an evaluation set: the report then holds fp32 and quantized accuracy.
         dump_ir_after: pass names (or ``all``) after which the graph is written as ONNX to
@@ -179,7 +300,23 @@ def compile_model(
     o = options or CompileOptions()
     out_dir = Path(out)
     prepare_out(out_dir, force)
-    model, ctx = load_inputs(model_path, calib_path, o, progress)
+    # A Hugging Face directory is exported to ONNX first (cached under the cache directory,
+    # or a temporary directory with --no-cache); the report keeps the path as given.
+    with onnx_model(model_path, o.cache_dir, notify) as onnx_path:
+        return _compile(
+            onnx_path, str(model_path), calib_path, out_dir, o, pipeline, progress, eval_path,
+            dump_ir_after, dump_ir_dir, instruments,
+        )  # fmt: skip
+
+
+def _compile(
+    onnx_path: str, model_name: str, calib_path: str | os.PathLike[str], out_dir: Path,
+    o: CompileOptions, pipeline: str | None,
+    progress: Callable[[int, str], ProgressBar] | None,
+    eval_path: str | os.PathLike[str] | None, dump_ir_after: Iterable[str] | None,
+    dump_ir_dir: str | os.PathLike[str] | None, instruments: Iterable[Instrument],
+) -> CompileResult:  # fmt: skip
+    model, ctx = load_inputs(onnx_path, calib_path, o, progress)
     pipe = parse_pipeline(pipeline) if pipeline else standard_pipeline(o)
     ctx.instruments.extend(instruments)
     if dump_ir_after:
@@ -190,7 +327,7 @@ def compile_model(
         model, records = pipe.run(model, ctx)
         alloc = ctx.facts.find(BitAllocation)
         quantized = ctx.facts.find(QuantizedExperts)
-        report_options = {**asdict(o), "model": str(model_path), "calib": str(calib_path),
+        report_options = {**asdict(o), "model": model_name, "calib": str(calib_path),
                           "pipeline": pipe.text()}  # fmt: skip
         report = build_report(pipe, records, ctx, report_options)
         if quantized is not None:
@@ -204,7 +341,7 @@ def compile_model(
             )
             (tmp / ALLOCATION_FILE).write_text(json_text(_allocation_doc(alloc, pipe)))
             if eval_path is not None and quantized is not None:
-                report["summary"]["accuracy"] = _accuracy(model_path, tmp, eval_path, o.threads)
+                report["summary"]["accuracy"] = _accuracy(onnx_path, tmp, eval_path, o.threads)
         _write_report(tmp, report)
     return CompileResult(out_dir, report, alloc, model)
 

@@ -2,8 +2,11 @@
 
 - ONNX files: `load_onnx` reads (external data too), checks and shape-infers, turning each
   failure into a one-line `ModelError` that names the file and the cause.
-- PyTorch modules and local Hugging Face model directories: `from_torch` / `from_hf_dir`
-  export with ``torch.onnx.export`` (dynamo) and then continue as for an ONNX file.
+- PyTorch modules: `from_torch` exports with ``torch.onnx.export`` (dynamo) and then
+  continues as for an ONNX file.
+- Local Hugging Face model directories: `modec.hf` checks, loads and exports them (the CLI
+  and the driver take a directory wherever they take an ``.onnx``); `from_hf_dir` is the
+  same export followed by `load_onnx`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: protobuf's limit on one serialized message (a larger model keeps weights outside).
+PROTO_LIMIT = 2**31 - 1
+
 #: ONNX tensor element types modec handles, as numpy dtype names.
 ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
@@ -45,8 +51,8 @@ def load_onnx_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{p}: no such model file; pass the path of an .onnx file")
     if os.path.isdir(p):
         raise ModelError(
-            f"{p}: is a directory; pass an .onnx file (a Hugging Face model directory goes "
-            "through the Python API modec.frontend.from_hf_dir)"
+            f"{p}: is a directory; pass an .onnx file or a Hugging Face model directory "
+            "(config.json + *.safetensors) to modec compile / inspect"
         )
     try:
         proto = onnx.load(p, load_external_data=True)
@@ -58,11 +64,17 @@ def load_onnx_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
         ) from exc
     if not proto.graph.node:
         raise ModelError(f"{p}: not a readable ONNX model (the graph has no nodes); re-export it")
+    # A model over protobuf's 2 GiB limit (weights in external data) is checked from its file
+    # and not shape-inferred (onnx can do neither in memory past the limit).
+    large = proto.ByteSize() >= PROTO_LIMIT
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        onnx.checker.check_model(p if large else proto, full_check=False)
     except onnx.checker.ValidationError as exc:
         cause = str(exc).strip().splitlines()[0]
         raise ModelError(f"{p}: fails the ONNX checker ({cause}); re-export the model") from exc
+    if large:
+        log.info("%s: over 2 GiB; skipping shape inference", p)
+        return proto
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as exc:  # inference is best-effort: log, keep the unannotated model
@@ -124,9 +136,9 @@ class OrtRunner:
         self.inputs = input_specs(proto)
         self.output = proto.graph.output[0].name
         self.proto = proto
-        self.session = (
-            None if _has_custom_ops(proto) else ort_session(proto.SerializeToString(), threads)
-        )
+        # From the file: it reads external data beside it, and a model past 2 GiB cannot be
+        # serialized back into one message.
+        self.session = None if _has_custom_ops(proto) else ort_session(self.path, threads)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if self.session is None:
@@ -180,42 +192,14 @@ def from_torch(
 def from_hf_dir(
     directory: str | os.PathLike[str], path: str | os.PathLike[str], seq_len: int = 8
 ) -> ir.Model:
-    """Export a local Hugging Face model directory (``config.json`` + safetensors).
+    """Export a local Hugging Face model directory to ``path`` and load it (`modec.hf`).
 
     Only local directories are accepted: modec never downloads. The model is loaded with
     ``experts_implementation="batched_mm"`` so its experts export as stacked gathers.
+    ``seq_len`` is kept for callers; the sample length no longer matters (dynamic axes).
     """
-    d = Path(directory)
-    if not d.is_dir() or not (d / "config.json").exists():
-        raise ModelError(
-            f"{directory}: not a local Hugging Face model directory (needs config.json and "
-            "safetensors); modec does not download models — download it yourself and pass the "
-            "directory"
-        )
-    import torch
-    from transformers import AutoModelForCausalLM
+    from modec import hf
 
-    try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(
-            str(d), experts_implementation="batched_mm", local_files_only=True
-        )
-        model = loaded.eval()
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"{directory}: transformers cannot load it ({str(exc).splitlines()[0]}); check "
-            "config.json and the safetensors files"
-        ) from exc
-    model.config.use_cache = False
-    ids = torch.ones(2, seq_len, dtype=torch.int64)
-    mask = torch.ones_like(ids)
-    seq = torch.export.Dim("seq", min=2, max=4096)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    dims = {0: batch, 1: seq}
-    return from_torch(
-        model,
-        (ids,),
-        path,
-        ["input_ids", "attention_mask"],
-        dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-        kwargs={"attention_mask": mask},
-    )
+    del seq_len
+    hf.export_onnx(directory, path)
+    return load_onnx(path)

@@ -67,6 +67,10 @@ def test_inspect_finds_layers(tiny_vlm):
          "not a previous modec output"),
         (["compile", "{model}", "--calib", "{calib}", "--target", "tpu", "-o", "{out}"], 2,
          "--target tpu: bad kernel target 'tpu'"),
+        (["compile", "{model}", "--calib", "{calib}", "--method", "uniform", "--budget", "2.5",
+          "-o", "{out}"], 3, "--method uniform needs an integer --budget among --bits"),
+        (["compile", "{model}", "--calib", "{calib}", "--method", "nope", "-o", "{out}"], 2,
+         "invalid choice: 'nope'"),
     ],
 )  # fmt: skip
 def test_bad_input_one_line_and_exit_code(tiny_vlm, tmp_path, args, code, message):
@@ -110,3 +114,26 @@ def test_compile_without_model_prints_how_to_run_the_example():
     r = modec("compile")
     assert r.returncode == 2
     assert "examples/digits-vlm/model.onnx" in r.stderr
+
+
+def test_passes_lists_every_pipeline_and_pass():
+    from modec.pipelines import PIPELINES, CompileOptions, standard_pipeline
+
+    r = modec("passes")
+    assert r.returncode == 0, r.stderr
+    for name in PIPELINES:
+        # Each named pipeline is printed as the text --pipeline takes back.
+        assert standard_pipeline(CompileOptions(method=name)).text() in r.stdout
+    for name in ("find-moe", "select-key-vision", "measure-sensitivity", "lower-tvm"):
+        assert f"  {name} " in r.stdout
+    assert "reads RoutingStats; writes KeyVision" in r.stdout
+    assert "key_ratio=0.2" in r.stdout and "group_size=128" in r.stdout
+
+
+@pytest.mark.parametrize("flag", ["-q", "-v"])
+def test_verbosity_before_or_after_the_subcommand(flag):
+    before, after = modec(flag, "passes"), modec("passes", flag)
+    assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
+    assert before.stdout == after.stdout
+    assert modec("-q", "passes", "-v").returncode == 0  # the subcommand's flag wins
+    assert modec("passes", "-q", "-v").returncode == 2  # one or the other
