@@ -1,14 +1,49 @@
 """Phase 1 of the dense lowering: an ONNX model → a Relax module with detached weights.
 
-`import_onnx` runs the Relax ONNX frontend with ``keep_params_in_input=True`` and
+`import_onnx` runs the Relax ONNX frontend's importer with ``keep_params_in_input=True`` and
 `relax.frontend.detach_params`. Float initializers become weight parameters of ``main``
 (after the model inputs, in initializer order); integer and 0-d initializers (shapes, axes,
-scalars) become ``Constant`` nodes first, so that the frontend folds them and keeps shapes
-symbolic (as weight parameters it cannot read them; Reshape then fails). Custom ONNX ops
-(such as ``ai.modec::MoE``) are imported through ``op_converters``; a few standard ops whose
-frontend converter fails on graphs modec lowers get their own converter here
-(``_FRONTEND_FIXES``). Ops the frontend cannot import raise `ModelError` naming the op and
-the node. The later phases are in `modec.lowering.dense`.
+scalars) become ``Constant`` nodes first, so that they are known at import time (as weight
+parameters nobody can read them; Reshape then fails). Custom ONNX ops (such as
+``ai.modec::MoE``) are imported through ``op_converters``; a few standard ops whose frontend
+converter fails on graphs modec lowers get their own converter here (``_FRONTEND_FIXES``).
+Ops that cannot be imported raise `ModelError` naming the op and the node. The later phases
+are in `modec.lowering.dense`.
+
+**Shapes are evaluated, not imported.** Exported transformers graphs compute every reshape
+target, mask size and position range at run time from ``Shape`` ops (TorchScript: ``Shape →
+Gather → Unsqueeze → Concat``, its ``ConstantOfShape → Mul(-1) → Equal → Where → Expand``
+guard; dynamo: ``Max → Shape → Expand``). The frontend follows such chains only in part;
+where it falls off it builds runtime int64 tensors whose values it cannot read, and the op
+that needs a shape from them fails (a 0-d ``ConstantOfShape``: "broadcast_to expects the
+input shape to have the number of ndim at least…"; ``Expand``: "'NoneType' object is not
+iterable") or invents a dimension (``Range`` → ``range_len_0``) that no later op can match
+with ``seq``, so the MoE node downstream cannot be lowered. So this importer runs its own
+node loop: a node whose operands are all known — `ShapeValue` s, small int/bool constants,
+the shape of a tensor — is evaluated by `modec.lowering.shape_eval` into a `ShapeValue` (TIR
+expressions of the graph's ``batch``/``seq``, nothing emitted); an op that takes a symbolic
+shape operand (Reshape, Expand, ConstantOfShape, Range, Tile, Slice) is converted by
+`modec.lowering.shape_ops` into one Relax op of exactly that shape; every other node goes to
+the frontend as before, with the shape values it reads as data materialized.
+
+Why this and not the alternatives, measured on the tiny transformers families of
+``tests/fixtures/models.py`` (6 families × TorchScript and dynamo):
+
+- *onnxscript's optimizer* (constant folding with symbolic shape inference) cannot fold what
+  depends on batch and seq: Mixtral's dynamo graph comes out unchanged (155 → 155 nodes,
+  6 Expand), its TorchScript graph keeps 5 Expand, 6 Where and 3 ConstantOfShape on runtime
+  shapes. Smaller, still not importable.
+- *a converter per failing op* (``_FRONTEND_FIXES``) fixes the op that raises, not the
+  shapes already lost upstream of it.
+- *running dense segments in onnxruntime inside the artifact* gives up TVM for the dense
+  ops and adds a second runtime; not needed.
+
+Evaluating is exact (ONNX integer semantics) and local: a graph the frontend imported before
+is imported the same (the bundled digits-vlm gives the same Relax module, byte for byte, so
+the same ``model.so``), and a node the evaluator does not know is the frontend's as before.
+What it does not cover: shapes computed in floating point (a float ``Range`` to a
+``Cast(seq)``), multi-output ops on shapes (``Split``), data-dependent shapes (``NonZero``)
+— those stay with the frontend. Graph input dimensions are taken to be ≥ 1.
 """
 
 from __future__ import annotations
@@ -33,6 +68,9 @@ from tvm.relax.frontend.onnx import onnx_frontend
 from modec.artifact import TensorSpec
 from modec.errors import InternalError, ModelError
 from modec.frontend import ONNX_DTYPES as _ONNX_DTYPES
+from modec.lowering.shape_eval import ShapeEvaluator
+from modec.lowering.shape_ops import convert_shape_op
+from modec.lowering.shape_values import ShapeValue, materialize
 
 __all__ = ["DenseModule", "OpConverter", "import_onnx", "static_extent"]
 
@@ -116,12 +154,25 @@ def _constants_to_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+@dataclass
+class _OneNode:
+    """A one-node stand-in for a GraphProto (the frontend's node loop reads ``.node``)."""
+
+    node: onnx.NodeProto
+
+    def __post_init__(self) -> None:
+        self.node = [self.node]  # type: ignore[assignment]
+
+
 class _Importer(onnx_frontend.ONNXGraphImporter):
     """The frontend's importer with custom-op converters and node-naming errors."""
 
     def __init__(self, converters: Mapping[str, OpConverter]) -> None:
         super().__init__({}, {}, keep_params_in_input=True, sanitize=True)
         self._custom = dict(converters)
+        self._shapes = ShapeEvaluator()
+        self._values: dict[str, ShapeValue] = {}
+        self.current: onnx.NodeProto | None = None
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         known = onnx_frontend._get_convert_map()
@@ -136,6 +187,48 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
                     "by the TVM Relax frontend; rewrite it to standard ops or register a "
                     "converter in op_converters"
                 )
+
+    def _construct_nodes(self, graph: onnx.GraphProto) -> None:
+        """Convert the nodes in order; shape computations become `ShapeValue` instead."""
+        for var in self._inputs.values():
+            self._shapes.bound_inputs(self._shapes.shape_of(var) or [])
+        for node in graph.node:
+            self.current = node
+            self._construct_node(node)
+        for out in graph.output:
+            self._materialize(out.name)
+
+    def _construct_node(self, node: onnx.NodeProto) -> None:
+        op = node.op_type
+        if node.domain in ("", "ai.onnx") and op not in ("If", "Loop", "Scan"):
+            operands = [self._operand(i) for i in node.input]
+            attrs = self._parse_attr(node.attribute)
+            if len(node.output) == 1:
+                value = self._shapes.evaluate(op, operands, attrs)
+                if value is not None:
+                    self._values[node.output[0]] = value
+                    return
+            expr = convert_shape_op(
+                self._shapes, op, operands, attrs, lambda i: self._materialize(node.input[i])
+            )
+            if expr is not None:
+                self._nodes[node.output[0]] = self.bb.normalize(expr)
+                return
+        names = [i for i in node.input if i] if op not in ("If", "Loop", "Scan") else self._values
+        for name in list(names):
+            self._materialize(name)
+        super()._construct_nodes(_OneNode(node))
+
+    def _operand(self, name: str) -> Any:
+        if not name:
+            return None
+        return self._values[name] if name in self._values else self._nodes[name]
+
+    def _materialize(self, name: str) -> Any:
+        """The Relax value of ``name`` (a shape value becomes a tensor here, once)."""
+        if name in self._values and name not in self._nodes:
+            self._nodes[name] = materialize(self.bb, self._values[name])
+        return self._nodes[name]
 
     def _convert_operator(self, op_name: str, inputs: Any, attrs: Any, opset: int) -> Any:
         if op_name in self._custom:
@@ -246,10 +339,7 @@ def import_onnx(
     except ModelError:
         raise
     except Exception as exc:
-        failed = next(
-            (n for n in prepared.graph.node if n.output and n.output[0] not in importer._nodes),
-            None,
-        )
+        failed = importer.current
         where = f"{failed.op_type} (node {failed.name or failed.output[0]!r})" if failed else "?"
         first = str(exc).strip().splitlines()
         detail = first[-1] if first else type(exc).__name__
