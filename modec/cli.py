@@ -281,10 +281,11 @@ def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def _log_level(args: argparse.Namespace) -> int:
-    verbose, quiet = args.verbose, args.quiet
+    """The log level; ``args.verbose``/``args.quiet`` become the effective flags (the
+    subcommand's when given there), which is what the commands read (progress bars)."""
     if getattr(args, "verbose_after", False) or getattr(args, "quiet_after", False):
-        verbose, quiet = args.verbose_after, args.quiet_after
-    return logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+        args.verbose, args.quiet = args.verbose_after, args.quiet_after
+    return logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -136,4 +136,16 @@ def test_verbosity_before_or_after_the_subcommand(flag):
     assert before.returncode == after.returncode == 0, (before.stderr, after.stderr)
     assert before.stdout == after.stdout
     assert modec("-q", "passes", "-v").returncode == 0  # the subcommand's flag wins
+    from modec.cli import _log_level, build_parser
+
+    for argv, level in (
+        (["-q", "passes", "-v"], 10),
+        (["-v", "passes", "-q"], 40),
+        (["passes", "-q"], 40),
+        (["-q", "passes"], 40),
+        (["passes"], 30),
+    ):
+        args = build_parser().parse_args(argv)
+        assert _log_level(args) == level, argv
+        assert args.quiet == (level == 40), argv  # what the commands read (progress bars)
     assert modec("passes", "-q", "-v").returncode == 2  # one or the other
