@@ -337,13 +337,12 @@ def test_vlm_directory_calib_build_compile_and_kl(dirs, tmp_path):
     assert 0 < kl.splits["all"].mean_kl < 0.5
 
 
-def test_vlm_without_llava_structure_is_a_one_line_error(tmp_path):
-    """Qwen3-VL-MoE loads as image-text-to-text, but its vision tower does not export."""
+def test_qwen3_vl_directory_takes_the_qwen3_vl_export(tmp_path):
+    """Qwen3-VL-MoE loads as image-text-to-text and exports through export_qwen3_vl."""
     import torch
     import transformers as tf
 
     from modec import hf
-    from modec.errors import ModelError
 
     torch.manual_seed(0)
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -362,8 +361,14 @@ def test_vlm_without_llava_structure_is_a_one_line_error(tmp_path):
     tf.Qwen3VLMoeForConditionalGeneration(cfg).save_pretrained(tmp_path / "qwen3vl")
     model = hf.load_model(tmp_path / "qwen3vl")
     assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
-    with pytest.raises(ModelError, match="not LLaVA-style"):
-        hf.export_onnx(tmp_path / "qwen3vl", tmp_path / "x.onnx")
+    path = hf.export_onnx(tmp_path / "qwen3vl", tmp_path / "x.onnx")
+    import onnx_ir as ir
+
+    from modec.moe.discover import find_moe
+
+    names = [v.name for v in ir.load(str(path)).graph.inputs]
+    assert names == ["input_ids", "attention_mask", "pixel_values"]
+    assert [r.num_experts for r in find_moe(ir.load(str(path)))] == [4]
 
 
 def test_qwen3_moe_directory_exports_and_matches(tmp_path):
