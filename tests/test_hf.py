@@ -339,36 +339,20 @@ def test_vlm_directory_calib_build_compile_and_kl(dirs, tmp_path):
 
 def test_qwen3_vl_directory_takes_the_qwen3_vl_export(tmp_path):
     """Qwen3-VL-MoE loads as image-text-to-text and exports through export_qwen3_vl."""
-    import torch
-    import transformers as tf
-
     from modec import hf
+    from tests.test_hf_families import _build_qwen3_vl_dir
 
-    torch.manual_seed(0)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
-                num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
-                max_position_embeddings=128,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [2, 1, 1],
-                                 "mrope_interleaved": True})  # fmt: skip
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
-                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                  num_position_embeddings=64, deepstack_visual_indexes=[0])  # fmt: skip
-    cfg = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=60,
-                              video_token_id=61, vision_start_token_id=62,
-                              vision_end_token_id=63)  # fmt: skip
-    tf.Qwen3VLMoeForConditionalGeneration(cfg).save_pretrained(tmp_path / "qwen3vl")
-    model = hf.load_model(tmp_path / "qwen3vl")
+    d = _build_qwen3_vl_dir(tmp_path / "qwen3vl")
+    model = hf.load_model(d)
     assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
-    path = hf.export_onnx(tmp_path / "qwen3vl", tmp_path / "x.onnx")
+    path = hf.export_onnx(d, tmp_path / "x.onnx")
     import onnx_ir as ir
 
     from modec.moe.discover import find_moe
 
     names = [v.name for v in ir.load(str(path)).graph.inputs]
     assert names == ["input_ids", "attention_mask", "pixel_values"]
-    assert [r.num_experts for r in find_moe(ir.load(str(path)))] == [4]
+    assert [r.num_experts for r in find_moe(ir.load(str(path)))] == [4, 4]
 
 
 def test_qwen3_moe_directory_exports_and_matches(tmp_path):
