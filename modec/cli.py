@@ -6,17 +6,13 @@ Exit codes: 0 ok, 2 usage, 3 bad input, 4 infeasible budget, 5 internal error.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from modec import __version__
-from modec.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, ModecError, UsageError
+from modec import __version__, commands
+from modec.errors import EXIT_INTERNAL, EXIT_USAGE, ModecError
 from modec.interrupt import catch_sigint
 
 log = logging.getLogger("modec")
@@ -29,245 +25,6 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         sys.stderr.write(f"modec: error: {message}\n")
         raise SystemExit(EXIT_USAGE)
-
-
-def _notify(quiet: bool) -> Any:
-    """Tells the user about slow one-off steps (a Hugging Face export) on stderr."""
-    if quiet:
-        return None
-
-    def tell(message: str) -> None:
-        sys.stderr.write(f"modec: {message}\n")
-
-    return tell
-
-
-def _model_file(path: str, cache_dir: str | None, quiet: bool) -> str:
-    """``path``, or the cached ONNX export of a Hugging Face model directory."""
-    from modec import hf
-
-    if not hf.is_hf_dir(path):
-        return path
-    from modec.driver import default_cache_dir
-
-    return str(hf.cached_export(path, cache_dir or default_cache_dir(), _notify(quiet)))
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from modec import data
-    from modec.runners import runner_for
-
-    model = _model_file(args.model, args.cache_dir, args.quiet)
-    backend, runner = runner_for(model, args.threads)
-    ds = data.load(args.data)
-    data.check_against(ds, runner.inputs)
-    if args.kl_to is not None:
-        return _eval_kl(args, backend, runner, ds)
-    from modec.evaluate import evaluate
-
-    result = evaluate(runner, ds, batch_size=args.batch_size or 64)
-    if args.json:
-        doc = {"model": args.model, "data": args.data, "backend": backend, **result.to_json()}
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        sys.stdout.write(f"{args.model} on {args.data} ({result.overall.n} samples, {backend})\n")
-        sys.stdout.write(result.table() + "\n")
-    return EXIT_OK
-
-
-def _eval_kl(args: argparse.Namespace, backend: str, runner: Any, ds: Any) -> int:
-    """``modec eval MODEL --kl-to REFERENCE``: next-token KL and top-1 agreement, no labels."""
-    from modec import data
-    from modec.evaluate import kl_divergence
-    from modec.runners import runner_for
-
-    ref_backend, reference = runner_for(
-        _model_file(args.kl_to, args.cache_dir, args.quiet), args.threads
-    )
-    data.check_against(ds, reference.inputs)
-    result = kl_divergence(reference, runner, ds, batch_size=args.batch_size or 8)
-    if args.json:
-        doc = {"model": args.model, "reference": args.kl_to, "data": args.data,
-               "backend": backend, "reference_backend": ref_backend,
-               "kl": result.to_json()}  # fmt: skip
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        sys.stdout.write(
-            f"{args.model} ({backend}) against {args.kl_to} ({ref_backend}) on {args.data} "
-            f"({result.samples} samples): KL(reference ‖ model) of the next token\n"
-        )
-        sys.stdout.write(result.table() + "\n")
-    return EXIT_OK
-
-
-def _cmd_calib_build(args: argparse.Namespace) -> int:
-    from modec import calibration
-
-    if args.dataset is None and args.prompts is None and args.text_only is None:
-        raise UsageError(
-            "calib build needs samples: --prompts (with --images for a vision-language "
-            "model), --text-only, or --dataset with --text-column"
-        )
-    result = calibration.build(
-        args.model, args.output, images=args.images, prompts=args.prompts,
-        text_only=args.text_only, dataset=args.dataset, image_column=args.image_column,
-        text_column=args.text_column, split=args.split, samples=args.samples,
-        max_tokens=args.max_tokens, seed=args.seed,
-    )  # fmt: skip
-    sys.stdout.write(result.line() + "\n")
-    return EXIT_OK
-
-
-def _cmd_calib(args: argparse.Namespace) -> int:
-    raise UsageError("calib needs a subcommand: modec calib build --model DIR ... -o calib.npz")
-
-
-BUNDLED_HELP = """modec compile needs a model. To run the bundled example:
-
-  modec compile examples/digits-vlm/model.onnx --calib examples/digits-vlm/calib.npz \\
-      --budget 3.0 -o out/digits-vlm --eval examples/digits-vlm/eval.npz
-"""
-
-
-def _progress_factory(quiet: bool) -> Any:
-    if quiet:
-        return None
-    from tqdm import tqdm
-
-    def make(total: int, desc: str) -> Any:
-        return tqdm(total=total, desc=desc, unit="it", leave=False, file=sys.stderr)
-
-    return make
-
-
-def _parse_bits(text: str) -> tuple[int, ...]:
-    try:
-        bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
-    except ValueError as exc:
-        raise UsageError(f"--bits {text!r}: expected comma-separated integers, e.g. 2,3,4") from exc
-    if not bits:
-        raise UsageError("--bits is empty; pass e.g. 2,3,4")
-    return bits
-
-
-def _cmd_compile(args: argparse.Namespace) -> int:
-    from modec import driver
-    from modec.pipelines import CompileOptions
-    from modec.summary import format_summary
-
-    if args.model is None:
-        sys.stderr.write(BUNDLED_HELP)
-        return EXIT_USAGE
-    if args.calib is None:
-        raise UsageError(
-            f"{args.model}: no calibration data; pass --calib DATA (a modec dataset .npz, "
-            "see docs/data-format.md)"
-        )
-    opts = CompileOptions(
-        budget=args.budget, bits=_parse_bits(args.bits), group_size=args.group_size,
-        method=args.method, scope=args.scope, sense=args.sense,
-        budget_bytes=args.budget_bytes, key_ratio=args.key_ratio,
-        sensitivity_samples=args.sensitivity_samples, quantizer=args.quantizer,
-        seed=args.seed, threads=args.threads, target=args.target,
-        cache_dir=None if args.no_cache else args.cache_dir or driver.default_cache_dir(),
-    )  # fmt: skip
-    res = driver.compile_model(
-        args.model, args.calib, args.output, opts, pipeline=args.pipeline, force=args.force,
-        progress=_progress_factory(args.quiet), eval_path=args.eval,
-        dump_ir_after=args.dump_ir_after, dump_ir_dir=args.dump_ir_dir,
-        notify=_notify(args.quiet),
-    )  # fmt: skip
-    if res.summary:
-        sys.stdout.write(format_summary(res.summary) + "\n")
-    else:
-        sys.stdout.write(f"modec compile: wrote {res.out} (pipeline {res.report['pipeline']})\n")
-    return EXIT_OK
-
-
-def _cmd_passes(args: argparse.Namespace) -> int:
-    from modec.pipelines import PIPELINES, CompileOptions, registered_passes, standard_pipeline
-
-    out: list[str] = ["pipelines (--method NAME):"]
-    for name, what in PIPELINES.items():
-        out.append(f"  {name:<15} {what}")
-        out.append(f"  {'':<15} {standard_pipeline(CompileOptions(method=name)).text()}")
-    out.append("")
-    out.append("passes (--pipeline 'name{option=value,...},...'):")
-    for name, cls in registered_passes().items():
-        opts = ", ".join(
-            f"{f.name}={_default_text(f)}"
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        )
-        reads = ", ".join(t.__name__ for t in _class_reads(cls)) or "-"
-        writes = ", ".join(t.__name__ for t in cls.writes) or "-"
-        out.append(f"  {name:<20} reads {reads}; writes {writes}")
-        if opts:
-            out.append(f"  {'':<20} options: {opts}")
-    sys.stdout.write("\n".join(out) + "\n")
-    return EXIT_OK
-
-
-def _default_text(f: dataclasses.Field[Any]) -> str:
-    from modec.pipeline_text import format_value
-
-    return format_value(f.default) if f.default is not dataclasses.MISSING else "?"
-
-
-def _class_reads(cls: Any) -> tuple[type, ...]:
-    """A pass class's reads (an instance property where they depend on options)."""
-    reads = cls.reads
-    return tuple(reads) if isinstance(reads, tuple) else tuple(cls().reads)
-
-
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from modec import sweep
-    from modec.pipelines import CompileOptions
-
-    if args.calib is None:
-        raise UsageError(f"{args.model}: no calibration data; pass --calib DATA")
-    budgets = sweep.parse_budgets(args.budgets)
-    opts = CompileOptions(
-        bits=_parse_bits(args.bits), group_size=args.group_size, method=args.method,
-        seed=args.seed, threads=args.threads, sensitivity_samples=args.sensitivity_samples,
-    )  # fmt: skip
-    rows = sweep.sweep(
-        args.model, args.calib, budgets, opts, args.eval, _progress_factory(args.quiet)
-    )
-    files = sweep.write_sweep(args.output, rows, f"modec sweep: {args.model} ({args.method})")
-    if args.json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    else:
-        sys.stdout.write((Path(args.output) / "sweep.md").read_text())
-        sys.stdout.write(f"wrote {', '.join(files)} to {args.output}\n")
-    return EXIT_OK
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from modec import hf
-    from modec import inspection as insp
-
-    if hf.is_hf_dir(args.path):
-        onnx_path = _model_file(args.path, args.cache_dir, args.quiet)
-        info = {**insp.inspect_model(onnx_path), "path": args.path, "onnx": onnx_path}
-    else:
-        info = insp.inspect_path(args.path)
-    if args.json:
-        sys.stdout.write(json.dumps(info, indent=2) + "\n")
-    else:
-        sys.stdout.write(insp.format_info(info) + "\n")
-    return EXIT_OK
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from modec.report import write_report_html
-
-    path = write_report_html(args.output)
-    sys.stdout.write(f"{path}\n")
-    if args.open:
-        import webbrowser
-
-        webbrowser.open(path.resolve().as_uri())
-    return EXIT_OK
 
 
 def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -346,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: OUT.ir beside the output)")  # fmt: skip
     co.add_argument("-o", "--output", default="out", help="output directory (default: out)")
     co.add_argument("--force", action="store_true", help="replace a non-modec output directory")
-    co.set_defaults(func=_cmd_compile)
+    co.set_defaults(func=commands.cmd_compile)
 
     sw = command("sweep", "accuracy and size against budget (one calibration)")
     sw.add_argument("model", help="an .onnx file")
@@ -361,19 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--eval", help="evaluation data (accuracy per budget)")
     sw.add_argument("-o", "--output", default="sweep", help="where the table and plot go")
     sw.add_argument("--json", action="store_true")
-    sw.set_defaults(func=_cmd_sweep)
+    sw.set_defaults(func=commands.cmd_sweep)
 
     ins = command("inspect", "what a model or a modec output contains")
     ins.add_argument("path", help="an .onnx file, a Hugging Face model directory or a modec "
                      "output directory")  # fmt: skip
     ins.add_argument("--json", action="store_true")
     ins.add_argument("--cache-dir", help="where a Hugging Face directory's ONNX export is cached")
-    ins.set_defaults(func=_cmd_inspect)
+    ins.set_defaults(func=commands.cmd_inspect)
 
     rep = command("report", "write OUT/report.html from OUT/report.json")
     rep.add_argument("output", metavar="OUT", help="a modec output directory")
     rep.add_argument("--open", action="store_true", help="open the page in a web browser")
-    rep.set_defaults(func=_cmd_report)
+    rep.set_defaults(func=commands.cmd_report)
 
     ev = command("eval", "accuracy of a model on an evaluation set")
     ev.add_argument("model", help="an .onnx file, a Hugging Face model directory or a modec "
@@ -390,10 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", help="where a Hugging Face directory's ONNX export is cached")
     ev.add_argument("--threads", type=int, default=d.threads)
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
-    ev.set_defaults(func=_cmd_eval)
+    ev.set_defaults(func=commands.cmd_eval)
 
     cal = command("calib", "calibration data from a model's own processor or tokenizer")
-    cal.set_defaults(func=_cmd_calib)
+    cal.set_defaults(func=commands.cmd_calib)
     cal_sub = cal.add_subparsers(dest="calib_command", parser_class=_Parser)
     cb = cal_sub.add_parser("build", help="build a calibration set (modec dataset .npz)")
     _verbosity(cb, top=False)
@@ -416,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="longest sample in tokens (default 512)")  # fmt: skip
     cb.add_argument("--seed", type=int, default=d.seed, help="drawing and order of samples")
     cb.add_argument("-o", "--output", required=True, help="the .npz to write")
-    cb.set_defaults(func=_cmd_calib_build)
+    cb.set_defaults(func=commands.cmd_calib_build)
 
     ps = command("passes", "the named pipelines and every pass with its options")
-    ps.set_defaults(func=_cmd_passes)
+    ps.set_defaults(func=commands.cmd_passes)
     return p
 
 

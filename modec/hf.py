@@ -18,15 +18,10 @@ is a one-line `ModelError` naming it.
   LLaVA-style VLM (a ``vision_tower`` and a ``multi_modal_projector``, one fixed-size image
   per sample, ``pixel_values [B, C, H, W]``), where each sample's image tokens take its own
   image's features. Position ids come from the attention mask (as ``generate`` computes
-  them), so a left-padded sample gets the logits it has alone. Other VLMs are a one-line
-  error from `export_onnx`: export them yourself.
+  them), so a left-padded sample gets the logits it has alone. Other VLMs (neither
+  LLaVA-style nor Qwen3-VL) are a one-line error from `export_onnx`: export them yourself.
 - Qwen3-VL-MoE (flattened patches, ``image_grid_thw``, M-RoPE, deepstack features) exports
-  through `export_qwen3_vl` (Python only for now; `export_onnx` still refuses it and says so),
-  with transformers' own export patches (``transformers.exporters``) and everything the
-  image grid decides precomputed for one fixed grid ``(1, n, n)``, ``n = √num_position_embeddings``
-  (the vision tower's learned position table): ``(input_ids, attention_mask, pixel_values
-  [B, n², C·T·P²])``, one image per sample, M-RoPE positions computed from the mask and the
-  image tokens as ``get_rope_index`` does.
+  through `modec.hf_qwen3_vl` at one fixed image grid; `export_onnx` takes that path for it.
 - `onnx_model` / `cached_export` export once into ``CACHE/hf/``, keyed by the directory's
   files (names, sizes, modification times, ``config.json``'s bytes) and the transformers /
   torch versions; weights larger than 1 GiB go to external data beside the ``.onnx``.
@@ -38,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -62,13 +56,11 @@ ONNX_NAME = "model.onnx"
 EXTERNAL_DATA_BYTES = 1 << 30
 
 __all__ = [
-    "export_qwen3_vl",
     "is_hf_dir",
     "is_vlm",
     "load_model",
     "load_processor",
     "onnx_model",
-    "qwen3_vl_grid",
     "read_config",
     "weight_files",
 ]
@@ -247,133 +239,6 @@ def _quiet() -> Iterator[None]:
             tf_logging.enable_progress_bar()
 
 
-def _wrappers() -> tuple[type[Any], type[Any]]:
-    import torch
-
-    def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-        return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-    class TextLM(torch.nn.Module):
-        """``(input_ids, attention_mask) -> logits``."""
-
-        def __init__(self, m: torch.nn.Module) -> None:
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-            return self.m(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=positions(attention_mask), use_cache=False,
-            ).logits  # fmt: skip
-
-    class ImageTextLM(torch.nn.Module):
-        """``(input_ids, attention_mask, pixel_values) -> logits``, one image per sample.
-
-        LLaVA-style: the vision tower's features at ``vision_feature_layer`` (less the CLS
-        token for the ``default`` strategy) go through the projector, and sample ``b``'s
-        ``k``-th image token takes its own image's ``k``-th feature. A text-only sample
-        carries a placeholder image (zeros) that none of its tokens takes. transformers'
-        own forward concatenates the features of the whole batch (``list(features)``),
-        which fixes the batch size in an export and mixes samples up when only some have
-        images.
-        """
-
-        def __init__(self, m: Any, image_token_id: int) -> None:
-            super().__init__()
-            self.m = m
-            self.image_token_id = image_token_id
-            self.layer = m.config.vision_feature_layer
-            self.strategy = m.config.vision_feature_select_strategy
-
-        def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            inner = self.m.model
-            out = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-            layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
-            hidden = [out.hidden_states[i] for i in layers]
-            if self.strategy == "default":
-                hidden = [h[:, 1:] for h in hidden]
-            feats: torch.Tensor = inner.multi_modal_projector(torch.cat(hidden, dim=-1))
-            return feats
-
-        def forward(
-            self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor,
-        ) -> Any:  # fmt: skip
-            embeds = self.m.get_input_embeddings()(input_ids)
-            feats = self.features(pixel_values.to(embeds.dtype))  # [B, N, D]
-            is_image = input_ids == self.image_token_id
-            rank = (is_image.to(torch.int64).cumsum(1) - 1).clamp(0, feats.shape[1] - 1)
-            index = rank.unsqueeze(-1).expand(-1, -1, feats.shape[-1])
-            embeds = torch.where(is_image.unsqueeze(-1), feats.gather(1, index), embeds)
-            return self.m(
-                inputs_embeds=embeds, attention_mask=attention_mask,
-                position_ids=positions(attention_mask), use_cache=False,
-            ).logits  # fmt: skip
-
-    return TextLM, ImageTextLM
-
-
-def _vlm_sample(directory: Path, image_token_id: int) -> dict[str, Any]:
-    """Two samples with one image each, made by the directory's own processor."""
-    import numpy as np
-    from PIL import Image
-
-    proc, _ = load_processor(directory)
-    if proc is None:
-        raise ModelError(
-            f"{directory}: a vision-language model needs its processor files "
-            f"({' or '.join(PROCESSOR_FILES)}) to export; copy them from the model's release"
-        )
-    token = getattr(proc, "image_token", None)
-    if not isinstance(token, str):
-        raise ModelError(f"{directory}: the processor names no image_token; cannot export")
-    size = _processor_image_size(proc.image_processor)
-    rng = np.random.default_rng(0)
-    images = [
-        Image.fromarray(rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8))
-        for _ in range(2)
-    ]
-    out = proc(text=[f"{token} a", f"{token} b"], images=images, return_tensors="pt",
-               padding=True)  # fmt: skip
-    extra = sorted(
-        k for k in out if k not in ("input_ids", "attention_mask", "pixel_values")
-        and k in getattr(proc, "model_input_names", ())
-    )  # fmt: skip
-    pixels = out.get("pixel_values")
-    if extra or pixels is None or pixels.ndim != 4 or pixels.shape[0] != 2:
-        shape = None if pixels is None else list(pixels.shape)
-        raise ModelError(
-            f"{directory}: its processor returns {sorted(out)} (pixel_values {shape}); modec "
-            "exports vision-language models whose processor gives one pixel_values [C, H, W] "
-            "per image (LLaVA-style) — export this model to ONNX yourself and pass the file"
-        )
-    ids = out["input_ids"]
-    if int((ids == image_token_id).sum()) == 0:
-        raise ModelError(
-            f"{directory}: the processor's image token {token!r} is not the config's "
-            f"image_token_id {image_token_id}"
-        )
-    return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-
-
-def _processor_image_size(image_processor: Any) -> tuple[int, int]:
-    for attr in ("crop_size", "size"):
-        size = getattr(image_processor, attr, None)
-        if size is None:
-            continue
-        h, w = _size_field(size, "height"), _size_field(size, "width")
-        if isinstance(h, int) and isinstance(w, int):
-            return h, w
-        edge = _size_field(size, "shortest_edge")
-        if isinstance(edge, int):
-            return edge, edge
-    return 224, 224
-
-
-def _size_field(size: Any, key: str) -> Any:
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
 def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Load ``directory`` and export it to ``path`` (see the module docstring)."""
     import torch
@@ -381,7 +246,9 @@ def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str])
     d = Path(directory)
     config = read_config(d)
     model = load_model(d)
-    text_lm, image_text_lm = _wrappers()
+    from modec.hf_wrappers import vlm_sample, wrappers
+
+    text_lm, image_text_lm = wrappers()
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=4096)
     tokens = {0: batch, 1: seq}
@@ -390,8 +257,10 @@ def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str])
         if image_token_id is None:
             raise ModelError(f"{d}/{CONFIG}: a vision-language config without image_token_id")
         inner = getattr(model, "model", None)
-        if _is_qwen3_vl(model):
-            return _export_qwen3_vl_model(d, model, path)
+        from modec.hf_qwen3_vl import export_loaded, is_qwen3_vl
+
+        if is_qwen3_vl(model):
+            return export_loaded(d, model, path)
         if not all(hasattr(inner, a) for a in ("vision_tower", "multi_modal_projector")) or not all(
             hasattr(model.config, a)
             for a in ("vision_feature_layer", "vision_feature_select_strategy")
@@ -401,7 +270,7 @@ def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str])
                 "multi_modal_projector) nor Qwen3-VL; modec exports those vision-language models "
                 "only — export this one to ONNX yourself and pass the file"
             )
-        sample = _vlm_sample(d, image_token_id)
+        sample = vlm_sample(d, image_token_id)
         wrapper: Any = image_text_lm(model, image_token_id)
         names = ["input_ids", "attention_mask", "pixel_values"]
         shapes: dict[str, Any] = {"input_ids": tokens, "attention_mask": tokens,
@@ -431,193 +300,6 @@ def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str])
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     prog.save(str(out), external_data=nbytes > EXTERNAL_DATA_BYTES)
-    return out
-
-
-def _is_qwen3_vl(model: Any) -> bool:
-    inner = getattr(model, "model", None)
-    lm = getattr(inner, "language_model", None)
-    return all(hasattr(inner, a) for a in ("visual", "get_vision_position_ids")) and hasattr(
-        lm, "_deepstack_process"
-    )
-
-
-def qwen3_vl_grid(config: Any) -> tuple[int, int, int]:
-    """The one image grid ``(t, h, w)`` in patches a Qwen3-VL export takes: ``(1, n, n)``.
-
-    ``n`` is the side of the vision tower's learned position table (``√num_position_embeddings``,
-    48 for the released models: 768×768 pixels at patch 16), rounded down to a multiple of the
-    spatial merge size. The processor must resize every image to ``n·patch_size`` pixels square.
-    """
-    vision = config.vision_config
-    merge = int(vision.spatial_merge_size)
-    side = math.isqrt(int(vision.num_position_embeddings)) // merge * merge
-    if side < merge:
-        raise ModelError(f"vision_config.num_position_embeddings too small for a {merge}x merge")
-    return 1, side, side
-
-
-def _qwen3_vl_wrapper(model: Any, grid: tuple[int, int, int]) -> Any:
-    """``(input_ids, attention_mask, pixel_values [B, P, D]) -> logits`` for one image grid.
-
-    What transformers computes from ``image_grid_thw`` with ``.tolist()`` and Python loops is
-    computed here for the one grid and tiled over the batch: the vision tower's interpolation
-    indices and weights, its rotary positions and ``cu_seqlens`` (every image ``P`` patches).
-    Sample ``b``'s ``k``-th image token takes its own image's ``k``-th merged feature (and
-    deepstack feature); a text-only sample carries a zero image none of its tokens takes.
-    M-RoPE positions: a text token's is its rank among the sample's text tokens, plus the
-    image's extent (``max(h, w) / merge``) after the image; the ``k``-th image token's is the
-    number of text tokens before it plus the image's ``(t, h, w)`` position of token ``k``,
-    as ``get_rope_index`` gives them. The deepstack features are added where the image tokens
-    are with a ``where`` instead of boolean indexing (data-dependent shapes).
-    """
-    import types
-
-    import torch
-    from transformers.exporters.utils import _prepare_grid_thw_vision_inputs
-
-    inner = model.model
-    config = model.config
-    merge = int(config.vision_config.spatial_merge_size)
-    grid_thw = torch.tensor([list(grid)], dtype=torch.int64)
-    patches = grid[0] * grid[1] * grid[2]
-    tokens = patches // (merge * merge)
-    pre: dict[str, Any] = {"grid_thw": grid_thw}
-    _prepare_grid_thw_vision_inputs(inner.visual, pre)
-    image_table = inner.get_vision_position_ids(0, grid_thw[0], 1, merge)  # [3, tokens]
-    extent = max(grid[1], grid[2]) // merge
-    image_token_id = int(config.image_token_id)
-
-    def dense_deepstack(self: Any, hidden: Any, mask: Any, embeds: Any) -> Any:
-        return hidden + torch.where(mask.unsqueeze(-1), embeds.to(hidden.dtype), 0.0)
-
-    class Qwen3VLImageTextLM(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = model
-
-        def forward(
-            self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor,
-        ) -> Any:  # fmt: skip
-            b = pixel_values.shape[0]
-            vision = inner.visual(
-                pixel_values.reshape(b * patches, -1), grid_thw=grid_thw.expand(b, 3),
-                interp_indices=pre["interp_indices"].repeat(b, 1),
-                interp_weights=pre["interp_weights"].repeat(b, 1),
-                position_ids=pre["position_ids"].repeat(b, 1),
-                cu_seqlens=(torch.arange(b + 1) * patches).to(torch.int32),
-                max_seqlen=patches, return_dict=True,
-            )  # fmt: skip
-            embeds = self.m.get_input_embeddings()(input_ids)
-            is_image = input_ids == image_token_id
-            rank = (is_image.to(torch.int64).cumsum(1) - 1).clamp(0, tokens - 1)
-
-            def per_token(feats: torch.Tensor) -> torch.Tensor:
-                f = feats.reshape(b, tokens, -1)
-                return f.gather(1, rank.unsqueeze(-1).expand(-1, -1, f.shape[-1]))
-
-            feats = per_token(vision.pooler_output).to(embeds.dtype)
-            embeds = torch.where(is_image.unsqueeze(-1), feats, embeds)
-            deep = [per_token(f) for f in vision.deepstack_features]
-            text = attention_mask.bool() & ~is_image
-            n_text = text.to(torch.int64).cumsum(1)  # text tokens up to here, inclusive
-            after = (is_image.to(torch.int64).cumsum(1) > 0) & ~is_image
-            text_pos = (n_text - 1).clamp(min=0) + after.to(torch.int64) * extent
-            image_pos = n_text.unsqueeze(0) + image_table[:, rank]  # [3, B, T]
-            position_ids = torch.where(
-                is_image.unsqueeze(0), image_pos, text_pos.unsqueeze(0).expand(3, -1, -1)
-            )
-            lm = inner.language_model
-            lm._deepstack_process = types.MethodType(dense_deepstack, lm)
-            try:
-                hidden = lm(
-                    inputs_embeds=embeds, attention_mask=attention_mask,
-                    position_ids=position_ids, visual_pos_masks=is_image,
-                    deepstack_visual_embeds=deep, use_cache=False,
-                ).last_hidden_state  # fmt: skip
-            finally:
-                del lm._deepstack_process
-            return self.m.lm_head(hidden)
-
-    return Qwen3VLImageTextLM().eval()
-
-
-def export_qwen3_vl(directory: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
-    """Export a Qwen3-VL(-MoE) directory to ``path``: one image per sample at `qwen3_vl_grid`.
-
-    Inputs ``(input_ids, attention_mask, pixel_values [B, n², C·T·P²])`` with dynamic batch and
-    sequence axes; output the logits. The trace runs under transformers' own export patches
-    (``transformers.exporters``: the vision attention's per-image loop becomes one batched
-    attention, asserts are dropped before the ONNX translation), as its ``OnnxExporter`` does.
-    A text-only sample passes zero pixels.
-    """
-
-    d = Path(directory)
-    config = read_config(d)
-    if not is_vlm(config):
-        raise ModelError(f"{d}: not a vision-language model (no vision_config in {CONFIG})")
-    model = load_model(d)
-    if not _is_qwen3_vl(model):
-        raise ModelError(f"{d}: {type(model).__name__} is not a Qwen3-VL model")
-    return _export_qwen3_vl_model(d, model, path)
-
-
-def _export_qwen3_vl_model(d: Path, model: Any, path: str | os.PathLike[str]) -> Path:
-    """`export_qwen3_vl` of a loaded model (`export_onnx` takes this path for Qwen3-VL)."""
-    import torch
-
-    try:
-        import transformers.exporters.exporter_dynamo  # noqa: F401  (registers its patches)
-        from transformers.exporters import exporter_onnx
-        from transformers.exporters.utils import (  # noqa: F401  (used by the wrapper)
-            _prepare_grid_thw_vision_inputs,
-            apply_fx_node_fixes,
-            apply_patches,
-        )
-    except ImportError as exc:
-        raise ModelError(
-            f"{d}: this transformers has no exporters package ({_first_line(exc)}); "
-            "Qwen3-VL exports need transformers >= 5.24"
-        ) from exc
-    grid = qwen3_vl_grid(model.config)
-    vision = model.config.vision_config
-    width = int(vision.in_channels) * int(vision.temporal_patch_size) * int(vision.patch_size) ** 2
-    patches = grid[0] * grid[1] * grid[2]
-    tokens = patches // int(vision.spatial_merge_size) ** 2
-    wrapper = _qwen3_vl_wrapper(model, grid)
-    cfg = model.config
-    vocab = int(cfg.text_config.vocab_size)
-    row = [1 % vocab, int(cfg.vision_start_token_id), *[int(cfg.image_token_id)] * tokens,
-           int(cfg.vision_end_token_id), 2 % vocab, 3 % vocab]  # fmt: skip
-    ids = torch.tensor([row, [*row[1:], 4 % vocab]], dtype=torch.int64)
-    mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    pixels = torch.randn(2, patches, width, generator=torch.Generator().manual_seed(0))
-    args = (ids, mask, pixels)
-    names = ["input_ids", "attention_mask", "pixel_values"]
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=4096)
-    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
-              "pixel_values": {0: batch}}  # fmt: skip
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    try:
-        with _quiet(), torch.no_grad(), apply_patches("dynamo"), apply_patches("onnx"):
-            program = torch.export.export(wrapper, args, dynamic_shapes=shapes)
-            apply_fx_node_fixes("onnx", program.graph_module)
-            onnx_program: Any = torch.onnx.export(
-                program, args, input_names=names, output_names=["logits"],
-                custom_translation_table=exporter_onnx._ONNX_TRANSLATION_TABLE,
-                opset_version=18, dynamo=True, optimize=True, verbose=False,
-            )  # fmt: skip
-            exporter_onnx.apply_onnx_ir_fixes(onnx_program)
-    except Exception as exc:
-        raise ModelError(
-            f"{d}: the Qwen3-VL export failed ({type(exc).__name__}: {_first_line(exc)})"
-        ) from exc
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program.save(str(out), external_data=nbytes > EXTERNAL_DATA_BYTES)
     return out
 
 

@@ -18,8 +18,8 @@ Measured on two cores (another test run loading them): 27-47 s per family, 3.5-4
 for the six; every family is marked ``slow`` (the marker's ~30 s threshold) and still runs by
 default.
 
-Last, Qwen3-VL-MoE through `modec.hf.export_qwen3_vl` (the Python API: ``modec compile DIR``
-still refuses it): logits equal transformers' own, find-moe, ``--target llvm`` compiled =
+Last, Qwen3-VL-MoE through `modec.hf_qwen3_vl.export_qwen3_vl` (which ``modec compile DIR``
+also takes): logits equal transformers' own, find-moe, ``--target llvm`` compiled =
 simulated, KL per modality (about 27 s). Results: docs/families.md.
 """
 
@@ -106,7 +106,7 @@ def test_family_directory_compiles_llvm_and_evals(
     assert math.isfinite(mean) and mean >= 0
 
 
-# ---- Qwen3-VL-MoE: flattened patches, M-RoPE, deepstack (modec.hf.export_qwen3_vl) --------
+# ---- Qwen3-VL-MoE: flattened patches, M-RoPE, deepstack (modec.hf_qwen3_vl) --------
 
 QWEN3_VL_IMAGE, QWEN3_VL_START, QWEN3_VL_END = 60, 62, 63
 
@@ -165,7 +165,7 @@ def test_qwen3_vl_moe_exports_compiles_and_matches(tmp_path: Path) -> None:
     import torch
     import transformers as tf
 
-    from modec import data, hf
+    from modec import data, hf_qwen3_vl
     from modec.driver import compile_model
     from modec.evaluate import kl_divergence
     from modec.frontend import OrtRunner
@@ -174,8 +174,8 @@ def test_qwen3_vl_moe_exports_compiles_and_matches(tmp_path: Path) -> None:
     from modec.runners import CompiledRunner, SimulatedRunner
 
     d = _build_qwen3_vl_dir(tmp_path / "qwen3vl")
-    path = hf.export_qwen3_vl(d, tmp_path / "model.onnx")
-    assert hf.qwen3_vl_grid(tf.AutoConfig.from_pretrained(d)) == (1, 8, 8)
+    path = hf_qwen3_vl.export_qwen3_vl(d, tmp_path / "model.onnx")
+    assert hf_qwen3_vl.qwen3_vl_grid(tf.AutoConfig.from_pretrained(d)) == (1, 8, 8)
     regions = find_moe(ir.load(str(path)))
     assert [(r.num_experts, r.form) for r in regions] == [(4, "stacked_gather")] * 2
 
