@@ -85,8 +85,9 @@ def test_wheel_installs_passes_and_runtime_inside_the_package(wheel_site, tmp_pa
 
 def test_imports_go_one_way(wheel_site, tmp_path):
     """import-linter's contracts (pyproject.toml) hold on the installed package."""
-    lint = Path(sys.executable).with_name("lint-imports")
-    r = subprocess.run([str(lint), str(ROOT / "pyproject.toml")], cwd=tmp_path,
+    # import-linter's console script, run by this interpreter (no PATH lookup).
+    cli = "import sys; from importlinter.cli import lint_imports_command; lint_imports_command()"
+    r = subprocess.run([sys.executable, "-c", cli, str(ROOT / "pyproject.toml")], cwd=tmp_path,
                        env=_env(wheel_site), capture_output=True, text=True,
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:]
