@@ -6,8 +6,10 @@
 #   Python_EXECUTABLE  interpreter used for the questions (default: python3 on PATH).
 # Result: the IMPORTED target modec::tvm_runtime (libtvm_runtime, libtvm_runtime_extra +
 # tvm_ffi::shared, linked with
-# --no-as-needed: with libtvm_ffi alone the VM segfaults, see DESIGN.md) and
-# ModecTVM_RUNTIME_DIRS (for rpath).
+# --no-as-needed: with libtvm_ffi alone the VM segfaults, see DESIGN.md),
+# ModecTVM_RUNTIME_DIRS (for rpath), ModecTVM_LIBRARIES (the three library files, which
+# `cmake --install` copies into the prefix) and ModecTVM_LICENSE_FILES (the wheels' license
+# and notice files, entries DIST|SUBDIR|FILE, installed with them).
 
 if(NOT Python_EXECUTABLE)
   find_program(Python_EXECUTABLE NAMES python3 python REQUIRED)
@@ -67,3 +69,31 @@ get_target_property(_modec_ffi_lib tvm_ffi::shared IMPORTED_LOCATION)
 get_filename_component(_modec_ffi_dir "${_modec_ffi_lib}" DIRECTORY)
 set(ModecTVM_RUNTIME_DIRS "${_modec_rt_dir};${_modec_ffi_dir}")
 message(STATUS "modec: TVM runtime ${MODEC_TVM_RUNTIME_LIB}, tvm_ffi ${_modec_ffi_lib}")
+
+set(ModecTVM_LIBRARIES "${MODEC_TVM_RUNTIME_LIB};${MODEC_TVM_RUNTIME_EXTRA_LIB};${_modec_ffi_lib}")
+
+# Copies of the libraries are redistributed by `cmake --install`: so are the wheels' license
+# and notice files (Apache-2.0 section 4). Empty when the wheels' metadata is not readable.
+execute_process(
+  COMMAND "${Python_EXECUTABLE}" -c [=[
+import os, re
+from importlib import metadata
+for dist in ("apache-tvm", "apache-tvm-ffi"):
+    try:
+        d = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        continue
+    for f in d.files or ():
+        name = os.path.basename(str(f))
+        if re.match(r"(LICEN[CS]E|NOTICE)", name, re.I) and os.path.isfile(f.locate()):
+            sub = os.path.dirname(str(f)).replace("\\", "/")
+            print(f"{dist}|{sub}|{os.path.realpath(f.locate())}")
+]=]
+  OUTPUT_VARIABLE _modec_licenses OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _rc)
+set(ModecTVM_LICENSE_FILES "")
+if(_rc EQUAL 0 AND _modec_licenses)
+  string(REPLACE "\n" ";" ModecTVM_LICENSE_FILES "${_modec_licenses}")
+else()
+  message(WARNING "modec: the TVM wheels' license files were not found; `cmake --install` "
+                  "copies the TVM libraries without them")
+endif()
