@@ -4,10 +4,12 @@
     outputs = sess.run({"input_ids": ids, "attention_mask": mask})
 
 `load` checks, in this order, before anything is mapped into the process: the manifest
-(JSON, schema version, fields), the target (device kind and CPU architecture), then every
-file's size and SHA-256. Each failure is one line: `modec.errors.ModelError`. `Session.run`
-validates input names, dtypes, ranks, static dims and the consistency of symbolic dims and
-raises `modec.errors.BadInputError`.
+(JSON, schema version, fields: as strictly as the C++ runtime, see `_check`), the target
+(device kind and CPU architecture), then every file's size and SHA-256, then the weights
+against the manifest's params. Each failure is one line: `modec.errors.ModelError`.
+`Session.run` validates input names, dtypes, ranks, static dims and the consistency of
+symbolic dims and raises `modec.errors.BadInputError`; a model that fails to run on inputs
+its manifest allows, or returns outputs other than the manifest's, raises `ModelError`.
 """
 
 from __future__ import annotations
@@ -19,16 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from modec.runtime import _check
 
-from modec.artifact import (
-    LIBRARY,
-    WEIGHTS,
-    Manifest,
-    TensorSpec,
-    check_target,
-    read_manifest,
-    verify_files,
-)
+from modec.artifact import LIBRARY, WEIGHTS, Manifest, TensorSpec, check_target
 from modec.errors import BadInputError, ModelError
 
 __all__ = ["Session", "load"]
@@ -36,25 +31,35 @@ __all__ = ["Session", "load"]
 logger = logging.getLogger(__name__)
 
 
-def _load_weights(path: Path, specs: list[TensorSpec]) -> list[np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def _last_line(exc: BaseException) -> str:
+    """The last non-empty line of an error's message (TVM's carry a traceback first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
-    try:
-        arrays = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}; copy the artifact again") from exc
+
+def _load_weights(path: Path, specs: list[TensorSpec]) -> list[np.ndarray]:
+    """The params, in order, from ``weights.safetensors`` (other tensors are not read, as in
+    the C++ runtime)."""
+    from safetensors import SafetensorError, safe_open
+
+    _check.check_weights_header(path)
     out = []
-    for spec in specs:
-        a = arrays.get(spec.name)
-        if a is None:
-            raise ModelError(f"{path} has no tensor {spec.name!r} listed in the manifest")
-        if str(a.dtype) != spec.dtype or tuple(a.shape) != spec.shape:
-            raise ModelError(
-                f"{path}: tensor {spec.name!r} is {a.dtype}{list(a.shape)}, the manifest says "
-                f"{spec.dtype}{list(spec.shape)}"
-            )
-        out.append(a)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            names = set(f.keys())
+            for spec in specs:
+                if spec.name not in names:
+                    raise ModelError(f"{path} has no tensor {spec.name!r} listed in the manifest")
+                a = f.get_tensor(spec.name)
+                if str(a.dtype) != spec.dtype or tuple(a.shape) != spec.shape:
+                    raise ModelError(
+                        f"{path}: tensor {spec.name!r} is {a.dtype}{list(a.shape)}, the manifest "
+                        f"says {spec.dtype}{list(spec.shape)}"
+                    )
+                out.append(a)
+    # safetensors parses untrusted bytes; numpy refuses dtypes it lacks with a TypeError
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ModelError(f"cannot read {path}: {_last_line(exc)}; copy the artifact again") from exc
     return out
 
 
@@ -68,11 +73,12 @@ class Session:
         self.manifest = manifest
         weights = _load_weights(path / WEIGHTS, manifest.params)
         self._rt = Runtime(device)
+        library = _check.read_library(path / LIBRARY, manifest)
         try:
-            self._main = self._rt.load_vm(path / LIBRARY, manifest.entry)
+            self._main = self._rt.load_vm(path / LIBRARY, manifest.entry, library)
         except Exception as exc:  # TVM raises its own error types; say what to do
             raise ModelError(
-                f"cannot load {path / LIBRARY} ({str(exc).strip().splitlines()[-1]}); rebuild "
+                f"cannot load {path / LIBRARY} ({_last_line(exc)}); rebuild "
                 f"the artifact with TVM {manifest.tvm_version or '?'}"
             ) from exc
         self._params = [self._rt.tensor(w) for w in weights]
@@ -140,14 +146,38 @@ class Session:
         """
         arrays = self._check(inputs)
         args = [self._rt.tensor(a) for a in arrays]
-        res: Any = self._main(*args, *self._params)
+        try:
+            res: Any = self._main(*args, *self._params)
+        # The inputs passed the manifest's checks: whatever TVM raises (ValueError, TypeError,
+        # RuntimeError...) says model.so and its manifest disagree.
+        except Exception as exc:
+            raise ModelError(
+                f"{self.path / LIBRARY} failed to run ({_last_line(exc)}); its manifest does not "
+                "match it, rebuild the artifact"
+            ) from exc
         results = [res] if hasattr(res, "shape") else list(res)
         if len(results) != len(self.outputs):
             raise ModelError(
                 f"{self.path / LIBRARY} returned {len(results)} outputs, the manifest lists "
                 f"{len(self.outputs)}; the artifact is inconsistent, rebuild it"
             )
-        return {s.name: self._rt.numpy(r) for s, r in zip(self.outputs, results, strict=True)}
+        out = {}
+        for spec, r in zip(self.outputs, results, strict=True):
+            got = (str(getattr(r, "dtype", "?")), tuple(int(d) for d in getattr(r, "shape", ())))
+            if (
+                got[0] != spec.dtype
+                or len(got[1]) != len(spec.shape)
+                or any(
+                    isinstance(w, int) and g != w for g, w in zip(got[1], spec.shape, strict=True)
+                )
+            ):
+                raise ModelError(
+                    f"output {spec.name!r} is {got[0]}{list(got[1])}, the manifest says "
+                    f"{spec.dtype}{list(spec.shape)}; manifest.json does not match model.so, "
+                    "rebuild the artifact"
+                )
+            out[spec.name] = self._rt.numpy(r)
+        return out
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu") -> Session:
@@ -171,7 +201,7 @@ def load(path: str | os.PathLike[str], device: str = "cpu") -> Session:
     base = Path(path)
     if not base.is_dir():
         raise ModelError(f"artifact directory {base} does not exist")
-    manifest = read_manifest(base)
+    manifest = _check.read_manifest(base)
     check_target(manifest, device)
-    verify_files(base, manifest)
+    _check.verify(base, manifest)
     return Session(base, manifest, device)

@@ -14,8 +14,13 @@ package registers; for a CUDA device `load_libraries` therefore imports ``tvm`` 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,46 @@ def load_libraries(device: str) -> None:
         import tvm  # noqa: F401  (registers tvm_callback_cuda_compile, see module docstring)
 
 
+@contextlib.contextmanager
+def private_library(data: bytes) -> Iterator[Path | None]:
+    """A path, used by no load before, of a file holding ``data``; None where none can be made.
+
+    Loading ``DIR/model.so`` by its path would read the file again after its checksum was
+    checked and, worse, return the library this process already loaded under that path when
+    the artifact was replaced since (glibc matches the path first): the session would run the
+    old model.so with the new weights. So the checked bytes go into an anonymous memory file
+    (``memfd``) reached through a symlink in a fresh temporary directory, both removed once
+    loaded (the mapping keeps the memory file). Without memfd or /proc (not Linux) the caller
+    loads the artifact's file by its path.
+    """
+    if not hasattr(os, "memfd_create"):
+        yield None
+        return
+    try:
+        fd = os.memfd_create("modec-model.so", os.MFD_CLOEXEC)
+    except OSError:
+        yield None
+        return
+    tmp: Path | None = None
+    try:
+        path: Path | None = None
+        try:
+            with os.fdopen(os.dup(fd), "wb") as f:
+                f.write(data)
+            proc = Path(f"/proc/self/fd/{fd}")
+            if proc.exists():
+                tmp = Path(tempfile.mkdtemp(prefix="modec-lib-"))
+                (tmp / "model.so").symlink_to(proc)
+                path = tmp / "model.so"
+        except OSError:
+            path = None
+        yield path
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
 class Runtime:
     """The runtime's tensor functions on one device."""
 
@@ -87,9 +132,17 @@ class Runtime:
         self._copy_to(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
         return out
 
-    def load_vm(self, library: Path, entry: str) -> Any:
-        """Load ``model.so``'s Relax VM executable on the device; return its ``entry``."""
-        vm = self._ffi.load_module(str(library))["vm_load_executable"]()
+    def load_vm(self, library: Path, entry: str, data: bytes | None = None) -> Any:
+        """Load ``model.so``'s Relax VM executable on the device; return its ``entry``.
+
+        With ``data`` (the library's bytes, as checked), those bytes are loaded, not the file
+        again: see `private_library`."""
+        if data is None:
+            mod = self._ffi.load_module(str(library))
+        else:
+            with private_library(data) as path:
+                mod = self._ffi.load_module(str(path if path is not None else library))
+        vm = mod["vm_load_executable"]()
         init = [self.device_type, 0, POOLED_ALLOCATOR]
         if self.device_type != DEVICE_TYPES["cpu"]:
             init += [DEVICE_TYPES["cpu"], 0, POOLED_ALLOCATOR]  # the host, for shape functions

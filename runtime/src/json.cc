@@ -1,8 +1,9 @@
 #include "json.h"
 
-#include <cctype>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <set>
 
 namespace modec {
 
@@ -50,9 +51,13 @@ class JsonParser {
         ++i_;
         return v;
       }
+      // A repeated key is refused: readers disagree on which one wins (this one would find the
+      // first, Python's json and the safetensors crate keep the last).
+      std::set<std::string> keys;
       while (true) {
         if (Peek() != '"') Fail("expected a key");
         std::string key = String();
+        if (!keys.insert(key).second) Fail("duplicate key");
         Expect(':');
         v.obj_.emplace_back(std::move(key), Value(depth + 1));
         char d = Peek();
@@ -87,22 +92,36 @@ class JsonParser {
     } else if (c == 'n') {
       Literal("null");
     } else if (c == '-' || (c >= '0' && c <= '9')) {
+      // RFC 8259: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? ("01", "1.", ".5", "+1" are not
+      // numbers). Only integers are ever read (i64()); they must fit in int64.
       v.kind_ = Json::kNumber;
       size_t start = i_;
       if (t_[i_] == '-') ++i_;
-      bool frac = false;
-      while (i_ < t_.size() && (std::isdigit(static_cast<unsigned char>(t_[i_])) || t_[i_] == '.' ||
-                                 t_[i_] == 'e' || t_[i_] == 'E' || t_[i_] == '+' || t_[i_] == '-')) {
-        if (!std::isdigit(static_cast<unsigned char>(t_[i_]))) frac = true;
+      if (i_ < t_.size() && t_[i_] == '0') {
         ++i_;
+      } else if (!Digits()) {
+        Fail("bad number");
       }
-      std::string num = t_.substr(start, i_ - start);
-      char* end = nullptr;
-      v.num_ = std::strtod(num.c_str(), &end);
-      if (end == num.c_str() || *end != '\0') Fail("bad number");
-      if (!frac && num.size() < 19) {
-        v.integral_ = true;
-        v.int_ = std::strtoll(num.c_str(), nullptr, 10);
+      bool integral = true;
+      if (i_ < t_.size() && t_[i_] == '.') {
+        ++i_;
+        integral = false;
+        if (!Digits()) Fail("bad number");
+      }
+      if (i_ < t_.size() && (t_[i_] == 'e' || t_[i_] == 'E')) {
+        ++i_;
+        integral = false;
+        if (i_ < t_.size() && (t_[i_] == '+' || t_[i_] == '-')) ++i_;
+        if (!Digits()) Fail("bad number");
+      }
+      if (integral) {
+        std::string num = t_.substr(start, i_ - start);
+        errno = 0;
+        long long n = std::strtoll(num.c_str(), nullptr, 10);
+        if (errno != ERANGE) {  // out of int64's range: a number, but not an integer we read
+          v.integral_ = true;
+          v.int_ = n;
+        }
       }
     } else {
       Fail("unexpected character");
@@ -118,6 +137,11 @@ class JsonParser {
       char c = t_[i_++];
       if (c == '"') break;
       if (static_cast<unsigned char>(c) < 0x20) Fail("control character in string");
+      if (static_cast<unsigned char>(c) >= 0x80) {
+        --i_;
+        Utf8(&out);
+        continue;
+      }
       if (c != '\\') {
         out.push_back(c);
         continue;
@@ -134,26 +158,94 @@ class JsonParser {
         case 'r': out.push_back('\r'); break;
         case 't': out.push_back('\t'); break;
         case 'u': {
-          if (i_ + 4 > t_.size()) Fail("bad \\u escape");
-          unsigned cp = std::strtoul(t_.substr(i_, 4).c_str(), nullptr, 16);
-          i_ += 4;
-          // UTF-8 encode (surrogate pairs are kept as two 3-byte sequences: names are ASCII).
-          if (cp < 0x80) {
-            out.push_back(char(cp));
-          } else if (cp < 0x800) {
-            out.push_back(char(0xC0 | (cp >> 6)));
-            out.push_back(char(0x80 | (cp & 0x3F)));
-          } else {
-            out.push_back(char(0xE0 | (cp >> 12)));
-            out.push_back(char(0x80 | ((cp >> 6) & 0x3F)));
-            out.push_back(char(0x80 | (cp & 0x3F)));
+          unsigned cp = Hex4();
+          if (cp >= 0xDC00 && cp <= 0xDFFF) Fail("bad \\u escape (lone surrogate)");
+          if (cp >= 0xD800 && cp <= 0xDBFF) {  // a surrogate pair: one code point
+            if (i_ + 2 > t_.size() || t_[i_] != '\\' || t_[i_ + 1] != 'u') Fail("bad \\u escape (lone surrogate)");
+            i_ += 2;
+            unsigned lo = Hex4();
+            if (lo < 0xDC00 || lo > 0xDFFF) Fail("bad \\u escape (lone surrogate)");
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
           }
+          AppendUtf8(cp, &out);
           break;
         }
         default: Fail("bad escape");
       }
     }
     return out;
+  }
+
+  /*! \brief One run of digits; false if there is none. */
+  bool Digits() {
+    size_t start = i_;
+    while (i_ < t_.size() && t_[i_] >= '0' && t_[i_] <= '9') ++i_;
+    return i_ > start;
+  }
+
+  /*! \brief Exactly four hex digits (strtoul alone would take a sign, spaces or "0x"). */
+  unsigned Hex4() {
+    if (i_ + 4 > t_.size()) Fail("bad \\u escape");
+    unsigned cp = 0;
+    for (int k = 0; k < 4; ++k, ++i_) {
+      int h = Hex(t_[i_]);
+      if (h < 0) Fail("bad \\u escape");
+      cp = cp * 16 + static_cast<unsigned>(h);
+    }
+    return cp;
+  }
+
+  /*! \brief Copy one well-formed UTF-8 sequence (RFC 3629: no overlong forms, no surrogates,
+   * nothing above U+10FFFF), as Python's decoder requires of manifest.json. */
+  void Utf8(std::string* out) {
+    const auto lead = static_cast<unsigned char>(t_[i_]);
+    int len = 0;
+    unsigned cp = 0;
+    if (lead >= 0xC2 && lead <= 0xDF) {
+      len = 2, cp = lead & 0x1Fu;
+    } else if (lead >= 0xE0 && lead <= 0xEF) {
+      len = 3, cp = lead & 0x0Fu;
+    } else if (lead >= 0xF0 && lead <= 0xF4) {
+      len = 4, cp = lead & 0x07u;
+    } else {
+      Fail("invalid UTF-8");
+    }
+    if (i_ + len > t_.size()) Fail("invalid UTF-8");
+    for (int k = 1; k < len; ++k) {
+      const auto b = static_cast<unsigned char>(t_[i_ + k]);
+      if ((b & 0xC0u) != 0x80u) Fail("invalid UTF-8");
+      cp = (cp << 6) | (b & 0x3Fu);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      Fail("invalid UTF-8");
+    }
+    out->append(t_, i_, len);
+    i_ += len;
+  }
+
+  static void AppendUtf8(unsigned cp, std::string* out) {
+    if (cp < 0x80) {
+      out->push_back(static_cast<char>(cp));
+    } else if (cp < 0x800) {
+      out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else if (cp < 0x10000) {
+      out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else {
+      out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    }
+  }
+
+  static int Hex(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
   }
 
   const std::string& t_;

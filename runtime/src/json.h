@@ -1,5 +1,7 @@
-// A tiny JSON reader (RFC 8259 subset enough for manifest.json and safetensors headers):
-// objects keep key order; numbers are doubles plus an exact int64 when integral.
+// A tiny, strict JSON reader (RFC 8259) for manifest.json and safetensors headers: objects
+// keep key order and refuse a repeated key; strings must be UTF-8; numbers are validated and
+// kept as an exact int64 when integral (the only numbers the loaders read); nesting stops at
+// depth 64.
 #ifndef MODEC_SRC_JSON_H_
 #define MODEC_SRC_JSON_H_
 
@@ -40,7 +42,6 @@ class Json {
   friend class JsonParser;
   Kind kind_ = kNull;
   bool b_ = false;
-  double num_ = 0;
   bool integral_ = false;
   int64_t int_ = 0;
   std::string s_;

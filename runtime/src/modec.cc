@@ -1,23 +1,32 @@
 // The modec C API on top of the TVM runtime (tvm_ffi headers only, see DESIGN.md).
+#include <dlfcn.h>
 #include <modec/modec.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/utsname.h>
+#include <unistd.h>
+#include <tvm/ffi/c_api.h>
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "json.h"
+#include "artifact_check.h"
 #include "sha256.h"
 
 namespace ffi = tvm::ffi;
@@ -25,67 +34,40 @@ namespace ffi = tvm::ffi;
 namespace modec {
 namespace {
 
-constexpr const char* kSchema = "modec.artifact/1";
-constexpr uint64_t kMaxHeader = 100u << 20;  // safetensors header cap (same as the format's)
+using artifact::ByCode;
+using artifact::DtypeInfo;
+using artifact::Fail;
+using artifact::Failure;
+using artifact::Spec;
 
 thread_local std::string g_last_error;
 
-/*! \brief A failure with its status; converted to a code at the C boundary. */
-struct Failure {
-  modec_status status;
-  std::string message;
-};
-
-[[noreturn]] void Fail(modec_status st, const std::string& msg) { throw Failure{st, msg}; }
-
-struct DtypeInfo {
-  const char* numpy;
-  const char* safetensors;
-  modec_dtype code;
-  DLDataType dl;
-  size_t size;
-};
-
-const DtypeInfo kDtypes[] = {
-    {"float32", "F32", MODEC_FLOAT32, {kDLFloat, 32, 1}, 4},
-    {"float16", "F16", MODEC_FLOAT16, {kDLFloat, 16, 1}, 2},
-    {"float64", "F64", MODEC_FLOAT64, {kDLFloat, 64, 1}, 8},
-    {"int64", "I64", MODEC_INT64, {kDLInt, 64, 1}, 8},
-    {"int32", "I32", MODEC_INT32, {kDLInt, 32, 1}, 4},
-    {"int8", "I8", MODEC_INT8, {kDLInt, 8, 1}, 1},
-    {"uint8", "U8", MODEC_UINT8, {kDLUInt, 8, 1}, 1},
-    {"bool", "BOOL", MODEC_BOOL, {kDLBool, 8, 1}, 1},
-    {"uint32", "U32", MODEC_UINT32, {kDLUInt, 32, 1}, 4},
-    {"uint16", "U16", MODEC_UINT16, {kDLUInt, 16, 1}, 2},
-    {"int16", "I16", MODEC_INT16, {kDLInt, 16, 1}, 2},
-    {"uint64", "U64", MODEC_UINT64, {kDLUInt, 64, 1}, 8},
-};
-
-const DtypeInfo* ByNumpy(const std::string& s) {
-  for (const auto& d : kDtypes) {
-    if (s == d.numpy) return &d;
+/*! \brief The DLPack type of a modec dtype (the TVM side of artifact::Dtypes()). */
+DLDataType ToDL(modec_dtype c) {
+  switch (c) {
+    case MODEC_FLOAT32: return {kDLFloat, 32, 1};
+    case MODEC_FLOAT16: return {kDLFloat, 16, 1};
+    case MODEC_FLOAT64: return {kDLFloat, 64, 1};
+    case MODEC_INT64: return {kDLInt, 64, 1};
+    case MODEC_INT32: return {kDLInt, 32, 1};
+    case MODEC_INT8: return {kDLInt, 8, 1};
+    case MODEC_UINT8: return {kDLUInt, 8, 1};
+    case MODEC_BOOL: return {kDLBool, 8, 1};
+    case MODEC_UINT32: return {kDLUInt, 32, 1};
+    case MODEC_UINT16: return {kDLUInt, 16, 1};
+    case MODEC_INT16: return {kDLInt, 16, 1};
+    case MODEC_UINT64: return {kDLUInt, 64, 1};
   }
-  return nullptr;
+  throw std::logic_error("unknown modec_dtype " + std::to_string(static_cast<int>(c)));
 }
-const DtypeInfo* ByCode(modec_dtype c) {
-  for (const auto& d : kDtypes) {
-    if (c == d.code) return &d;
-  }
-  return nullptr;
-}
+
 const DtypeInfo* ByDL(DLDataType t) {
-  for (const auto& d : kDtypes) {
-    if (t.code == d.dl.code && t.bits == d.dl.bits && t.lanes == d.dl.lanes) return &d;
+  for (const auto& d : artifact::Dtypes()) {
+    DLDataType dl = ToDL(d.code);
+    if (t.code == dl.code && t.bits == dl.bits && t.lanes == dl.lanes) return &d;
   }
   return nullptr;
 }
-
-struct Spec {
-  std::string name;
-  const DtypeInfo* dtype = nullptr;
-  std::vector<int64_t> shape;       // -1 for a symbolic dim
-  std::vector<std::string> symbol;  // the symbol's name ("" for static dims)
-};
 
 struct CPUAlloc {
   void AllocData(DLTensor* t) {
@@ -97,6 +79,10 @@ struct CPUAlloc {
 };
 
 std::string ReadFile(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    Fail(MODEC_ERR_IO, path + " is not a regular file; copy the whole artifact directory");
+  }
   std::ifstream f(path, std::ios::binary);
   if (!f) Fail(MODEC_ERR_IO, path + " cannot be opened (missing?); copy the whole artifact directory");
   std::ostringstream ss;
@@ -111,32 +97,13 @@ std::string HostMachine() {
   return u.machine;
 }
 
-Spec ParseSpec(const Json& j, const std::string& where) {
-  Spec s;
-  s.name = j.at("name").str();
-  s.dtype = ByNumpy(j.at("dtype").str());
-  if (s.dtype == nullptr) Fail(MODEC_ERR_MANIFEST, where + " '" + s.name + "': unsupported dtype " + j.at("dtype").str());
-  for (const Json& d : j.at("shape").array()) {
-    if (d.is(Json::kString)) {
-      s.shape.push_back(-1);
-      s.symbol.push_back(d.str());
-    } else {
-      int64_t v = d.i64();
-      if (v < 0) Fail(MODEC_ERR_MANIFEST, where + " '" + s.name + "': negative dim");
-      s.shape.push_back(v);
-      s.symbol.emplace_back();
-    }
-  }
-  return s;
-}
-
 }  // namespace
 }  // namespace modec
 
 struct modec_session {
   std::string dir;
   std::string entry = "main";
-  std::vector<modec::Spec> inputs, outputs, params;
+  std::vector<modec::artifact::Spec> inputs, outputs, params;
   // Non-nullable TVM handles, set by Open(); the library must outlive the VM and the tensors.
   std::optional<ffi::Module> lib;
   std::optional<ffi::Module> vm;
@@ -151,56 +118,23 @@ struct modec_session {
 namespace modec {
 namespace {
 
-void LoadManifest(modec_session* s, std::map<std::string, std::pair<std::string, int64_t>>* files,
-                  std::string* device) {
+/*! \brief Read manifest.json and keep its specs in the session; returns the file table and
+ * the device the artifact was built for. */
+void LoadManifest(modec_session* s, artifact::FileTable* files, std::string* device) {
   std::string path = s->dir + "/manifest.json";
-  std::string text = ReadFile(path);
-  Json m;
-  try {
-    m = Json::Parse(text);
-  } catch (const JsonError& e) {
-    Fail(MODEC_ERR_MANIFEST, path + " is not valid JSON (" + e.what() + "); rebuild the artifact");
-  }
-  try {
-    const Json* schema = m.is(Json::kObject) ? m.find("schema") : nullptr;
-    if (schema == nullptr || !schema->is(Json::kString) || schema->str() != kSchema) {
-      Fail(MODEC_ERR_MANIFEST, path + ": schema is not '" + std::string(kSchema) +
-                                   "'; rebuild the artifact or use a matching runtime");
-    }
-    if (const Json* e = m.find("entry")) s->entry = e->str();
-    const Json& target = m.at("target");
-    *device = target.at("device").str();
-    const Json* machine = target.find("machine");
-    if (*device == "cpu" && (machine == nullptr || machine->str() != HostMachine())) {
-      Fail(MODEC_ERR_TARGET, "artifact built for CPU architecture '" +
-                                 (machine ? machine->str() : std::string("?")) + "', this host is '" +
-                                 HostMachine() + "': rebuild it for this machine");
-    }
-    for (const Json& j : m.at("inputs").array()) s->inputs.push_back(ParseSpec(j, "input"));
-    for (const Json& j : m.at("outputs").array()) s->outputs.push_back(ParseSpec(j, "output"));
-    for (const Json& j : m.at("params").array()) {
-      s->params.push_back(ParseSpec(j, "param"));
-      for (int64_t d : s->params.back().shape) {
-        if (d < 0) Fail(MODEC_ERR_MANIFEST, path + ": param '" + s->params.back().name + "' has a symbolic dim");
-      }
-    }
-    for (const auto& kv : m.at("files").object()) {
-      (*files)[kv.first] = {kv.second.at("sha256").str(), kv.second.at("bytes").i64()};
-    }
-  } catch (const JsonError& e) {
-    Fail(MODEC_ERR_MANIFEST, path + ": malformed field (" + e.what() + "); rebuild the artifact");
-  }
-  for (const char* need : {"model.so", "weights.safetensors"}) {
-    if (!files->count(need)) Fail(MODEC_ERR_MANIFEST, path + " lists no " + need);
-  }
+  artifact::Manifest m = artifact::ParseManifest(ReadFile(path), path, HostMachine());
+  s->entry = std::move(m.entry);
+  s->inputs = std::move(m.inputs);
+  s->outputs = std::move(m.outputs);
+  s->params = std::move(m.params);
+  *files = std::move(m.files);
+  *device = std::move(m.device);
 }
 
 /*! \brief Read a listed file and check its size and SHA-256; returns its bytes. */
 std::string ReadVerified(const std::string& dir, const std::string& name,
                          const std::pair<std::string, int64_t>& want) {
-  if (name.find('/') != std::string::npos || name.empty() || name[0] == '.') {
-    Fail(MODEC_ERR_MANIFEST, "manifest file name '" + name + "' is not a plain file name");
-  }
+  artifact::CheckFileName(name);
   std::string path = dir + "/" + name;
   std::string data = ReadFile(path);
   if (static_cast<int64_t>(data.size()) != want.second) {
@@ -218,61 +152,106 @@ std::string ReadVerified(const std::string& dir, const std::string& name,
 }
 
 void LoadWeights(modec_session* s, const std::string& data) {
-  const std::string path = s->dir + "/weights.safetensors";
-  if (data.size() < 8) Fail(MODEC_ERR_WEIGHTS, path + " is too short for a safetensors file");
-  uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(data[i]);
-  if (n > kMaxHeader || 8 + n > data.size()) Fail(MODEC_ERR_WEIGHTS, path + ": header length out of range");
-  Json header;
-  try {
-    header = Json::Parse(data.substr(8, n));
-  } catch (const JsonError& e) {
-    Fail(MODEC_ERR_WEIGHTS, path + ": header is not valid JSON (" + e.what() + ")");
+  std::vector<artifact::Slice> slices = artifact::CheckSafetensors(data, s->params, s->dir + "/weights.safetensors");
+  for (size_t i = 0; i < slices.size(); ++i) {
+    const Spec& p = s->params[i];
+    ffi::Tensor w = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(p.shape.data(), p.shape.size()),
+                                             ToDL(p.dtype->code), DLDevice{kDLCPU, 0});
+    if (slices[i].bytes > 0) std::memcpy(w.data_ptr(), data.data() + slices[i].offset, slices[i].bytes);
+    s->weights.push_back(w);
   }
-  const size_t base = 8 + n;
-  const size_t body = data.size() - base;
-  try {
-    for (const Spec& p : s->params) {
-      const Json* t = header.find(p.name);
-      if (t == nullptr) Fail(MODEC_ERR_WEIGHTS, path + " has no tensor '" + p.name + "' listed in the manifest");
-      std::vector<int64_t> shape;
-      for (const Json& d : t->at("shape").array()) shape.push_back(d.i64());
-      if (t->at("dtype").str() != p.dtype->safetensors || shape != p.shape) {
-        Fail(MODEC_ERR_WEIGHTS, path + ": tensor '" + p.name + "' dtype/shape differ from the manifest");
-      }
-      const auto& off = t->at("data_offsets").array();
-      if (off.size() != 2) Fail(MODEC_ERR_WEIGHTS, path + ": bad data_offsets for '" + p.name + "'");
-      int64_t b = off[0].i64(), e = off[1].i64();
-      int64_t numel = 1;
-      for (int64_t d : shape) numel *= d;
-      if (b < 0 || e < b || static_cast<size_t>(e) > body ||
-          static_cast<size_t>(e - b) != static_cast<size_t>(numel) * p.dtype->size) {
-        Fail(MODEC_ERR_WEIGHTS, path + ": data_offsets of '" + p.name + "' out of range");
-      }
-      ffi::Tensor w = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(shape.data(), shape.size()),
-                                               p.dtype->dl, DLDevice{kDLCPU, 0});
-      if (e > b) std::memcpy(w.data_ptr(), data.data() + base + b, e - b);
-      s->weights.push_back(w);
+}
+
+/*! \brief Make the TVM libraries' symbols visible to model.so.
+ *
+ * model.so calls libtvm_ffi (TVMFFIErrorSetRaisedFromCStrParts, when a kernel refuses its
+ * arguments) without listing it as a dependency: the symbol must be global. It is when an
+ * executable links this library, not when a host dlopens it with RTLD_LOCAL (Python's ctypes,
+ * plugin loaders, JNI): then the first error raised inside model.so ended the process with
+ * "symbol lookup error". Reopening the already loaded TVM libraries with RTLD_NOLOAD |
+ * RTLD_GLOBAL moves them to the global scope (what the Python runtime does when it loads them). */
+void ExposeTvmSymbols() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(&TVMFFIErrorSetRaisedFromCStrParts), &info) != 0 && info.dli_fname) {
+      dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL);  // the handle stays open on purpose
     }
-  } catch (const JsonError& e) {
-    Fail(MODEC_ERR_WEIGHTS, path + ": malformed header (" + e.what() + ")");
+    for (const char* name : {"libtvm_ffi.so", "libtvm_runtime.so", "libtvm_runtime_extra.so"}) {
+      dlopen(name, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL);  // NULL (nothing to do) if not loaded
+    }
+  });
+}
+
+/*! \brief Load model.so from the bytes that were hashed, under a name no other load used.
+ *
+ * dlopen(DIR/model.so) would read the file again after its check, and, worse, return the
+ * library this process already loaded under that name when the artifact was replaced since
+ * (glibc matches the path first): the session would run the old model.so with the new
+ * weights. So the checked bytes go into an anonymous memory file (memfd), which is loaded
+ * through a symlink in a fresh temporary directory; the directory is removed once loaded (the
+ * mapping keeps the memory file). Where that is not possible (no memfd, no writable temporary
+ * directory, no /proc) the artifact's file is loaded by its path as before. */
+ffi::Module LoadLibrary(const std::string& bytes, const std::string& path) {
+  ExposeTvmSymbols();
+  int fd = memfd_create("modec-model.so", MFD_CLOEXEC);
+  if (fd < 0) return ffi::Module::LoadFromFile(path);
+  std::string dir;
+  auto cleanup = [&] {
+    if (!dir.empty()) {
+      unlink((dir + "/model.so").c_str());
+      rmdir(dir.c_str());
+    }
+    close(fd);
+  };
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
+  const char* tmp = std::getenv("TMPDIR");
+  std::string tmpl = std::string(tmp && *tmp ? tmp : "/tmp") + "/modec-lib-XXXXXX";
+  std::string proc = "/proc/self/fd/" + std::to_string(fd);
+  struct stat st;
+  if (done != bytes.size() || mkdtemp(tmpl.data()) == nullptr) {
+    cleanup();
+    return ffi::Module::LoadFromFile(path);
+  }
+  dir = tmpl;
+  if (stat(proc.c_str(), &st) != 0 || symlink(proc.c_str(), (dir + "/model.so").c_str()) != 0) {
+    cleanup();
+    return ffi::Module::LoadFromFile(path);
+  }
+  try {
+    ffi::Module lib = ffi::Module::LoadFromFile(dir + "/model.so");
+    cleanup();
+    return lib;
+  } catch (...) {
+    cleanup();
+    throw;
   }
 }
 
 void Open(modec_session* s, const std::string& device) {
-  std::map<std::string, std::pair<std::string, int64_t>> files;
+  artifact::FileTable files;
   std::string built_for;
   LoadManifest(s, &files, &built_for);
   if (built_for != device) {
     Fail(MODEC_ERR_TARGET, "artifact built for device '" + built_for + "', this session runs on '" + device +
                                "': rebuild with the matching --target");
   }
+  std::string library;
   for (const auto& kv : files) {
-    if (kv.first != "weights.safetensors") ReadVerified(s->dir, kv.first, kv.second);
+    if (kv.first == "weights.safetensors") continue;
+    std::string data = ReadVerified(s->dir, kv.first, kv.second);
+    if (kv.first == "model.so") library = std::move(data);
   }
   LoadWeights(s, ReadVerified(s->dir, "weights.safetensors", files["weights.safetensors"]));
+  artifact::CheckLibrary(library, s->dir + "/model.so");
   try {
-    s->lib = ffi::Module::LoadFromFile(s->dir + "/model.so");
+    s->lib = LoadLibrary(library, s->dir + "/model.so");
     auto load_exec = (*s->lib)->GetFunction("vm_load_executable");
     if (!load_exec.has_value()) Fail(MODEC_ERR_RUNTIME, "model.so has no Relax VM executable");
     s->vm = (*load_exec)().cast<ffi::Module>();
@@ -368,7 +347,12 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
       }
     }
     if (t->data == nullptr) Fail(MODEC_ERR_INVALID_ARGUMENT, "input '" + sp.name + "' has no data");
-    ffi::Tensor a = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(t->shape, t->ndim), sp.dtype->dl, s->dev);
+    int64_t numel = 0;
+    if (!artifact::NumElements(std::vector<int64_t>(t->shape, t->shape + t->ndim), &numel) ||
+        static_cast<uint64_t>(numel) > std::numeric_limits<size_t>::max() / sp.dtype->size) {
+      Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' is too large (its byte size overflows)");
+    }
+    ffi::Tensor a = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(t->shape, t->ndim), ToDL(sp.dtype->code), s->dev);
     std::memcpy(a.data_ptr(), t->data, ffi::GetDataSize(*a.GetDLTensorPtr()));
     args.push_back(a);
   }
@@ -428,23 +412,6 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
   *n_out = s->last_out.size();
 }
 
-/*! \brief The header promises a one-line, non-empty message: a path or a TVM message may hold
- * line breaks (a directory named "a\nb"), so each run of control characters becomes one space. */
-std::string OneLine(const std::string& msg) {
-  std::string out;
-  bool gap = false;
-  for (char c : msg) {
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
-      gap = true;
-      continue;
-    }
-    if (gap && !out.empty()) out += ' ';
-    gap = false;
-    out += c;
-  }
-  return out.empty() ? "unknown error" : out;
-}
-
 template <typename F>
 modec_status Guard(F&& f) {
   try {
@@ -452,16 +419,16 @@ modec_status Guard(F&& f) {
     g_last_error.clear();
     return MODEC_OK;
   } catch (const Failure& e) {
-    g_last_error = OneLine(e.message);
+    g_last_error = artifact::OneLine(e.message);
     return e.status;
   } catch (const ffi::Error& e) {
-    g_last_error = OneLine("TVM error: " + e.kind() + ": " + e.message());
+    g_last_error = artifact::OneLine("TVM error: " + e.kind() + ": " + e.message());
     return MODEC_ERR_RUNTIME;
   } catch (const std::bad_alloc&) {
     g_last_error = "out of memory";
     return MODEC_ERR_RUNTIME;
   } catch (const std::exception& e) {
-    g_last_error = OneLine(std::string("internal error: ") + e.what());
+    g_last_error = artifact::OneLine(std::string("internal error: ") + e.what());
     return MODEC_ERR_RUNTIME;
   } catch (...) {
     g_last_error = "internal error: unknown exception";

@@ -1,0 +1,224 @@
+#include "artifact_check.h"
+
+#include <limits>
+
+#include "json.h"
+
+namespace modec {
+namespace artifact {
+
+void Fail(modec_status st, const std::string& msg) { throw Failure{st, msg}; }
+
+namespace {
+
+const std::vector<DtypeInfo> kDtypes = {
+    {"float32", "F32", MODEC_FLOAT32, 4}, {"float16", "F16", MODEC_FLOAT16, 2},
+    {"float64", "F64", MODEC_FLOAT64, 8}, {"int64", "I64", MODEC_INT64, 8},
+    {"int32", "I32", MODEC_INT32, 4},     {"int8", "I8", MODEC_INT8, 1},
+    {"uint8", "U8", MODEC_UINT8, 1},      {"bool", "BOOL", MODEC_BOOL, 1},
+    {"uint32", "U32", MODEC_UINT32, 4},   {"uint16", "U16", MODEC_UINT16, 2},
+    {"int16", "I16", MODEC_INT16, 2},     {"uint64", "U64", MODEC_UINT64, 8},
+};
+
+Spec ParseSpec(const Json& j, const std::string& where) {
+  Spec s;
+  s.name = j.at("name").str();
+  s.dtype = ByNumpy(j.at("dtype").str());
+  if (s.dtype == nullptr) Fail(MODEC_ERR_MANIFEST, where + " '" + s.name + "': unsupported dtype " + j.at("dtype").str());
+  for (const Json& d : j.at("shape").array()) {
+    if (d.is(Json::kString)) {
+      s.shape.push_back(-1);
+      s.symbol.push_back(d.str());
+    } else {
+      int64_t v = d.i64();
+      if (v < 0) Fail(MODEC_ERR_MANIFEST, where + " '" + s.name + "': negative dim");
+      s.shape.push_back(v);
+      s.symbol.emplace_back();
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+const std::vector<DtypeInfo>& Dtypes() { return kDtypes; }
+
+const DtypeInfo* ByNumpy(const std::string& s) {
+  for (const auto& d : kDtypes) {
+    if (s == d.numpy) return &d;
+  }
+  return nullptr;
+}
+
+const DtypeInfo* ByCode(modec_dtype c) {
+  for (const auto& d : kDtypes) {
+    if (c == d.code) return &d;
+  }
+  return nullptr;
+}
+
+bool NumElements(const std::vector<int64_t>& shape, int64_t* out) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return false;
+  }
+  *out = n;
+  return true;
+}
+
+Manifest ParseManifest(const std::string& text, const std::string& path, const std::string& host_machine) {
+  Manifest out;
+  Json m;
+  try {
+    m = Json::Parse(text);
+  } catch (const JsonError& e) {
+    Fail(MODEC_ERR_MANIFEST, path + " is not valid JSON (" + e.what() + "); rebuild the artifact");
+  }
+  try {
+    const Json* schema = m.is(Json::kObject) ? m.find("schema") : nullptr;
+    if (schema == nullptr || !schema->is(Json::kString) || schema->str() != kSchema) {
+      Fail(MODEC_ERR_MANIFEST, path + ": schema is not '" + std::string(kSchema) +
+                                   "'; rebuild the artifact or use a matching runtime");
+    }
+    if (const Json* e = m.find("entry")) out.entry = e->str();
+    const Json& target = m.at("target");
+    out.device = target.at("device").str();
+    const Json* machine = target.find("machine");
+    if (out.device == "cpu" && (machine == nullptr || machine->str() != host_machine)) {
+      Fail(MODEC_ERR_TARGET, "artifact built for CPU architecture '" +
+                                 (machine ? machine->str() : std::string("?")) + "', this host is '" +
+                                 host_machine + "': rebuild it for this machine");
+    }
+    for (const Json& j : m.at("inputs").array()) out.inputs.push_back(ParseSpec(j, "input"));
+    for (const Json& j : m.at("outputs").array()) out.outputs.push_back(ParseSpec(j, "output"));
+    for (const Json& j : m.at("params").array()) {
+      out.params.push_back(ParseSpec(j, "param"));
+      for (int64_t d : out.params.back().shape) {
+        if (d < 0) Fail(MODEC_ERR_MANIFEST, path + ": param '" + out.params.back().name + "' has a symbolic dim");
+      }
+    }
+    for (const auto& kv : m.at("files").object()) {
+      out.files[kv.first] = {kv.second.at("sha256").str(), kv.second.at("bytes").i64()};
+    }
+  } catch (const JsonError& e) {
+    Fail(MODEC_ERR_MANIFEST, path + ": malformed field (" + e.what() + "); rebuild the artifact");
+  }
+  for (const char* need : {"model.so", "weights.safetensors"}) {
+    if (!out.files.count(need)) Fail(MODEC_ERR_MANIFEST, path + " lists no " + need);
+  }
+  return out;
+}
+
+void CheckFileName(const std::string& name) {
+  bool plain = !name.empty() && name[0] != '.';
+  for (char c : name) {
+    // '/' makes a path; '\\' is refused too (the Python runtime does); a control character
+    // (NUL above all: the C path would end there) is no name anyone meant.
+    if (c == '/' || c == '\\' || static_cast<unsigned char>(c) < 0x20 || c == 0x7f) plain = false;
+  }
+  if (!plain) Fail(MODEC_ERR_MANIFEST, "manifest file name '" + name + "' is not a plain file name");
+}
+
+std::vector<Slice> CheckSafetensors(const std::string& data, const std::vector<Spec>& params,
+                                    const std::string& path) {
+  if (data.size() < 8) Fail(MODEC_ERR_WEIGHTS, path + " is too short for a safetensors file");
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(data[i]);
+  if (n > kMaxHeader || 8 + n > data.size()) Fail(MODEC_ERR_WEIGHTS, path + ": header length out of range");
+  Json header;
+  try {
+    header = Json::Parse(data.substr(8, n));
+  } catch (const JsonError& e) {
+    Fail(MODEC_ERR_WEIGHTS, path + ": header is not valid JSON (" + e.what() + ")");
+  }
+  const size_t base = 8 + n;
+  const size_t body = data.size() - base;
+  std::vector<Slice> slices;
+  try {
+    for (const Spec& p : params) {
+      const Json* t = header.find(p.name);
+      if (t == nullptr) Fail(MODEC_ERR_WEIGHTS, path + " has no tensor '" + p.name + "' listed in the manifest");
+      std::vector<int64_t> shape;
+      for (const Json& d : t->at("shape").array()) shape.push_back(d.i64());
+      if (t->at("dtype").str() != p.dtype->safetensors || shape != p.shape) {
+        Fail(MODEC_ERR_WEIGHTS, path + ": tensor '" + p.name + "' dtype/shape differ from the manifest");
+      }
+      const auto& off = t->at("data_offsets").array();
+      if (off.size() != 2) Fail(MODEC_ERR_WEIGHTS, path + ": bad data_offsets for '" + p.name + "'");
+      int64_t b = off[0].i64(), e = off[1].i64();
+      int64_t numel = 0;
+      if (!NumElements(shape, &numel) ||
+          static_cast<uint64_t>(numel) > std::numeric_limits<size_t>::max() / p.dtype->size) {
+        Fail(MODEC_ERR_WEIGHTS, path + ": tensor '" + p.name + "' shape is too large (its byte size overflows)");
+      }
+      if (b < 0 || e < b || static_cast<size_t>(e) > body ||
+          static_cast<size_t>(e - b) != static_cast<size_t>(numel) * p.dtype->size) {
+        Fail(MODEC_ERR_WEIGHTS, path + ": data_offsets of '" + p.name + "' out of range");
+      }
+      slices.push_back(Slice{base + static_cast<size_t>(b), static_cast<size_t>(e - b)});
+    }
+  } catch (const JsonError& e) {
+    Fail(MODEC_ERR_WEIGHTS, path + ": malformed header (" + e.what() + ")");
+  }
+  return slices;
+}
+
+namespace {
+
+uint64_t Le(const std::string& d, size_t at, int bytes) {
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(d[at + i]);
+  return v;
+}
+
+/*! \brief Whether [offset, offset + count * size) lies in a file of `file` bytes. */
+bool InFile(uint64_t offset, uint64_t count, uint64_t size, uint64_t file, uint64_t* end) {
+  uint64_t len = 0;
+  if (__builtin_mul_overflow(count, size, &len) || __builtin_add_overflow(offset, len, end)) return false;
+  return *end <= file;
+}
+
+}  // namespace
+
+void CheckLibrary(const std::string& data, const std::string& path) {
+  // ELF64 header: e_ident[16], e_type, e_machine, e_version, e_entry, e_phoff @32, e_shoff @40,
+  // e_flags, e_ehsize, e_phentsize @54, e_phnum @56, e_shentsize @58, e_shnum @60.
+  constexpr size_t kEhdr = 64, kPhdr = 56;
+  if (data.size() < kEhdr || data.compare(0, 4, "\x7f" "ELF") != 0 || data[4] != 2 || data[5] != 1) return;
+  const uint64_t file = data.size();
+  const uint64_t phoff = Le(data, 32, 8), shoff = Le(data, 40, 8);
+  const uint64_t phentsize = Le(data, 54, 2), phnum = Le(data, 56, 2);
+  const uint64_t shentsize = Le(data, 58, 2), shnum = Le(data, 60, 2);
+  auto truncated = [&](const std::string& what, uint64_t end) {
+    Fail(MODEC_ERR_RUNTIME, "TVM cannot load model.so: " + path + " is truncated (" + what + " ends at byte " +
+                                std::to_string(end) + ", the file has " + std::to_string(file) +
+                                "); rebuild the artifact");
+  };
+  uint64_t end = 0;
+  if (phentsize < kPhdr) return;  // dlopen refuses a foreign program header size itself
+  if (!InFile(phoff, phnum, phentsize, file, &end)) truncated("the program header table", end);
+  for (uint64_t i = 0; i < phnum; ++i) {
+    const size_t ph = static_cast<size_t>(phoff + i * phentsize);
+    const uint64_t offset = Le(data, ph + 8, 8), filesz = Le(data, ph + 32, 8);
+    if (filesz > 0 && !InFile(offset, 1, filesz, file, &end)) truncated("segment " + std::to_string(i), end);
+  }
+  if (shnum > 0 && !InFile(shoff, shnum, shentsize, file, &end)) truncated("the section header table", end);
+}
+
+std::string OneLine(const std::string& msg) {
+  std::string out;
+  bool gap = false;
+  for (char c : msg) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) {
+      gap = true;
+      continue;
+    }
+    if (gap && !out.empty()) out += ' ';
+    gap = false;
+    out += c;
+  }
+  return out.empty() ? "unknown error" : out;
+}
+
+}  // namespace artifact
+}  // namespace modec

@@ -1,0 +1,99 @@
+// The artifact checks that need no TVM: manifest.json parsing and validation, file names,
+// the safetensors header against the manifest's params, and the one-line error messages.
+// modec.cc (the C API) and the fuzz targets (runtime/fuzz/) both call these on byte buffers.
+#ifndef MODEC_SRC_ARTIFACT_CHECK_H_
+#define MODEC_SRC_ARTIFACT_CHECK_H_
+
+#include <modec/modec.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace modec {
+namespace artifact {
+
+constexpr const char* kSchema = "modec.artifact/1";
+constexpr uint64_t kMaxHeader = 100u << 20;  // safetensors header cap (same as the format's)
+
+/*! \brief A refusal with its status; modec.cc converts it to a code at the C boundary. */
+struct Failure {
+  modec_status status;
+  std::string message;
+};
+
+[[noreturn]] void Fail(modec_status st, const std::string& msg);
+
+struct DtypeInfo {
+  const char* numpy;
+  const char* safetensors;
+  modec_dtype code;
+  size_t size;
+};
+
+const DtypeInfo* ByNumpy(const std::string& s);
+const DtypeInfo* ByCode(modec_dtype c);
+/*! \brief Every dtype the artifact may hold (the modec_dtype codes, in code order). */
+const std::vector<DtypeInfo>& Dtypes();
+
+struct Spec {
+  std::string name;
+  const DtypeInfo* dtype = nullptr;
+  std::vector<int64_t> shape;       // -1 for a symbolic dim
+  std::vector<std::string> symbol;  // the symbol's name ("" for static dims)
+};
+
+/*! \brief file name -> (sha256 hex, byte size), as listed in the manifest's `files`. */
+using FileTable = std::map<std::string, std::pair<std::string, int64_t>>;
+
+struct Manifest {
+  std::string entry = "main";
+  std::string device;  // target.device
+  std::vector<Spec> inputs, outputs, params;
+  FileTable files;
+};
+
+/*! \brief Parse and validate manifest.json's text (docs/artifact.md, checks 1 and 2 but the
+ * device, which the caller compares). `path` names the file in messages; `host_machine` is
+ * the CPU architecture a CPU artifact must have been built for. Throws Failure
+ * (MODEC_ERR_MANIFEST, MODEC_ERR_TARGET). */
+Manifest ParseManifest(const std::string& text, const std::string& path, const std::string& host_machine);
+
+/*! \brief Refuse a `files` entry that is not a plain file name in the artifact directory
+ * (empty, a path, hidden, or holding control characters). Throws Failure(MODEC_ERR_MANIFEST). */
+void CheckFileName(const std::string& name);
+
+/*! \brief Where one param's bytes are in the safetensors file. */
+struct Slice {
+  size_t offset;  // from the start of the file
+  size_t bytes;
+};
+
+/*! \brief Check a whole safetensors file (`data`) against the manifest's params: the header
+ * parses, lists every param with its dtype and shape, and in-range offsets that hold exactly
+ * the param's bytes. Returns one Slice per param, in params order. `path` names the file
+ * in messages. Throws Failure(MODEC_ERR_WEIGHTS). */
+std::vector<Slice> CheckSafetensors(const std::string& data, const std::vector<Spec>& params,
+                                    const std::string& path);
+
+/*! \brief Refuse a model.so that dlopen would map past its end (a truncated library: the
+ * mapping succeeds and the first access to the missing pages is a SIGBUS). A 64-bit
+ * little-endian ELF must hold its program headers, every segment's file bytes and its
+ * section headers; anything else (another ELF class, not an ELF file) is left to dlopen,
+ * which refuses it cleanly. Throws Failure(MODEC_ERR_RUNTIME). */
+void CheckLibrary(const std::string& data, const std::string& path);
+
+/*! \brief Element count of a static shape, or false when it overflows int64 (or has a
+ * negative dim). */
+bool NumElements(const std::vector<int64_t>& shape, int64_t* out);
+
+/*! \brief The header promises a one-line, non-empty message: a path or a TVM message may hold
+ * line breaks (a directory named "a\nb"), so each run of control characters becomes one space. */
+std::string OneLine(const std::string& msg);
+
+}  // namespace artifact
+}  // namespace modec
+#endif  // MODEC_SRC_ARTIFACT_CHECK_H_
