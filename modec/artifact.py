@@ -176,17 +176,26 @@ def manifest_bytes(manifest: Manifest) -> bytes:
     return (json.dumps(manifest.to_json(), sort_keys=True, indent=2) + "\n").encode()
 
 
-def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> None:
-    """Write the weights as safetensors (no metadata, so the bytes depend on the data only)."""
-    from safetensors.numpy import save_file
+#: File-offset alignment of every tensor in ``weights.safetensors``: the runtimes map the file
+#: and pass pointers into the mapping to the kernels, which load 64-byte vectors with aligned
+#: instructions (a misaligned param crashes them: docs/artifact.md, Loading).
+WEIGHTS_ALIGN = 64
 
-    arrays = {}
+
+def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> None:
+    """Write the weights as safetensors (no metadata, so the bytes depend on the data only),
+    one tensor at a time (`modec.safetensors_io`), each at a `WEIGHTS_ALIGN`-byte aligned
+    file offset (padding tensors ``__pad.K`` fill the gaps; loaders ignore them)."""
+    from modec.safetensors_io import TensorEntry, write_safetensors
+
+    entries = []
     for name, arr in params.items():
-        a = np.ascontiguousarray(arr)
-        if str(a.dtype) not in SAFETENSORS_DTYPES:
-            raise ModelError(f"weight {name!r} has dtype {a.dtype}, which the artifact cannot hold")
-        arrays[name] = a
-    save_file(arrays, str(path))
+        if str(arr.dtype) not in SAFETENSORS_DTYPES:
+            raise ModelError(
+                f"weight {name!r} has dtype {arr.dtype}, which the artifact cannot hold"
+            )
+        entries.append(TensorEntry.of(name, arr))
+    write_safetensors(path, entries, align=WEIGHTS_ALIGN)
 
 
 def _is_modec_artifact(path: Path) -> bool:

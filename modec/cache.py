@@ -1,12 +1,13 @@
 """Content-addressed cache of analysis results (routing statistics, sensitivities).
 
 An entry is one ``.npz`` file ``{kind}-{key[:32]}.npz`` in the cache directory, where ``key``
-is the SHA-256 of the cache version, the entry kind, the model (graph and weights as
-serialized protobuf), the data (every input array and the modality mask) and the options that
-change the result. The full key is stored inside the entry and checked on load, so a prefix
-collision or a stale format is a miss, never a wrong hit. Entries are written to a temporary
-file and renamed, so an interrupted compile leaves either a whole entry or none; the next
-compile with the same inputs resumes from the entries that were finished.
+is the SHA-256 of the cache version, the entry kind, the model (`hash_model`: the graph
+without its weights, then every weight's bytes streamed a chunk at a time), the data (every
+input array and the modality mask) and the options that change the result. The full key is
+stored inside the entry and checked on load, so a prefix collision or a stale format is a
+miss, never a wrong hit. Entries are written to a temporary file and renamed, so an
+interrupted compile leaves either a whole entry or none; the next compile with the same
+inputs resumes from the entries that were finished.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modec.data import Dataset
+from modec.frontend import tensor_bytes
 from modec.interrupt import checkpoint
 
 log = logging.getLogger(__name__)
@@ -31,13 +33,28 @@ log = logging.getLogger(__name__)
 #: Bumped whenever what an entry holds, or how it is computed, changes.
 CACHE_VERSION = "modec.cache/3"
 
-__all__ = ["CACHE_VERSION", "Lookup", "content_key", "entry_path", "load", "memoize", "store"]
+#: A tensor whose ``meta`` holds this key (a str) is hashed by that digest instead of its
+#: bytes: a lazily computed tensor (an expert stack built from external weights) can name its
+#: content without being computed. The digest must change whenever the content can.
+CONTENT_DIGEST = "modec.content_digest"
+
+__all__ = [
+    "CACHE_VERSION",
+    "CONTENT_DIGEST",
+    "Lookup",
+    "content_key",
+    "entry_path",
+    "hash_model",
+    "load",
+    "memoize",
+    "store",
+]
 
 
 def content_key(kind: str, model: ir.Model, data: Dataset, options: dict[str, Any]) -> str:
     """SHA-256 (hex) of what an analysis result depends on."""
     h = hashlib.sha256(f"{CACHE_VERSION}:{kind}".encode())
-    h.update(ir.to_proto(model).SerializeToString(deterministic=True))
+    hash_model(h, model)
     for name in sorted(data.inputs):
         arr = np.ascontiguousarray(data.inputs[name])
         h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
@@ -45,6 +62,83 @@ def content_key(kind: str, model: ir.Model, data: Dataset, options: dict[str, An
     h.update(np.ascontiguousarray(data.modality).tobytes())
     h.update(json.dumps(options, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def hash_model(h: Any, model: ir.Model) -> None:
+    """Feed ``model`` into the hash ``h`` (``hashlib``) without holding its weights.
+
+    First the model as a proto in which every numeric initializer is a placeholder (its name, type
+    and shape, no data and no file reference), then, initializer by initializer (graph
+    order, subgraphs after their graph), its name, type, shape and bytes as ONNX stores them,
+    read by `modec.frontend.tensor_bytes`: a weight in external data is read from its file a
+    chunk at a time (never mapped), an in-memory one through a view of its array. The key
+    therefore depends on the content only: the same model gives the same key whether its
+    weights are inside the ``.onnx`` or in external data, and whatever the data files are
+    called. Tensors in node attributes (``Constant``) are serialized with the graph; one in
+    external data is streamed after it too.
+    """
+    graphs = _graphs(model)
+    inits = [
+        (v, v.const_value)
+        for g in graphs
+        for v in g.initializers.values()
+        if v.const_value is not None and v.const_value.dtype != ir.DataType.STRING
+    ]  # string tensors (no weights) stay in the structure
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for v, t in inits:
+            v.const_value = ir.ExternalTensor(
+                "", 0, t.nbytes, t.dtype, shape=ir.Shape(t.shape.numpy()), name=v.name or ""
+            )
+            swapped.append((v, t))
+        h.update(ir.to_proto(model).SerializeToString(deterministic=True))
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+    for v, t in inits:
+        _hash_tensor(h, v.name or "", t)
+    for g in graphs:
+        for node in g:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR:
+                    tensors = [attr.value]
+                elif attr.type == ir.AttributeType.TENSORS:
+                    tensors = list(attr.value)
+                else:
+                    continue
+                for t in tensors:
+                    if isinstance(t, ir.ExternalTensor):
+                        _hash_tensor(h, f"{node.name}.{attr.name}", t)
+
+
+def _graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph, every function's graph and every subgraph, in a fixed order."""
+    out: list[ir.Graph] = []
+
+    def visit(graph: ir.Graph) -> None:
+        out.append(graph)
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    visit(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for g in attr.value:
+                        visit(g)
+
+    visit(model.graph)
+    for f in model.functions.values():
+        visit(f.graph)
+    return out
+
+
+def _hash_tensor(h: Any, name: str, t: ir.TensorProtocol) -> None:
+    h.update(f"{name}:{t.dtype.name}:{list(t.shape.numpy())}:{t.nbytes}".encode())
+    digest = getattr(t, "meta", {}).get(CONTENT_DIGEST)
+    if isinstance(digest, str):
+        h.update(f"digest:{digest}".encode())
+        return
+    for chunk in tensor_bytes(t):
+        h.update(chunk)
 
 
 def entry_path(cache_dir: str | os.PathLike[str], kind: str, key: str) -> Path:

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-cache", action="store_true", help="recompute; read and write no cache")
     co.add_argument("--seed", type=int, default=d.seed)
     co.add_argument("--threads", type=int, default=d.threads)
+    co.add_argument("--max-memory", metavar="SIZE",
+                    help="RAM for the calibration activations that the layer-streamed passes "
+                         "hold (e.g. 16GiB); past it they spill to memory-mapped files in the "
+                         "temp dir (default: half of this machine's RAM)")  # fmt: skip
     co.add_argument("--eval", help="evaluation data: report fp32 and quantized accuracy")
     co.add_argument("--dump-ir-after", action="append", metavar="PASS",
                     help="write the graph as ONNX after PASS (repeatable; 'all' for every "
@@ -132,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--open", action="store_true", help="open the page in a web browser")
     rep.set_defaults(func=commands.cmd_report)
 
-    ev = command("eval", "accuracy of a model on an evaluation set")
+    from modec import stats
+
+    ev = command("eval", "accuracy of a model on an evaluation set, with 95% intervals")
     ev.add_argument("model", help="an .onnx file, a Hugging Face model directory or a modec "
                     "output directory")  # fmt: skip
     ev.add_argument("--data", required=True, help="a modec dataset (.npz); with answers "
@@ -142,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "agreement at every non-pad position, all / text / vision, against "
                          "REFERENCE (the original .onnx, run by onnxruntime); no labels "
                          "needed")  # fmt: skip
+    ev.add_argument("--compare", metavar="B",
+                    help="also evaluate B (same kinds as MODEL) on the same samples and report "
+                         "MODEL - B per split, paired by sample: the accuracy difference with "
+                         "a paired bootstrap 95%% interval and the exact McNemar p-value, and "
+                         "the answer-NLL difference (with --kl-to: the KL and top-1 agreement "
+                         "differences)")  # fmt: skip
+    ev.add_argument("--resamples", type=int, default=stats.RESAMPLES,
+                    help="bootstrap resamples for the intervals (default %(default)s)")  # fmt: skip
+    ev.add_argument("--seed", type=int, default=stats.SEED,
+                    help="seed of the bootstrap resampling (default %(default)s)")  # fmt: skip
     ev.add_argument("--batch-size", type=int, default=None,
                     help="samples per batch (default 64; 8 with --kl-to)")  # fmt: skip
     ev.add_argument("--cache-dir", help="where a Hugging Face directory's ONNX export is cached")

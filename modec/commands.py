@@ -43,48 +43,83 @@ def _model_file(path: str, cache_dir: str | None, quiet: bool) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from modec import data
+    from modec.evaluate import Resampling, compare, evaluate
     from modec.runners import runner_for
 
+    if args.resamples < 1:
+        raise UsageError(f"--resamples {args.resamples}: need at least 1 bootstrap resample")
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: need a non-negative integer")
+    opts = Resampling(args.resamples, args.seed)
     model = _model_file(args.model, args.cache_dir, args.quiet)
     backend, runner = runner_for(model, args.threads)
     ds = data.load(args.data)
     data.check_against(ds, runner.inputs)
+    other: tuple[str, Any] | None = None
+    if args.compare is not None:
+        other = runner_for(_model_file(args.compare, args.cache_dir, args.quiet), args.threads)
+        data.check_against(ds, other[1].inputs)
     if args.kl_to is not None:
-        return _eval_kl(args, backend, runner, ds)
-    from modec.evaluate import evaluate
-
-    result = evaluate(runner, ds, batch_size=args.batch_size or 64)
-    if args.json:
-        doc = {"model": args.model, "data": args.data, "backend": backend, **result.to_json()}
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return _eval_kl(args, opts, backend, runner, ds, other)
+    batch = args.batch_size or 64
+    result = evaluate(runner, ds, batch_size=batch)
+    doc = {"model": args.model, "data": args.data, "backend": backend, **result.to_json(opts)}
+    note = f"accuracy: Wilson score; answer NLL (nats): {opts.describe()}"
+    if other is None:
+        text = [f"{args.model} on {args.data} ({result.overall.n} samples, {backend})",
+                result.table(opts), f"95% intervals: {note}"]  # fmt: skip
     else:
-        sys.stdout.write(f"{args.model} on {args.data} ({result.overall.n} samples, {backend})\n")
-        sys.stdout.write(result.table() + "\n")
+        res_b = evaluate(other[1], ds, batch_size=batch)
+        diff = compare(result, res_b, opts)
+        doc_b = {k: v for k, v in res_b.to_json(opts).items() if k != "intervals"}
+        doc["compare"] = {"model": args.compare, "backend": other[0], **doc_b}
+        doc["difference"] = diff.to_json()
+        text = [f"A = {args.model} ({backend}) on {args.data} ({result.overall.n} samples)",
+                result.table(opts), "", f"B = {args.compare} ({other[0]})", res_b.table(opts),
+                "", "A - B, paired by sample", diff.table(), "",
+                f"95% intervals: {note}; A - B: paired, same resamples. McNemar p: exact "
+                "two-sided sign test on the samples only one of A and B gets right"]  # fmt: skip
+    out = json.dumps(doc, indent=2) if args.json else "\n".join(text)
+    sys.stdout.write(out + "\n")
     return EXIT_OK
 
 
-def _eval_kl(args: argparse.Namespace, backend: str, runner: Any, ds: Any) -> int:
-    """``modec eval MODEL --kl-to REFERENCE``: next-token KL and top-1 agreement, no labels."""
+def _eval_kl(
+    args: argparse.Namespace, opts: Any, backend: str, runner: Any, ds: Any,
+    other: tuple[str, Any] | None,
+) -> int:  # fmt: skip
+    """``modec eval MODEL --kl-to REFERENCE [--compare B]``: next-token KL and top-1
+    agreement, no labels."""
     from modec import data
-    from modec.evaluate import kl_divergence
+    from modec.evaluate import compare_kl, kl_divergences
     from modec.runners import runner_for
 
     ref_backend, reference = runner_for(
         _model_file(args.kl_to, args.cache_dir, args.quiet), args.threads
     )
     data.check_against(ds, reference.inputs)
-    result = kl_divergence(reference, runner, ds, batch_size=args.batch_size or 8)
-    if args.json:
-        doc = {"model": args.model, "reference": args.kl_to, "data": args.data,
-               "backend": backend, "reference_backend": ref_backend,
-               "kl": result.to_json()}  # fmt: skip
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        sys.stdout.write(
-            f"{args.model} ({backend}) against {args.kl_to} ({ref_backend}) on {args.data} "
-            f"({result.samples} samples): KL(reference ‖ model) of the next token\n"
-        )
-        sys.stdout.write(result.table() + "\n")
+    models = [runner] if other is None else [runner, other[1]]
+    results = kl_divergences(reference, models, ds, batch_size=args.batch_size or 8)
+    result = results[0]
+    doc = {"model": args.model, "reference": args.kl_to, "data": args.data,
+           "backend": backend, "reference_backend": ref_backend,
+           "kl": result.to_json(opts), "intervals": opts.to_json()}  # fmt: skip
+    title = (
+        f"{args.model} ({backend}) against {args.kl_to} ({ref_backend}) on {args.data} "
+        f"({result.samples} samples): KL(reference ‖ model) of the next token; 95% intervals: "
+        f"{opts.describe()}"
+    )
+    text = [title, result.table(opts)]
+    if other is not None:
+        diff = compare_kl(result, results[1], opts)
+        doc["compare"] = {"model": args.compare, "backend": other[0],
+                          "kl": results[1].to_json(opts)}  # fmt: skip
+        doc["difference"] = diff.to_json()
+        text = [f"A = {title}", result.table(opts), "",
+                f"B = {args.compare} ({other[0]})", results[1].table(opts), "",
+                "A - B, paired by sample (same resamples)", diff.table()]  # fmt: skip
+    out = json.dumps(doc, indent=2) if args.json else "\n".join(text)
+    sys.stdout.write(out + "\n")
     return EXIT_OK
 
 
@@ -141,6 +176,7 @@ def _parse_bits(text: str) -> tuple[int, ...]:
 def cmd_compile(args: argparse.Namespace) -> int:
     from modec import driver
     from modec.pipelines import CompileOptions
+    from modec.streaming import parse_memory
     from modec.summary import format_summary
 
     if args.model is None:
@@ -158,6 +194,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         sensitivity_samples=args.sensitivity_samples, quantizer=args.quantizer,
         seed=args.seed, threads=args.threads, target=args.target,
         cache_dir=None if args.no_cache else args.cache_dir or driver.default_cache_dir(),
+        max_memory=parse_memory(args.max_memory) if args.max_memory else 0,
     )  # fmt: skip
     res = driver.compile_model(
         args.model, args.calib, args.output, opts, pipeline=args.pipeline, force=args.force,

@@ -44,6 +44,7 @@ from modec.output import (
 )
 from modec.pipeline import PassContext, Pipeline, RunOptions, build_report, json_text
 from modec.pipelines import CompileOptions, parse_pipeline, standard_pipeline
+from modec.streaming import default_max_memory
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,25 @@ __all__ = [
     "default_cache_dir",
     "load_inputs",
 ]
+
+
+#: Above this many bytes of initializers a written model keeps them in external data
+#: (protobuf cannot hold a message past 2 GiB).
+INLINE_LIMIT = 2**30
+
+
+def save_model(model: ir.Model, path: Path) -> None:
+    """Write ``model`` to ``path``: inline when small and self-contained, else its
+    initializers in ``NAME.data`` beside it, written one tensor at a time (lazily computed
+    ones are materialized one by one)."""
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value]
+    total = sum(t.nbytes for t in tensors)
+    # A tensor still in the input model's external data would be written as a reference
+    # relative to the output directory, where that file is not: copy it into ours.
+    if total <= INLINE_LIMIT and not any(isinstance(t, ir.ExternalTensor) for t in tensors):
+        ir.save(model, str(path))
+    else:
+        ir.save(model, str(path), external_data=f"{path.name}.data")
 
 
 def default_cache_dir() -> str:
@@ -139,7 +159,8 @@ _PASS_THROUGH = {"Cast", "CastLike", "Expand", "Reshape", "Unsqueeze", "Squeeze"
 def check_weights_finite(model: ir.Model) -> None:
     """NaN anywhere, or ±inf in a weight, makes every statistic meaningless: refuse early.
 
-    Every floating-point initializer and ``Constant`` node (subgraphs too) is checked:
+    Every floating-point initializer and ``Constant`` node (subgraphs too; fp32, fp16, bf16,
+    fp64, fp8, complex) is checked:
 
     - NaN anywhere is an error;
     - ±inf is an error in a weight: any tensor used as a ``MatMul``/``Gemm`` operand or a
@@ -149,18 +170,22 @@ def check_weights_finite(model: ir.Model) -> None:
       possibly through reshapes and casts. The dynamo exporter writes causal masks that way,
       and DeepSeek's ``masked_fill(-inf)``.
 
+    Tensors are read a chunk at a time (`modec.frontend.tensor_chunks`): a weight in external
+    data is read from its file in `~modec.frontend.CHUNK_BYTES` pieces without being mapped,
+    so the memory this takes is one chunk whatever the model's size.
+
     The error names the tensor, what it is used as and how many values are bad.
     """
     for graph in _graphs(model.graph):
         for name, v in graph.initializers.items():
             if v.const_value is not None:
-                _check_finite("initializer", name, v, v.const_value.numpy())
+                _check_finite("initializer", name, v, v.const_value)
         for node in graph:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                arr = _constant_array(node)
-                if arr is not None:
+                const = _constant_tensor(node)
+                if const is not None:
                     _check_finite("Constant", node.name or node.outputs[0].name or "?",
-                                  node.outputs[0], arr)  # fmt: skip
+                                  node.outputs[0], const)  # fmt: skip
 
 
 def _graphs(graph: ir.Graph) -> list[ir.Graph]:
@@ -176,33 +201,60 @@ def _graphs(graph: ir.Graph) -> list[ir.Graph]:
     return out
 
 
-def _constant_array(node: ir.Node) -> np.ndarray | None:
+def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | np.ndarray | None:
     for key in ("value", "value_float", "value_floats"):
         attr = node.attributes.get(key)
         if attr is None:
             continue
         if key == "value":
-            return np.asarray(attr.value.numpy())
+            tensor: ir.TensorProtocol = attr.value
+            return tensor
         return np.asarray(attr.value, dtype=np.float32)
     return None
 
 
-def _check_finite(kind: str, name: str, value: ir.Value, arr: np.ndarray) -> None:
-    if arr.dtype.kind not in "fc":
-        return
-    nan = int(np.isnan(arr).sum())
+#: Element types that can hold NaN/±inf (sub-byte floats such as float4 cannot).
+_COMPLEX = frozenset({ir.DataType.COMPLEX64, ir.DataType.COMPLEX128})
+
+
+def _nonfinite(tensor: ir.TensorProtocol | np.ndarray) -> tuple[int, int, int, list[int]]:
+    """(NaN count, ±inf count, size, shape) of a floating-point tensor, read chunk-wise;
+    (0, 0, …) for a type that cannot hold either."""
+    from modec.frontend import tensor_chunks
+
+    if isinstance(tensor, np.ndarray):
+        if tensor.dtype.kind not in "fc":
+            return 0, 0, int(tensor.size), list(tensor.shape)
+        chunks: Iterable[np.ndarray] = [tensor.reshape(-1)]
+        size, shape = int(tensor.size), list(tensor.shape)
+    else:
+        dt = tensor.dtype
+        size, shape = int(tensor.size), [int(d) for d in tensor.shape.numpy()]
+        if not ((dt.is_floating_point() and dt.bitwidth >= 8) or dt in _COMPLEX):
+            return 0, 0, size, shape
+        chunks = tensor_chunks(tensor)
+    nan = inf = 0
+    for chunk in chunks:
+        nan += int(np.count_nonzero(np.isnan(chunk)))
+        inf += int(np.count_nonzero(np.isinf(chunk)))
+    return nan, inf, size, shape
+
+
+def _check_finite(
+    kind: str, name: str, value: ir.Value, tensor: ir.TensorProtocol | np.ndarray
+) -> None:
+    nan, inf, size, shape = _nonfinite(tensor)
     if nan:
         raise ModelError(
             f"{kind} {name!r} holds {nan} NaN value(s); NaN/Inf in a tensor makes every "
             "statistic meaningless: fix or re-export the model"
         )
-    inf = int(np.isinf(arr).sum())
     if not inf:
         return
     weight = _weight_use(value)
-    if weight is None and (arr.size == 1 or _only_fills(value)):
+    if weight is None and (size == 1 or _only_fills(value)):
         return  # a -inf mask fill or scalar: what exporters write for masks
-    what = weight or f"a {list(arr.shape)} tensor, not a scalar or mask fill"
+    what = weight or f"a {shape} tensor, not a scalar or mask fill"
     raise ModelError(
         f"{kind} {name!r} ({what}) holds {inf} ±inf value(s); NaN/Inf in a weight makes "
         "every statistic meaningless: fix or re-export the model"
@@ -256,17 +308,21 @@ def load_inputs(
     The cheap checks run first (weights finite, MoE layers present, budget feasible) so that
     bad input fails in milliseconds, before any calibration work.
     """
-    from modec.frontend import input_specs, load_onnx_proto
+    from modec.frontend import input_specs, load_onnx
 
-    proto = load_onnx_proto(model_path)
-    model = ir.serde.deserialize_model(proto)
+    model = load_onnx(model_path)  # weights in external data stay on disk
     check_weights_finite(model)
     preflight(model, o)
     calib = data_mod.load(calib_path)
-    data_mod.check_against(calib, input_specs(proto))
+    data_mod.check_against(calib, input_specs(model))
     ctx = PassContext(
         facts=Facts(Calibration(calib)),
-        options=RunOptions(seed=o.seed, threads=o.threads, cache_dir=o.cache_dir),
+        options=RunOptions(
+            seed=o.seed,
+            threads=o.threads,
+            cache_dir=o.cache_dir,
+            max_memory=o.max_memory or default_max_memory(),
+        ),
         progress=progress,
     )
     return model, ctx
@@ -332,7 +388,7 @@ def _compile(
         report = build_report(pipe, records, ctx, report_options)
         if quantized is not None:
             _write_experts(tmp / EXPERTS_FILE, quantized)
-            ir.save(model, str(tmp / SIM_MODEL))
+            save_model(model, tmp / SIM_MODEL)
         if alloc is not None:
             from modec.summary import summarize
 
@@ -383,16 +439,16 @@ def _write_report(directory: Path, report: dict[str, Any]) -> None:
 
 
 def _write_experts(path: Path, q: QuantizedExperts) -> None:
-    from safetensors.numpy import save_file
+    from modec.safetensors_io import TensorEntry, write_safetensors
 
-    tensors: dict[str, np.ndarray] = {}
+    entries: list[TensorEntry] = []
     for layer, projs in enumerate(q.layers):
         for proj, experts in projs.items():
             for e, qw in enumerate(experts):
                 key = f"l{layer}.{proj}.e{e}"
-                tensors[f"{key}.codes"] = np.ascontiguousarray(qw.q)
-                tensors[f"{key}.scale"] = np.ascontiguousarray(qw.scale)
-                tensors[f"{key}.zero"] = np.ascontiguousarray(qw.zero)
+                entries.append(TensorEntry.of(f"{key}.codes", qw.q))
+                entries.append(TensorEntry.of(f"{key}.scale", qw.scale))
+                entries.append(TensorEntry.of(f"{key}.zero", qw.zero))
     # One metadata key: safetensors writes the metadata map in hash order, which varies
     # between processes, so two keys would make the file bytes differ run to run.
     meta = {
@@ -400,4 +456,4 @@ def _write_experts(path: Path, q: QuantizedExperts) -> None:
             {"group_size": q.group_size, "widths": [list(w) for w in q.widths]}, sort_keys=True
         )
     }
-    save_file(tensors, str(path), metadata=meta)
+    write_safetensors(path, entries, metadata=meta)

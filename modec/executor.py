@@ -8,9 +8,11 @@ and outputs are the values crossing stages; the MoE nodes of stage ``s`` run aft
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, overload
 
 import numpy as np
 import onnx
@@ -62,7 +64,104 @@ class _Stage:
     nodes: list[ir.Node]
     inputs: list[str]
     outputs: list[str]
+    #: (node protos, initializer names) to build the session from; None: nothing to run.
+    build: tuple[list[onnx.NodeProto], list[str]] | None = None
     session: object = None
+
+
+#: 16-bit float element types that the executor runs in float32.
+_HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+_HALF_PROTO = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
+#: Initializers above this size are left out of `weightless_proto` (smaller ones stay: shape
+#: inference reads small constants such as Reshape targets).
+_WEIGHTLESS_MIN_BYTES = 4096
+
+
+def weightless_proto(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a ModelProto whose large initializers are external references that
+    point nowhere: the graph structure and types without reading (or computing) a weight.
+
+    Lazily computed tensors (the canonical expert stacks) and memory-mapped ones stay
+    untouched; small initializers are kept inline for shape inference.
+    """
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        if t is None or isinstance(t, ir.ExternalTensor) or t.nbytes < _WEIGHTLESS_MIN_BYTES:
+            continue
+        v.const_value = ir.ExternalTensor(
+            "modec-weightless",
+            0,
+            t.nbytes,
+            t.dtype,
+            shape=ir.Shape(t.shape.numpy()),
+            name=t.name or v.name or "",
+        )
+        swapped.append((v, t))
+    try:
+        return ir.to_proto(model)
+    finally:
+        for v, t in swapped:
+            v.const_value = t
+
+
+def _float32_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+    arr = onnx.numpy_helper.to_array(t).astype(np.float32)
+    return onnx.numpy_helper.from_array(arr, t.name)
+
+
+def upcast_float16(m: onnx.ModelProto) -> None:
+    """Make a (stage) graph compute in float32 where it computed in fp16/bf16, in place.
+
+    Initializers, ``Constant``/``ConstantOfShape`` values, ``Cast`` targets and the declared
+    value types of 16-bit floats become float32. Used on models stored in fp16/bf16: the
+    analysis then measures the float32 model of the stored weights.
+    """
+    g = m.graph
+    for i, t in enumerate(g.initializer):
+        if t.data_type in _HALF_PROTO:
+            g.initializer[i].CopyFrom(_float32_tensor(t))
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        tt = vi.type.tensor_type
+        if tt.elem_type in _HALF_PROTO:
+            tt.elem_type = onnx.TensorProto.FLOAT
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i in _HALF_PROTO:
+                a.i = onnx.TensorProto.FLOAT
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _HALF_PROTO:
+                a.t.CopyFrom(_float32_tensor(a.t))
+
+
+class _LazyParams(Sequence[MoEParams]):
+    """The `MoEParams` of each MoE node, read on first use; `release` drops one layer."""
+
+    def __init__(self, nodes: list[ir.Node]) -> None:
+        self._nodes = nodes
+        self._cache: dict[int, MoEParams] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @overload
+    def __getitem__(self, i: int) -> MoEParams: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[MoEParams]: ...
+
+    def __getitem__(self, i: int | slice) -> MoEParams | list[MoEParams]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if i < 0:
+            i += len(self)
+        if i not in self._cache:
+            self._cache[i] = MoEParams.from_node(self._nodes[i])
+        return self._cache[i]
+
+    def release(self, i: int) -> None:
+        """Forget layer ``i``'s arrays (read again on next use)."""
+        self._cache.pop(i, None)
 
 
 class Executor:
@@ -78,8 +177,6 @@ class Executor:
     def __init__(
         self, model: ir.Model, *, taps: Sequence[str] = (), intra_op_threads: int = 2
     ) -> None:
-        import onnxruntime as ort
-
         self.graph = model.graph
         index = GraphIndex(model.graph)
         self.taps = list(taps)
@@ -95,7 +192,7 @@ class Executor:
             if is_moe_node(n):
                 self.moe.append(n)
         self.moe_stage = [stage[n] for n in self.moe]
-        self.params = [MoEParams.from_node(n) for n in self.moe]
+        self.params = _LazyParams(self.moe)
         n_stages = max(stage.values(), default=0) + 1
         # Constant nodes are copied into every stage that reads them instead of crossing.
         consts: set[ir.Node] = set()
@@ -120,19 +217,27 @@ class Executor:
         missing = tapset - known
         if missing:
             raise BadInputError(f"executor: tapped values {sorted(missing)} are not in the graph")
-        proto = ir.to_proto(model)
+        # A weightless copy: large initializers (memory-mapped or lazily computed, e.g. the
+        # canonical expert stacks) are never read to build the stage graphs; each stage reads
+        # only its own dense initializers, when its session is first needed.
+        proto = weightless_proto(model)
         # TorchScript exports carry few value types: infer them (the MoE outputs are typed).
         proto = onnx.shape_inference.infer_shapes(proto)
         self._value_info = {vi.name: vi for vi in proto.graph.value_info}
         for vi in list(proto.graph.input) + list(proto.graph.output):
             self._value_info[vi.name] = vi
-        self._inits = {t.name: t for t in proto.graph.initializer}
+        self._init_values: dict[str, ir.Value] = dict(model.graph.initializers)
+        # 16-bit float models run in float32 (onnxruntime's CPU kernels lack most fp16/bf16
+        # ops, and the reference MoE is float32): see `upcast_float16`.
+        self.upcast = any(
+            v.const_value is not None and v.const_value.dtype in _HALF
+            for v in self._init_values.values()
+        )
         node_protos = {n: p for n, p in zip(index.nodes, proto.graph.node, strict=True)}
+        self._opsets = [o for o in proto.opset_import if o.domain != DOMAIN]
+        self._ir_version = proto.ir_version
+        self._threads = intra_op_threads
         self.stages: list[_Stage] = []
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = intra_op_threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
         for s, nodes in enumerate(dense):
             needed: set[ir.Node] = set()
             stack = [index.producer(v) for n in nodes for v in index.all_inputs(n)]
@@ -147,7 +252,7 @@ class Executor:
             ins: dict[str, None] = {}
             for n in nodes:
                 for v in index.all_inputs(n):
-                    if v.name not in produced and v.name not in self._inits:
+                    if v.name not in produced and v.name not in self._init_values:
                         ins[_nm(v)] = None
             outs = [
                 _nm(v) for n in nodes for v in n.outputs
@@ -157,26 +262,54 @@ class Executor:
             ]  # fmt: skip
             st = _Stage(nodes, list(ins), outs)
             if nodes and outs:
-                sub = self._sub_model(proto, [node_protos[n] for n in nodes], st, index, nodes)
-                st.session = ort.InferenceSession(
-                    sub.SerializeToString(), so, providers=["CPUExecutionProvider"]
+                used = {_nm(v) for n in nodes for v in index.all_inputs(n)}
+                st.build = (
+                    [node_protos[n] for n in nodes],
+                    sorted(n for n in used if n in self._init_values),
                 )
             self.stages.append(st)
         self.output_names = [_nm(v) for v in model.graph.outputs]
         log.info("executor: %d dense stage(s), %d MoE node(s)", len(self.stages), len(self.moe))
 
-    def _sub_model(
-        self, proto: onnx.ModelProto, nodes: list[onnx.NodeProto], st: _Stage,
-        index: GraphIndex, ir_nodes: list[ir.Node],
-    ) -> onnx.ModelProto:  # fmt: skip
-        used = {v.name for n in ir_nodes for v in index.all_inputs(n)}
-        inits = [self._inits[n] for n in used if n in self._inits]
+    def stage_session(self, s: int) -> Any:
+        """Stage ``s``'s onnxruntime session (built on first use), or None: nothing to run."""
+        st = self.stages[s]
+        if st.session is None and st.build is not None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = self._threads
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            st.session = ort.InferenceSession(
+                self._sub_model(st).SerializeToString(), so,
+                providers=["CPUExecutionProvider"],
+            )  # fmt: skip
+        return st.session
+
+    def release_stage(self, s: int) -> None:
+        """Drop stage ``s``'s session (rebuilt on next use): bounds memory in streamed runs."""
+        self.stages[s].session = None
+
+    def _sub_model(self, st: _Stage) -> onnx.ModelProto:
+        assert st.build is not None
+        nodes, init_names = st.build
+        inits = []
+        for name in init_names:
+            t = self._init_values[name].const_value
+            assert t is not None
+            proto = ir.serde.serialize_tensor(ir.tensor(np.asarray(t.numpy()), name=name))
+            if isinstance(t, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):  # a view is alive elsewhere: keep it
+                    t.release()  # the session holds its own copy
+            inits.append(proto)
         g = onnx.helper.make_graph(
             nodes, "stage", [self._vi(n) for n in st.inputs], [self._vi(n) for n in st.outputs],
             initializer=inits,
         )  # fmt: skip
-        opsets = [o for o in proto.opset_import if o.domain != DOMAIN]
-        m = onnx.helper.make_model(g, opset_imports=opsets, ir_version=proto.ir_version)
+        m = onnx.helper.make_model(g, opset_imports=self._opsets, ir_version=self._ir_version)
+        if self.upcast:
+            upcast_float16(m)
         return m
 
     def _vi(self, name: str) -> onnx.ValueInfoProto:
@@ -232,6 +365,14 @@ class Executor:
             env, cache.layer, True, record_routing, collect_expert_inputs, replace or {}, None
         )
 
+    def stage_feed(self, x: np.ndarray) -> np.ndarray:
+        """A stage input as the stage expects it (16-bit floats as float32 when upcast)."""
+        if self.upcast and x.dtype.kind == "f" and x.dtype != np.float32:
+            return np.asarray(x, dtype=np.float32)
+        if self.upcast and x.dtype.name == "bfloat16":
+            return np.asarray(x, dtype=np.float32)
+        return x
+
     def _execute(
         self, env: dict[str, np.ndarray], first_layer: int, resume: bool, record: bool,
         collect: bool, replace: Mapping[int, Replacement], cache_layer: int | None,
@@ -242,12 +383,13 @@ class Executor:
         for s, st in enumerate(self.stages):
             if resume and s <= start_stage:
                 pass
-            elif st.session is not None:
-                feeds = {n: env[n] for n in st.inputs if n in env}
+            elif st.build is not None:
+                session = self.stage_session(s)
+                feeds = {n: self.stage_feed(env[n]) for n in st.inputs if n in env}
                 missing = [n for n in st.inputs if n not in env]
                 if missing:
                     raise BadInputError(f"executor: missing inputs {missing}")
-                outs = st.session.run(st.outputs, feeds)  # type: ignore[attr-defined]
+                outs = session.run(st.outputs, feeds)
                 env.update(zip(st.outputs, outs, strict=True))
             for li, node in enumerate(self.moe):
                 if self.moe_stage[li] != s or li < first_layer:
@@ -268,6 +410,44 @@ class Executor:
         if cache is not None:
             return ExecResult(res.outputs, res.routing, res.expert_inputs, res.taps, cache)
         return res
+
+    # ------------------------------------------------------------------ stepping
+
+    def steps_from(self, layer: int) -> list[tuple[str, int]]:
+        """What `run_from` does from a layer-``layer`` cache, as steps: ``("moe", li)`` runs
+        MoE layer ``li``, ``("dense", s)`` dense stage ``s``. Running the steps in order on a
+        copy of the cache's values with `apply_step` gives `run_from`'s outputs bit for bit;
+        callers that run many variants of one cache step them all through each stage in
+        turn, so each stage's session and each layer's weights are needed once."""
+        s0 = self.moe_stage[layer]
+        steps: list[tuple[str, int]] = []
+        for s in range(s0, len(self.stages)):
+            if s > s0 and self.stages[s].build is not None:
+                steps.append(("dense", s))
+            steps += [
+                ("moe", li) for li, st in enumerate(self.moe_stage) if st == s and li >= layer
+            ]
+        return steps
+
+    def apply_step(
+        self, step: tuple[str, int], env: dict[str, np.ndarray],
+        replace: Replacement | None = None,
+    ) -> None:  # fmt: skip
+        """Run one step of `steps_from` on ``env`` in place (``replace``: for a MoE step)."""
+        kind, i = step
+        if kind == "dense":
+            st = self.stages[i]
+            feeds = {n: self.stage_feed(env[n]) for n in st.inputs}
+            outs = self.stage_session(i).run(st.outputs, feeds)
+            env.update(zip(st.outputs, outs, strict=True))
+        else:
+            node = self.moe[i]
+            r = moe_forward(self.params[i], env[_nm(node.inputs[0])], replacement=replace)
+            env[_nm(node.outputs[0])] = r.output
+
+    def cache_at(self, layer: int, env: Mapping[str, np.ndarray]) -> LayerCache:
+        """The `LayerCache` of ``layer`` from an environment holding its inputs."""
+        return LayerCache(layer, self._needed_from(layer, env))
 
     def _needed_from(self, layer: int, env: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         s0 = self.moe_stage[layer]

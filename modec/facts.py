@@ -116,9 +116,6 @@ class RoutingStats:
         mean_weight: ``[E]`` mean combine weight of the tokens routed to the expert.
         f_text / f_vision / f_global: ``[E]`` float64 frequencies normalised within the layer
             over text tokens, *all* vision tokens, all tokens (MODE §3.1, Eq. 1).
-        hessian_in: ``[E, H, H]`` float64, Σ x xᵀ over the tokens routed to each expert (the
-            input of gate and up; GPTQ's H up to the factor 2/n).
-        hessian_act: ``[E, I, I]`` float64, Σ a aᵀ with a = act(x·gateᵀ)·(x·upᵀ).
         vision: per layer, the routing and key score of every vision token
             (select-key-vision chooses the key tokens from it).
         score_source: per layer, which score ranked its vision tokens: ``attention``,
@@ -133,14 +130,12 @@ class RoutingStats:
     f_text: tuple[F64, ...]
     f_vision: tuple[F64, ...]
     f_global: tuple[F64, ...]
-    hessian_in: tuple[F64, ...]
-    hessian_act: tuple[F64, ...]
     vision: tuple[VisionRouting, ...]
     score_source: tuple[str, ...]
 
     @property
     def tokens(self) -> tuple[I64, ...]:
-        """Tokens each expert received (the ``n`` of its Hessians): ``count_all``."""
+        """Tokens each expert received (the ``n`` of its Hessians, `modec.method.hessians`)."""
         return self.count_all
 
     @property
@@ -179,7 +174,6 @@ class RoutingStats:
 
 _ROUTING_PER_LAYER = (
     "count_all", "count_text", "count_vision", "mean_weight", "f_text", "f_vision", "f_global",
-    "hessian_in", "hessian_act",
 )  # fmt: skip
 
 

@@ -6,21 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-import onnx_ir as ir
-
 from modec.errors import ModelError
 
 
 def inspect_model(path: str) -> dict[str, Any]:
     """MoE layers (E, top-k, router, form, shapes, shared expert, attention) and totals."""
-    from modec.frontend import input_specs, load_onnx_proto
+    from modec.frontend import input_specs, load_onnx
     from modec.moe.attention import find_attention
     from modec.moe.canonical import canonicalize_moe
     from modec.moe.describe import describe_region
     from modec.moe.discover import find_moe
 
-    proto = load_onnx_proto(path)
-    model = ir.serde.deserialize_model(proto)
+    model = load_onnx(path)  # weights in external data stay on disk
+    specs = input_specs(model)
     regions = find_moe(model)
     layers = [describe_region(r) for r in regions]
     total = sum(
@@ -42,7 +40,7 @@ def inspect_model(path: str) -> dict[str, Any]:
         "kind": "model",
         "path": path,
         "inputs": [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape)} for s in
-                   input_specs(proto)],
+                   specs],
         "moe_layers": layers,
         "num_moe_layers": len(layers),
         "num_experts": sum(int(x["num_experts"]) for x in layers),  # type: ignore[call-overload]

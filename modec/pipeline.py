@@ -34,6 +34,7 @@ from modec.instruments import Instrument, InterruptibleBar, NullBar, PassTimer, 
 from modec.interrupt import checkpoint
 from modec.output import REPORT_SCHEMA
 from modec.pipeline_text import format_value, parse_pass, split_top
+from modec.streaming import default_max_memory
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class RunOptions:
         cache_dir: where analysis results are cached by content hash; None: no cache.
         artifact_dir: where lower-tvm writes the artifact (the driver's temporary directory).
         pipeline: the pipeline text, recorded in the artifact's manifest.
+        max_memory: bytes of activations the layer-streamed passes hold in RAM; past it
+            they spill to memory-mapped files (`modec.streaming`).
+        spill_dir: where spill files go (default: the system temp directory).
     """
 
     seed: int = 0
@@ -74,6 +78,8 @@ class RunOptions:
     cache_dir: str | None = None
     artifact_dir: str | None = None
     pipeline: str = ""
+    max_memory: int = field(default_factory=default_max_memory)
+    spill_dir: str | None = None
 
 
 @dataclass

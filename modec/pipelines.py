@@ -70,6 +70,8 @@ class CompileOptions:
     seed: int = 0
     threads: int = 2
     cache_dir: str | None = None
+    #: activation bytes the layer-streamed passes keep in RAM (0: half the machine's RAM).
+    max_memory: int = 0
 
 
 #: Every named pipeline: what its allocation optimises (``--method``).

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from modec.errors import BadInputError, ModelError
 from modec.output import SIM_MODEL
@@ -18,16 +17,16 @@ class SimulatedRunner:
 
     def __init__(self, path: str | os.PathLike[str], threads: int = 2) -> None:
         from modec.executor import Executor
-        from modec.frontend import input_specs, load_onnx_proto
+        from modec.frontend import input_specs, load_onnx
 
         p = Path(path)
         if p.is_dir():
             p = p / SIM_MODEL
         if not p.exists():
             raise BadInputError(f"{path}: no {SIM_MODEL}; compile the model first")
-        proto = load_onnx_proto(p)
-        self.inputs = input_specs(proto)
-        self.executor = Executor(ir.serde.deserialize_model(proto), intra_op_threads=threads)
+        model = load_onnx(p)  # a large model's external data stays memory-mapped
+        self.inputs = input_specs(model)
+        self.executor = Executor(model, intra_op_threads=threads)
         self.output = self.executor.output_names[0]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -26,8 +26,15 @@ import onnx_ir as ir
 
 from modec.defaults import BITS, BUDGET, GROUP_SIZE
 from modec.errors import BadInputError
-from modec.facts import BitAllocation, CanonicalMoE, KeyVision, RoutingStats, Sensitivity
-from modec.numerics.importance import METHODS, NEEDS_SENSITIVITY
+from modec.facts import (
+    BitAllocation,
+    Calibration,
+    CanonicalMoE,
+    KeyVision,
+    RoutingStats,
+    Sensitivity,
+)
+from modec.numerics.importance import METHODS, NEEDS_OUTPUT_ERROR, NEEDS_SENSITIVITY
 from modec.pipeline import Pass, PassContext, PassResult, register
 
 
@@ -45,6 +52,8 @@ class AllocateBitsPass(Pass):
     sense: Literal["eq", "le"] = "eq"
     budget_bytes: int = 0
     group_size: int = GROUP_SIZE
+    #: calibration batch size of the Hessian run (collect-routing's, for identical sums).
+    batch_size: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -55,12 +64,15 @@ class AllocateBitsPass(Pass):
         if self.method == "uniform":  # no costs: only the expert counts
             return (CanonicalMoE, RoutingStats)
         base: tuple[type, ...] = (CanonicalMoE, RoutingStats, KeyVision)
+        if self.method in NEEDS_OUTPUT_ERROR:  # the experts' Hessians, from the calibration
+            base = (*base, Calibration)
         return (*base, Sensitivity) if self.method in NEEDS_SENSITIVITY else base
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from modec.method.allocate import (
             AllocationProblem,
-            moe_params,
+            layer_errors,
+            layer_shapes,
             solve_allocation,
             uniform_allocation,
         )
@@ -86,8 +98,21 @@ class AllocateBitsPass(Pass):
                 )
             alloc = uniform_allocation([len(f) for f in stats.f_text], problem)
         else:
+            errs = None
+            if self.method in NEEDS_OUTPUT_ERROR:
+                from modec.method.hessians import layer_hessians
+
+                o = ctx.options
+                ds = ctx.facts.get(Calibration).data
+                errs = [
+                    layer_errors(p, hs, problem.bits, problem.group_size)
+                    for _, hs, p in layer_hessians(
+                        model, ds, batch_size=self.batch_size, threads=o.threads,
+                        max_memory=o.max_memory, spill_dir=o.spill_dir,
+                    )
+                ]  # fmt: skip
             res = solve_allocation(
-                moe_params(model), stats, ctx.facts.get(KeyVision), sens, problem
+                layer_shapes(model), stats, ctx.facts.get(KeyVision), sens, problem, errs
             )
             alloc = res.allocation
             if res.veq_gamma is not None:

@@ -1,16 +1,18 @@
 """collect-routing: routing per expert, counted separately for text and vision (MODE §3.1).
 
 Reads: `CanonicalMoE`, `AttentionTaps`, `Calibration`. Writes: `RoutingStats`. Modifies:
-nothing. The numerics live in `modec.method.routing` (counts, Hessians) and
+nothing. The numerics live in `modec.method.routing` (counts) and
 `modec.method.key_vision` (the key scores of vision tokens).
 
 Rules:
 1. The calibration set runs through the executor in batches of ``batch_size`` samples,
    sorted by length so that text-only samples are not padded to image length. Padding
-   tokens never count.
+   tokens never count. The run is layer-streamed (`modec.streaming`): every batch through
+   one stage before the next, activations held within ``--max-memory`` and spilled past it.
 2. Per layer and expert: selections by all / text / vision tokens, the mean combine weight,
-   frequencies normalised within the layer, and H_in = Σ x xᵀ (input of gate/up),
-   H_act = Σ a aᵀ (input of down, fp32 weights) over the tokens routed to the expert.
+   frequencies normalised within the layer. (The expert-input Hessians that GPTQ and the
+   output-error signals need are accumulated by the passes that use them, one layer at a
+   time: `modec.method.hessians`.)
 3. The same run scores every vision token for step 2 of MODE (select-key-vision chooses
    from the scores): the attention that the text after the image pays it, mean over those
    queries and heads, read from the layer's attention through the executor
@@ -54,10 +56,24 @@ def _input_name(node: ir.Node) -> str:
     return value.name
 
 
+@dataclass(frozen=True)
+class _Shape:
+    num_experts: int
+    top_k: int
+
+
+def _layer_shapes(nodes: list[ir.Node]) -> list[_Shape]:
+    """Experts and top-k of each canonical MoE node, from its attributes (no weights read)."""
+    return [
+        _Shape(int(n.attributes["num_experts"].value), int(n.attributes["top_k"].value))
+        for n in nodes
+    ]
+
+
 @register
 @dataclass
 class CollectRoutingPass(Pass):
-    """Count routing per modality and accumulate expert-input Hessians; see the module doc."""
+    """Count routing per modality and score vision tokens; see the module doc."""
 
     name = "collect-routing"
     reads = (CanonicalMoE, AttentionTaps, Calibration)
@@ -98,9 +114,11 @@ class CollectRoutingPass(Pass):
     ) -> tuple[RoutingStats, list[str | None], list[int]]:
         """Run the calibration set; the statistics, per-layer fallback reasons and counts."""
         from modec.executor import Executor
+        from modec.method.hessians import calibration_batches
         from modec.method.key_vision import key_scores
         from modec.method.routing import RoutingAccumulator
         from modec.moe.canonical import is_moe_node
+        from modec.streaming import SpillStore, stream
 
         nodes = [n for n in model.graph if is_moe_node(n)]
         if len(taps) != len(nodes):
@@ -128,39 +146,39 @@ class CollectRoutingPass(Pass):
                     "collect-routing: layer %d: %s; key vision tokens come from the hidden-"
                     "state score instead", layer, reasons[-1],
                 )  # fmt: skip
-        hidden_names = [_input_name(n) for n in nodes]
-        tap_names = [n for n in probs_names if n] + hidden_names
+        for n in nodes:
+            _input_name(n)
         ex = Executor(
-            model, taps=list(dict.fromkeys(tap_names)), intra_op_threads=ctx.options.threads
-        )
-        acc = RoutingAccumulator(ex.params)
-        # Sort by length: left padding is trimmed per batch, so short (text-only) samples run
-        # at their own length instead of the image length.
-        lengths = (ds.modality != 0).sum(1)
-        order = np.argsort(lengths, kind="stable")
-        sub = ds.subset(order)
+            model, taps=list(dict.fromkeys(n for n in probs_names if n)),
+            intra_op_threads=ctx.options.threads,
+        )  # fmt: skip
+        acc = RoutingAccumulator([(p.num_experts, p.top_k) for p in _layer_shapes(nodes)])
         no_query = [0] * len(ex.moe)
-        n_batches = -(-len(ds) // self.batch_size)
-        with ctx.bar(n_batches, "collect routing") as bar:
-            for idx, feeds in sub.batches(self.batch_size):
-                mod = sub.trimmed_modality(idx)
-                sample = np.broadcast_to((acc.samples + np.arange(len(idx)))[:, None], mod.shape)
-                res = ex.run(feeds, record_routing=True)
-                acc.samples += len(idx)
-                for layer in range(len(ex.moe)):
-                    hidden = res.taps[hidden_names[layer]].reshape(*mod.shape, -1)
-                    name = probs_names[layer]
-                    ks = key_scores(res.taps[name] if name else None, hidden, mod)
-                    if ks.reason and reasons[layer] is None:
-                        reasons[layer] = ks.reason
-                        log.warning("collect-routing: layer %d: %s", layer, ks.reason)
-                    no_query[layer] += ks.no_query
-                    acc.note_score_source(layer, ks.sources)
-                    acc.add(
-                        layer, res.routing[layer], hidden.reshape(mod.size, -1), mod, ks.scores,
-                        sample,
-                    )  # fmt: skip
-                bar.update(1)
+        feeds_list, mods = calibration_batches(ds, self.batch_size)
+        samples: list[np.ndarray] = []
+        first = 0
+        for mod in mods:
+            samples.append(np.broadcast_to((first + np.arange(len(mod)))[:, None], mod.shape))
+            first += len(mod)
+        acc.samples = first
+        taps_by_layer = {li: [n] for li, n in enumerate(probs_names) if n}
+        steps = len(ex.stages) + len(ex.moe)
+        with (
+            SpillStore(ctx.options.max_memory, ctx.options.spill_dir) as store,
+            ctx.bar(steps, "collect routing") as bar,
+        ):
+            for ev in stream(ex, feeds_list, store, taps=taps_by_layer, tick=lambda: bar.update(1)):
+                layer, mod = ev.layer, mods[ev.batch]
+                hidden = ev.hidden.reshape(*mod.shape, -1)
+                name = probs_names[layer]
+                ks = key_scores(ev.value(name) if name else None, hidden, mod)
+                if ks.reason and reasons[layer] is None:
+                    reasons[layer] = ks.reason
+                    log.warning("collect-routing: layer %d: %s", layer, ks.reason)
+                no_query[layer] += ks.no_query
+                acc.note_score_source(layer, ks.sources)
+                acc.add(layer, ev.routing, mod, ks.scores, samples[ev.batch])
+            ctx.stat("spilled_bytes", store.spilled)
         return acc.finish(), reasons, no_query
 
     def _report(

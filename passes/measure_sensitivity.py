@@ -15,8 +15,11 @@ Rules:
    quantized weights are never used for M); it is listed in the report as unused.
 4. Cache: with a cache directory, results are stored under a content hash of the model, the
    subset's data and the options that change δ (`modec.cache.memoize`).
-5. ``workers`` > 1 spreads (layer, expert) probes over processes; the result equals
+5. ``workers`` > 1 spreads chunks of each layer's experts over processes; the result equals
    ``workers=1`` exactly.
+6. Layer-streamed (`modec.method.probes`): one layer's fp32 state is held at a time, and a
+   layer's probe variants go through each later stage together, in chunks sized to
+   ``--max-memory``. The probes stay exact, so their cost grows as O(L²) layer-runs.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class MeasureSensitivityPass(Pass):
         settings = ProbeSettings(
             bits=tuple(self.bits), group_size=self.group_size, positions=self.positions,
             batch_size=self.batch_size, workers=self.workers, threads=ctx.options.threads,
+            max_memory=ctx.options.max_memory,
         )  # fmt: skip
         opts = {
             "bits": list(self.bits), "group_size": self.group_size, "samples": self.samples,

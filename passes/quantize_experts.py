@@ -1,14 +1,18 @@
 """quantize-experts: GPTQ every routed expert at its allocated width (MODE step 5).
 
-Reads: `CanonicalMoE`, `BitAllocation`, `RoutingStats` (the input Hessians). Writes:
+Reads: `CanonicalMoE`, `BitAllocation`, `Calibration` (for the input Hessians). Writes:
 `QuantizedExperts`. Modifies: the expert weights of each canonical MoE node become their
-dequantized values, so the graph is the simulated-quantization model (run it with the
+dequantized values (computed from the codes when read: `dequantized_tensor`), so the graph
+is the simulated-quantization model (run it with the
 executor to measure accuracy without kernels). The quantizer lives in
 `modec.method.quantize`.
 
 Rules:
 1. gate and up use H_in = Σ x xᵀ of the tokens routed to the expert; down uses
    H_act = Σ a aᵀ of the activations a = act(x·gateᵀ)·(x·upᵀ) (GPTQ, Frantar et al. 2022).
+   The calibration set streams through the full-precision model one layer at a time
+   (`modec.method.hessians`, batched as collect-routing batches it): a layer is quantized
+   as soon as its Hessians are complete, so only one layer's Hessians are ever held.
 2. Group-wise asymmetric at ``group_size``, dampening ``percdamp``, block size ``blocksize``.
 3. An expert with fewer than ``min_tokens`` routed tokens, or whose Hessian cannot be
    factorised, falls back to round-to-nearest; each fallback is logged and listed in the
@@ -19,6 +23,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +31,7 @@ import onnx_ir as ir
 
 from modec.defaults import GROUP_SIZE
 from modec.errors import BadInputError
-from modec.facts import BitAllocation, CanonicalMoE, QuantizedExperts, RoutingStats
+from modec.facts import BitAllocation, Calibration, CanonicalMoE, QuantizedExperts
 from modec.numerics.quant import QuantizedWeight
 from modec.pipeline import Pass, PassContext, PassResult, register
 
@@ -39,20 +44,29 @@ class QuantizeExpertsPass(Pass):
     """Quantize every routed expert at its width; see the module docstring."""
 
     name = "quantize-experts"
-    reads = (CanonicalMoE, BitAllocation, RoutingStats)
+    reads = (CanonicalMoE, BitAllocation, Calibration)
     writes = (QuantizedExperts,)
     group_size: int = GROUP_SIZE
     method: Literal["gptq", "rtn"] = "gptq"
     min_tokens: int = 32
     percdamp: float = 0.01
     blocksize: int = 128
+    #: calibration batch size of the Hessian run (collect-routing's, for identical sums).
+    batch_size: int = 16
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from modec.method.quantize import GPTQSettings, expert_weights, quantize_projection
+        from modec.method.hessians import layer_hessians
+        from modec.method.quantize import (
+            GPTQSettings,
+            LayerHessians,
+            dequantized_tensor,
+            expert_weights,
+            quantize_projection,
+        )
         from modec.moe.canonical import is_moe_node
 
         alloc = ctx.facts.get(BitAllocation)
-        stats = ctx.facts.get(RoutingStats)
+        ds = ctx.facts.get(Calibration).data
         nodes = [n for n in model.graph if is_moe_node(n)]
         if len(nodes) != len(alloc.widths):
             raise BadInputError(
@@ -69,23 +83,38 @@ class QuantizeExpertsPass(Pass):
         experts_report: list[list[dict[str, object]]] = []
         fallbacks = 0
         total = sum(len(w) for w in alloc.widths)
+        o = ctx.options
+        hessians: Iterable[tuple[int, LayerHessians | None]]
+        if self.method == "gptq":
+            hessians = (
+                (layer, hs)
+                for layer, hs, _ in layer_hessians(
+                    model, ds, batch_size=self.batch_size, threads=o.threads,
+                    max_memory=o.max_memory, spill_dir=o.spill_dir,
+                )
+            )  # fmt: skip
+        else:
+            hessians = ((layer, None) for layer in range(len(nodes)))
         with ctx.bar(total, "GPTQ experts") as bar:
-            for layer, node in enumerate(nodes):
+            for layer, hs in hessians:
+                node = nodes[layer]
                 per_proj: dict[str, list[QuantizedWeight]] = {}
                 rows: list[dict[str, object]] = [{} for _ in alloc.widths[layer]]
                 for proj, value in expert_weights(node).items():
                     assert value.const_value is not None
-                    h = stats.hessian_act[layer] if proj == "down" else stats.hessian_in[layer]
                     res = quantize_projection(
                         value.const_value.numpy(), alloc.widths[layer], self.group_size,
-                        method=self.method, hessians=h, tokens=stats.tokens[layer],
+                        method=self.method,
+                        hessians=None if hs is None else (hs.h_act if proj == "down" else hs.h_in),
+                        tokens=None if hs is None else hs.tokens,
                         settings=settings, label=f"layer {layer} {proj}",
                     )  # fmt: skip
                     for e, entry in enumerate(res.entries):
                         rows[e][proj] = entry
                         rows[e]["bits"] = int(alloc.widths[layer][e])
-                        rows[e]["tokens"] = int(stats.tokens[layer][e])
-                    value.const_value = ir.tensor(res.dequantized, name=value.name)
+                        if hs is not None:
+                            rows[e]["tokens"] = int(hs.tokens[e])
+                    value.const_value = dequantized_tensor(res.codes, value.name)
                     per_proj[proj] = res.codes
                 for e, row in enumerate(rows):
                     if any(isinstance(v, dict) and v.get("method") == "rtn" for v in row.values()):

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 import torch
 
 from modec.errors import ModelError
-from modec.frontend import OrtRunner, from_hf_dir, from_torch, load_onnx
+from modec.frontend import (
+    OrtRunner,
+    from_hf_dir,
+    from_torch,
+    input_specs,
+    load_onnx,
+    load_onnx_proto,
+)
 from modec.moe.discover import find_moe
+
+BUNDLED = "examples/digits-vlm/model.onnx"
 
 
 def test_onnx_file_errors(tmp_path):
@@ -20,6 +31,39 @@ def test_onnx_file_errors(tmp_path):
         load_onnx(trunc)
     with pytest.raises(ModelError, match="is a directory"):
         load_onnx(tmp_path)
+
+
+def test_an_inline_model_loads_as_before():
+    """Weights inside the .onnx: the graph of onnx.load + infer_shapes, tensors in memory."""
+    before = onnx.shape_inference.infer_shapes(onnx.load(BUNDLED), data_prop=True)
+    model = load_onnx(BUNDLED)
+    assert ir.to_proto(model).SerializeToString(deterministic=True) == ir.to_proto(
+        ir.serde.deserialize_model(before)
+    ).SerializeToString(deterministic=True)
+    assert not any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )
+    proto = load_onnx_proto(BUNDLED)
+    assert proto == load_onnx_proto(BUNDLED, external_data=False) == before
+    assert input_specs(model) == input_specs(proto)
+    assert [s.dtype for s in input_specs(model)] == ["int64", "int64", "float32"]
+
+
+def test_an_external_data_model_failing_the_checker_names_the_cause(tmp_path):
+    """With external data the checker runs on the file; its errors read as for any model."""
+    w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"]),
+         onnx.helper.make_node("MatMul", ["y", "w"], ["y"])],  # y assigned twice
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [w],
+    )  # fmt: skip
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    onnx.save(m, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin",
+              size_threshold=0)  # fmt: skip
+    assert (tmp_path / "m.bin").stat().st_size == 64
+    with pytest.raises(ModelError, match=r"m\.onnx: fails the ONNX checker \(.*y.*\); re-export"):
+        load_onnx(tmp_path / "m.onnx")
 
 
 def test_hf_directory_is_exported_with_batched_mm(tmp_path):

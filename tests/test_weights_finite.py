@@ -146,3 +146,33 @@ def test_deepseek_dynamo_export_holds_an_inf_fill_and_passes(moe_model):
             break
     with pytest.raises(ModelError, match=f"initializer '{name}' .*1 ±inf"):
         check_weights_finite(ir.serde.deserialize_model(proto))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "onnx_type"),
+    [("float16", TensorProto.FLOAT16), ("bfloat16", TensorProto.BFLOAT16)],
+)
+def test_half_precision_inline_weights_are_checked(dtype, onnx_type):
+    """fp16 and bf16 initializers and Constants (numpy has no bf16: its arrays are ml_dtypes')."""
+    w = _eye().astype(dtype)
+    w[1, 2] = np.nan
+    raw = helper.make_tensor("w16", onnx_type, w.shape, w.tobytes(), raw=True)
+    g = helper.make_graph(
+        [helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [raw],
+    )  # fmt: skip
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(ModelError, match="initializer 'w16' holds 1 NaN"):
+        check_weights_finite(ir.serde.deserialize_model(proto))
+    w[1, 2] = -np.inf  # through the Cast into a MatMul: a weight
+    proto.graph.initializer[0].raw_data = w.tobytes()
+    with pytest.raises(ModelError, match=r"'w16' \(a MatMul weight of node '.*'\) holds 1 ±inf"):
+        check_weights_finite(ir.serde.deserialize_model(proto))
+    # The same tensor as a Constant node.
+    del proto.graph.initializer[:]
+    const = helper.make_node("Constant", [], ["w16"], name="c16", value=raw)
+    proto.graph.node.insert(0, const)
+    with pytest.raises(ModelError, match="Constant 'c16' holds 1 NaN"):
+        check_weights_finite(ir.serde.deserialize_model(proto))

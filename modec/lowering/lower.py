@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import onnx
 import onnx_ir as ir
 
 from modec.artifact import Manifest
@@ -27,6 +29,7 @@ from modec.kernels.target import check_target
 from modec.lowering.build import build_artifact
 from modec.lowering.moe import MoELowering
 from modec.lowering.moe_plan import moe_section, plan_layers
+from modec.moe.reference import INPUT_NAMES
 
 __all__ = ["LoweringResult", "lower_model"]
 
@@ -51,6 +54,62 @@ class LoweringResult:
     moe_kernel_launches: int
     params: int
     packed_expert_bytes: int
+
+
+def lowering_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as the Relax importer reads it, without materializing the expert stacks.
+
+    - Each MoE node's expert weights (gate, up, down) are left out: the grouped kernels read
+      the packed codes, and the fp32 stacks (four bytes per weight, every layer) would not
+      fit in memory or in one protobuf message at paper scale. The node keeps empty inputs
+      in their slots.
+    - Every other initializer is inline (read once from external data if it lives there).
+    - A model stored in fp16/bf16 is lowered in float32 (`modec.executor.upcast_float16`):
+      the dense kernels are float32, as the analysis measured them.
+    """
+    from modec.executor import upcast_float16, weightless_proto
+
+    dropped = _expert_stacks(model)
+    proto = weightless_proto(model)
+    for node in proto.graph.node:
+        if node.domain == "ai.modec" and node.op_type == "MoE":
+            for i in _EXPERT_SLOTS:
+                if i < len(node.input) and node.input[i] in dropped:
+                    node.input[i] = ""
+    values = model.graph.initializers
+    half = False
+    kept = []
+    for t in proto.graph.initializer:
+        if t.name in dropped:
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            src = values[t.name].const_value
+            assert src is not None
+            t = ir.serde.serialize_tensor(ir.tensor(np.asarray(src.numpy()), name=t.name))
+        half = half or t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        kept.append(t)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    if half:
+        upcast_float16(proto)
+    return proto
+
+
+#: Input slots of the expert stacks on a canonical MoE node (docs/ir.md).
+_EXPERT_SLOTS = tuple(INPUT_NAMES.index(n) for n in ("gate", "up", "down"))
+
+
+def _expert_stacks(model: ir.Model) -> set[str]:
+    """Names of the MoE nodes' expert weight stacks (gate, up, down)."""
+    from modec.moe.canonical import is_moe_node
+
+    return {
+        str(v.name)
+        for n in model.graph
+        if is_moe_node(n)
+        for i in _EXPERT_SLOTS
+        if i < len(n.inputs) and (v := n.inputs[i]) is not None and v.const_value is not None
+    }
 
 
 def lower_model(
@@ -85,9 +144,11 @@ def lower_model(
     check_target(target)
     plans = plan_layers(model, quantized)
     lowering = MoELowering(plans, target)
+    proto = lowering_proto(model)
+    lowering.omitted_weights = len(_expert_stacks(model))
     moe = moe_section(plans)
     manifest = build_artifact(
-        ir.to_proto(model),
+        proto,
         Path(out_dir),
         target,
         hooks=[lowering.add_params],

@@ -77,10 +77,12 @@ class MoELowering:
         target: the compile target ("llvm", or CUDA: fp16 grouped kernels, one-thread sort).
         new_params: parameters created by the converter, name -> (Relax var, array).
         kernels: per layer, the grouped-kernel launches as (projection, bits, E_w).
+        omitted_weights: expert stacks left out of the imported graph (counted as dropped).
     """
 
     plans: list[LayerPlan]
     target: TargetLike = "llvm"
+    omitted_weights: int = 0
     new_params: dict[str, tuple[relax.Var, np.ndarray]] = field(default_factory=dict)
     kernels: list[list[tuple[str, int, int]]] = field(default_factory=list)
     _funcs: dict[tuple[Any, ...], relax.GlobalVar] = field(default_factory=dict)
@@ -114,7 +116,8 @@ class MoELowering:
         n_in = int(main.attrs["num_input"])
         used = {v.name for v in relax.analysis.free_vars(main.body)}
         kept = [p for p in main.params[n_in:] if p.name in used]
-        dropped = len(main.params) - n_in - len(kept)
+        # The expert stacks never reach the importer (`lowering_proto`): dropped as well.
+        dropped = len(main.params) - n_in - len(kept) + self.omitted_weights
         added = [v for v, _ in self.new_params.values()]
         missing = [v.name for v in added if v.name not in used]
         if missing:

@@ -38,30 +38,43 @@ def layer_signals(
     )
 
 
-def moe_params(model: ir.Model) -> list[Any]:
-    """`MoEParams` of every canonical MoE node, in execution order."""
+@dataclass(frozen=True)
+class LayerShape:
+    """What the ILP needs of a layer's experts without reading them: count and [N, K]s."""
+
+    num_experts: int
+    projections: tuple[tuple[int, int], ...]
+
+
+def layer_shapes(model: ir.Model) -> list[LayerShape]:
+    """`LayerShape` of every canonical MoE node, in execution order (from value shapes)."""
+    from modec.method.quantize import expert_weights
     from modec.moe.canonical import is_moe_node
-    from modec.moe.reference import MoEParams
 
-    return [MoEParams.from_node(n) for n in model.graph if is_moe_node(n)]
-
-
-def expert_errors(
-    params: list[Any], stats: RoutingStats, bits: tuple[int, ...], group_size: int
-) -> list[np.ndarray]:
-    """Per layer, each expert's RTN output error at each width [E, J] (gate + up + down)."""
     out = []
-    for layer, p in enumerate(params):
-        err = np.zeros((p.num_experts, len(bits)))
-        for e in range(p.num_experts):
-            n_tok = int(stats.tokens[layer][e])
-            h_in = stats.hessian_in[layer][e]
-            h_act = stats.hessian_act[layer][e]
-            for w, h in ((p.gate, h_in), (p.up, h_in), (p.down, h_act)):
-                if w is not None:
-                    err[e] += output_error(w[e], h, n_tok, bits, group_size)
-        out.append(err)
+    for n in model.graph:
+        if not is_moe_node(n):
+            continue
+        projs = []
+        for proj in ("gate", "up", "down"):
+            v = expert_weights(n).get(proj)
+            if v is not None and v.const_value is not None:
+                _, rows, cols = v.const_value.shape.numpy()
+                projs.append((int(rows), int(cols)))
+        out.append(LayerShape(int(n.attributes["num_experts"].value), tuple(projs)))
     return out
+
+
+def layer_errors(p: Any, hs: Any, bits: tuple[int, ...], group_size: int) -> np.ndarray:
+    """One layer's RTN output error of each expert at each width ``[E, J]`` (gate + up +
+    down), from its `MoEParams` and `modec.method.quantize.LayerHessians`."""
+    err = np.zeros((p.num_experts, len(bits)))
+    for e in range(p.num_experts):
+        n_tok = int(hs.tokens[e])
+        for w, h in ((p.gate, hs.h_in), (p.up, hs.h_in), (p.down, hs.h_act)):
+            if w is not None:
+                err[e] += output_error(w[e], h[e], n_tok, bits, group_size)
+    return err
 
 
 @dataclass(frozen=True)
@@ -97,27 +110,36 @@ def uniform_allocation(experts: list[int], pr: AllocationProblem) -> BitAllocati
 
 
 def solve_allocation(
-    params: list[Any],
+    shapes: list[LayerShape],
     stats: RoutingStats,
     key: KeyVision,
     sens: Sensitivity | None,
     pr: AllocationProblem,
+    errs: list[np.ndarray] | None = None,
 ) -> AllocationResult:
-    """Costs per layer from the method's importance signal, then the ILP."""
-    from modec.numerics import ilp
+    """Costs per layer from the method's importance signal, then the ILP.
 
-    errs = expert_errors(params, stats, pr.bits, pr.group_size)
-    signals = [layer_signals(stats, key, sens, i, errs[i]) for i in range(len(params))]
+    ``errs`` (`layer_errors` of every layer) is needed by the methods that price an
+    expert's own output error (`modec.numerics.importance.NEEDS_OUTPUT_ERROR`).
+    """
+    from modec.numerics import ilp
+    from modec.numerics.importance import NEEDS_OUTPUT_ERROR
+
+    if errs is None:
+        if pr.method in NEEDS_OUTPUT_ERROR:
+            raise ValueError(f"method {pr.method!r} needs the experts' output errors")
+        errs = [np.zeros((s.num_experts, len(pr.bits))) for s in shapes]
+    signals = [layer_signals(stats, key, sens, i, errs[i]) for i in range(len(shapes))]
     gamma = veq_gamma(signals) if pr.method == "veq-me" else None
     costs = [layer_cost(pr.method, s, 1.0 if gamma is None else gamma) for s in signals]
     opts = ilp.SolverOptions(seed=pr.seed)
     if pr.budget_bytes > 0:
         nbytes = [
             np.stack(
-                [ilp.expert_nbytes(_shapes(p), pr.bits, pr.group_size)
-                 for _ in range(p.num_experts)]
+                [ilp.expert_nbytes(list(s.projections), pr.bits, pr.group_size)
+                 for _ in range(s.num_experts)]
             )
-            for p in params
+            for s in shapes
         ]  # fmt: skip
         sols = [ilp.allocate_bytes(costs, pr.bits, nbytes, pr.budget_bytes, options=opts)]
     elif pr.scope == "global":
@@ -144,8 +166,3 @@ def solve_allocation(
         for s in sols
     ]  # fmt: skip
     return AllocationResult(alloc, costs, solves, gamma)
-
-
-def _shapes(p: Any) -> list[tuple[int, int]]:
-    """[N, K] of each projection of one expert."""
-    return [tuple(w.shape[1:]) for w in (p.gate, p.up, p.down) if w is not None]

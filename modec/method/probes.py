@@ -2,15 +2,28 @@
 
 δ_M(e, b) = mean KL(p_fp32 ‖ p_quant) of the next-token distribution, where only expert e of
 layer l is RTN-quantized to b bits (gate, up and down) and the quantized weights serve only
-the tokens of modality M (the executor's token-masked replacement). KL is read at the
-positions `modec.method.sensitivity.kl_positions` chooses and averaged over all of the
-subset's positions, so text and vision δ share one scale.
+the tokens of modality M. KL is read at the positions `modec.method.sensitivity.kl_positions`
+chooses and averaged over all of the subset's positions, so text and vision δ share one scale.
 
-Shared work: per batch, one fp32 run per layer gives the reference log-probabilities and the
-cached inputs of layer l; each probe re-runs only layers l..L from that cache. A batch in which
-no token of modality M reaches expert e is not re-run: its output is unchanged (KL 0). With
-``workers`` > 1 the (layer, expert) probes spread over spawned processes that each build their
-own executor from the same model bytes, so the result equals ``workers=1`` exactly.
+The probes are exact (each variant re-runs layers l..L) and layer-streamed:
+
+- one fp32 run per batch gives the reference log-probabilities, the routing of every layer
+  and the inputs of layer 0; the reference inputs of layer l+1 come from those of layer l by
+  running one more layer, so only one layer's reference state is held;
+- for layer l, every probe variant (expert e, width b, modality M) of every batch that sends
+  a token of M to e (a batch that sends none is not re-run: KL 0) starts from a copy of
+  that state, and all variants go through each later stage together — each later stage's
+  session and each later layer's weights are needed once per chunk of variants, not once
+  per variant. Chunks hold whole experts and are sized to ``max_memory``.
+
+At layer l itself a variant changes only the tokens of M routed to e, so its output is the
+fp32 output plus, on those tokens, the combine weight times (quantized − fp32) expert output:
+one expert on a few tokens instead of the whole layer (equal to re-running the layer up to
+float rounding, ~1e-7 relative). From layer l+1 on every token may change (attention mixes
+them), so the later layers re-run in full: the probe stays exact, layer l's variants cost
+L − l layer-runs, and a model's probes O(L²) (the O(L) estimator belongs to the distributed
+issue). With ``workers`` > 1 the chunks of a layer spread over spawned processes that each
+build their own executor from the same model bytes; the result equals ``workers=1`` exactly.
 """
 
 from __future__ import annotations
@@ -40,115 +53,12 @@ class _Batch:
     positions: np.ndarray
 
 
-@dataclass(eq=False)
-class _Plan:
-    """Everything a measurement needs; picklable, sent once to every worker.
-
-    Attributes:
-        model_bytes: the canonical model, serialized (workers build their own executor).
-        output: the logits output name.
-        bits / group_size: the widths measured and the RTN group size.
-        batches: the subset's batches.
-        caches: ``[batch][layer]`` executor caches of the fp32 run.
-        routed: ``[batch][layer]`` chosen experts ``[T, k]`` of the fp32 run.
-        ref_logp: ``[batch]`` reference log-probabilities ``[N, V]`` at the KL positions.
-        threads: onnxruntime intra-op threads per executor.
-    """
-
-    model_bytes: bytes
-    output: str
-    bits: tuple[int, ...]
-    group_size: int
-    batches: list[_Batch]
-    caches: list[list[Any]]
-    routed: list[list[np.ndarray]]
-    ref_logp: list[np.ndarray]
-    threads: int = 1
-    executor: Any = field(default=None, repr=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["executor"] = None  # onnxruntime sessions do not pickle; workers rebuild it
-        return state
-
-
-_WORKER_PLAN: _Plan | None = None
-
-
-def _init_worker(plan: _Plan) -> None:
-    """Process-pool initializer: keep the plan and build this worker's executor."""
-    global _WORKER_PLAN
-    from modec.executor import Executor
-
-    model = ir.serde.deserialize_model(_proto_from_bytes(plan.model_bytes))
-    plan.executor = Executor(model, intra_op_threads=plan.threads)
-    _WORKER_PLAN = plan
-
-
-def _proto_from_bytes(data: bytes) -> Any:
-    import onnx
-
-    proto = onnx.ModelProto()
-    proto.ParseFromString(data)
-    return proto
-
-
-def _worker_job(layer: int, expert: int) -> dict[str, Any]:
-    assert _WORKER_PLAN is not None, "worker not initialised"
-    return _measure_expert(_WORKER_PLAN, layer, expert)
-
-
-def _measure_expert(plan: _Plan, layer: int, expert: int) -> dict[str, Any]:
-    """δ_text and δ_vision of one expert at every width: ``[2, B]`` plus usage and timing."""
-    from modec.data import TEXT, VISION
-    from modec.method.sensitivity import kl_divergence
-    from modec.moe.reference import Replacement
-    from modec.numerics.quant import quantize_rtn
-    from modec.numerics.schemes import QuantScheme
-
-    t0 = time.perf_counter()
-    ex = plan.executor
-    p = ex.params[layer]
-    n_pos = sum(int(b.positions.sum()) for b in plan.batches)
-    hits = []
-    for m in (TEXT, VISION):
-        per_batch = []
-        for bi, batch in enumerate(plan.batches):
-            mask = batch.modality.ravel() == m
-            per_batch.append(mask & (plan.routed[bi][layer] == expert).any(axis=1))
-        hits.append(per_batch)
-    delta = np.zeros((2, len(plan.bits)))
-    runs = 0
-    for j, b in enumerate(plan.bits):
-        scheme = QuantScheme(b, plan.group_size)
-        weights = {
-            proj: quantize_rtn(w[expert], scheme).dequantize()
-            for proj in ("gate", "up", "down")
-            if (w := getattr(p, proj)) is not None
-        }
-        for mi in range(2):
-            total = 0.0
-            for bi, batch in enumerate(plan.batches):
-                hit = hits[mi][bi]
-                if not hit.any():
-                    continue  # expert e never sees modality M here: output unchanged, KL 0
-                rep = Replacement(expert, hit, **weights)
-                res = ex.run_from(plan.caches[bi][layer], replace={layer: rep})
-                logits = res.outputs[plan.output]
-                at = logits[batch.positions]
-                total += float(kl_divergence(plan.ref_logp[bi], at).sum())
-                runs += 1
-            delta[mi, j] = total / max(n_pos, 1)
-    used = [any(h.any() for h in hits[mi]) for mi in range(2)]
-    return {
-        "layer": layer, "expert": expert, "delta": delta, "used": used, "runs": runs,
-        "seconds": time.perf_counter() - t0,
-    }  # fmt: skip
-
-
 @dataclass(frozen=True)
 class ProbeSettings:
-    """What the probes measure and how they run (the measure-sensitivity pass's options)."""
+    """What the probes measure and how they run (the measure-sensitivity pass's options).
+
+    ``max_memory`` bounds the probe variants' activations held at once (chunking).
+    """
 
     bits: tuple[int, ...]
     group_size: int
@@ -156,6 +66,183 @@ class ProbeSettings:
     batch_size: int
     workers: int
     threads: int
+    max_memory: int = 2**32
+
+
+@dataclass(eq=False)
+class _Layer:
+    """What the variants of one layer need: picklable, sent with each chunk to a worker.
+
+    Attributes:
+        layer: the MoE layer probed.
+        caches: per batch, the fp32 inputs of layer ``layer`` onwards (`LayerCache`).
+        routed: per batch, the layer's chosen experts ``[T, k]`` in the fp32 run.
+        modality / positions: per batch, trimmed modality and KL positions.
+        ref_logp: per batch, reference log-probabilities at the KL positions.
+        output: the logits output name.
+        bits / group_size: the widths measured and the RTN group size.
+    """
+
+    layer: int
+    caches: list[Any]
+    routed: list[np.ndarray]
+    modality: list[np.ndarray]
+    positions: list[np.ndarray]
+    ref_logp: list[np.ndarray]
+    output: str
+    bits: tuple[int, ...]
+    group_size: int
+
+
+@dataclass(eq=False)
+class _Worker:
+    """A worker process's executor (built once from the model bytes)."""
+
+    executor: Any = field(default=None, repr=False)
+
+
+_WORKER = _Worker()
+
+
+def _init_worker(model_bytes: bytes, threads: int) -> None:
+    """Process-pool initializer: build this worker's executor."""
+    import onnx
+
+    from modec.executor import Executor
+
+    proto = onnx.ModelProto()
+    proto.ParseFromString(model_bytes)
+    _WORKER.executor = Executor(ir.serde.deserialize_model(proto), intra_op_threads=threads)
+
+
+def _worker_chunk(job: _Layer, experts: list[int]) -> dict[str, Any]:
+    assert _WORKER.executor is not None, "worker not initialised"
+    return _probe_chunk(_WORKER.executor, job, experts, release=False)
+
+
+def _probe_chunk(ex: Any, job: _Layer, experts: list[int], release: bool) -> dict[str, Any]:
+    """δ_text and δ_vision of ``experts`` of ``job.layer`` at every width: ``[n, 2, B]``.
+
+    Every (expert, width, modality, batch) variant starts from a copy of the batch's layer
+    cache; the variants go through each step of `Executor.steps_from` together.
+    """
+    from modec.data import TEXT, VISION
+    from modec.method.sensitivity import kl_divergence
+    from modec.moe.reference import Replacement, moe_forward
+    from modec.numerics.quant import quantize_rtn
+    from modec.numerics.schemes import QuantScheme
+
+    t0 = time.perf_counter()
+    layer = job.layer
+    p = ex.params[layer]
+    variants: list[tuple[int, int, int, int, Replacement]] = []  # (expert, j, mi, batch, rep)
+    used = np.zeros((len(experts), 2), dtype=bool)
+    for xi, e in enumerate(experts):
+        hits = [
+            [(mod.ravel() == m) & (r == e).any(axis=1) for mod, r in zip(job.modality, job.routed,
+                                                                       strict=True)]
+            for m in (TEXT, VISION)
+        ]  # fmt: skip
+        used[xi] = [any(h.any() for h in hm) for hm in hits]
+        for j, b in enumerate(job.bits):
+            scheme = QuantScheme(b, job.group_size)
+            weights = {
+                proj: quantize_rtn(w[e], scheme).dequantize()
+                for proj in ("gate", "up", "down")
+                if (w := getattr(p, proj)) is not None
+            }
+            for mi in range(2):
+                for bi, hit in enumerate(hits[mi]):
+                    if hit.any():  # else expert e never sees modality M here: KL 0
+                        variants.append((e, j, mi, bi, Replacement(e, hit, **weights)))
+    envs = [dict(job.caches[v[3]].values) for v in variants]
+    steps = ex.steps_from(layer)
+    assert steps[0] == ("moe", layer)
+    node = ex.moe[layer]
+    hidden_name, out_name = node.inputs[0].name, node.outputs[0].name
+    ref = {}  # per batch: the layer's fp32 output and routing
+    for bi in sorted({v[3] for v in variants}):
+        x = np.asarray(job.caches[bi].values[hidden_name])
+        r = moe_forward(p, x)
+        ref[bi] = (x.reshape(-1, x.shape[-1]).astype(np.float32), r.output, r.routing)
+    for v, env in zip(variants, envs, strict=True):
+        x, out, routing = ref[v[3]]
+        env[out_name] = _replaced_output(p, x, out, routing, v[4])
+    n_pos = sum(int(pos.sum()) for pos in job.positions)
+    totals = np.zeros((len(experts), 2, len(job.bits)))
+    index = {e: xi for xi, e in enumerate(experts)}
+    keep = _live_after(ex, steps, job.output)
+
+    def read_kl(vi: int) -> None:  # the logits: read the KL now, hold no variant's logits
+        e, j, mi, bi = variants[vi][:4]
+        at = envs[vi][job.output][job.positions[bi]]
+        totals[index[e], mi, j] += float(kl_divergence(job.ref_logp[bi], at).sum())
+        envs[vi] = {}
+
+    if len(steps) == 1:  # the layer's output is the model's
+        for vi in range(len(variants)):
+            read_kl(vi)
+    for i, step in enumerate(steps[1:], start=1):
+        for vi, env in enumerate(envs):
+            ex.apply_step(step, env)
+            if i == len(steps) - 1:
+                read_kl(vi)
+            else:
+                for name in [n for n in env if n not in keep[i]]:
+                    del env[name]
+        if release:
+            _release(ex, step)
+    if release:
+        _release(ex, steps[0])
+    return {
+        "layer": layer, "experts": experts, "delta": totals / max(n_pos, 1), "used": used,
+        "runs": len(variants), "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
+def _replaced_output(p: Any, x: np.ndarray, out: np.ndarray, routing: Any, rep: Any) -> np.ndarray:
+    """The layer's output with expert ``rep.expert`` replaced on ``rep.token_mask``, from the
+    fp32 output: only the masked tokens routed to the expert change, by their combine weight
+    times (replaced − original) expert output. Equals re-running the layer up to float
+    rounding (~1e-7 relative), at the cost of one expert on a few tokens instead of the layer.
+    """
+    from modec.moe.reference import expert_mlp, replacement_params
+
+    tok, slot = np.nonzero(routing.experts == rep.expert)
+    keep = rep.token_mask[tok]
+    tok, slot = tok[keep], slot[keep]
+    if tok.size == 0:
+        return out
+    rows = x[tok]
+    delta = expert_mlp(p, 0, rows, replacement_params(p, rep)) - expert_mlp(p, rep.expert, rows)
+    flat = out.reshape(-1, out.shape[-1]).copy()
+    np.add.at(flat, tok, delta * routing.weights[tok, slot][:, None])
+    return flat.reshape(out.shape)
+
+
+def _live_after(ex: Any, steps: list[tuple[str, int]], output: str) -> list[set[str]]:
+    """Per step, the values a later step (or the KL) still reads: a variant holds only
+    those, not every intermediate of the layers it went through."""
+    reads: list[set[str]] = []
+    for kind, i in steps:
+        if kind == "dense":
+            reads.append(set(ex.stages[i].inputs))
+        else:
+            reads.append({ex.moe[i].inputs[0].name})
+    live: list[set[str]] = [set() for _ in steps]
+    acc = {output}
+    for i in range(len(steps) - 1, -1, -1):
+        live[i] = set(acc)
+        acc |= reads[i]
+    return live
+
+
+def _release(ex: Any, step: tuple[str, int]) -> None:
+    kind, i = step
+    if kind == "dense":
+        ex.release_stage(i)
+    else:
+        ex.params.release(i)
 
 
 def measure_sensitivity(
@@ -167,14 +254,14 @@ def measure_sensitivity(
     """δ_text and δ_vision of every expert at every width of ``s.bits`` on ``subset``.
 
     Returns:
-        The sensitivities, per layer ``{"seconds", "runs"}`` of the probes, and the seconds
-        the fp32 reference runs took. ``tick`` is called after every (layer, expert) probe.
+        The sensitivities, per layer ``{"seconds", "runs", "chunks"}`` of the probes, and
+        the seconds the fp32 reference runs took. ``tick`` is called after every expert.
     """
     from modec.executor import Executor
 
     ex = Executor(model, intra_op_threads=1 if s.workers > 1 else s.threads)
     n_layers = len(ex.moe)
-    experts = {p.num_experts for p in ex.params}
+    experts = {int(n.attributes["num_experts"].value) for n in ex.moe}
     if len(experts) != 1:
         raise BadInputError(
             f"measure-sensitivity stores δ as [L, E, B] and needs one expert count for "
@@ -182,28 +269,38 @@ def measure_sensitivity(
         )
     n_exp = experts.pop()
     t0 = time.perf_counter()
-    plan = _plan(model, ex, subset, s)
+    batches, caches, routed, ref = _reference(ex, subset, s)
     ref_seconds = time.perf_counter() - t0
-    jobs = [(layer, e) for layer in range(n_layers) for e in range(n_exp)]
-    results: list[dict[str, Any]] = []
-    if s.workers == 1:
-        plan.executor = ex
-        for layer, e in jobs:
-            results.append(_measure_expert(plan, layer, e))
-            tick()
-    else:
-        results = _parallel(plan, jobs, s.workers, tick)
     delta = np.zeros((2, n_layers, n_exp, len(s.bits)))
     used = np.zeros((2, n_layers, n_exp), dtype=bool)
-    layers = [{"seconds": 0.0, "runs": 0} for _ in range(n_layers)]
-    for r in results:
-        delta[:, r["layer"], r["expert"]] = r["delta"]
-        used[:, r["layer"], r["expert"]] = r["used"]
-        layers[r["layer"]]["seconds"] += r["seconds"]
-        layers[r["layer"]]["runs"] += r["runs"]
-    for i, entry in enumerate(layers):
-        log.info("measure-sensitivity: layer %d: %d re-runs in %.2f s", i, entry["runs"],
-                 entry["seconds"])  # fmt: skip
+    layers: list[dict[str, Any]] = []
+    pool = _pool(model, s) if s.workers > 1 else None
+    try:
+        for layer in range(n_layers):
+            job = _Layer(
+                layer, [c for c in caches], [r[layer] for r in routed],
+                [b.modality for b in batches], [b.positions for b in batches], ref,
+                ex.output_names[0], tuple(s.bits), s.group_size,
+            )  # fmt: skip
+            chunks = _chunks(job, n_exp, s)
+            results = _run_layer(ex, job, chunks, pool, tick)
+            entry = {"seconds": 0.0, "runs": 0, "chunks": len(chunks)}
+            for r in results:
+                for xi, e in enumerate(r["experts"]):
+                    delta[:, layer, e] = r["delta"][xi]
+                    used[:, layer, e] = r["used"][xi]
+                entry["seconds"] += r["seconds"]
+                entry["runs"] += r["runs"]
+            layers.append(entry)
+            log.info(
+                "measure-sensitivity: layer %d: %d re-runs in %d chunk(s), %.2f s", layer,
+                entry["runs"], entry["chunks"], entry["seconds"],
+            )  # fmt: skip
+            if layer + 1 < n_layers:
+                caches = _advance(ex, caches, layer)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     sens = Sensitivity(
         bits=tuple(s.bits), delta_text=delta[0], delta_vision=delta[1],
         samples=len(subset), unused_text=~used[0], unused_vision=~used[1],
@@ -211,15 +308,28 @@ def measure_sensitivity(
     return sens, layers, ref_seconds
 
 
-def _plan(model: ir.Model, ex: Any, subset: Dataset, s: ProbeSettings) -> _Plan:
-    """Batches, fp32 references and per-layer caches (computed once, shared by all probes)."""
+def _advance(ex: Any, caches: list[Any], layer: int) -> list[Any]:
+    """The fp32 caches of layer ``layer + 1`` from those of ``layer`` (stage-major)."""
+    envs = [dict(c.values) for c in caches]
+    for step in ex.steps_from(layer):
+        if step == ("moe", layer + 1):
+            break
+        for env in envs:
+            ex.apply_step(step, env)
+        _release(ex, step)
+    return [ex.cache_at(layer + 1, env) for env in envs]
+
+
+def _reference(
+    ex: Any, subset: Dataset, s: ProbeSettings
+) -> tuple[list[_Batch], list[Any], list[list[np.ndarray]], list[np.ndarray]]:
+    """Batches, layer-0 caches, every layer's routing and the reference log-probabilities
+    (one layer-streamed fp32 run of the subset)."""
     from modec.method.sensitivity import kl_positions, log_softmax
+    from modec.streaming import SpillStore, stream
 
     output = ex.output_names[0]
     batches: list[_Batch] = []
-    caches: list[list[Any]] = []
-    routed: list[list[np.ndarray]] = []
-    ref: list[np.ndarray] = []
     mm = subset.multimodal
     # Multimodal and text-only samples in separate batches: left padding is trimmed per
     # batch, so text-only batches run at their own (short) length.
@@ -229,47 +339,69 @@ def _plan(model: ir.Model, ex: Any, subset: Dataset, s: ProbeSettings) -> _Plan:
         part = subset.subset(group)
         for bidx, feeds in part.batches(s.batch_size):
             mod = part.trimmed_modality(bidx)
-            pos = kl_positions(mod, s.positions)
-            per_layer = []
-            logits = None
-            routing = None
-            for layer in range(len(ex.moe)):
-                res = ex.run(feeds, record_routing=layer == 0, cache_layer=layer)
-                per_layer.append(res.cache)
-                if layer == 0:
-                    logits, routing = res.outputs[output], res.routing
-            assert logits is not None and routing is not None
-            if logits.shape[:2] != mod.shape:
+            batches.append(_Batch(feeds, mod, kl_positions(mod, s.positions)))
+    n_layers = len(ex.moe)
+    caches: list[Any] = [None] * len(batches)
+    routed: list[list[np.ndarray]] = [[] for _ in batches]
+    ref: list[np.ndarray] = []
+    with SpillStore(s.max_memory) as store:
+        for ev in stream(ex, [b.feeds for b in batches], store):
+            routed[ev.batch].append(ev.routing.experts)
+            if ev.layer == 0:
+                env = {name: store.get((ev.batch, name)) for name in store.names(ev.batch)}
+                caches[ev.batch] = ex.cache_at(0, env)
+        for bi, batch in enumerate(batches):
+            logits = store.get((bi, output))
+            if logits.shape[:2] != batch.modality.shape:
                 raise BadInputError(
                     f"output {output!r} has shape {list(logits.shape)}; measure-"
-                    f"sensitivity needs logits [B, T, V] with B, T = {list(mod.shape)}"
+                    f"sensitivity needs logits [B, T, V] with B, T = {list(batch.modality.shape)}"
                 )
-            batches.append(_Batch(feeds, mod, pos))
-            caches.append(per_layer)
-            routed.append([routing[layer].experts for layer in range(len(ex.moe))])
-            ref.append(log_softmax(logits[pos]))
-    return _Plan(
-        model_bytes=ir.to_proto(model).SerializeToString(), output=output,
-        bits=tuple(s.bits), group_size=s.group_size, batches=batches, caches=caches,
-        routed=routed, ref_logp=ref, threads=1,
-    )  # fmt: skip
+            ref.append(log_softmax(logits[batch.positions]))
+    assert all(len(r) == n_layers for r in routed)
+    return batches, caches, routed, ref
 
 
-def _parallel(
-    plan: _Plan, jobs: list[tuple[int, int]], workers: int, tick: Callable[[], None]
+def _chunks(job: _Layer, n_exp: int, s: ProbeSettings) -> list[list[int]]:
+    """Whole experts per chunk, as many as ``s.max_memory`` holds of variant states (an
+    estimate: each variant holds one batch's cache), at least one expert per worker."""
+    per_batch = [sum(np.asarray(v).nbytes for v in c.values.values()) for c in job.caches]
+    per_expert = 2 * len(job.bits) * sum(per_batch)  # every variant of every batch, at most
+    fit = max(1, int(s.max_memory // max(per_expert, 1)))
+    size = max(1, min(fit, -(-n_exp // s.workers)))
+    return [list(range(i, min(i + size, n_exp))) for i in range(0, n_exp, size)]
+
+
+def _run_layer(
+    ex: Any, job: _Layer, chunks: list[list[int]], pool: Any, tick: Callable[[], None]
 ) -> list[dict[str, Any]]:
+    if pool is None:
+        out = []
+        for experts in chunks:
+            out.append(_probe_chunk(ex, job, experts, release=True))
+            for _ in experts:
+                tick()
+        return out
+    from concurrent.futures import as_completed
+
+    futures = [pool.submit(_worker_chunk, job, experts) for experts in chunks]
+    results = []
+    for fut in as_completed(futures):
+        r = fut.result()
+        results.append(r)
+        for _ in r["experts"]:
+            tick()
+    return sorted(results, key=lambda r: r["experts"][0])
+
+
+def _pool(model: ir.Model, s: ProbeSettings) -> Any:
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: the parent already holds onnxruntime thread pools, which a forked
     # child would inherit in an undefined state.
-    ctx = mp.get_context("spawn")
-    out: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(plan,)
-    ) as pool:
-        futures = [pool.submit(_worker_job, layer, e) for layer, e in jobs]
-        for fut in as_completed(futures):
-            out.append(fut.result())
-            tick()
-    return out
+    data = ir.to_proto(model).SerializeToString()
+    return ProcessPoolExecutor(
+        max_workers=s.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+        initargs=(data, 1),
+    )  # fmt: skip

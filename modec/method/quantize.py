@@ -109,6 +109,21 @@ def quantize_projection(
     return QuantizedProjection(codes, deq, entries)
 
 
+def dequantized_tensor(codes: list[QuantizedWeight], name: str | None) -> ir.LazyTensor:
+    """The stacked ``[E, N, K]`` float32 dequantized weights of one projection, computed from
+    ``codes`` each time they are read: the simulated-quantization graph holds one byte per
+    weight (the codes), not four, and a reader materializes one projection at a time."""
+    n, k = codes[0].q.shape
+
+    def build() -> ir.TensorProtocol:
+        out = np.empty((len(codes), n, k), dtype=np.float32)
+        for e, qw in enumerate(codes):
+            out[e] = qw.dequantize()
+        return ir.tensor(out, name=name)
+
+    return ir.LazyTensor(build, ir.DataType.FLOAT, ir.Shape([len(codes), n, k]), name=name)
+
+
 def expert_weights(node: ir.Node) -> dict[str, ir.Value]:
     """The stacked weight value of each projection a canonical MoE node has."""
     out: dict[str, ir.Value] = {}

@@ -6,7 +6,6 @@ at a time and freezes the result into `modec.facts.RoutingStats`:
 - per expert, selections by all / text / vision tokens (padding never counts) and the
   frequencies normalised within the layer — a global count would be dominated by vision
   tokens, which outnumber text 10–100×, and hide the experts text needs;
-- the expert-input Hessians GPTQ needs;
 - the routing and key score of every vision token, from which select-key-vision chooses the
   key tokens (`modec.method.key_vision`).
 
@@ -21,7 +20,7 @@ import numpy.typing as npt
 from modec.data import PAD, TEXT, VISION
 from modec.errors import BadInputError
 from modec.facts import RoutingStats, VisionRouting
-from modec.moe.reference import MoEParams, Routing, expert_activation
+from modec.moe.reference import Routing
 
 __all__ = ["CATEGORIES", "RoutingAccumulator", "expert_counts", "normalise"]
 
@@ -50,26 +49,23 @@ class RoutingAccumulator:
     """Sums routing statistics batch by batch; `finish` freezes them into `RoutingStats`.
 
     Args:
-        params: the parameters of every MoE layer (execution order).
+        shapes: ``(num_experts, top_k)`` of every MoE layer (execution order).
     """
 
-    def __init__(self, params: list[MoEParams]) -> None:
-        self.params = params
+    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        self.shapes = [(int(e), int(k)) for e, k in shapes]
         self.samples = 0
-        self.counts = [{c: np.zeros(p.num_experts, np.int64) for c in CATEGORIES} for p in params]
-        self.weight_sum = [np.zeros(p.num_experts) for p in params]
-        self.h_in = [np.zeros((p.num_experts, p.up.shape[2], p.up.shape[2])) for p in params]
-        self.h_act = [np.zeros((p.num_experts, p.down.shape[2], p.down.shape[2])) for p in params]
+        self.counts = [{c: np.zeros(e, np.int64) for c in CATEGORIES} for e, _ in self.shapes]
+        self.weight_sum = [np.zeros(e) for e, _ in self.shapes]
         self.vision: list[dict[str, list[np.ndarray]]] = [
-            {"experts": [], "sample": [], "score": []} for _ in params
+            {"experts": [], "sample": [], "score": []} for _ in self.shapes
         ]
-        self.score_source: list[set[str]] = [set() for _ in params]
+        self.score_source: list[set[str]] = [set() for _ in self.shapes]
 
     def add(
         self,
         layer: int,
         routing: Routing,
-        hidden: npt.ArrayLike,
         modality: npt.ArrayLike,
         scores: npt.ArrayLike,
         sample: npt.ArrayLike,
@@ -79,14 +75,12 @@ class RoutingAccumulator:
         Args:
             layer: the MoE layer index.
             routing: that layer's routing over the batch's flattened tokens ``[T]``.
-            hidden: the layer's MoE input, flattened ``[T, H]``.
             modality: flattened modality mask ``[T]``.
             scores: flattened key scores ``[T]`` (used at vision tokens).
             sample: flattened sample id of each token ``[T]``.
         """
-        p = self.params[layer]
+        num_experts = self.shapes[layer][0]
         mod = np.asarray(modality).ravel()
-        x = np.asarray(hidden, dtype=np.float32).reshape(mod.size, -1)
         if routing.experts.shape[0] != mod.size:
             raise BadInputError(
                 f"layer {layer}: routing covers {routing.experts.shape[0]} tokens but the batch "
@@ -95,7 +89,7 @@ class RoutingAccumulator:
         masks = {"all": mod != PAD, "text": mod == TEXT, "vision": mod == VISION}
         c = self.counts[layer]
         for name, m in masks.items():
-            c[name] += expert_counts(routing.experts, m, p.num_experts)
+            c[name] += expert_counts(routing.experts, m, num_experts)
         vis = masks["vision"]
         trace = self.vision[layer]
         trace["experts"].append(np.asarray(routing.experts[vis], np.int64))
@@ -104,15 +98,6 @@ class RoutingAccumulator:
         valid = masks["all"]
         w = np.where(valid[:, None], routing.weights, 0.0).astype(np.float64)
         np.add.at(self.weight_sum[layer], routing.experts.ravel(), w.ravel())
-        for e in range(p.num_experts):
-            tok = np.flatnonzero(valid & (routing.experts == e).any(axis=1))
-            if tok.size == 0:
-                continue
-            rows = x[tok]
-            r64 = rows.astype(np.float64)
-            self.h_in[layer][e] += r64.T @ r64
-            a = expert_activation(p, e, rows).astype(np.float64)
-            self.h_act[layer][e] += a.T @ a
 
     def note_score_source(self, layer: int, sources: frozenset[str]) -> None:
         """Record which scores ranked the vision tokens of ``layer`` in some batch."""
@@ -131,11 +116,11 @@ class RoutingAccumulator:
         )
         vision = tuple(
             VisionRouting(
-                experts=_concat(t["experts"], (0, p.top_k), np.int64),
+                experts=_concat(t["experts"], (0, k), np.int64),
                 sample=_concat(t["sample"], (0,), np.int64),
                 score=_concat(t["score"], (0,), np.float64),
             )
-            for t, p in zip(self.vision, self.params, strict=True)
+            for t, (_, k) in zip(self.vision, self.shapes, strict=True)
         )
         return RoutingStats(
             samples=self.samples,
@@ -146,8 +131,6 @@ class RoutingAccumulator:
             f_text=tuple(normalise(layer["text"]) for layer in c),
             f_vision=tuple(normalise(layer["vision"]) for layer in c),
             f_global=tuple(normalise(layer["all"]) for layer in c),
-            hessian_in=tuple(self.h_in),
-            hessian_act=tuple(self.h_act),
             vision=vision,
             score_source=tuple("+".join(sorted(s)) or "none" for s in self.score_source),
         )

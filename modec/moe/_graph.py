@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from modec.moe import lazy
+from modec.moe.lazy import LazyArray
+
 SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
 
 
@@ -201,7 +204,7 @@ def shape_only(value: ir.Value, depth: int = 0) -> bool:
     """Whether ``value`` is computed from constants and tensor shapes alone (no data)."""
     if depth > 32:
         return False
-    if const_array(value) is not None:
+    if is_const(value):
         return True
     p = value.producer()
     if p is None:
@@ -231,93 +234,146 @@ def attr(node: ir.Node, name: str, default: Any = None) -> Any:
     return default if a is None else a.value
 
 
-def const_array(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
-    """The numpy value of ``value`` if it is a constant or a simple op over constants.
+def const_lazy(value: ir.Value | None, depth: int = 0) -> LazyArray | None:
+    """``value`` as a `LazyArray` if it is a constant or a simple op over constants.
 
     Folds Identity, Cast, Transpose, Gather, Squeeze, Unsqueeze, Reshape, Slice, Neg and the
     four arithmetic ops (this covers the dynamo optimizer's ``Gather(W_stacked, e)`` and
-    TorchScript's ``Transpose(W)``); anything else is not a constant.
+    TorchScript's ``Transpose(W)``); anything else is not a constant. Reads only the small
+    operands that decide the shape (indices, axes, shapes, slice bounds), never the data.
     """
     if value is None or depth > 8:
         return None
-    return _const_array(value, depth)
-
-
-def _const_array(value: ir.Value, depth: int) -> np.ndarray | None:
     tensor = ir.convenience.get_const_tensor(value)
     if tensor is not None:
-        return np.asarray(tensor.numpy())
+        return lazy.source(tensor)
     node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
+    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDED:
         return None
-    op = node.op_type
-    ins = [const_array(v, depth + 1) if v is not None else None for v in node.inputs]
-    if op in ("Identity", "Neg", "Cast", "Transpose", "Squeeze", "Unsqueeze", "Reshape") and (
-        ins[0] is None
-    ):
-        return None
-    x = ins[0]
+    ins = [const_lazy(v, depth + 1) if v is not None else None for v in node.inputs]
     try:
-        if op == "Identity":
-            return x
-        if op == "Neg":
-            return -x  # type: ignore[operator]
-        if op == "Cast":
-            to = ir.DataType(int(attr(node, "to")))
-            return x.astype(to.numpy())  # type: ignore[union-attr]
-        if op == "Transpose":
-            perm = attr(node, "perm")
-            return np.transpose(x, perm)  # type: ignore[arg-type]
-        if op == "Squeeze":
-            axes = ins[1] if len(ins) > 1 else attr(node, "axes")
-            return np.squeeze(x, axis=None if axes is None else tuple(np.atleast_1d(axes)))  # type: ignore[arg-type]
-        if op == "Unsqueeze":
-            axes = ins[1] if len(ins) > 1 else attr(node, "axes")
-            if axes is None:
-                return None
-            return np.expand_dims(x, tuple(int(a) for a in np.atleast_1d(axes)))  # type: ignore[arg-type]
-        if op == "Reshape":
-            if ins[1] is None:
-                return None
-            shape = [int(s) for s in ins[1]]
-            shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]  # type: ignore[union-attr]
-            return np.reshape(x, shape)  # type: ignore[arg-type]
-        if op == "Gather":
-            if x is None or ins[1] is None:
-                return None
-            return np.take(x, ins[1].astype(np.int64), axis=int(attr(node, "axis", 0)))
-        if op == "Slice":
-            if x is None or any(i is None for i in ins[1 : len(node.inputs)]):
-                return None
-            starts, ends = ins[1], ins[2]
-            axes = ins[3] if len(ins) > 3 else np.arange(len(starts))  # type: ignore[arg-type]
-            steps = ins[4] if len(ins) > 4 else np.ones(len(starts), np.int64)  # type: ignore[arg-type]
-            sl = [slice(None)] * x.ndim
-            for s, e, a, st in zip(starts, ends, axes, steps, strict=True):  # type: ignore[arg-type]
-                sl[int(a)] = slice(int(s), int(e), int(st))
-            return x[tuple(sl)]
-        if op in ("Add", "Sub", "Mul", "Div") and len(ins) == 2:
-            a, b = ins
-            if a is None or b is None:
-                return None
-            fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
-            return np.asarray(fn(a, b)).astype(a.dtype)
+        return _fold(node, ins)
     except (ValueError, IndexError, TypeError):
         return None
+
+
+_FOLDED = frozenset(
+    {"Identity", "Neg", "Cast", "Transpose", "Squeeze", "Unsqueeze", "Reshape", "Gather",
+     "Slice", "Add", "Sub", "Mul", "Div"}
+)  # fmt: skip
+_ARITH = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}
+
+
+def _ints(x: LazyArray | None) -> list[int] | None:
+    return None if x is None else [int(a) for a in np.atleast_1d(x.numpy())]
+
+
+def _fold(node: ir.Node, ins: list[LazyArray | None]) -> LazyArray | None:
+    op = node.op_type
+    x = ins[0] if ins else None
+    if op in _ARITH:
+        if len(ins) != 2 or ins[0] is None or ins[1] is None:
+            return None
+        a, b = ins[0], ins[1]
+        np.asarray(_ARITH[op](np.ones(1, a.dtype), np.ones(1, b.dtype)))  # the dtypes combine
+        return lazy.binary(_ARITH[op], a, b, a.dtype)
+    if x is None:
+        return None
+    if op == "Identity":
+        return x
+    if op == "Neg":
+        return x.map(np.negative)
+    if op == "Cast":
+        return x.astype(ir.DataType(int(attr(node, "to"))).numpy())
+    if op == "Transpose":
+        return x.transpose(attr(node, "perm"))
+    if op == "Squeeze":
+        # an axes input that is not a constant squeezes every unit axis, as np.squeeze(None)
+        axes = _ints(ins[1]) if len(ins) > 1 else attr(node, "axes")
+        return x.reshape(_squeezed(x.shape, axes))
+    if op == "Unsqueeze":
+        axes = _ints(ins[1]) if len(ins) > 1 else attr(node, "axes")
+        if axes is None:
+            return None
+        return x.reshape(_unsqueezed(x.shape, [int(a) for a in np.atleast_1d(axes)]))
+    if op == "Reshape":
+        target = _ints(ins[1]) if len(ins) > 1 else None
+        if target is None:
+            return None
+        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(target)])
+    if op == "Gather":
+        if len(ins) < 2 or ins[1] is None:
+            return None
+        return x.take(ins[1].numpy().astype(np.int64), int(attr(node, "axis", 0)))
+    if op == "Slice":
+        if any(i is None for i in ins[1 : len(node.inputs)]) or len(ins) < 3:
+            return None
+        starts, ends = _ints(ins[1]), _ints(ins[2])
+        assert starts is not None and ends is not None
+        axes = _ints(ins[3]) if len(ins) > 3 else list(range(len(starts)))
+        steps = _ints(ins[4]) if len(ins) > 4 else [1] * len(starts)
+        sl = [slice(None)] * x.ndim
+        for lo, hi, ax, st in zip(starts, ends, axes, steps, strict=True):  # type: ignore[arg-type]
+            if st == 0:
+                raise ValueError("slice step cannot be zero")
+            sl[ax] = slice(lo, hi, st)
+        return x.slice(sl)
     return None
 
 
+def _squeezed(shape: tuple[int, ...], axes: Any) -> list[int]:
+    if axes is None:
+        return [d for d in shape if d != 1]
+    drop = {_norm_axis(int(a), len(shape)) for a in np.atleast_1d(axes)}
+    if any(shape[a] != 1 for a in drop):
+        raise ValueError("cannot squeeze an axis whose size is not 1")
+    return [d for i, d in enumerate(shape) if i not in drop]
+
+
+def _unsqueezed(shape: tuple[int, ...], axes: list[int]) -> list[int]:
+    n = len(shape) + len(axes)
+    new = {_norm_axis(a, n) for a in axes}
+    if len(new) != len(axes):
+        raise ValueError("repeated axis")
+    rest = iter(shape)
+    return [1 if i in new else next(rest) for i in range(n)]
+
+
+def _norm_axis(a: int, ndim: int) -> int:
+    if not -ndim <= a < ndim:
+        raise ValueError(f"axis {a} out of range for {ndim} dimensions")
+    return a % ndim
+
+
+def const_array(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
+    """The numpy value of ``value`` if it folds to a constant (`const_lazy`), else None.
+
+    Reads the data: for a weight that only needs its shape or a lazy value, use
+    `const_lazy`.
+    """
+    x = const_lazy(value, depth)
+    if x is None:
+        return None
+    try:
+        return np.asarray(x.numpy())
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
 def is_const(value: ir.Value | None) -> bool:
-    """Whether ``value`` folds to a constant."""
-    return const_array(value) is not None
+    """Whether ``value`` folds to a constant (nothing is read)."""
+    return const_lazy(value) is not None
 
 
 def scalar(value: ir.Value | None) -> float | None:
-    """The value of a one-element constant, else None."""
-    arr = const_array(value)
-    if arr is None or arr.size != 1:
+    """The value of a one-element constant, else None (a larger constant is not read)."""
+    x = const_lazy(value)
+    if x is None or x.size != 1:
         return None
-    return float(arr.reshape(()))
+    try:
+        return float(np.asarray(x.numpy()).reshape(()))
+    except (ValueError, IndexError, TypeError):
+        return None
 
 
 def name_scope(node: ir.Node) -> str | None:

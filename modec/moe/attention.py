@@ -19,7 +19,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from modec.moe._graph import GraphIndex, const_array
+from modec.moe._graph import GraphIndex, is_const
 from modec.moe.canonical import is_moe_node
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _is_attention_softmax(n: ir.Node) -> bool:
         users = [u.node for u in v.uses()]
         mms = [u for u in users if u.op_type == "MatMul" and u.inputs[0] is v]
         if mms:
-            return all(const_array(mm.inputs[1]) is None for mm in mms)
+            return all(not is_const(mm.inputs[1]) for mm in mms)
         nxt = [u for u in users if u.op_type in ("Cast", "Dropout", "Identity")]
         if len(nxt) != 1:
             return False

@@ -4,6 +4,10 @@ Reads the regions find-moe returned; writes new initializers (stacked expert wei
 ``nn.Linear`` convention, router and shared-expert weights), one node per region, and removes
 the region's nodes and the constants only they used. Router and shared-expert initializers
 carry ``metadata_props["modec.quantize"] = "never"``; expert weights carry ``"expert"``.
+
+The routed and shared expert weights are `LazyWeight`s: float32 tensors computed from the
+original initializers (often memory-mapped fp16/bf16 external data) each time they are read,
+so canonicalizing reads no expert weight. `expert_slice` reads one expert of one projection.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from modec.errors import ModelError
+from modec.moe import lazy
 from modec.moe._graph import GraphIndex, subgraph_nodes
 from modec.moe.discover import MoERegion, find_moe
+from modec.moe.lazy import LazyArray
 from modec.moe.reference import INPUT_NAMES
 
 log = logging.getLogger(__name__)
@@ -30,14 +37,62 @@ def is_moe_node(node: ir.Node) -> bool:
     return node.domain == DOMAIN and node.op_type == OP_TYPE
 
 
-def _init(graph: ir.Graph, name: str, arr: np.ndarray, quantize: str) -> ir.Value:
+class LazyWeight(ir.LazyTensor):
+    """A float32 canonical weight ``[E, N, K]`` computed from the source initializer(s) on every
+    access (``cache=False``): the slice, transpose, gate/up split, per-expert stack and cast
+    recorded in `source`, applied to the source data (read through its memory map, which is
+    released after the read when nothing else holds it).
+
+    ``numpy()`` / ``tobytes()`` build the whole stack (one layer's projection);
+    `expert_slice` builds one expert.
+
+    Attributes:
+        source: the value as a `LazyArray` (float32).
+    """
+
+    __slots__ = ("source",)
+
+    def __init__(self, source: LazyArray, name: str) -> None:
+        def build() -> ir.TensorProtocol:
+            return ir.Tensor(lazy.to_float32(source), dtype=ir.DataType.FLOAT, name=name)
+
+        super().__init__(
+            build, dtype=ir.DataType.FLOAT, shape=ir.Shape(source.shape), cache=False, name=name
+        )
+        self.source = source
+
+
+def expert_slice(weight: ir.Value | ir.TensorProtocol, e: int) -> np.ndarray:
+    """Expert ``e`` of a stacked weight ``[E, N, K]``: a new float32 array ``[N, K]``.
+
+    For a `LazyWeight` only expert ``e``'s part of the source is read and converted; any other
+    tensor (e.g. one written back by the quantizer) is indexed as it is. Equal to
+    ``weight.numpy()[e]``, bit for bit.
+
+    Args:
+        weight: a canonical node's gate / up / down input (an initializer) or its tensor.
+        e: the expert, ``0 <= e < E``.
+    """
+    t = weight.const_value if isinstance(weight, ir.Value) else weight
+    if t is None:
+        raise ModelError(f"{weight.name!r} is not a constant; cannot read expert {e}")
+    src = t.source if isinstance(t, LazyWeight) else lazy.source(t)
+    return lazy.to_float32(src.expert(e))
+
+
+def _init(graph: ir.Graph, name: str, arr: np.ndarray | LazyArray, quantize: str) -> ir.Value:
     base, i = name, 1
     while name in graph.initializers:
         name = f"{base}_{i}"
         i += 1
+    tensor: ir.TensorProtocol
+    if isinstance(arr, LazyArray):
+        tensor = LazyWeight(arr if arr.dtype == np.float32 else arr.astype(np.float32), name)
+    else:
+        tensor = ir.tensor(np.ascontiguousarray(arr, dtype=np.float32), name=name)
     v = ir.Value(
         name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.FLOAT),
-        const_value=ir.tensor(np.ascontiguousarray(arr, dtype=np.float32), name=name),
+        const_value=tensor,
     )  # fmt: skip
     v.metadata_props[QUANTIZE_KEY] = quantize
     graph.register_initializer(v)
@@ -48,7 +103,7 @@ def _node_for(graph: ir.Graph, r: MoERegion) -> ir.Node:
     prefix = f"modec.moe{r.index}"
     x = r.experts
     rt = r.router
-    arrays: dict[str, tuple[np.ndarray | None, str]] = {
+    arrays: dict[str, tuple[np.ndarray | LazyArray | None, str]] = {
         "router_weight": (rt.weight, "never"),
         "router_bias": (rt.bias, "never"),
         "gate": (x.gate, "expert"),
@@ -62,9 +117,9 @@ def _node_for(graph: ir.Graph, r: MoERegion) -> ir.Node:
     shared_act = "silu"
     if r.shared is not None:
         sw = r.shared.weights
-        arrays["shared_gate"] = (None if sw.gate is None else sw.gate[0], "never")
-        arrays["shared_up"] = (sw.up[0], "never")
-        arrays["shared_down"] = (sw.down[0], "never")
+        arrays["shared_gate"] = (None if sw.gate is None else sw.gate.expert(0), "never")
+        arrays["shared_up"] = (sw.up.expert(0), "never")
+        arrays["shared_down"] = (sw.down.expert(0), "never")
         arrays["shared_expert_gate"] = (r.shared.expert_gate, "never")
         shared_act = sw.activation
     inputs: list[ir.Value | None] = [r.hidden]

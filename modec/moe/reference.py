@@ -235,6 +235,30 @@ def expert_mlp(p: MoEParams, e: int, x: np.ndarray, weights: MoEParams | None = 
     return np.asarray(y.astype(np.float32))
 
 
+def replacement_params(p: MoEParams, rep: Replacement) -> MoEParams:
+    """A one-expert `MoEParams` (index 0) holding expert ``rep.expert`` with the replacement
+    projections: no copy of the layer's stacked weights (`with_expert` copies them)."""
+    e = rep.expert
+
+    def pick(name: str, w: np.ndarray | None) -> np.ndarray | None:
+        stacked = getattr(p, name)
+        if w is not None:
+            if stacked is None:
+                raise ModelError(f"MoE has no {name} projection to replace")
+            return np.asarray(w)[None]
+        return None if stacked is None else stacked[e : e + 1]
+
+    up, down = pick("up", rep.up), pick("down", rep.down)
+    assert up is not None and down is not None
+    return MoEParams(
+        num_experts=1, top_k=1, router_weight=p.router_weight[e : e + 1], up=up, down=down,
+        gate=pick("gate", rep.gate),
+        gate_bias=None if p.gate_bias is None else p.gate_bias[e : e + 1],
+        up_bias=None if p.up_bias is None else p.up_bias[e : e + 1],
+        down_bias=None if p.down_bias is None else p.down_bias[e : e + 1],
+    )  # fmt: skip
+
+
 def moe_forward(
     p: MoEParams, hidden: np.ndarray, *, replacement: Replacement | None = None,
     collect_inputs: bool = False,
@@ -262,7 +286,7 @@ def moe_forward(
                 f"replacement token mask has shape {replacement.token_mask.shape}, "
                 f"expected ({x.shape[0]},) (one flag per flattened token)"
             )
-        alt = p.with_expert(replacement.expert, replacement.gate, replacement.up, replacement.down)
+        alt = replacement_params(p, replacement)
     for e in range(p.num_experts):
         tok, slot = np.nonzero(r.experts == e)
         if tok.size == 0:
@@ -274,7 +298,7 @@ def moe_forward(
         if alt is not None and replacement is not None and e == replacement.expert:
             m = replacement.token_mask[tok]
             if m.any():
-                y[m] = expert_mlp(p, e, rows[m], alt)
+                y[m] = expert_mlp(p, 0, rows[m], alt)
         np.add.at(out, tok, y * r.weights[tok, slot][:, None])
     if p.shared_up is not None and p.shared_down is not None:
         u = x @ p.shared_up.T

@@ -34,6 +34,8 @@ METHODS: tuple[str, ...] = (
 )  # fmt: skip
 #: Methods whose cost needs the KL sensitivities δ (measure-sensitivity).
 NEEDS_SENSITIVITY = frozenset({"mode", "mode-no-key", "mode-sens-only", "mode-redundant", "veq-me"})
+#: Methods whose cost prices an expert's own output error err(e, b) (needs its Hessians).
+NEEDS_OUTPUT_ERROR = frozenset({"mode-no-sens", "mc-moe", "veq-me"})
 
 F = npt.NDArray[np.float64]
 

@@ -31,8 +31,7 @@ def _facts(count_text, count_vision, count_key, delta_text, delta_vision):
     stats = RoutingStats(
         samples=1, count_all=(ct + cv,), count_text=(ct,), count_vision=(cv,),
         mean_weight=(np.full(e, 0.5),), f_text=(_freq(ct),), f_vision=(_freq(cv),),
-        f_global=(_freq(ct + cv),), hessian_in=(np.zeros((e, 1, 1)),),
-        hessian_act=(np.zeros((e, 1, 1)),),
+        f_global=(_freq(ct + cv),),
         vision=(VisionRouting(np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros(0)),),
         score_source=("attention",),
     )  # fmt: skip

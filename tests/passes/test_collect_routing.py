@@ -1,4 +1,4 @@
-"""collect-routing on the tiny digits-vlm: counts, frequencies, key scores, Hessians, cache.
+"""collect-routing on the tiny digits-vlm: counts, frequencies, key scores, cache.
 
 The key tokens themselves are chosen by select-key-vision (tests/passes/test_select_key_vision.py
 checks them against a recount); here the fixture runs both so that the totals add up.
@@ -20,7 +20,6 @@ from modec.method.key_vision import (
     query_mask,
     select_key_tokens,
 )
-from modec.moe.reference import expert_activation
 
 
 @pytest.fixture(scope="module")
@@ -71,35 +70,6 @@ def test_counts_match_an_independent_run(routed):
             want[layer] += np.bincount(r.experts[mod == TEXT].ravel(), minlength=len(want[layer]))
     for layer in range(stats.num_layers):
         np.testing.assert_array_equal(stats.count_text[layer], want[layer])
-
-
-def test_hessians_are_sums_of_outer_products(routed):
-    model, ctx = routed
-    stats = ctx.facts.get(RoutingStats)
-    ds = ctx.facts.get(Calibration).data
-    ex = Executor(model)
-    h_in = [np.zeros_like(h) for h in stats.hessian_in]
-    h_act = [np.zeros_like(h) for h in stats.hessian_act]
-    n_rows = [np.zeros(p.num_experts, np.int64) for p in ex.params]
-    for idx, feeds in ds.batches(5):
-        mod = ds.trimmed_modality(idx).ravel()
-        res = ex.run(feeds, collect_expert_inputs=True)
-        for layer, per_expert in res.expert_inputs.items():
-            for e, (tok, rows) in per_expert.items():
-                keep = mod[tok] != PAD
-                x = rows[keep].astype(np.float64)
-                h_in[layer][e] += x.T @ x
-                a = expert_activation(ex.params[layer], e, rows[keep]).astype(np.float64)
-                h_act[layer][e] += a.T @ a
-                n_rows[layer][e] += int(keep.sum())
-    for layer in range(stats.num_layers):
-        np.testing.assert_array_equal(n_rows[layer], stats.tokens[layer])
-        np.testing.assert_allclose(stats.hessian_in[layer], h_in[layer], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(stats.hessian_act[layer], h_act[layer], rtol=1e-4, atol=1e-4)
-        for e in range(h_in[layer].shape[0]):  # symmetric positive semi-definite
-            h = stats.hessian_in[layer][e]
-            np.testing.assert_allclose(h, h.T)
-            assert np.linalg.eigvalsh(h).min() > -1e-6 * max(1.0, np.abs(h).max())
 
 
 def test_report_section(routed):

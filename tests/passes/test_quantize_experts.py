@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from modec.executor import Executor
-from modec.facts import BitAllocation, QuantizedExperts, RoutingStats
+from modec.facts import BitAllocation, Calibration, QuantizedExperts, RoutingStats
+from modec.method.hessians import layer_hessians
 
 PREFIX = "collect-routing,select-key-vision,measure-sensitivity{samples=4},allocate-bits"
 PROJS = ("gate", "up", "down")
@@ -82,13 +83,15 @@ def test_gptq_beats_rtn_on_the_calibration_inputs(analysed, quantized):
     """GPTQ's point: a smaller output error tr(ΔW H ΔWᵀ) than RTN at the same widths."""
     model_g, ctx = quantized
     model_r, _ = analysed(PREFIX + ",quantize-experts{method=rtn}")
-    stats = ctx.facts.get(RoutingStats)
-    fp32 = Executor(analysed("")[0]).params
+    model0 = analysed("")[0]
+    ds = ctx.facts.get(Calibration).data
+    hs = [h for _, h, _ in layer_hessians(model0, ds, batch_size=16, threads=2, max_memory=2**30)]
+    fp32 = Executor(model0).params
     err = {"gptq": 0.0, "rtn": 0.0}
     for name, model in (("gptq", model_g), ("rtn", model_r)):
         for layer, (p, p0) in enumerate(zip(Executor(model).params, fp32, strict=True)):
             for proj in PROJS:
-                h = stats.hessian_act[layer] if proj == "down" else stats.hessian_in[layer]
+                h = hs[layer].h_act if proj == "down" else hs[layer].h_in
                 dw = (getattr(p, proj) - getattr(p0, proj)).astype(np.float64)
                 err[name] += float(np.einsum("enk,ekl,enl->", dw, h, dw))
     assert err["gptq"] < err["rtn"]

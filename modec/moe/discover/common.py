@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from modec.moe._graph import attr, const_array, subgraph_nodes
+from modec.moe._graph import attr, const_array, const_lazy, subgraph_nodes
+from modec.moe.lazy import LazyArray
 
 LINEAR = frozenset({"MatMul", "Gemm"})
 RERUN_HINT = (
@@ -19,20 +20,24 @@ RERUN_HINT = (
 
 @dataclass
 class Proj:
-    """One projection: its node, weight ``[..., N, K]``, bias, and output after the bias."""
+    """One projection: its node, weight ``[..., N, K]`` (float32, read on demand), bias, and
+    output after the bias."""
 
     node: ir.Node
-    weight: np.ndarray
+    weight: LazyArray
     bias: np.ndarray | None
     out: ir.Value
 
 
-def linear_weight(node: ir.Node) -> tuple[np.ndarray, ir.Value] | None:
-    """``(W[N, K], data input)`` of a MatMul/Gemm with a constant 2-D weight, else None."""
+def linear_weight(node: ir.Node) -> tuple[LazyArray, ir.Value] | None:
+    """``(W[N, K], data input)`` of a MatMul/Gemm with a constant 2-D weight, else None.
+
+    ``W`` is float32 and lazy: only its shape is known until it is read.
+    """
     if node.op_type not in LINEAR or len(node.inputs) < 2:
         return None
     a, b = node.inputs[0], node.inputs[1]
-    wa, wb = const_array(a), const_array(b)
+    wa, wb = const_lazy(a), const_lazy(b)
     if node.op_type == "Gemm":
         if wb is None or wa is not None or wb.ndim != 2 or a is None:
             return None
@@ -40,7 +45,9 @@ def linear_weight(node: ir.Node) -> tuple[np.ndarray, ir.Value] | None:
             return None
         w = wb if attr(node, "transB", 0) else wb.T
         alpha = float(attr(node, "alpha", 1.0))
-        return (w * alpha).astype(np.float32), a
+        if alpha != 1.0 or w.dtype.kind != "f":  # x * 1.0 == x for floats
+            w = w.map(lambda x: x * alpha)
+        return w.astype(np.float32), a
     if wb is not None and wa is None and wb.ndim == 2 and a is not None:
         return wb.T.astype(np.float32), a
     return None

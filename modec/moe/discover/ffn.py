@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modec.errors import ModelError
+from modec.moe import lazy
 from modec.moe._graph import (
     SHAPE_OPS,
     const_array,
@@ -29,6 +30,7 @@ from modec.moe._graph import (
 )
 from modec.moe.discover.common import Proj
 from modec.moe.discover.region import Activation, ExpertWeights, GateLayout
+from modec.moe.lazy import LazyArray
 
 RowSel = Callable[[int], np.ndarray]
 
@@ -131,8 +133,8 @@ class FFN:
     up: Proj
     down: Proj
     layout: GateLayout
-    gate_rows: Callable[[int], np.ndarray] | None
-    up_rows: Callable[[int], np.ndarray] | None
+    gate_rows: RowSel | None
+    up_rows: RowSel | None
     activation: Activation
     alpha: float
     limit: float
@@ -189,51 +191,59 @@ def classify_ffn(firsts: list[Proj], down: Proj, allowed: set[ir.Node], name: st
 
 
 def assemble(ffns: list[FFN]) -> ExpertWeights:
-    """Stack per-expert (or already stacked) FFNs into ExpertWeights."""
+    """Stack per-expert (or already stacked) FFNs into ExpertWeights.
+
+    The weights stay lazy (the stack, the gate/up row split and the float32 cast happen when
+    they are read); the biases are read.
+    """
 
     pre_stacked = len(ffns) == 1 and ffns[0].up.weight.ndim == 3
 
-    def stack(arrs: list[np.ndarray]) -> np.ndarray:
+    def stack(arrs: list[LazyArray]) -> LazyArray:
+        return arrs[0] if pre_stacked else lazy.stack(arrs)
+
+    def stack_b(arrs: list[np.ndarray]) -> np.ndarray:
         return arrs[0] if pre_stacked else np.stack(arrs)
 
-    def rows(
-        w: np.ndarray | None, sel: Callable[[int], np.ndarray] | None, axis: int
-    ) -> np.ndarray | None:
-        if w is None or sel is None:
-            return w
-        return np.take(w, sel(w.shape[axis]), axis=axis)
+    def rows(w: LazyArray, sel: RowSel | None) -> LazyArray:
+        return w if sel is None else w.take(sel(w.shape[-2]), axis=-2)
+
+    def rows_b(b: np.ndarray, sel: RowSel | None) -> np.ndarray:
+        return b if sel is None else np.take(b, sel(b.shape[-1]), axis=-1)
 
     f0 = ffns[0]
-    gate = up = None
+    gate: LazyArray | None = None
     gate_b = up_b = None
     if f0.layout in ("concatenated", "interleaved"):
         ws = stack([f.up.weight for f in ffns])
-        gate = rows(ws, f0.gate_rows, -2)
-        up = rows(ws, f0.up_rows, -2)
+        gate = rows(ws, f0.gate_rows)
+        up = rows(ws, f0.up_rows)
         if f0.up.bias is not None:
-            bs = stack([f.up.bias for f in ffns if f.up.bias is not None])
-            gate_b, up_b = rows(bs, f0.gate_rows, -1), rows(bs, f0.up_rows, -1)
+            bs = stack_b([f.up.bias for f in ffns if f.up.bias is not None])
+            gate_b, up_b = rows_b(bs, f0.gate_rows), rows_b(bs, f0.up_rows)
     else:
         up = stack([f.up.weight for f in ffns])
         if f0.up.bias is not None:
-            up_b = stack([f.up.bias for f in ffns if f.up.bias is not None])
+            up_b = stack_b([f.up.bias for f in ffns if f.up.bias is not None])
         if f0.gate is not None:
             gate = stack([f.gate.weight for f in ffns if f.gate is not None])
             if f0.gate.bias is not None:
-                gate_b = stack(
+                gate_b = stack_b(
                     [f.gate.bias for f in ffns if f.gate is not None and f.gate.bias is not None]
                 )
     down = stack([f.down.weight for f in ffns])
     down_b = None
     if f0.down.bias is not None:
-        down_b = stack([f.down.bias for f in ffns if f.down.bias is not None])
-    assert up is not None
+        down_b = stack_b([f.down.bias for f in ffns if f.down.bias is not None])
 
-    def f32(a: np.ndarray | None) -> np.ndarray | None:
+    def f32(a: LazyArray) -> LazyArray:
+        return a if a.dtype == np.float32 else a.astype(np.float32)
+
+    def f32_b(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
 
     return ExpertWeights(
-        gate=f32(gate), up=f32(up), down=f32(down),  # type: ignore[arg-type]
-        gate_bias=f32(gate_b), up_bias=f32(up_b), down_bias=f32(down_b),
+        gate=None if gate is None else f32(gate), up=f32(up), down=f32(down),
+        gate_bias=f32_b(gate_b), up_bias=f32_b(up_b), down_bias=f32_b(down_b),
         activation=f0.activation, alpha=f0.alpha, limit=f0.limit,
     )  # fmt: skip

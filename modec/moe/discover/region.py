@@ -8,6 +8,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from modec.moe.lazy import LazyArray
+
 ExpertForm = Literal["stacked_gather", "dispatch", "dense_add", "dense_einsum", "if_per_expert"]
 GateLayout = Literal["separate", "concatenated", "interleaved", "none"]
 Activation = Literal["silu", "gelu", "gpt_oss"]
@@ -58,6 +60,10 @@ class RouterSpec:
 class ExpertWeights:
     """Stacked expert weights in ``nn.Linear`` convention ``W[N, K]`` (y = x·Wᵀ).
 
+    The projections are float32 `LazyArray`s: find-moe reads their shapes only; their values
+    are computed from the model's initializers when read (``numpy()``, ``expert(e)``, or
+    ``np.asarray``). The biases are read (``[E, N]``: small).
+
     Attributes:
         gate: ``[E, I, H]`` or None when not gated.
         up: ``[E, I, H]``.
@@ -67,9 +73,9 @@ class ExpertWeights:
         alpha / limit: GPT-OSS activation constants (0 otherwise).
     """
 
-    gate: np.ndarray | None
-    up: np.ndarray
-    down: np.ndarray
+    gate: LazyArray | None
+    up: LazyArray
+    down: LazyArray
     gate_bias: np.ndarray | None = None
     up_bias: np.ndarray | None = None
     down_bias: np.ndarray | None = None
@@ -89,7 +95,7 @@ class SharedExpert:
 
     Attributes:
         weights: its projections with a leading expert axis of 1.
-        expert_gate: ``[1, H]`` weight of a sigmoid gate on its output, or None.
+        expert_gate: ``[1, H]`` weight of a sigmoid gate on its output, or None (read).
     """
 
     weights: ExpertWeights

@@ -21,19 +21,22 @@ import numpy as np
 import onnx_ir as ir
 
 from modec.errors import ModelError
-from modec.moe._graph import SHAPE_OPS, GraphIndex, attr, const_array, scalar
+from modec.moe import lazy
+from modec.moe._graph import SHAPE_OPS, GraphIndex, attr, const_array, const_lazy, is_const, scalar
 from modec.moe.discover.common import LINEAR, initializer_names, is_expert_node, linear_weight
 from modec.moe.discover.region import FindMoEOptions, RouterSpec, Scoring
+from modec.moe.lazy import LazyArray
 
 
 @dataclass
 class Router:
-    """A router candidate: its TopK, router matmul and the nodes between them (matmul first)."""
+    """A router candidate: its TopK, router matmul and the nodes between them (matmul first);
+    ``weight`` ``[E, H]`` is read only for a router that `routing_spec` describes."""
 
     topk: ir.Node
     matmul: ir.Node
     chain: list[ir.Node]
-    weight: np.ndarray
+    weight: LazyArray
     bias: np.ndarray | None
     correction_bias: np.ndarray | None
     scoring: Scoring | None
@@ -95,9 +98,9 @@ def router_of(topk: ir.Node, opts: FindMoEOptions) -> Router | None:
             adds.append((c.reshape(-1).astype(np.float32), scoring is None))
         elif p.op_type == "Where":
             a, b = p.inputs[1], p.inputs[2]
-            if const_array(a) is not None:
+            if is_const(a):
                 cur = b
-            elif const_array(b) is not None:
+            elif is_const(b):
                 cur = a
             else:
                 return None
@@ -130,9 +133,9 @@ def routing_spec(
                 norm = True
         elif n.op_type == "Mul":
             for v in n.inputs:
-                arr = const_array(v)
-                if arr is not None and arr.size == 1 and np.issubdtype(arr.dtype, np.floating):
-                    scale *= float(arr.reshape(()))
+                c = const_lazy(v)
+                if c is not None and c.size == 1 and np.issubdtype(c.dtype, np.floating):
+                    scale *= float(np.asarray(c.numpy()).reshape(()))
     scoring = router.scoring
     if scoring is None:
         if not softmax_after:
@@ -164,7 +167,8 @@ def routing_spec(
             ]
             topk_group = int(ks[0]) if ks else n_group
     return RouterSpec(
-        weight=router.weight, bias=router.bias, correction_bias=router.correction_bias,
+        weight=lazy.to_float32(router.weight), bias=router.bias,
+        correction_bias=router.correction_bias,
         scoring=scoring, norm_topk_prob=norm, softmax_after_topk=softmax_after,
         n_group=n_group, topk_group=topk_group, routed_scaling_factor=scale,
         initializers=tuple(router.inits),

@@ -11,10 +11,12 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from modec.errors import ModelError
+from modec.moe import lazy
 from modec.moe._graph import GraphIndex
 from modec.moe.discover.common import linear_proj
 from modec.moe.discover.ffn import assemble, classify_ffn, firsts_and_downs
 from modec.moe.discover.region import ExpertWeights, SharedExpert
+from modec.moe.lazy import LazyArray
 
 
 def read_shared_expert(
@@ -28,7 +30,7 @@ def read_shared_expert(
     mlp = []
     for p in projs:
         if p.weight.shape[0] == 1:
-            gate_w = p.weight
+            gate_w = lazy.to_float32(p.weight)  # [1, H]: small, read now
         else:
             mlp.append(p)
     firsts, downs = firsts_and_downs(mlp, allowed)
@@ -38,8 +40,13 @@ def read_shared_expert(
     weights = assemble([ffn])
     weights = ExpertWeights(
         gate=weights.gate,
-        up=weights.up[None] if weights.up.ndim == 2 else weights.up,
-        down=weights.down[None] if weights.down.ndim == 2 else weights.down,
+        up=_one_expert(weights.up),
+        down=_one_expert(weights.down),
         activation=weights.activation, alpha=weights.alpha, limit=weights.limit,
     )  # fmt: skip
     return SharedExpert(weights, gate_w)
+
+
+def _one_expert(w: LazyArray) -> LazyArray:
+    """``w`` with a leading expert axis of 1."""
+    return w.reshape((1, *w.shape)) if w.ndim == 2 else w

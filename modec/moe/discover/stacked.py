@@ -16,7 +16,8 @@ import numpy as np
 import onnx_ir as ir
 
 from modec.errors import ModelError
-from modec.moe._graph import attr, const_array, fine_backward, fine_forward
+from modec.moe import lazy
+from modec.moe._graph import attr, const_lazy, fine_backward, fine_forward, is_const
 from modec.moe.discover.common import RERUN_HINT, Proj
 from modec.moe.discover.ffn import assemble, classify_ffn, firsts_and_downs, through
 from modec.moe.discover.region import ExpertForm, ExpertWeights, GateLayout
@@ -30,8 +31,8 @@ def find_gathers(
     for n in nodes:
         if n.op_type in ("Gather", "GatherND") and n in topk_fwd:
             data = n.inputs[0]
-            w = const_array(data)
-            if w is None or w.ndim < 2 or w.shape[0] != e or const_array(n.inputs[1]) is not None:
+            w = const_lazy(data)
+            if w is None or w.ndim < 2 or w.shape[0] != e or is_const(n.inputs[1]):
                 continue
             if n.op_type == "Gather" and int(attr(n, "axis", 0)) != 0:
                 continue
@@ -53,7 +54,7 @@ def read_stacked(
     projs: dict[ir.Node, Proj] = {}
     biases: list[tuple[ir.Node, np.ndarray]] = []
     for data, (g,) in gathers.items():
-        w = const_array(data)
+        w = const_lazy(data)
         assert w is not None
         v = g.outputs[0]
         transposed = False
@@ -69,10 +70,10 @@ def read_stacked(
             lhs = mm.inputs[0]
             left = lhs is v or (lhs is not None and g in fine_backward([lhs], allowed))
             # W_sel @ x: stored [E, N, K]; x @ W_sel: stored [E, K, N] (a Transpose flips it).
-            w_nk = w.transpose(0, 2, 1) if (left == transposed) else w
+            w_nk = w.transpose((0, 2, 1)) if (left == transposed) else w
             projs[mm] = Proj(mm, w_nk.astype(np.float32), None, mm.outputs[0])
         elif w.ndim == 2 and len(users) == 1 and users[0].op_type == "Add":
-            biases.append((users[0], w.astype(np.float32)))
+            biases.append((users[0], lazy.to_float32(w)))  # [E, N]: small, read now
         else:
             raise ModelError(
                 f"find-moe: MoE layer {name}: stacked weight {data.name!r} is used in a way "
