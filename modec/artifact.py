@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -310,8 +310,15 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_json(obj, str(path))
 
 
-def verify_files(out_dir: str | os.PathLike[str], manifest: Manifest) -> None:
+def verify_files(
+    out_dir: str | os.PathLike[str], manifest: Manifest, *, keep: str | None = None
+) -> BinaryIO | None:
     """Check that every listed file exists with the recorded size and SHA-256.
+
+    Each file is hashed through one open handle in 1 MiB reads (never held whole). With
+    ``keep``, that file's handle is returned open at offset 0 instead of closed: a loader
+    that maps it maps exactly the bytes that were checked, even if another file replaces it
+    by name afterwards.
 
     Raises:
         ModelError: a file is missing, truncated / grown, or its checksum differs.
@@ -320,25 +327,56 @@ def verify_files(out_dir: str | os.PathLike[str], manifest: Manifest) -> None:
     for required in (LIBRARY, WEIGHTS):
         if required not in manifest.files:
             raise ModelError(f"{base / MANIFEST} lists no {required}; rebuild the artifact")
-    for name, entry in sorted(manifest.files.items()):
-        if "/" in name or "\\" in name or name.startswith("."):
-            raise ModelError(f"{base / MANIFEST}: file name {name!r} is not a plain file name")
-        p = base / name
-        try:
-            size = p.stat().st_size
-        except FileNotFoundError as exc:
-            raise ModelError(f"{p} is missing; copy the whole artifact directory") from exc
+    kept = None
+    try:
+        for name, entry in sorted(manifest.files.items()):
+            if "/" in name or "\\" in name or name.startswith("."):
+                raise ModelError(f"{base / MANIFEST}: file name {name!r} is not a plain file name")
+            f = _open_verified(base / name, entry)
+            if name == keep:
+                kept = f
+            else:
+                f.close()
+    except BaseException:
+        if kept is not None:
+            kept.close()
+        raise
+    return kept
+
+
+def _open_verified(p: Path, entry: FileEntry) -> BinaryIO:
+    try:
+        f = open(p, "rb")  # noqa: SIM115 (returned open, or closed below)
+    except FileNotFoundError as exc:
+        raise ModelError(f"{p} is missing; copy the whole artifact directory") from exc
+    try:
+        size = os.fstat(f.fileno()).st_size
         if size != entry.bytes:
             raise ModelError(
                 f"{p} has {size} bytes, the manifest says {entry.bytes} (truncated or "
                 "modified); copy the artifact again"
             )
-        digest = sha256_file(p)
+        h = hashlib.sha256()
+        read = 0
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            read += len(chunk)
+        if read != entry.bytes:  # changed while it was read
+            raise ModelError(
+                f"{p} has {read} bytes, the manifest says {entry.bytes} (truncated or "
+                "modified); copy the artifact again"
+            )
+        digest = h.hexdigest()
         if digest != entry.sha256:
             raise ModelError(
                 f"{p} SHA-256 {digest[:12]}… does not match the manifest "
                 f"({entry.sha256[:12]}…); the file is corrupted, copy the artifact again"
             )
+        f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def check_target(manifest: Manifest, device: str) -> None:

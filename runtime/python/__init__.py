@@ -5,8 +5,12 @@
 
 `load` checks, in this order, before anything is mapped into the process: the manifest
 (JSON, schema version, fields: as strictly as the C++ runtime, see `_check`), the target
-(device kind and CPU architecture), then every file's size and SHA-256, then the weights
-against the manifest's params. Each failure is one line: `modec.errors.ModelError`.
+(device kind and CPU architecture), then every file's size and SHA-256 (read through a
+small buffer), then the weights' header against the manifest's params. Each failure is one
+line: `modec.errors.ModelError`. ``weights.safetensors`` is then mapped read-only and each
+param handed to the VM as a tensor pointing into the mapping (no copy; the mapping lives as
+long as any of those tensors); a param that is not 64-byte aligned in the file (an artifact
+written before the aligned layout) is copied instead (docs/artifact.md, Loading).
 `Session.run` validates input names, dtypes, ranks, static dims and the consistency of
 symbolic dims and raises `modec.errors.BadInputError`; a model that fails to run on inputs
 its manifest allows, or returns outputs other than the manifest's, raises `ModelError`.
@@ -15,13 +19,15 @@ its manifest allows, or returns outputs other than the manifest's, raises `Model
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from modec.runtime import _check
+from modec.runtime._tvm import ALIGN
 
 from modec.artifact import LIBRARY, WEIGHTS, Manifest, TensorSpec, check_target
 from modec.errors import BadInputError, ModelError
@@ -37,41 +43,42 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def _load_weights(path: Path, specs: list[TensorSpec]) -> list[np.ndarray]:
-    """The params, in order, from ``weights.safetensors`` (other tensors are not read, as in
-    the C++ runtime)."""
-    from safetensors import SafetensorError, safe_open
+def _map_weights(f: BinaryIO, path: Path, specs: list[TensorSpec]) -> list[np.ndarray]:
+    """The params, in order, as read-only arrays over a mapping of the open weights file
+    (nothing is read or copied: the pages come in when the kernels touch them). Other
+    tensors in the file (the padding ``__pad.K``) are not looked at, as in the C++ runtime.
 
-    _check.check_weights_header(path)
-    out = []
+    Raises:
+        ModelError: the header is not the manifest's params (`_check.weight_slices`), or
+            the file cannot be mapped or changed since it was hashed.
+    """
+    size = os.fstat(f.fileno()).st_size
+    base, header = _check.read_weights_header(f, path, size)
+    slices = _check.weight_slices(header, base, size, specs, path)
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            names = set(f.keys())
-            for spec in specs:
-                if spec.name not in names:
-                    raise ModelError(f"{path} has no tensor {spec.name!r} listed in the manifest")
-                a = f.get_tensor(spec.name)
-                if str(a.dtype) != spec.dtype or tuple(a.shape) != spec.shape:
-                    raise ModelError(
-                        f"{path}: tensor {spec.name!r} is {a.dtype}{list(a.shape)}, the manifest "
-                        f"says {spec.dtype}{list(spec.shape)}"
-                    )
-                out.append(a)
-    # safetensors parses untrusted bytes; numpy refuses dtypes it lacks with a TypeError
-    except (SafetensorError, OSError, ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise ModelError(f"cannot read {path}: {_last_line(exc)}; copy the artifact again") from exc
+        data = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot map {path}: {_last_line(exc)}") from exc
+    if os.fstat(f.fileno()).st_size != size:  # shrunk: the pages past its end would SIGBUS
+        raise ModelError(f"{path} changed while it was loaded; copy the artifact again")
+    out = []
+    for spec, (offset, nbytes) in zip(specs, slices, strict=True):
+        dtype = np.dtype(spec.dtype)
+        a = np.frombuffer(data, dtype, count=nbytes // dtype.itemsize, offset=offset)
+        out.append(a.reshape(tuple(int(d) for d in spec.shape)))
     return out
 
 
 class Session:
     """A loaded artifact; `run` maps input arrays by ONNX name to output arrays."""
 
-    def __init__(self, path: Path, manifest: Manifest, device: str) -> None:
+    def __init__(self, path: Path, manifest: Manifest, device: str, weights_file: BinaryIO) -> None:
         from modec.runtime._tvm import Runtime
 
         self.path = path
         self.manifest = manifest
-        weights = _load_weights(path / WEIGHTS, manifest.params)
+        with weights_file:
+            weights = _map_weights(weights_file, path / WEIGHTS, manifest.params)
         self._rt = Runtime(device)
         library = _check.read_library(path / LIBRARY, manifest)
         try:
@@ -81,7 +88,27 @@ class Session:
                 f"cannot load {path / LIBRARY} ({_last_line(exc)}); rebuild "
                 f"the artifact with TVM {manifest.tvm_version or '?'}"
             ) from exc
-        self._params = [self._rt.tensor(w) for w in weights]
+        self._params = []
+        #: how many params are copies, not views of the mapped weights file (misaligned in
+        #: the file, a CUDA device, or a numpy without read-only DLPack export)
+        self.copied_params = 0
+        for w in weights:
+            tensor, mapped = self._rt.param(w)
+            self._params.append(tensor)
+            self.copied_params += not mapped
+        misaligned = sum(1 for w in weights if w.ctypes.data % ALIGN)
+        if misaligned and device == "cpu":
+            logger.warning(
+                "%s: %d of %d params are not %d-byte aligned in the file (an artifact written "
+                "before the aligned layout) and were copied; rebuild the artifact to map them",
+                path / WEIGHTS, misaligned, len(weights), ALIGN,
+            )  # fmt: skip
+        if self.copied_params > misaligned and device == "cpu":
+            logger.warning(
+                "%s: %d params were copied: numpy %s cannot hand read-only arrays over "
+                "through DLPack (numpy >= 2.1 can)",
+                path / WEIGHTS, self.copied_params - misaligned, np.__version__,
+            )  # fmt: skip
         logger.info("loaded %s: %d params", path, len(weights))
 
     @property
@@ -203,5 +230,4 @@ def load(path: str | os.PathLike[str], device: str = "cpu") -> Session:
         raise ModelError(f"artifact directory {base} does not exist")
     manifest = _check.read_manifest(base)
     check_target(manifest, device)
-    _check.verify(base, manifest)
-    return Session(base, manifest, device)
+    return Session(base, manifest, device, _check.verify(base, manifest))

@@ -8,7 +8,8 @@ field of the wrong JSON type (``1.5``, ``true`` or ``"3"`` as a dim, a number as
 unknown dtype or a negative dim in ``inputs`` / ``outputs`` (the params' are caught when the
 weights load); a file name that is empty or holds a control character; a file that cannot
 be read (a directory, a name too long); and a safetensors header with a bad length or
-duplicate tensor names.
+duplicate tensor names. The params' entries in the safetensors header are checked by
+`weight_slices`, which follows the C++ ``CheckSafetensors`` rule for rule.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
+
+import numpy as np
 
 from modec.artifact import (
     MANIFEST,
     SAFETENSORS_DTYPES,
     SCHEMA,
+    WEIGHTS,
     Manifest,
+    TensorSpec,
     verify_files,
 )
 from modec.errors import ModelError
@@ -192,34 +197,42 @@ def _regular(path: Path) -> None:
         raise ModelError(f"{path} is not a regular file; copy the whole artifact directory")
 
 
-def verify(base: Path, manifest: Manifest) -> None:
-    """`modec.artifact.verify_files`, with a file that cannot be read as a ModelError."""
+def verify(base: Path, manifest: Manifest) -> BinaryIO:
+    """`modec.artifact.verify_files`, with a file that cannot be read as a ModelError.
+
+    Returns:
+        ``weights.safetensors`` open at offset 0: the handle its checksum was read through.
+    """
     try:
         for name in sorted(manifest.files):
             _regular(base / name)  # names are plain (`_check_fields`)
-        verify_files(base, manifest)
+        weights = verify_files(base, manifest, keep=WEIGHTS)
     except (OSError, ValueError) as exc:  # a name too long, a file that cannot be read...
         what = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         where = getattr(exc, "filename", None) or base
         raise ModelError(f"cannot read {where}: {what}; copy the artifact again") from exc
+    assert weights is not None  # verify_files requires WEIGHTS in the manifest
+    return weights
 
 
-def check_weights_header(path: Path) -> None:
-    """The safetensors header's length and JSON (as runtime/src/artifact_check.cc reads them);
-    the tensors themselves are checked when `safetensors` loads them.
+def read_weights_header(f: BinaryIO, path: Path, size: int) -> tuple[int, dict[str, Any]]:
+    """The safetensors header of the open weights file (``size`` bytes), read with ``read()``
+    (as runtime/src/artifact_check.cc reads it): its length and JSON.
+
+    Returns:
+        (the file offset where the data starts, the header object).
 
     Raises:
         ModelError: too short, header length out of range, header not JSON (or duplicates).
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelError(f"{path} is too short for a safetensors file; copy the artifact again")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise ModelError(f"{path}: header length out of range; copy the artifact again")
-        raw = f.read(n)
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        raise ModelError(f"{path} is too short for a safetensors file; copy the artifact again")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or 8 + n > size:
+        raise ModelError(f"{path}: header length out of range; copy the artifact again")
+    raw = f.read(n)
     try:
         header = parse_json(raw)
     except ValueError as exc:  # UnicodeDecodeError too
@@ -228,6 +241,68 @@ def check_weights_header(path: Path) -> None:
         ) from exc
     if not isinstance(header, dict):
         raise ModelError(f"{path}: malformed header (not an object); copy the artifact again")
+    return 8 + n, header
+
+
+#: safetensors dtype tag -> numpy name (for messages)
+_NUMPY_NAMES = {tag: name for name, tag in SAFETENSORS_DTYPES.items()}
+
+
+def _header_int(value: Any, path: Path, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value not in INT64:
+        raise ModelError(f"{path}: malformed header ({what} is not an integer: {value!r}"[:200]
+                         + "); copy the artifact again")  # fmt: skip
+    return value
+
+
+def weight_slices(
+    header: dict[str, Any], base: int, size: int, specs: list[TensorSpec], path: Path
+) -> list[tuple[int, int]]:
+    """Where each param's bytes are in the weights file: (file offset, byte count), in
+    ``specs`` order, checked as runtime/src/artifact_check.cc's ``CheckSafetensors`` does
+    (the header lists every param with the manifest's dtype and shape, and in-range offsets
+    that hold exactly its bytes; other tensors, such as the padding ``__pad.K``, are not
+    looked at), so that both runtimes accept and refuse the same files.
+
+    Raises:
+        ModelError: a param missing, of another dtype or shape, or out of range.
+    """
+    body = size - base
+    out = []
+    for spec in specs:
+        t = header.get(spec.name)
+        if t is None:
+            raise ModelError(f"{path} has no tensor {spec.name!r} listed in the manifest")
+        if not isinstance(t, dict) or not isinstance(t.get("shape"), list):
+            raise ModelError(f"{path}: malformed header (tensor {spec.name!r} has no shape "
+                             "array); copy the artifact again")  # fmt: skip
+        shape = [_header_int(d, path, f"a dim of {spec.name!r}") for d in t["shape"]]
+        dtype = t.get("dtype")
+        if not isinstance(dtype, str):
+            raise ModelError(f"{path}: malformed header (tensor {spec.name!r} has no dtype "
+                             "string); copy the artifact again")  # fmt: skip
+        if dtype != SAFETENSORS_DTYPES[spec.dtype] or shape != list(spec.shape):
+            raise ModelError(
+                f"{path}: tensor {spec.name!r} is {_NUMPY_NAMES.get(dtype, dtype)}{shape}, the "
+                f"manifest says {spec.dtype}{list(spec.shape)}"
+            )
+        offsets = t.get("data_offsets")
+        if not isinstance(offsets, list):
+            raise ModelError(f"{path}: malformed header (tensor {spec.name!r} has no "
+                             "data_offsets array); copy the artifact again")  # fmt: skip
+        if len(offsets) != 2:
+            raise ModelError(f"{path}: bad data_offsets for {spec.name!r}; copy the artifact again")
+        begin, end = (_header_int(o, path, f"an offset of {spec.name!r}") for o in offsets)
+        itemsize = np.dtype(spec.dtype).itemsize
+        numel = math.prod(shape)
+        if any(d < 0 for d in shape) or numel >= 2**63 or numel > (2**64 - 1) // itemsize:
+            raise ModelError(f"{path}: tensor {spec.name!r} shape is too large (its byte size "
+                             "overflows); copy the artifact again")  # fmt: skip
+        if begin < 0 or end < begin or end > body or end - begin != numel * itemsize:
+            raise ModelError(f"{path}: data_offsets of {spec.name!r} out of range; copy the "
+                             "artifact again")  # fmt: skip
+        out.append((base + begin, end - begin))
+    return out
 
 
 def check_library(data: bytes, path: Path) -> None:

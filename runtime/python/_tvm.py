@@ -32,6 +32,10 @@ from modec.errors import ModelError
 DEVICE_TYPES = {"cpu": 1, "cuda": 2}
 #: The VM's allocator kind: 2 = pooled (what `tvm.relax.VirtualMachine` uses by default).
 POOLED_ALLOCATOR = 2
+#: Data alignment the compiled CPU kernels assume for every tensor argument (TVM marks each
+#: argument's data 64-byte aligned and LLVM emits aligned vector loads: a misaligned param
+#: crashes the process with SIGSEGV).
+ALIGN = 64
 
 _loaded: set[str] = set()
 
@@ -125,6 +129,22 @@ class Runtime:
         t = self._alloc(self._ffi.Shape(a.shape), self._ffi.dtype(str(a.dtype)), self.device, None)
         self._copy_from(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
         return t
+
+    def param(self, a: np.ndarray) -> tuple[Any, bool]:
+        """A tensor for a param array (a read-only view of the mapped weights file), and
+        whether it is that view itself.
+
+        On a CPU device an `ALIGN`-byte aligned array is handed over as it is, through
+        DLPack (zero copy: the tensor holds the array, which holds the mapping); DLPack 1.0
+        carries the read-only flag (numpy >= 2.1). Otherwise (misaligned, another device, an
+        older numpy) the tensor is an aligned device copy made with `tensor`."""
+        if self.device_type == DEVICE_TYPES["cpu"] and a.ctypes.data % ALIGN == 0:
+            try:
+                capsule = a.__dlpack__(max_version=(1, 0))
+            except (TypeError, BufferError):  # numpy < 2.1: no read-only export
+                return self.tensor(a), False
+            return self._ffi.from_dlpack(capsule, require_alignment=ALIGN), True
+        return self.tensor(a), False
 
     def numpy(self, t: Any) -> np.ndarray:
         """A numpy copy of a tensor the VM returned."""

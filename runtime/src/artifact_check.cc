@@ -121,18 +121,23 @@ void CheckFileName(const std::string& name) {
 
 std::vector<Slice> CheckSafetensors(const std::string& data, const std::vector<Spec>& params,
                                     const std::string& path) {
-  if (data.size() < 8) Fail(MODEC_ERR_WEIGHTS, path + " is too short for a safetensors file");
+  return CheckSafetensors(data.data(), data.size(), params, path);
+}
+
+std::vector<Slice> CheckSafetensors(const char* data, size_t size, const std::vector<Spec>& params,
+                                    const std::string& path) {
+  if (size < 8) Fail(MODEC_ERR_WEIGHTS, path + " is too short for a safetensors file");
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<uint8_t>(data[i]);
-  if (n > kMaxHeader || 8 + n > data.size()) Fail(MODEC_ERR_WEIGHTS, path + ": header length out of range");
+  if (n > kMaxHeader || 8 + n > size) Fail(MODEC_ERR_WEIGHTS, path + ": header length out of range");
   Json header;
   try {
-    header = Json::Parse(data.substr(8, n));
+    header = Json::Parse(std::string(data + 8, static_cast<size_t>(n)));
   } catch (const JsonError& e) {
     Fail(MODEC_ERR_WEIGHTS, path + ": header is not valid JSON (" + e.what() + ")");
   }
   const size_t base = 8 + n;
-  const size_t body = data.size() - base;
+  const size_t body = size - base;
   std::vector<Slice> slices;
   try {
     for (const Spec& p : params) {

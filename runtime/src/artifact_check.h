@@ -72,10 +72,16 @@ struct Slice {
   size_t bytes;
 };
 
-/*! \brief Check a whole safetensors file (`data`) against the manifest's params: the header
- * parses, lists every param with its dtype and shape, and in-range offsets that hold exactly
- * the param's bytes. Returns one Slice per param, in params order. `path` names the file
- * in messages. Throws Failure(MODEC_ERR_WEIGHTS). */
+/*! \brief Check a whole safetensors file (`data`, `size` bytes) against the manifest's
+ * params: the header parses, lists every param with its dtype and shape, and in-range offsets
+ * that hold exactly the param's bytes. Other tensors (the padding `__pad.K` of an aligned
+ * file) are not looked at. Returns one Slice per param, in params order. Only the 8-byte
+ * prefix and the header are read, never the tensor data: `data` may be a mapping of the
+ * file whose pages are not resident. `path` names the file in messages. Throws
+ * Failure(MODEC_ERR_WEIGHTS). */
+std::vector<Slice> CheckSafetensors(const char* data, size_t size, const std::vector<Spec>& params,
+                                    const std::string& path);
+/*! \brief The same on a file held in a string. */
 std::vector<Slice> CheckSafetensors(const std::string& data, const std::vector<Spec>& params,
                                     const std::string& path);
 

@@ -1,5 +1,6 @@
 // The modec C API on top of the TVM runtime (tvm_ffi headers only, see DESIGN.md).
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <modec/modec.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -13,6 +14,7 @@
 #include <tvm/ffi/function.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -78,11 +80,67 @@ struct CPUAlloc {
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
 
-std::string ReadFile(const std::string& path) {
+/*! \brief Data alignment the compiled kernels assume for every tensor argument: TVM marks
+ * each DLTensor's data as 64-byte aligned and LLVM emits aligned vector loads (vmovaps on
+ * zmm registers), so a misaligned param crashes the process (SIGSEGV). */
+constexpr uintptr_t kAlign = 64;
+
+/*! \brief A read-only mapping of the weights file, shared by every tensor that points into
+ * it (the last one released unmaps it). */
+struct Mapping {
+  void* base = nullptr;
+  size_t size = 0;
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (base != nullptr) munmap(base, size);
+  }
+  const char* data() const { return static_cast<const char*>(base); }
+};
+
+/*! \brief The "allocator" of a tensor whose data is a slice of the mapping: nothing is
+ * allocated or copied, the tensor keeps the mapping alive until it is freed. */
+struct MappedAlloc {
+  std::shared_ptr<const Mapping> mapping;
+  const char* ptr;
+  void AllocData(DLTensor* t) { t->data = const_cast<char*>(ptr); }  // PROT_READ: never written
+  void FreeData(DLTensor*) {}
+};
+
+/*! \brief An open file descriptor, closed when it goes out of scope. */
+struct Fd {
+  int fd = -1;
+  explicit Fd(int f) : fd(f) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() {
+    if (fd >= 0) close(fd);
+  }
+};
+
+void CheckRegular(const std::string& path) {
   struct stat st;
   if (stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
     Fail(MODEC_ERR_IO, path + " is not a regular file; copy the whole artifact directory");
   }
+}
+
+[[noreturn]] void SizeDiffers(const std::string& path, uint64_t got, int64_t want) {
+  Fail(MODEC_ERR_CHECKSUM, path + " has " + std::to_string(got) + " bytes, the manifest says " +
+                               std::to_string(want) + " (truncated or modified); copy the artifact again");
+}
+
+void CheckDigest(const std::string& path, Sha256* h, const std::string& want) {
+  std::string got = h->HexDigest();
+  if (got != want) {
+    Fail(MODEC_ERR_CHECKSUM, path + " SHA-256 " + got.substr(0, 12) + "... does not match the manifest (" +
+                                 want.substr(0, 12) + "...); the file is corrupted, copy the artifact again");
+  }
+}
+
+std::string ReadFile(const std::string& path) {
+  CheckRegular(path);
   std::ifstream f(path, std::ios::binary);
   if (!f) Fail(MODEC_ERR_IO, path + " cannot be opened (missing?); copy the whole artifact directory");
   std::ostringstream ss;
@@ -108,6 +166,8 @@ struct modec_session {
   std::optional<ffi::Module> lib;
   std::optional<ffi::Module> vm;
   std::optional<ffi::Function> main;
+  // The params, in calling order: tensors into the mapped weights file (each holds the
+  // mapping), or aligned copies of the params that are misaligned in the file.
   std::vector<ffi::Tensor> weights;
   DLDevice dev{kDLCPU, 0};
   // Output storage kept alive until the next run.
@@ -137,27 +197,82 @@ std::string ReadVerified(const std::string& dir, const std::string& name,
   artifact::CheckFileName(name);
   std::string path = dir + "/" + name;
   std::string data = ReadFile(path);
-  if (static_cast<int64_t>(data.size()) != want.second) {
-    Fail(MODEC_ERR_CHECKSUM, path + " has " + std::to_string(data.size()) + " bytes, the manifest says " +
-                                 std::to_string(want.second) + " (truncated or modified); copy the artifact again");
-  }
+  if (static_cast<int64_t>(data.size()) != want.second) SizeDiffers(path, data.size(), want.second);
   Sha256 h;
   h.Update(data.data(), data.size());
-  std::string got = h.HexDigest();
-  if (got != want.first) {
-    Fail(MODEC_ERR_CHECKSUM, path + " SHA-256 " + got.substr(0, 12) + "... does not match the manifest (" +
-                                 want.first.substr(0, 12) + "...); the file is corrupted, copy the artifact again");
-  }
+  CheckDigest(path, &h, want.first);
   return data;
 }
 
-void LoadWeights(modec_session* s, const std::string& data) {
-  std::vector<artifact::Slice> slices = artifact::CheckSafetensors(data, s->params, s->dir + "/weights.safetensors");
+/*! \brief Open a listed file and check its size and SHA-256, hashing it with read()s into a
+ * 1 MiB buffer (the file is never held whole, and the pages read go through the page cache,
+ * not into this process's memory). Returns the descriptor the bytes were hashed through and
+ * the size: mapping that descriptor maps the checked file even if another file replaces it
+ * by name meanwhile. */
+int OpenVerified(const std::string& dir, const std::string& name, const std::pair<std::string, int64_t>& want,
+                 uint64_t* size) {
+  artifact::CheckFileName(name);
+  std::string path = dir + "/" + name;
+  CheckRegular(path);
+  Fd fd(open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.fd < 0) Fail(MODEC_ERR_IO, path + " cannot be opened (missing?); copy the whole artifact directory");
+  struct stat st;
+  if (fstat(fd.fd, &st) != 0) Fail(MODEC_ERR_IO, "reading " + path + " failed");
+  if (!S_ISREG(st.st_mode)) Fail(MODEC_ERR_IO, path + " is not a regular file; copy the whole artifact directory");
+  if (st.st_size != want.second) SizeDiffers(path, static_cast<uint64_t>(st.st_size), want.second);
+#ifdef POSIX_FADV_SEQUENTIAL
+  posix_fadvise(fd.fd, 0, 0, POSIX_FADV_SEQUENTIAL);  // a hint: larger read-ahead
+#endif
+  std::vector<char> buf(size_t{1} << 20);
+  Sha256 h;
+  uint64_t done = 0;
+  for (;;) {
+    ssize_t n = read(fd.fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) Fail(MODEC_ERR_IO, "reading " + path + " failed: " + std::strerror(errno));
+    if (n == 0) break;
+    h.Update(buf.data(), static_cast<size_t>(n));
+    done += static_cast<uint64_t>(n);
+  }
+  if (done != static_cast<uint64_t>(want.second)) SizeDiffers(path, done, want.second);  // changed meanwhile
+  CheckDigest(path, &h, want.first);
+  *size = done;
+  int out = fd.fd;
+  fd.fd = -1;
+  return out;
+}
+
+/*! \brief Map the verified weights file and make the params tensors that point into the
+ * mapping (no copy); a param whose data is not 64-byte aligned in the file (an artifact
+ * written before the aligned layout) is copied into aligned memory instead. */
+void LoadWeights(modec_session* s, int descriptor, uint64_t size) {
+  Fd fd(descriptor);
+  const std::string path = s->dir + "/weights.safetensors";
+  auto mapping = std::make_shared<Mapping>();
+  if (size > 0) {
+    if (size > std::numeric_limits<size_t>::max()) Fail(MODEC_ERR_IO, path + " is too large to map");
+    void* base = mmap(nullptr, static_cast<size_t>(size), PROT_READ, MAP_PRIVATE, fd.fd, 0);
+    if (base == MAP_FAILED) Fail(MODEC_ERR_IO, "cannot map " + path + ": " + std::strerror(errno));
+    mapping->base = base;
+    mapping->size = static_cast<size_t>(size);
+    // Shrunk since it was hashed: touching the pages past the new end would be a SIGBUS.
+    struct stat st;
+    if (fstat(fd.fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != size) {
+      Fail(MODEC_ERR_CHECKSUM, path + " changed while it was loaded; copy the artifact again");
+    }
+  }
+  std::vector<artifact::Slice> slices = artifact::CheckSafetensors(mapping->data(), mapping->size, s->params, path);
+  const DLDevice host{kDLCPU, 0};
   for (size_t i = 0; i < slices.size(); ++i) {
     const Spec& p = s->params[i];
-    ffi::Tensor w = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(p.shape.data(), p.shape.size()),
-                                             ToDL(p.dtype->code), DLDevice{kDLCPU, 0});
-    if (slices[i].bytes > 0) std::memcpy(w.data_ptr(), data.data() + slices[i].offset, slices[i].bytes);
+    const ffi::ShapeView shape(p.shape.data(), p.shape.size());
+    const char* at = mapping->data() + slices[i].offset;
+    if (reinterpret_cast<uintptr_t>(at) % kAlign == 0) {
+      s->weights.push_back(ffi::Tensor::FromNDAlloc(MappedAlloc{mapping, at}, shape, ToDL(p.dtype->code), host));
+      continue;
+    }
+    ffi::Tensor w = ffi::Tensor::FromNDAlloc(CPUAlloc(), shape, ToDL(p.dtype->code), host);
+    if (slices[i].bytes > 0) std::memcpy(w.data_ptr(), at, slices[i].bytes);
     s->weights.push_back(w);
   }
 }
@@ -242,13 +357,21 @@ void Open(modec_session* s, const std::string& device) {
     Fail(MODEC_ERR_TARGET, "artifact built for device '" + built_for + "', this session runs on '" + device +
                                "': rebuild with the matching --target");
   }
+  // model.so is read whole (its checked bytes are what gets loaded); every other file is
+  // hashed through a small buffer, and weights.safetensors is then mapped, not read.
   std::string library;
   for (const auto& kv : files) {
     if (kv.first == "weights.safetensors") continue;
-    std::string data = ReadVerified(s->dir, kv.first, kv.second);
-    if (kv.first == "model.so") library = std::move(data);
+    if (kv.first == "model.so") {
+      library = ReadVerified(s->dir, kv.first, kv.second);
+    } else {
+      uint64_t size = 0;
+      Fd checked(OpenVerified(s->dir, kv.first, kv.second, &size));
+    }
   }
-  LoadWeights(s, ReadVerified(s->dir, "weights.safetensors", files["weights.safetensors"]));
+  uint64_t size = 0;
+  int weights = OpenVerified(s->dir, "weights.safetensors", files["weights.safetensors"], &size);
+  LoadWeights(s, weights, size);
   artifact::CheckLibrary(library, s->dir + "/model.so");
   try {
     s->lib = LoadLibrary(library, s->dir + "/model.so");

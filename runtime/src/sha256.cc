@@ -1,7 +1,14 @@
 #include "sha256.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#include <immintrin.h>
+#define MODEC_SHA_NI 1
+#endif
 
 namespace modec {
 namespace {
@@ -17,6 +24,55 @@ constexpr uint32_t kK[64] = {
     0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
 
 inline uint32_t Rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+#ifdef MODEC_SHA_NI
+/*! \brief Whether this CPU has the x86 SHA extensions (and SSSE3 / SSE4.1, used around them). */
+bool HasShaNi() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 9)) || !(c & (1u << 19))) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return (b & (1u << 29)) != 0;
+}
+
+/*! \brief `blocks` 64-byte blocks with the SHA extensions (Intel's SHA-NI scheme: the state
+ * as ABEF / CDGH, two rounds per sha256rnds2, the message schedule by sha256msg1/msg2), about
+ * 8x the portable code; the checksums of multi-GB weight files are this loop. */
+__attribute__((target("sha,sse4.1,ssse3"))) void BlocksShaNi(uint32_t state[8], const uint8_t* p,
+                                                               size_t blocks) {
+  const __m128i kShuffle = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+  __m128i tmp = _mm_loadu_si128(reinterpret_cast<const __m128i*>(&state[0]));
+  __m128i state1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(&state[4]));
+  tmp = _mm_shuffle_epi32(tmp, 0xB1);                // CDAB
+  state1 = _mm_shuffle_epi32(state1, 0x1B);          // EFGH
+  __m128i state0 = _mm_alignr_epi8(tmp, state1, 8);  // ABEF
+  state1 = _mm_blend_epi16(state1, tmp, 0xF0);       // CDGH
+  for (; blocks > 0; --blocks, p += 64) {
+    const __m128i abef = state0, cdgh = state1;
+    __m128i m[4];  // m[j % 4]: the message words 4j .. 4j+3
+    for (int i = 0; i < 4; ++i) {
+      m[i] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i)), kShuffle);
+    }
+    for (int j = 0; j < 16; ++j) {
+      if (j >= 4) {  // W[t] = s1(W[t-2]) + W[t-7] + s0(W[t-15]) + W[t-16], four at a time
+        __m128i w = _mm_sha256msg1_epu32(m[j % 4], m[(j + 1) % 4]);
+        w = _mm_add_epi32(w, _mm_alignr_epi8(m[(j + 3) % 4], m[(j + 2) % 4], 4));
+        m[j % 4] = _mm_sha256msg2_epu32(w, m[(j + 3) % 4]);
+      }
+      const __m128i msg = _mm_add_epi32(m[j % 4], _mm_loadu_si128(reinterpret_cast<const __m128i*>(&kK[4 * j])));
+      state1 = _mm_sha256rnds2_epu32(state1, state0, msg);
+      state0 = _mm_sha256rnds2_epu32(state0, state1, _mm_shuffle_epi32(msg, 0x0E));
+    }
+    state0 = _mm_add_epi32(state0, abef);
+    state1 = _mm_add_epi32(state1, cdgh);
+  }
+  tmp = _mm_shuffle_epi32(state0, 0x1B);        // FEBA
+  state1 = _mm_shuffle_epi32(state1, 0xB1);     // DCHG
+  state0 = _mm_blend_epi16(tmp, state1, 0xF0);  // DCBA
+  state1 = _mm_alignr_epi8(state1, tmp, 8);     // HGFE
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(&state[0]), state0);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(&state[4]), state1);
+}
+#endif
 
 }  // namespace
 
@@ -58,6 +114,17 @@ void Sha256::Block(const uint8_t* p) {
   h_[7] += h;
 }
 
+void Sha256::Blocks(const uint8_t* p, size_t blocks) {
+#ifdef MODEC_SHA_NI
+  static const bool sha_ni = HasShaNi() && std::getenv("MODEC_SHA256_PORTABLE") == nullptr;
+  if (sha_ni) {
+    BlocksShaNi(h_, p, blocks);
+    return;
+  }
+#endif
+  for (; blocks > 0; --blocks, p += 64) Block(p);
+}
+
 void Sha256::Update(const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
   total_ += n;
@@ -68,15 +135,13 @@ void Sha256::Update(const void* data, size_t n) {
     p += take;
     n -= take;
     if (buf_len_ == 64) {
-      Block(buf_);
+      Blocks(buf_, 1);
       buf_len_ = 0;
     }
   }
-  while (n >= 64) {
-    Block(p);
-    p += 64;
-    n -= 64;
-  }
+  Blocks(p, n / 64);
+  p += n / 64 * 64;
+  n %= 64;
   if (n > 0) {
     std::memcpy(buf_, p, n);
     buf_len_ = n;

@@ -1,4 +1,5 @@
-// SHA-256 (FIPS 180-4), small and dependency-free, for the artifact checksums.
+// SHA-256 (FIPS 180-4), small and dependency-free, for the artifact checksums (x86 SHA
+// extensions where the CPU has them).
 #ifndef MODEC_SRC_SHA256_H_
 #define MODEC_SRC_SHA256_H_
 
@@ -17,6 +18,9 @@ class Sha256 {
 
  private:
   void Block(const uint8_t* p);
+  /*! \brief `blocks` consecutive 64-byte blocks: with the x86 SHA extensions where the CPU
+   * has them (unless MODEC_SHA256_PORTABLE is set), else `Block` each. */
+  void Blocks(const uint8_t* p, size_t blocks);
   uint32_t h_[8];
   uint8_t buf_[64];
   size_t buf_len_ = 0;

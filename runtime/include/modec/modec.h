@@ -67,7 +67,9 @@ typedef struct modec_session modec_session;
 
 /* Open an artifact directory. device: "cpu" (NULL means "cpu") or "cuda".
  * Verifies the manifest (schema modec.artifact/1), the target, every file's size and
- * SHA-256, then loads the library and the weights. */
+ * SHA-256, then maps weights.safetensors read-only (the params are used from the mapping, not
+ * copied, until modec_close) and loads the library. Do not modify the weights file in place
+ * while a session uses it; replacing it by a rename is safe. */
 MODEC_API modec_status modec_open(const char* dir, const char* device, modec_session** out);
 
 /* Number of model inputs / outputs, and their descriptions (index < count). */
