@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import onnx_ir as ir
 
@@ -83,31 +83,34 @@ class QuantizeExpertsPass(Pass):
         experts_report: list[list[dict[str, object]]] = []
         fallbacks = 0
         total = sum(len(w) for w in alloc.widths)
+        # The bar counts (expert, projection) pairs: it moves during a layer's GPTQ.
+        steps = sum(len(w) * len(expert_weights(n)) for w, n in zip(alloc.widths, nodes,
+                                                                   strict=True))  # fmt: skip
         o = ctx.options
-        hessians: Iterable[tuple[int, LayerHessians | None]]
+        # GPTQ: each layer's Hessians and fp32 weights (read once, by the Hessian run).
+        hessians: Iterable[tuple[int, LayerHessians | None, Any]]
         if self.method == "gptq":
-            hessians = (
-                (layer, hs)
-                for layer, hs, _ in layer_hessians(
-                    model, ds, batch_size=self.batch_size, threads=o.threads,
-                    max_memory=o.max_memory, spill_dir=o.spill_dir,
-                )
+            hessians = layer_hessians(
+                model, ds, batch_size=self.batch_size, threads=o.threads,
+                max_memory=o.max_memory, spill_dir=o.spill_dir,
             )  # fmt: skip
         else:
-            hessians = ((layer, None) for layer in range(len(nodes)))
-        with ctx.bar(total, "GPTQ experts") as bar:
-            for layer, hs in hessians:
+            hessians = ((layer, None, None) for layer in range(len(nodes)))
+        with ctx.bar(steps, "GPTQ expert projections") as bar:
+            for layer, hs, params in hessians:
                 node = nodes[layer]
                 per_proj: dict[str, list[QuantizedWeight]] = {}
                 rows: list[dict[str, object]] = [{} for _ in alloc.widths[layer]]
                 for proj, value in expert_weights(node).items():
                     assert value.const_value is not None
+                    fp32 = value.const_value.numpy() if params is None else getattr(params, proj)
                     res = quantize_projection(
-                        value.const_value.numpy(), alloc.widths[layer], self.group_size,
+                        fp32, alloc.widths[layer], self.group_size,
                         method=self.method,
                         hessians=None if hs is None else (hs.h_act if proj == "down" else hs.h_in),
                         tokens=None if hs is None else hs.tokens,
                         settings=settings, label=f"layer {layer} {proj}",
+                        tick=lambda: bar.update(1),
                     )  # fmt: skip
                     for e, entry in enumerate(res.entries):
                         rows[e][proj] = entry
@@ -116,10 +119,10 @@ class QuantizeExpertsPass(Pass):
                             rows[e]["tokens"] = int(hs.tokens[e])
                     value.const_value = dequantized_tensor(res.codes, value.name)
                     per_proj[proj] = res.codes
+                    del fp32, res
                 for e, row in enumerate(rows):
                     if any(isinstance(v, dict) and v.get("method") == "rtn" for v in row.values()):
                         fallbacks += self.method != "rtn"
-                    bar.update(1)
                     row["expert"] = e
                 result.layers.append(per_proj)
                 experts_report.append(rows)

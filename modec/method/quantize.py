@@ -15,6 +15,7 @@ Rules (GPTQ, Frantar et al. 2022, per expert):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,6 +71,7 @@ def quantize_projection(
     tokens: npt.NDArray[np.int64] | None = None,
     settings: GPTQSettings = GPTQSettings(),
     label: str = "",
+    tick: Callable[[], None] = lambda: None,
 ) -> QuantizedProjection:
     """Quantize every expert of one stacked projection ``[E, N, K]`` at its width.
 
@@ -82,6 +84,7 @@ def quantize_projection(
         tokens: ``[E]`` tokens each expert received.
         settings: GPTQ's knobs.
         label: names the projection in fallback messages (``layer 3 ... up``).
+        tick: called after each expert (progress).
     """
     w = np.asarray(stacked, dtype=np.float32)
     deq = np.empty_like(w)
@@ -106,6 +109,7 @@ def quantize_projection(
                  "output_mse": res.output_mse}
             )  # fmt: skip
         codes.append(qw)
+        tick()
     return QuantizedProjection(codes, deq, entries)
 
 

@@ -56,7 +56,9 @@ def test_two_builds_are_byte_identical(tiny_vlm, tmp_path):
     for out in outs:
         compile_model(tiny_vlm["model"], tiny_vlm["calib"], out, o, progress=Bar)
     # One bar per long step, each run to completion (calibration, sensitivity, GPTQ, build).
-    assert {"collect routing", "sensitivity", "GPTQ experts", "kernel build"} <= set(bars)
+    assert {"collect routing", "sensitivity", "GPTQ expert projections", "kernel build"} <= set(
+        bars
+    )
     assert all(total == done for total, done in bars.values()), bars
     for name in ("model.so", "weights.safetensors", "manifest.json", "experts.safetensors",
                  "allocation.json", "model.sim.onnx"):  # fmt: skip
