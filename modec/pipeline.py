@@ -56,6 +56,10 @@ class PassRecord:
     seconds: float
     modified: bool
     stats: dict[str, Any]
+    #: the process's peak RSS while the pass ran (`modec.instruments.PeakRSS`) and how it
+    #: was measured (``VmHWM``: the pass's own peak; ``ru_maxrss``: the process's so far).
+    peak_rss_bytes: int = 0
+    peak_rss_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -269,9 +273,9 @@ class Pipeline:
             for inst in instruments:
                 inst.after_pass(p, ctx, result)
             seconds = timer.seconds[-1]
-            records.append(
-                PassRecord(p.name, p.text(), seconds, result.modified, ctx.stats.get(p.name, {}))
-            )
+            rss = (timer.peak_rss_bytes[-1], timer.peak_rss_source[-1])
+            stats = ctx.stats.get(p.name, {})
+            records.append(PassRecord(p.name, p.text(), seconds, result.modified, stats, *rss))
             log.info("%s: %.2f s%s", p.name, seconds, " (modified)" if result.modified else "")
             model = result.model
         checkpoint()
