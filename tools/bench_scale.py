@@ -451,6 +451,35 @@ def tables(runs: list[Run], fits: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_json(
+    args: argparse.Namespace,
+    base: ScaleConfig,
+    calib: int,
+    runs: list[Run],
+    fits: list[dict[str, Any]],
+) -> None:
+    """Write every measurement so far (called after each point: a long run that is stopped
+    keeps what it measured)."""
+    doc = {
+        "config": {
+            **base.to_dict(),
+            "calib": calib,
+            "target": args.target,
+            "budget": args.budget,
+            "compile_args": args.compile_args,
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "runs": [r.__dict__ for r in runs],
+        "fits": fits,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
@@ -507,27 +536,12 @@ def main(argv: list[str] | None = None) -> None:
                     run.notes.append(f"C++ modec_run not measured: {cxx_why}")
             if not args.keep_outputs and out.exists():
                 shutil.rmtree(out)
+            if args.json:
+                write_json(args, base, calib, runs, fits_of(runs))
     fits = fits_of(runs)
     print(tables(runs, fits))
     if args.json:
-        doc = {
-            "config": {
-                **base.to_dict(),
-                "calib": calib,
-                "target": args.target,
-                "budget": args.budget,
-                "compile_args": args.compile_args,
-            },
-            "machine": {
-                "python": platform.python_version(),
-                "cpus": os.cpu_count(),
-                "platform": platform.platform(),
-            },
-            "runs": [r.__dict__ for r in runs],
-            "fits": fits,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args, base, calib, runs, fits)
         print(f"\nwrote {args.json}")
 
 
