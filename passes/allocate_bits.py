@@ -104,13 +104,13 @@ class AllocateBitsPass(Pass):
 
                 o = ctx.options
                 ds = ctx.facts.get(Calibration).data
-                errs = [
-                    layer_errors(p, hs, problem.bits, problem.group_size)
-                    for _, hs, p in layer_hessians(
-                        model, ds, batch_size=self.batch_size, threads=o.threads,
-                        max_memory=o.max_memory, spill_dir=o.spill_dir,
-                    )
-                ]  # fmt: skip
+                errs = []
+                for _, hs, p in layer_hessians(
+                    model, ds, batch_size=self.batch_size, threads=o.threads,
+                    max_memory=o.max_memory, spill_dir=o.spill_dir,
+                ):  # fmt: skip
+                    errs.append(layer_errors(p, hs, problem.bits, problem.group_size))
+                    del hs, p  # before the next layer's Hessians are built
             res = solve_allocation(
                 layer_shapes(model), stats, ctx.facts.get(KeyVision), sens, problem, errs
             )

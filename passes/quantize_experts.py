@@ -126,6 +126,7 @@ class QuantizeExpertsPass(Pass):
                     row["expert"] = e
                 result.layers.append(per_proj)
                 experts_report.append(rows)
+                del hs, params  # before the next layer's Hessians are built
         ctx.facts.put(result)
         ctx.stat("experts", total)
         ctx.stat("rtn_fallbacks", fallbacks)

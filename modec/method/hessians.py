@@ -59,7 +59,9 @@ def layer_hessians(
     """Yield ``(layer, its Hessians, its MoEParams)`` for every MoE layer in execution order.
 
     The consumer may rewrite layer ``l``'s expert weights as soon as ``l`` is yielded (later
-    layers' inputs were computed from the weights the layer had when it ran).
+    layers' inputs were computed from the weights the layer had when it ran), and must drop
+    its references to what was yielded before asking for the next layer (``del``): else
+    two layers' Hessians are alive at once.
     """
     from modec.executor import Executor
     from modec.moe.reference import expert_activation
@@ -92,4 +94,7 @@ def layer_hessians(
                 tokens[e] += tok.size
             if ev.last:
                 yield ev.layer, LayerHessians(h_in, h_act, tokens), p
+                # Drop this layer's references before the next one's are built: two layers'
+                # Hessians and weights must never be alive together.
                 h_in = h_act = tokens = None
+                del p
