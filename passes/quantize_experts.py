@@ -62,6 +62,7 @@ class QuantizeExpertsPass(Pass):
             dequantized_tensor,
             expert_weights,
             quantize_projection,
+            spill_codes,
         )
         from modec.moe.canonical import is_moe_node
 
@@ -117,8 +118,9 @@ class QuantizeExpertsPass(Pass):
                         rows[e]["bits"] = int(alloc.widths[layer][e])
                         if hs is not None:
                             rows[e]["tokens"] = int(hs.tokens[e])
-                    value.const_value = dequantized_tensor(res.codes, value.name)
-                    per_proj[proj] = res.codes
+                    codes = spill_codes(res.codes, o.spill_dir)
+                    value.const_value = dequantized_tensor(codes, value.name)
+                    per_proj[proj] = codes
                     del fp32, res
                 for e, row in enumerate(rows):
                     if any(isinstance(v, dict) and v.get("method") == "rtn" for v in row.values()):

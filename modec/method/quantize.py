@@ -113,6 +113,33 @@ def quantize_projection(
     return QuantizedProjection(codes, deq, entries)
 
 
+def spill_codes(
+    codes: list[QuantizedWeight], directory: str | None = None
+) -> list[QuantizedWeight]:
+    """The same codes with their uint8 arrays moved to a memory-mapped file (one per call).
+
+    The file is unlinked as soon as it is mapped: the mapping keeps its pages (and the disk
+    space) until the last view is dropped, and nothing is left behind however the process
+    ends. The codes of every quantized layer are needed until the artifact is written; held
+    in RAM they would grow with the number of layers (0.6 GB per Qwen3-VL-30B-A3B layer),
+    mapped they are file pages the kernel can drop and read back.
+    """
+    import os
+    import tempfile
+
+    if not codes:
+        return codes
+    stacked = np.stack([c.q for c in codes])
+    fd, path = tempfile.mkstemp(prefix="modec-codes-", suffix=".npy", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, stacked, allow_pickle=False)
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    finally:
+        os.unlink(path)
+    return [QuantizedWeight(mapped[e], c.scale, c.zero, c.scheme) for e, c in enumerate(codes)]
+
+
 def dequantized_tensor(codes: list[QuantizedWeight], name: str | None) -> ir.LazyTensor:
     """The stacked ``[E, N, K]`` float32 dequantized weights of one projection, computed from
     ``codes`` each time they are read: the simulated-quantization graph holds one byte per

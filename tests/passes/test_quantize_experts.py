@@ -95,3 +95,20 @@ def test_gptq_beats_rtn_on_the_calibration_inputs(analysed, quantized):
                 dw = (getattr(p, proj) - getattr(p0, proj)).astype(np.float64)
                 err[name] += float(np.einsum("enk,ekl,enl->", dw, h, dw))
     assert err["gptq"] < err["rtn"]
+
+
+def test_codes_are_mapped_from_unlinked_files(quantized, tmp_path):
+    """Every layer's codes live in a memory map (not the heap) whose file is already gone."""
+    from modec.method.quantize import spill_codes
+
+    _, ctx = quantized
+    q = ctx.facts.get(QuantizedExperts)
+    for per_proj in q.layers:
+        for codes in per_proj.values():
+            assert all(isinstance(c.q, np.memmap) for c in codes)
+    codes = q.layers[0]["up"]
+    again = spill_codes(codes, str(tmp_path))
+    assert not any(tmp_path.iterdir())  # unlinked once mapped
+    for a, b in zip(codes, again, strict=True):
+        np.testing.assert_array_equal(a.q, b.q)
+        assert a.scale is b.scale and a.zero is b.zero and a.scheme == b.scheme
