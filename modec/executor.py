@@ -367,9 +367,7 @@ class Executor:
 
     def stage_feed(self, x: np.ndarray) -> np.ndarray:
         """A stage input as the stage expects it (16-bit floats as float32 when upcast)."""
-        if self.upcast and x.dtype.kind == "f" and x.dtype != np.float32:
-            return np.asarray(x, dtype=np.float32)
-        if self.upcast and x.dtype.name == "bfloat16":
+        if self.upcast and x.dtype.name in ("float16", "bfloat16"):
             return np.asarray(x, dtype=np.float32)
         return x
 
