@@ -56,20 +56,6 @@ def _input_name(node: ir.Node) -> str:
     return value.name
 
 
-@dataclass(frozen=True)
-class _Shape:
-    num_experts: int
-    top_k: int
-
-
-def _layer_shapes(nodes: list[ir.Node]) -> list[_Shape]:
-    """Experts and top-k of each canonical MoE node, from its attributes (no weights read)."""
-    return [
-        _Shape(int(n.attributes["num_experts"].value), int(n.attributes["top_k"].value))
-        for n in nodes
-    ]
-
-
 @register
 @dataclass
 class CollectRoutingPass(Pass):
@@ -152,7 +138,11 @@ class CollectRoutingPass(Pass):
             model, taps=list(dict.fromkeys(n for n in probs_names if n)),
             intra_op_threads=ctx.options.threads,
         )  # fmt: skip
-        acc = RoutingAccumulator([(p.num_experts, p.top_k) for p in _layer_shapes(nodes)])
+        # Experts and top-k from the nodes' attributes: no expert weight is read here.
+        acc = RoutingAccumulator(
+            [(int(n.attributes["num_experts"].value), int(n.attributes["top_k"].value))
+             for n in nodes]
+        )  # fmt: skip
         no_query = [0] * len(ex.moe)
         feeds_list, mods = calibration_batches(ds, self.batch_size)
         samples: list[np.ndarray] = []
