@@ -253,6 +253,9 @@ def stream(
                 yield LayerEvent(li, b, hidden, r.routing, b == nb - 1, value)
             if release:
                 ex.params.release(li)
+            # Drop this layer's weights now: kept until the next assignment, they would be
+            # alive together with the next layer's (two layers' fp32 experts at once).
+            del p
             tick()
         done = [n for n, stage in last.items() if stage == s]
         done += [n for n in st.outputs if n not in last]  # read by no one (untapped taps)
