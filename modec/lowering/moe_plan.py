@@ -12,7 +12,6 @@ No TVM here: `modec.lowering.moe` turns the plans into Relax.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,7 +86,7 @@ def plan_layers(model: ir.Model, quantized: QuantizedExperts) -> list[LayerPlan]
         )
     plans = []
     for layer, node in enumerate(nodes):
-        p = MoEParams.from_node(node)
+        p = MoEParams.from_node(node, experts=False)  # the kernels read the packed codes
         widths = tuple(int(w) for w in quantized.widths[layer])
         if len(widths) != p.num_experts:
             raise ModelError(
@@ -125,28 +124,17 @@ def plan_layers(model: ir.Model, quantized: QuantizedExperts) -> list[LayerPlan]
                 )
             groups.append(WidthGroup(bits, experts, start, packed))
             start += len(experts)
-        # The kernels read the packed codes: keep the stacks' shapes, not their floats.
         plans.append(
             LayerPlan(
                 layer,
                 node.name or f"moe{layer}",
-                dataclasses.replace(
-                    p,
-                    gate=None if p.gate is None else _shape_only(p.gate),
-                    up=_shape_only(p.up),
-                    down=_shape_only(p.down),
-                ),
+                p,
                 int(quantized.group_size),
                 widths,
                 tuple(groups),
             )
         )
     return plans
-
-
-def _shape_only(w: np.ndarray) -> np.ndarray:
-    """A read-only zero-strided array of ``w``'s shape: no memory, the shape kept."""
-    return np.broadcast_to(np.float32(0), w.shape)
 
 
 def moe_section(plans: Sequence[LayerPlan]) -> dict[str, Any]:

@@ -55,8 +55,13 @@ class MoEParams:
     shared_expert_gate: np.ndarray | None = None
 
     @classmethod
-    def from_node(cls, node: ir.Node) -> MoEParams:
-        """Read the weights (constant inputs) and attributes of a canonical MoE node."""
+    def from_node(cls, node: ir.Node, *, experts: bool = True) -> MoEParams:
+        """Read the weights (constant inputs) and attributes of a canonical MoE node.
+
+        With ``experts=False`` the routed experts' stacks (gate, up, down) are not read: they
+        become read-only zero-strided arrays of their shape (for callers that need the shapes
+        and the router, such as the lowering, which reads the packed codes instead).
+        """
         if node.domain != "ai.modec" or node.op_type != "MoE":
             raise ModelError(
                 f"node {node.name!r} is {node.domain}::{node.op_type}, not ai.modec::MoE"
@@ -68,6 +73,9 @@ class MoEParams:
             t = None if v is None else ir.convenience.get_const_tensor(v)
             if v is not None and t is None:
                 raise ModelError(f"MoE node {node.name!r}: input {name} is not a constant")
+            if t is not None and not experts and name in ("gate", "up", "down"):
+                arrays[name] = np.broadcast_to(np.float32(0), tuple(t.shape.numpy()))
+                continue
             arrays[name] = None if t is None else np.asarray(t.numpy(), dtype=np.float32)
         a = {k: v.value for k, v in node.attributes.items()}
         return cls(
