@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, TypeAlias
 
 import numpy as np
 
@@ -44,6 +44,7 @@ WEIGHTS = "weights.safetensors"
 SAFETENSORS_DTYPES = {
     "float32": "F32",
     "float16": "F16",
+    "bfloat16": "BF16",
     "float64": "F64",
     "int64": "I64",
     "int32": "I32",
@@ -182,10 +183,31 @@ def manifest_bytes(manifest: Manifest) -> bytes:
 WEIGHTS_ALIGN = 64
 
 
-def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike[str]) -> None:
+class LazyParam(Protocol):
+    """A weight computed when it is written (e.g. `modec.moe.lazy.LazyArray`): its shape and
+    dtype are known up front, ``numpy()`` produces the value."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+
+    def numpy(self) -> np.ndarray: ...
+
+
+#: A weight as `write_artifact` takes it: an array, or a lazy one produced only when written.
+ParamValue: TypeAlias = "np.ndarray | LazyParam"
+
+
+def save_weights(params: Mapping[str, ParamValue], path: str | os.PathLike[str]) -> None:
     """Write the weights as safetensors (no metadata, so the bytes depend on the data only),
     one tensor at a time (`modec.safetensors_io`), each at a `WEIGHTS_ALIGN`-byte aligned
-    file offset (padding tensors ``__pad.K`` fill the gaps; loaders ignore them)."""
+    file offset (padding tensors ``__pad.K`` fill the gaps; loaders ignore them).
+
+    A lazy weight (`LazyParam`) is produced when its turn comes and dropped once written, so
+    the writer holds one weight at a time.
+    """
     from modec.safetensors_io import TensorEntry, write_safetensors
 
     entries = []
@@ -194,8 +216,13 @@ def save_weights(params: Mapping[str, np.ndarray], path: str | os.PathLike[str])
             raise ModelError(
                 f"weight {name!r} has dtype {arr.dtype}, which the artifact cannot hold"
             )
-        entries.append(TensorEntry.of(name, arr))
+        data = arr if isinstance(arr, np.ndarray) else arr.numpy
+        entries.append(TensorEntry(name, str(arr.dtype), _shape(arr), data))
     write_safetensors(path, entries, align=WEIGHTS_ALIGN)
+
+
+def _shape(arr: ParamValue) -> tuple[int, ...]:
+    return tuple(int(d) for d in arr.shape)
 
 
 def _is_modec_artifact(path: Path) -> bool:
@@ -215,7 +242,7 @@ def write_artifact(
     out_dir: str | os.PathLike[str],
     *,
     write_library: Callable[[Path], None],
-    params: Mapping[str, np.ndarray],
+    params: Mapping[str, ParamValue],
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
     target: dict[str, Any],
@@ -228,7 +255,8 @@ def write_artifact(
     Args:
         out_dir: the directory to create or replace.
         write_library: writes the compiled library to the given path (``model.so``).
-        params: weights in calling order; names become safetensors tensor names.
+        params: weights in calling order (arrays, or `LazyParam`s produced one at a time
+            while the weights file is written); names become safetensors tensor names.
         inputs: model inputs in calling order.
         outputs: model outputs in return order.
         target: the target description (see `Manifest.target`).
@@ -257,10 +285,7 @@ def write_artifact(
     try:
         write_library(tmp / LIBRARY)
         save_weights(params, tmp / WEIGHTS)
-        param_specs = [
-            TensorSpec(n, str(np.asarray(a).dtype), tuple(int(d) for d in np.shape(a)))
-            for n, a in params.items()
-        ]
+        param_specs = [TensorSpec(n, str(a.dtype), _shape(a)) for n, a in params.items()]
         files = {
             f: FileEntry(sha256_file(tmp / f), (tmp / f).stat().st_size) for f in (LIBRARY, WEIGHTS)
         }

@@ -20,6 +20,7 @@ from modec.lowering.dense import (
     compile_module,
     lower_dense,
 )
+from modec.moe.lazy import LazyArray
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ def build_artifact(
     sections: Mapping[str, Any] | None = None,
     force: bool = False,
     step: Callable[[str], None] | None = None,
+    *,
+    weights: Mapping[str, LazyArray] | None = None,
+    upcast: bool = False,
 ) -> Manifest:
     """Lower, compile and write an ONNX model as an artifact directory.
 
@@ -89,12 +93,15 @@ def build_artifact(
         sections: extra free-form manifest sections.
         force: replace a non-artifact directory.
         step: called after each of the BUILD_STEPS phases with its name (progress bars).
+        weights: weight values handed to the importer unread, read when the weights file is
+            written (see `modec.lowering.onnx_import.import_onnx`).
+        upcast: 16-bit weights of a float32 graph are cast where read (see `import_onnx`).
 
     Returns:
         The written manifest.
     """
     done = step or (lambda _name: None)
-    dm = lower_dense(model, target, hooks, op_converters)
+    dm = lower_dense(model, target, hooks, op_converters, weights=weights, upcast=upcast)
     done("lower")
     ex = compile_module(dm, target)
     done("compile")

@@ -13,6 +13,9 @@ The flow, in numbered phases:
    either a 2-D right operand (projections) or equal batch dimensions (attention's QKᵀ and
    PV) becomes a `call_tir` to a scheduled kernel from `modec.lowering.matmul_kernels`.
    DESIGN.md: the default pipeline leaves matmuls unscheduled (~100x slower than ORT).
+   A projection whose weight is ``astype(w, "float32")`` of a 16-bit weight (a model stored
+   in fp16/bf16, `import_onnx` with ``upcast``) takes ``w`` itself: its kernel converts each
+   weight vector in registers, and no float32 copy of the weight is made per call.
    Softmax, LayerNorm and element-wise ops stay with the default legalization; at these
    sizes they are not the bottleneck (see docs/artifact.md, "Performance").
 4. `compile_module`: `tvm.compile` with the default Relax pipeline.
@@ -39,6 +42,7 @@ from modec.errors import InternalError
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.lowering.matmul_kernels import matmul_primfunc
 from modec.lowering.onnx_import import DenseModule, OpConverter, import_onnx, static_extent
+from modec.moe.lazy import LazyArray
 
 # DenseModule, OpConverter and import_onnx are re-exported: the hooks, converters and
 # callers of `lower_dense` name them from here.
@@ -75,20 +79,40 @@ class _MatmulRewriter(relax.PyExprMutator):
         self.counts: Counter[str] = Counter()
         self._analyzer = tvm.sym.Analyzer()
 
-    def _kernel(self, batched: bool, m: int | None, n: int | None, k: int | None) -> Any:
-        key = (batched, m, n, k)
+    def _kernel(
+        self, batched: bool, m: int | None, n: int | None, k: int | None,
+        b_dtype: str = "float32",
+    ) -> Any:  # fmt: skip
+        key = (batched, m, n, k, b_dtype)
         if key not in self.kernels:
             dims = "_".join(
-                f"{c}{v if v is not None else 'x'}" for c, v in zip("mnk", key[1:], strict=True)
+                f"{c}{v if v is not None else 'x'}" for c, v in zip("mnk", key[1:4], strict=True)
             )
-            name = f"modec_{'bmm' if batched else 'dense'}_{dims}"
+            suffix = "" if b_dtype == "float32" else f"_{_SHORT[b_dtype]}"
+            name = f"modec_{'bmm' if batched else 'dense'}_{dims}{suffix}"
             func = (
-                matmul_primfunc(batched, m, n, k)
+                matmul_primfunc(batched, m, n, k, b_dtype=b_dtype)
                 .with_attr("global_symbol", name)
                 .with_attr("op_pattern", 8)  # kOpaque: FuseOps must not merge into it
             )
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
+
+    def _stored_weight(self, b: Any) -> Any:
+        """The 16-bit tensor ``w`` when ``b`` is bound to ``astype(w, "float32")``, else None."""
+        if not isinstance(b, relax.Var):
+            return None
+        bound = self.lookup_binding(b)
+        if (
+            isinstance(bound, relax.Call)
+            and isinstance(bound.op, tvm.ir.Op)
+            and bound.op.name == "relax.astype"
+            and str(bound.attrs.dtype) == "float32"
+        ):
+            w = bound.args[0]
+            if isinstance(w.ty, relax.TensorType) and str(w.ty.dtype) in _SHORT:
+                return w
+        return None
 
     def _equal(self, a: Sequence[Any], b: Sequence[Any]) -> bool:
         return len(a) == len(b) and all(
@@ -128,9 +152,19 @@ class _MatmulRewriter(relax.PyExprMutator):
             nd = sb[1]
             m = _prod(lead)
             x2 = a if len(sa) == 2 else bld.emit(relax.op.reshape(a, [m, kd]))
-            gv = self._kernel(False, static_extent(m), static_extent(nd), static_extent(kd))
-            y = bld.emit(relax.call_tir(gv, [x2, b], relax.TensorType([m, nd], "float32")))
+            w = self._stored_weight(b)
+            b_dtype = "float32" if w is None else str(w.ty.dtype)
+            gv = self._kernel(
+                False, static_extent(m), static_extent(nd), static_extent(kd), b_dtype
+            )
+            y = bld.emit(
+                relax.call_tir(
+                    gv, [x2, b if w is None else w], relax.TensorType([m, nd], "float32")
+                )
+            )
             self.counts["matmul_dense"] += 1
+            if w is not None:
+                self.counts["matmul_stored_weight"] += 1
             return y if len(sa) == 2 else relax.op.reshape(y, [*lead, nd])
         if len(sa) == len(sb) >= 3 and self._equal(sa[:-2], sb[:-2]):
             batch = sa[:-2]
@@ -146,12 +180,17 @@ class _MatmulRewriter(relax.PyExprMutator):
         return call
 
 
+#: 16-bit weight dtypes a scheduled projection takes as they are, and their kernel suffix.
+_SHORT = {"float16": "f16", "bfloat16": "bf16"}
+
+
 def schedule_dense_ops(dm: DenseModule) -> DenseModule:
     """Replace the dense matmuls of every Relax function by scheduled CPU kernels.
 
     Reads and writes `DenseModule.mod`; adds the counters ``matmul_dense``,
-    ``matmul_batched``, ``matmul_default`` (left to the default legalization) and
-    ``kernels`` (distinct PrimFuncs) to `DenseModule.stats`.
+    ``matmul_batched``, ``matmul_default`` (left to the default legalization),
+    ``matmul_stored_weight`` (projections that read a 16-bit weight as stored; absent when
+    none) and ``kernels`` (distinct PrimFuncs) to `DenseModule.stats`.
     """
     rw = _MatmulRewriter(dm.mod)
     for gv, func in dm.mod.functions_items():
@@ -168,6 +207,9 @@ def lower_dense(
     target: TargetLike = "llvm",
     hooks: Sequence[RelaxHook] = (),
     op_converters: Mapping[str, OpConverter] | None = None,
+    *,
+    weights: Mapping[str, LazyArray] | None = None,
+    upcast: bool = False,
 ) -> DenseModule:
     """Phases 1-3: import, run the hooks, schedule the dense ops (CPU targets only).
 
@@ -177,11 +219,13 @@ def lower_dense(
             GPU default schedules).
         hooks: Relax hooks run after import and before dense scheduling, in order.
         op_converters: converters for custom ONNX ops (see `import_onnx`).
+        weights: weight values handed over unread (see `import_onnx`).
+        upcast: 16-bit weights of a float32 graph are cast where read (see `import_onnx`).
 
     Returns:
         The lowered module, ready for `compile_module`.
     """
-    dm = import_onnx(model, op_converters)
+    dm = import_onnx(model, op_converters, weights=weights, upcast=upcast)
     for hook in hooks:
         dm = hook(dm)
         _check_params(dm, getattr(hook, "__name__", repr(hook)))

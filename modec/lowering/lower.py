@@ -5,10 +5,22 @@ benchmarks and the tests call one function:
 
 1. `modec.kernels.target.check_target` refuses a target modec cannot build for.
 2. `modec.lowering.moe_plan.plan_layers` groups every MoE layer's experts by width and
-   packs their codes; `modec.lowering.moe.MoELowering` turns each ``ai.modec::MoE`` node
-   into the mixed-precision Relax of the grouped kernels.
-3. `modec.lowering.build.build_artifact` imports the rest of the graph (dense ops, fp32),
-   compiles and writes the artifact with the ``moe`` and ``pipeline`` manifest sections.
+   declares their packed weights (packed when written); `modec.lowering.moe.MoELowering`
+   turns each ``ai.modec::MoE`` node into the mixed-precision Relax of the grouped kernels.
+3. `lowering_proto` gives the graph the importer reads and the dense weights, unread;
+   `modec.lowering.build.build_artifact` imports the rest of the graph (dense ops, computed
+   in fp32), compiles it and writes the artifact with the ``moe`` and ``pipeline`` manifest
+   sections.
+
+Memory (issue #15): no weight is read before the artifact is written. Each dense weight is
+a `modec.moe.lazy.LazyArray` over the model's tensor (memory-mapped external data for a
+model loaded from disk), declared to the importer by shape and dtype only, and read once,
+one tensor at a time, when ``weights.safetensors`` is written (copied out of the map, which
+is released at once); the packed experts are packed from the quantized codes the same
+way. Peak memory is one tensor, whatever the number of layers. A model stored in fp16/bf16
+keeps its dense weights in that dtype in the artifact (the bytes of the source); the
+compiled graph casts them to float32 where it reads them, and the scheduled projections
+read them as stored. An fp32 model's artifact is what it was before this scheme.
 """
 
 from __future__ import annotations
@@ -29,6 +41,8 @@ from modec.kernels.target import check_target
 from modec.lowering.build import build_artifact
 from modec.lowering.moe import MoELowering
 from modec.lowering.moe_plan import moe_section, plan_layers
+from modec.moe import lazy
+from modec.moe.lazy import LazyArray
 from modec.moe.reference import INPUT_NAMES
 
 __all__ = ["LoweringResult", "lower_model"]
@@ -56,16 +70,23 @@ class LoweringResult:
     packed_expert_bytes: int
 
 
-def lowering_proto(model: ir.Model) -> onnx.ModelProto:
-    """The model as the Relax importer reads it, without materializing the expert stacks.
+def lowering_proto(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, LazyArray]]:
+    """The model as the Relax importer reads it, and its dense weights, none of them read.
 
     - Each MoE node's expert weights (gate, up, down) are left out: the grouped kernels read
       the packed codes, and the fp32 stacks (four bytes per weight, every layer) would not
       fit in memory or in one protobuf message at paper scale. The node keeps empty inputs
       in their slots.
+    - The dense weights — float initializers of at least `WEIGHT_MIN_BYTES` bytes — stay
+      in the proto as references without data (`modec.executor.weightless_proto`); the
+      returned map holds their values as `LazyArray` s over the model's tensors (nothing is
+      read: an external tensor is mapped when the artifact writer reads it), for
+      `modec.lowering.onnx_import.import_onnx`'s ``weights``.
     - Every other initializer is inline (read once from external data if it lives there).
     - A model stored in fp16/bf16 is lowered in float32 (`modec.executor.upcast_float16`):
-      the dense kernels are float32, as the analysis measured them.
+      the dense kernels are float32, as the analysis measured them. Its dense weights keep
+      their stored dtype (``import_onnx(..., upcast=True)`` casts them where they are read);
+      the smaller initializers become float32.
     """
     from modec.executor import upcast_float16, weightless_proto
 
@@ -78,22 +99,52 @@ def lowering_proto(model: ir.Model) -> onnx.ModelProto:
                     node.input[i] = ""
     values = model.graph.initializers
     half = False
-    kept = []
+    kept: list[onnx.TensorProto] = []
+    weights: dict[str, LazyArray] = {}
     for t in proto.graph.initializer:
         if t.name in dropped:
             continue
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            src = values[t.name].const_value
-            assert src is not None
+        src = values[t.name].const_value
+        assert src is not None
+        if t.data_type in _FLOATS and t.dims and src.nbytes >= WEIGHT_MIN_BYTES:
+            weights[t.name] = _read_when_written(src)
+        elif t.data_location == onnx.TensorProto.EXTERNAL:
             t = ir.serde.serialize_tensor(ir.tensor(np.asarray(src.numpy()), name=t.name))
-        half = half or t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+        half = half or t.data_type in _HALF
         kept.append(t)
     del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
     if half:
+        # The weights stay as stored: upcast the graph without them, then put them back.
+        proto.graph.initializer.extend(t for t in kept if t.name not in weights)
         upcast_float16(proto)
-    return proto
+        upcast = {t.name: t for t in proto.graph.initializer}
+        kept = [t if t.name in weights else upcast[t.name] for t in kept]
+        del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    return proto, weights
 
+
+def _read_when_written(src: ir.TensorProtocol) -> LazyArray:
+    """``src``'s value as a `LazyArray` that copies it out of the source and releases the
+    source's memory map at once: the writer then holds one weight at a time, not the mapped
+    pages of every weight written so far."""
+    value = lazy.source(src)
+
+    def read() -> np.ndarray:
+        with lazy.reading([src]):
+            return np.array(value.numpy(), copy=True)
+
+    return lazy.computed(value.shape, value.dtype, read)
+
+
+#: Smallest dense weight (bytes) declared rather than read: smaller float initializers are
+#: read into the proto (and made float32 in a 16-bit model), since some frontend converters
+#: need their values (Resize scales, OneHot values, Pad's constant). The same bound as
+#: `modec.executor.weightless_proto`'s, below which initializers stay inline.
+WEIGHT_MIN_BYTES = 4096
+
+_FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+_HALF = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 
 #: Input slots of the expert stacks on a canonical MoE node (docs/ir.md).
 _EXPERT_SLOTS = tuple(INPUT_NAMES.index(n) for n in ("gate", "up", "down"))
@@ -144,7 +195,7 @@ def lower_model(
     check_target(target)
     plans = plan_layers(model, quantized)
     lowering = MoELowering(plans, target)
-    proto = lowering_proto(model)
+    proto, weights = lowering_proto(model)
     lowering.omitted_weights = len(_expert_stacks(model))
     moe = moe_section(plans)
     manifest = build_artifact(
@@ -155,6 +206,8 @@ def lower_model(
         op_converters={"MoE": lowering.convert},
         sections={"moe": moe, "pipeline": dict(pipeline)},
         step=step,
+        weights=weights,
+        upcast=True,
     )
     launches = sum(len(k) for k in lowering.kernels)
     packed = sum(

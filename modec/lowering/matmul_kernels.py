@@ -12,6 +12,10 @@ padded up to whole tiles and the padded rows/columns read a clamped (valid) inde
 hot loop carries no bounds predicate; only the final copy into Y is cut to M x N. The
 outer tile loops (batch x row tiles x column tiles) are fused and run in parallel.
 
+B may be stored in float16 or bfloat16 (``b_dtype``: a weight kept in its stored dtype):
+each vector of VL values is converted to fp32 in registers as it is loaded, so the kernel
+reads half the bytes and no fp32 copy of the weight exists.
+
 PrimFunc arguments (destination-passing, for Relax `call_tir`): ``(A, B, Y)``.
 """
 
@@ -46,8 +50,9 @@ def _nv_for(n: int | None) -> int:
 
 @functools.lru_cache(maxsize=256)
 def matmul_primfunc(
-    batched: bool, m: int | None, n: int | None, k: int | None, dtype: str = "float32"
-) -> tirx.PrimFunc:
+    batched: bool, m: int | None, n: int | None, k: int | None, dtype: str = "float32",
+    b_dtype: str | None = None,
+) -> tirx.PrimFunc:  # fmt: skip
     """The scheduled matmul PrimFunc for one combination of static / symbolic sizes.
 
     Args:
@@ -56,7 +61,10 @@ def matmul_primfunc(
         m: static row count, or None for a symbolic ``m``.
         n: static column count, or None for a symbolic ``n``.
         k: static reduction length, or None for a symbolic ``k``.
-        dtype: element type of A, B and Y (the accumulation is in the same type).
+        dtype: element type of A and Y (the accumulation is in the same type).
+        b_dtype: element type of B when it differs (a weight stored in ``float16`` or
+            ``bfloat16``): each vector of B is converted to ``dtype`` as it is loaded into
+            registers. None: ``dtype``.
 
     Returns:
         A scheduled PrimFunc (attribute ``global_symbol`` unset; the caller names it).
@@ -76,23 +84,28 @@ def matmul_primfunc(
     def col(j: Any) -> Any:
         return tirx.min(j, nn - 1) if clamp_n else j
 
+    wt = b_dtype or dtype
+
+    def conv(x: Any) -> Any:  # float32 B: the expression as before, no cast node
+        return x if wt == dtype else x.astype(dtype)
+
     red = te.reduce_axis((0, kk), name="r")
     if batched:
         bb = tirx.Var("b", "int64")
         a = te.placeholder((bb, mm, kk), dtype, name="A")
-        w = te.placeholder((bb, kk, nn), dtype, name="B")
+        w = te.placeholder((bb, kk, nn), wt, name="B")
         acc = te.compute(
             (bb, m_pad, n_pad),
-            lambda b, i, j: te.sum(a[b, row(i), red] * w[b, red, col(j)], axis=red),
+            lambda b, i, j: te.sum(a[b, row(i), red] * conv(w[b, red, col(j)]), axis=red),
             name="acc",
         )
         y = te.compute((bb, mm, nn), lambda b, i, j: acc[b, i, j], name="Y")
     else:
         a = te.placeholder((mm, kk), dtype, name="A")
-        w = te.placeholder((kk, nn), dtype, name="B")
+        w = te.placeholder((kk, nn), wt, name="B")
         acc = te.compute(
             (m_pad, n_pad),
-            lambda i, j: te.sum(a[row(i), red] * w[red, col(j)], axis=red),
+            lambda i, j: te.sum(a[row(i), red] * conv(w[red, col(j)]), axis=red),
             name="acc",
         )
         y = te.compute((mm, nn), lambda i, j: acc[i, j], name="Y")

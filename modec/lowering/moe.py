@@ -1,7 +1,8 @@
 """Lower canonical ``ai.modec::MoE`` nodes to Relax with mixed-precision grouped kernels.
 
 One `MoELowering` serves one model, from the per-layer plans of
-`modec.lowering.moe_plan.plan_layers` (experts grouped by width, codes packed): its
+`modec.lowering.moe_plan.plan_layers` (experts grouped by width, packed weights declared
+lazily: packed by the artifact writer, one tensor at a time): its
 `convert` method is the ``op_converters["MoE"]`` of `modec.lowering.onnx_import.import_onnx`,
 its `add_params` method the `RelaxHook` that turns the packed weights into parameters of
 ``main``. Per MoE layer, over ``T`` flattened tokens (symbolic) and ``k`` experts per token,
@@ -53,10 +54,10 @@ from modec.errors import InternalError, ModelError
 from modec.kernels import grouped_moe
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.lowering.dense import DenseModule
-from modec.lowering.moe_plan import LayerPlan, moe_section, plan_layers
+from modec.lowering.moe_plan import LayerPlan, PackedStack, moe_section, plan_layers
 from modec.lowering.moe_sort import sort_primfunc
+from modec.moe.lazy import LazyArray
 from modec.moe.reference import MoEParams
-from modec.numerics.packing import PackedWeight
 
 # plan_layers and moe_section are re-exported: callers build the plans and the manifest
 # section from here, next to the lowering that consumes them.
@@ -83,7 +84,7 @@ class MoELowering:
     plans: list[LayerPlan]
     target: TargetLike = "llvm"
     omitted_weights: int = 0
-    new_params: dict[str, tuple[relax.Var, np.ndarray]] = field(default_factory=dict)
+    new_params: dict[str, tuple[relax.Var, np.ndarray | LazyArray]] = field(default_factory=dict)
     kernels: list[list[tuple[str, int, int]]] = field(default_factory=list)
     _funcs: dict[tuple[Any, ...], relax.GlobalVar] = field(default_factory=dict)
     _next: int = 0
@@ -98,10 +99,11 @@ class MoELowering:
 
     # ------------------------------------------------------------------ parameters
 
-    def _param(self, name: str, array: np.ndarray) -> relax.Var:
+    def _param(self, name: str, array: np.ndarray | LazyArray) -> relax.Var:
         if name in self.new_params:
             raise InternalError(f"lower-tvm: parameter {name} created twice")
-        arr = np.ascontiguousarray(array)
+        # Packed experts stay lazy: the artifact writer packs them one tensor at a time.
+        arr = array if isinstance(array, LazyArray) else np.ascontiguousarray(array)
         var = relax.Var(name, relax.TensorType([int(d) for d in arr.shape], str(arr.dtype)))
         self.new_params[name] = (var, arr)
         return var
@@ -158,7 +160,7 @@ class MoELowering:
             self._funcs[key] = bb.add_func(func, name)
         return self._funcs[key]
 
-    def _grouped(self, bb: relax.BlockBuilder, pw: PackedWeight, e_w: int) -> Any:
+    def _grouped(self, bb: relax.BlockBuilder, pw: PackedStack, e_w: int) -> Any:
         s = pw.scheme
         key = ("grouped", s.bits, s.group_size, pw.n, pw.k, e_w)
         name = f"modec_moe_{s.name}_n{pw.n}_k{pw.k}_e{e_w}"

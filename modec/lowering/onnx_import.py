@@ -1,14 +1,27 @@
 """Phase 1 of the dense lowering: an ONNX model → a Relax module with detached weights.
 
-`import_onnx` runs the Relax ONNX frontend's importer with ``keep_params_in_input=True`` and
-`relax.frontend.detach_params`. Float initializers become weight parameters of ``main``
-(after the model inputs, in initializer order); integer and 0-d initializers (shapes, axes,
-scalars) become ``Constant`` nodes first, so that they are known at import time (as weight
-parameters nobody can read them; Reshape then fails). Custom ONNX ops (such as
-``ai.modec::MoE``) are imported through ``op_converters``; a few standard ops whose frontend
-converter fails on graphs modec lowers get their own converter here (``_FRONTEND_FIXES``).
-Ops that cannot be imported raise `ModelError` naming the op and the node. The later phases
-are in `modec.lowering.dense`.
+`import_onnx` runs the Relax ONNX frontend's importer with ``keep_params_in_input=True``.
+Float initializers become weight parameters of ``main`` (after the model inputs, in
+initializer order, named as the frontend names them: the initializer name without an
+``onnx::`` prefix); integer and 0-d initializers (shapes, axes, scalars) become ``Constant``
+nodes first, so that they are known at import time (as weight parameters nobody can read
+them; Reshape then fails). Custom ONNX ops (such as ``ai.modec::MoE``) are imported through
+``op_converters``; a few standard ops whose frontend converter fails on graphs modec lowers
+get their own converter here (``_FRONTEND_FIXES``). Ops that cannot be imported raise
+`ModelError` naming the op and the node. The later phases are in `modec.lowering.dense`.
+
+**Weights are declared, not read** (issue #15: a paper-sized model's dense weights are
+~1.5 B parameters). An initializer named in ``weights`` is declared from its ``dims`` and
+``data_type`` alone (its proto entry may hold no data: an external reference that points
+nowhere) and its `DenseModule.params` value is the given `modec.moe.lazy.LazyArray`, read
+when the artifact is written. Other initializers are read from the proto as the frontend
+reads them. With ``upcast=True`` (a graph that `modec.executor.upcast_float16` made compute
+in float32, all but its weights), a 16-bit float weight keeps its stored dtype as a
+parameter and is cast to float32 where it is read (`_Importer._read_as`): its
+``Cast``-to-float32 uses cast it once, ops that only move data (``Gather``, ``Transpose``,
+reshapes: `_MOVES`) run on the 16-bit value and their result is cast the same way, and
+every other op reads one ``astype(w, "float32")`` emitted at its first use. The scheduled
+matmuls then take the 16-bit weight itself (`modec.lowering.dense`).
 
 **Shapes are evaluated, not imported.** Exported transformers graphs compute every reshape
 target, mask size and position range at run time from ``Shape`` ops (TorchScript: ``Shape →
@@ -71,6 +84,7 @@ from modec.frontend import ONNX_DTYPES as _ONNX_DTYPES
 from modec.lowering.shape_eval import ShapeEvaluator
 from modec.lowering.shape_ops import convert_shape_op
 from modec.lowering.shape_values import ShapeValue, materialize
+from modec.moe.lazy import LazyArray
 
 __all__ = ["DenseModule", "OpConverter", "import_onnx", "static_extent"]
 
@@ -86,15 +100,16 @@ class DenseModule:
 
     Attributes:
         mod: the IRModule; ``main(*inputs, *params)``.
-        params: weight arrays in the order of ``main``'s parameters after the inputs; the
-            keys are the Relax parameter names (the artifact's tensor names).
+        params: weights in the order of ``main``'s parameters after the inputs; the keys
+            are the Relax parameter names (the artifact's tensor names). A value is an
+            array, or a `LazyArray` (a weight `import_onnx` was given, read when written).
         inputs: the ONNX graph inputs (name, dtype, shape with symbolic dims as strings).
         outputs: the ONNX graph outputs, in ``main``'s return order.
         stats: counters of what the lowering did (matmuls scheduled, left to the default).
     """
 
     mod: tvm.IRModule
-    params: dict[str, np.ndarray]
+    params: dict[str, np.ndarray | LazyArray]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     stats: dict[str, int] = field(default_factory=dict)
@@ -133,15 +148,28 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, _ONNX_DTYPES[elem], _dims(vi))
 
 
-def _constants_to_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Integer and 0-d initializers become Constant nodes (see the module docstring)."""
+#: 16-bit float element types: with ``upcast``, weights of these types are cast at use.
+_HALF = frozenset({"float16", "bfloat16"})
+
+#: Ops that only move the data of their first input: with ``upcast``, they run on a 16-bit
+#: weight and their (16-bit) result is cast where it is read, so that an embedding
+#: ``Gather`` casts the rows it takes, not the whole table.
+_MOVES = frozenset({"Gather", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
+                    "Identity"})  # fmt: skip
+
+
+def _constants_to_nodes(model: onnx.ModelProto, weights: Mapping[str, Any]) -> onnx.ModelProto:
+    """Integer and 0-d initializers become Constant nodes (see the module docstring); the
+    ``weights`` stay initializers."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
     keep: list[onnx.TensorProto] = []
     consts: list[onnx.NodeProto] = []
     for t in g.initializer:
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and t.dims:
+        if t.name in weights or (
+            t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and t.dims
+        ):
             keep.append(t)
         else:
             consts.append(helper.make_node("Constant", [], [t.name], value=t, name=f"{t.name}_c"))
@@ -165,14 +193,81 @@ class _OneNode:
 
 
 class _Importer(onnx_frontend.ONNXGraphImporter):
-    """The frontend's importer with custom-op converters and node-naming errors."""
+    """The frontend's importer with custom-op converters, node-naming errors, declared
+    weights and 16-bit weights cast at use (see the module docstring)."""
 
-    def __init__(self, converters: Mapping[str, OpConverter]) -> None:
+    def __init__(
+        self, converters: Mapping[str, OpConverter], weights: Mapping[str, LazyArray],
+        upcast: bool,
+    ) -> None:  # fmt: skip
         super().__init__({}, {}, keep_params_in_input=True, sanitize=True)
         self._custom = dict(converters)
         self._shapes = ShapeEvaluator()
         self._values: dict[str, ShapeValue] = {}
+        self._weights = weights
+        self._upcast = upcast
+        #: values that hold 16-bit floats where the graph reads float32 (``upcast``): the
+        #: 16-bit value, and its float32 cast once emitted
+        self._half: dict[str, Any] = {}
+        self._cast: dict[str, Any] = {}
         self.current: onnx.NodeProto | None = None
+
+    def _parse_graph_initializers(self, graph: onnx.GraphProto) -> None:
+        """The frontend's, except that a weight in ``weights`` is declared, not read."""
+        for t in graph.initializer:
+            if not t.name.strip():
+                raise ValueError("Tensor's name is required.")
+            value: Any = self._weights.get(t.name)
+            if value is not None:
+                dtype = _ONNX_DTYPES[t.data_type]
+                shape = [int(d) for d in t.dims]
+                if list(value.shape) != shape or str(value.dtype) != dtype:
+                    raise InternalError(
+                        f"import-onnx: weight {t.name!r} is {value.dtype}{list(value.shape)}, "
+                        f"its initializer {dtype}{shape}"
+                    )
+            elif t.data_location == onnx.TensorProto.EXTERNAL:
+                raise ModelError(
+                    f"initializer {t.name!r} is stored in external data that was not loaded; "
+                    "load the model from its path (onnx.load reads the data beside it)"
+                )
+            else:
+                value = self._parse_array(t)
+                dtype, shape = str(value.dtype), list(value.shape)
+            # As the frontend names it: PyTorch's "onnx::" prefix removed, nothing sanitized.
+            name = t.name.removeprefix("onnx::")
+            var = self._new_var(name, shape=shape, dtype=dtype)
+            self._nodes[t.name] = var
+            self._params[name] = (var, value)
+            if self._upcast and dtype in _HALF:
+                self._half[t.name] = var
+
+    def _read_as(self, node: onnx.NodeProto) -> None:
+        """Make each 16-bit input of ``node`` read as the node needs it: itself for a custom
+        op, a ``Cast`` and the data input of a `_MOVES` op; float32 for every other op."""
+        if not self._half:
+            return
+        op, std = node.op_type, node.domain in ("", "ai.onnx")
+        if op in ("If", "Loop", "Scan"):  # a subgraph may read any value by name
+            names = list(self._half)
+        else:
+            names = [i for i in node.input if i in self._half]
+        for name in names:
+            raw = op in self._custom or (std and op in ("Cast", *_MOVES) and name == node.input[0])
+            self._nodes[name] = self._half[name] if raw else self._float32(name)
+
+    def _float32(self, name: str) -> Any:
+        if name not in self._cast:
+            self._cast[name] = self.bb.emit(relax.op.astype(self._half[name], "float32"))
+        return self._cast[name]
+
+    def _moved_half(self, node: onnx.NodeProto) -> None:
+        """The 16-bit results of a `_MOVES` op on a 16-bit input are read as its input is."""
+        if node.op_type in _MOVES and node.input and node.input[0] in self._half:
+            for out in node.output:
+                ty = getattr(self._nodes.get(out), "ty", None)
+                if isinstance(ty, relax.TensorType) and str(ty.dtype) in _HALF:
+                    self._half[out] = self._nodes[out]
 
     def _check_for_unsupported_ops(self, graph: onnx.GraphProto) -> None:
         known = onnx_frontend._get_convert_map()
@@ -195,7 +290,10 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         for node in graph.node:
             self.current = node
             self._construct_node(node)
+            self._moved_half(node)
         for out in graph.output:
+            if out.name in self._half:
+                self._nodes[out.name] = self._float32(out.name)
             self._materialize(out.name)
 
     def _construct_node(self, node: onnx.NodeProto) -> None:
@@ -204,16 +302,22 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             operands = [self._operand(i) for i in node.input]
             attrs = self._parse_attr(node.attribute)
             if len(node.output) == 1:
+                # Shape computations read the operands' shapes only: no cast emitted yet.
                 value = self._shapes.evaluate(op, operands, attrs)
                 if value is not None:
                     self._values[node.output[0]] = value
                     return
+            if any(i in self._half for i in node.input):
+                self._read_as(node)
+                operands = [self._operand(i) for i in node.input]
             expr = convert_shape_op(
                 self._shapes, op, operands, attrs, lambda i: self._materialize(node.input[i])
             )
             if expr is not None:
                 self._nodes[node.output[0]] = self.bb.normalize(expr)
                 return
+        else:
+            self._read_as(node)
         names = [i for i in node.input if i] if op not in ("If", "Loop", "Scan") else self._values
         for name in list(names):
             self._materialize(name)
@@ -311,6 +415,9 @@ def _opset(model: onnx.ModelProto) -> int:
 def import_onnx(
     model: onnx.ModelProto | str | os.PathLike[str],
     op_converters: Mapping[str, OpConverter] | None = None,
+    *,
+    weights: Mapping[str, LazyArray] | None = None,
+    upcast: bool = False,
 ) -> DenseModule:
     """Import an ONNX model into Relax with its weights detached as parameters.
 
@@ -318,19 +425,30 @@ def import_onnx(
         model: an in-memory model or the path of a .onnx file (external data is read from
             beside it).
         op_converters: converters for ops the frontend does not know, by op type.
+        weights: values of float initializers (with ``dims``) by initializer name: each is
+            declared from its proto entry (which need not hold data) and becomes its
+            parameter's value unread (see the module docstring).
+        upcast: the graph computes in float32 where its 16-bit float weights are read
+            (`modec.executor.upcast_float16` left the weights as stored): each such weight
+            stays a 16-bit parameter, cast to float32 where it is read.
 
     Returns:
         The imported `DenseModule` (no kernels scheduled yet).
 
     Raises:
-        ModelError: the file is unreadable or an op cannot be imported (names op and node).
+        ModelError: the file is unreadable, an initializer's external data was not loaded,
+            or an op cannot be imported (names op and node).
     """
     proto = _load(model)
+    weights = weights or {}
     init_names = {t.name for t in proto.graph.initializer}
+    unknown = sorted(set(weights) - init_names)
+    if unknown:
+        raise InternalError(f"import-onnx: weights {unknown[:4]} are not initializers")
     inputs = [_spec(vi) for vi in proto.graph.input if vi.name not in init_names]
     outputs = [_spec(vi) for vi in proto.graph.output]
-    prepared = _constants_to_nodes(proto)
-    importer = _Importer(op_converters or {})
+    prepared = _constants_to_nodes(proto, weights)
+    importer = _Importer(op_converters or {}, weights, upcast)
     captured = io.StringIO()
     try:
         # The frontend prints the failing op's inputs to stdout; keep it in the debug log.
@@ -348,7 +466,7 @@ def import_onnx(
             f"the TVM Relax frontend failed on ONNX op {where}: {detail}; simplify the graph "
             "(onnxsim) or export with static shapes for that op"
         ) from exc
-    mod, detached = relax.frontend.detach_params(mod)
+    mod, values = _detach_params(mod)
     main = mod["main"]
     num_input = int(main.attrs["num_input"])
     if num_input != len(inputs):
@@ -356,12 +474,27 @@ def import_onnx(
             f"import-onnx: Relax main has {num_input} inputs, the ONNX graph {len(inputs)}"
         )
     names = [p.name for p in main.params[num_input:]]
-    values = detached.get("main", [])
     if len(names) != len(values) or len(set(names)) != len(names):
         raise InternalError("import-onnx: detached parameters do not match main's parameters")
-    params = {n: v.numpy() for n, v in zip(names, values, strict=True)}
+    params = {
+        n: v if isinstance(v, LazyArray) else v.numpy() for n, v in zip(names, values, strict=True)
+    }
     logger.info("imported %d inputs, %d weight tensors", num_input, len(params))
     return DenseModule(mod, params, inputs, outputs, {"onnx_nodes": len(proto.graph.node)})
+
+
+def _detach_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[Any]]:
+    """`relax.frontend.detach_params` for ``main``, whose ``params`` attribute also holds
+    the `LazyArray` weights (which that function refuses): the values, in order, and the
+    module without the attribute (built as that function builds it)."""
+    detached = tvm.IRModule()
+    values: list[Any] = []
+    for gv, func in mod.functions_items():
+        if gv.name_hint == "main" and "params" in func.attrs:
+            values = list(func.attrs["params"])
+            func = func.without_attr("params")
+        detached[gv] = func
+    return detached, values
 
 
 def static_extent(e: Any) -> int | None:

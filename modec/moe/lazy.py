@@ -195,6 +195,15 @@ def stack(items: Sequence[LazyArray]) -> LazyArray:
     return _Stack(tuple(items), dt)
 
 
+def computed(shape: Sequence[int], dtype: Any, fn: Callable[[], np.ndarray]) -> LazyArray:
+    """The array ``fn()`` returns, of the declared shape and dtype, computed when read.
+
+    ``fn`` runs on every read (nothing is cached, so that a writer holds one value at a
+    time); a result of another shape or dtype raises ``ValueError``.
+    """
+    return _Computed(shape, np.dtype(dtype), fn)
+
+
 def binary(
     fn: Callable[[np.ndarray, np.ndarray], np.ndarray], a: LazyArray, b: LazyArray,
     dtype: np.dtype[Any],
@@ -223,6 +232,21 @@ class _Const(LazyArray):
 
     def numpy(self) -> np.ndarray:
         return self.array
+
+
+class _Computed(LazyArray):
+    def __init__(self, shape: Sequence[int], dtype: np.dtype[Any], fn: Callable[[], np.ndarray]):
+        super().__init__(shape, dtype)
+        self.fn = fn
+
+    def numpy(self) -> np.ndarray:
+        arr = np.asarray(self.fn())
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ValueError(
+                f"computed array is {arr.dtype}{list(arr.shape)}, declared "
+                f"{self.dtype}{list(self.shape)}"
+            )
+        return arr
 
 
 class _Index0(LazyArray):

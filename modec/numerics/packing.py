@@ -114,7 +114,8 @@ class PackedWeight:
         return PackedWeight(self.codes[e], self.scale[e], self.zero[e], self.scheme, self.n, self.k)
 
 
-def _check_logical(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, scheme: QuantScheme) -> None:
+def check_codes(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, scheme: QuantScheme) -> None:
+    """Raise `BadInputError` unless codes, scales and zeros fit together and fit ``scheme``."""
     if q.ndim not in (2, 3):
         raise BadInputError(f"codes must be [N, K] or [E, N, K]; got shape {q.shape}")
     groups = scheme.num_groups(q.shape[-1])
@@ -192,6 +193,16 @@ def _deinterleave(p: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(full[..., :n, :])
 
 
+def pack_scales(scale: np.ndarray) -> np.ndarray:
+    """Scales [..., N, G] as the packed float16 [..., N_pad/16, G, 16]."""
+    return _interleave(np.asarray(scale).astype(np.float16), np.float16)
+
+
+def pack_zeros(zero: np.ndarray) -> np.ndarray:
+    """Zero points [..., N, G] as the packed uint8 [..., N_pad/16, G, 16]."""
+    return _interleave(np.asarray(zero).astype(np.uint8), np.uint8)
+
+
 def pack(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, scheme: QuantScheme) -> PackedWeight:
     """Pack one weight or a stack of experts into layout `n16k32`.
 
@@ -207,12 +218,12 @@ def pack(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, scheme: QuantScheme
     q = np.asarray(q)
     scale = np.asarray(scale)
     zero = np.asarray(zero)
-    _check_logical(q, scale, zero, scheme)
+    check_codes(q, scale, zero, scheme)
     n, k = int(q.shape[-2]), int(q.shape[-1])
     return PackedWeight(
         codes=pack_codes(q, scheme),
-        scale=_interleave(scale.astype(np.float16), np.float16),
-        zero=_interleave(zero.astype(np.uint8), np.uint8),
+        scale=pack_scales(scale),
+        zero=pack_zeros(zero),
         scheme=scheme,
         n=n,
         k=k,

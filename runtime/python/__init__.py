@@ -63,7 +63,7 @@ def _map_weights(f: BinaryIO, path: Path, specs: list[TensorSpec]) -> list[np.nd
         raise ModelError(f"{path} changed while it was loaded; copy the artifact again")
     out = []
     for spec, (offset, nbytes) in zip(specs, slices, strict=True):
-        dtype = np.dtype(spec.dtype)
+        dtype = _check.numpy_dtype(spec.dtype)
         a = np.frombuffer(data, dtype, count=nbytes // dtype.itemsize, offset=offset)
         out.append(a.reshape(tuple(int(d) for d in spec.shape)))
     return out

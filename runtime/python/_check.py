@@ -248,6 +248,25 @@ def read_weights_header(f: BinaryIO, path: Path, size: int) -> tuple[int, dict[s
 _NUMPY_NAMES = {tag: name for name, tag in SAFETENSORS_DTYPES.items()}
 
 
+def numpy_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype of a manifest dtype name; ``bfloat16`` is ``ml_dtypes.bfloat16``
+    (numpy has none; ml_dtypes comes with onnx and is imported only for it).
+
+    Raises:
+        ModelError: ``bfloat16`` without ml_dtypes installed.
+    """
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise ModelError(
+                "the artifact holds bfloat16 tensors, which numpy reads through ml_dtypes; "
+                "pip install ml_dtypes"
+            ) from exc
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def _header_int(value: Any, path: Path, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value not in INT64:
         raise ModelError(f"{path}: malformed header ({what} is not an integer: {value!r}"[:200]
@@ -293,7 +312,7 @@ def weight_slices(
         if len(offsets) != 2:
             raise ModelError(f"{path}: bad data_offsets for {spec.name!r}; copy the artifact again")
         begin, end = (_header_int(o, path, f"an offset of {spec.name!r}") for o in offsets)
-        itemsize = np.dtype(spec.dtype).itemsize
+        itemsize = 2 if spec.dtype == "bfloat16" else np.dtype(spec.dtype).itemsize
         numel = math.prod(shape)
         if any(d < 0 for d in shape) or numel >= 2**63 or numel > (2**64 - 1) // itemsize:
             raise ModelError(f"{path}: tensor {spec.name!r} shape is too large (its byte size "

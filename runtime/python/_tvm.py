@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from modec.runtime._check import numpy_dtype
 
 from modec.errors import ModelError
 
@@ -122,6 +123,8 @@ class Runtime:
         self._alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._copy_from = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
         self._copy_to = tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")
+        # (tensor, shape, dtype, byte offset) -> a tensor of that type over the same memory
+        self._view = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
 
     def tensor(self, a: np.ndarray) -> Any:
         """A device tensor holding a copy of ``a`` (aligned as the kernels expect)."""
@@ -136,19 +139,26 @@ class Runtime:
 
         On a CPU device an `ALIGN`-byte aligned array is handed over as it is, through
         DLPack (zero copy: the tensor holds the array, which holds the mapping); DLPack 1.0
-        carries the read-only flag (numpy >= 2.1). Otherwise (misaligned, another device, an
-        older numpy) the tensor is an aligned device copy made with `tensor`."""
+        carries the read-only flag (numpy >= 2.1). DLPack has no code for numpy's bfloat16
+        (ml_dtypes): such an array goes over as its 16-bit patterns (``uint16``), which
+        the tensor then views as ``bfloat16`` (DLPack's kDLBfloat), still without a copy.
+        Otherwise (misaligned, another device, an older numpy) the tensor is an aligned
+        device copy made with `tensor`."""
         if self.device_type == DEVICE_TYPES["cpu"] and a.ctypes.data % ALIGN == 0:
+            bf16 = str(a.dtype) == "bfloat16"
             try:
-                capsule = a.__dlpack__(max_version=(1, 0))
+                capsule = (a.view(np.uint16) if bf16 else a).__dlpack__(max_version=(1, 0))
             except (TypeError, BufferError):  # numpy < 2.1: no read-only export
                 return self.tensor(a), False
-            return self._ffi.from_dlpack(capsule, require_alignment=ALIGN), True
+            t = self._ffi.from_dlpack(capsule, require_alignment=ALIGN)
+            if bf16:
+                t = self._view(t, self._ffi.Shape(a.shape), self._ffi.dtype("bfloat16"), 0)
+            return t, True
         return self.tensor(a), False
 
     def numpy(self, t: Any) -> np.ndarray:
         """A numpy copy of a tensor the VM returned."""
-        out = np.empty(tuple(int(d) for d in t.shape), dtype=str(t.dtype))
+        out = np.empty(tuple(int(d) for d in t.shape), dtype=numpy_dtype(str(t.dtype)))
         self._copy_to(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
         return out
 

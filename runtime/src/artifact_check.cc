@@ -18,6 +18,7 @@ const std::vector<DtypeInfo> kDtypes = {
     {"uint8", "U8", MODEC_UINT8, 1},      {"bool", "BOOL", MODEC_BOOL, 1},
     {"uint32", "U32", MODEC_UINT32, 4},   {"uint16", "U16", MODEC_UINT16, 2},
     {"int16", "I16", MODEC_INT16, 2},     {"uint64", "U64", MODEC_UINT64, 8},
+    {"bfloat16", "BF16", MODEC_BFLOAT16, 2},
 };
 
 Spec ParseSpec(const Json& j, const std::string& where) {

@@ -59,6 +59,7 @@ DLDataType ToDL(modec_dtype c) {
     case MODEC_UINT16: return {kDLUInt, 16, 1};
     case MODEC_INT16: return {kDLInt, 16, 1};
     case MODEC_UINT64: return {kDLUInt, 64, 1};
+    case MODEC_BFLOAT16: return {kDLBfloat, 16, 1};
   }
   throw std::logic_error("unknown modec_dtype " + std::to_string(static_cast<int>(c)));
 }

@@ -117,6 +117,7 @@ static void fill_ones(void* p, modec_dtype dt, size_t n) {
       case MODEC_FLOAT32: ((float*)p)[i] = 1.0f; break;
       case MODEC_FLOAT64: ((double*)p)[i] = 1.0; break;
       case MODEC_FLOAT16: ((uint16_t*)p)[i] = 0x3C00; break;
+      case MODEC_BFLOAT16: ((uint16_t*)p)[i] = 0x3F80; break;
       case MODEC_INT64: ((int64_t*)p)[i] = 1; break;
       case MODEC_UINT64: ((uint64_t*)p)[i] = 1; break;
       case MODEC_INT32: ((int32_t*)p)[i] = 1; break;
@@ -179,9 +180,9 @@ static void check_static_api(void) {
   check(names_ok, "modec_status_name names codes 0..8");
   check(strcmp(modec_status_name((modec_status)99), "MODEC_ERR_UNKNOWN") == 0, "modec_status_name(99)");
 
-  static const size_t sizes[] = {4, 2, 8, 8, 4, 1, 1, 1, 4, 2, 2, 8}; /* MODEC_FLOAT32.. */
+  static const size_t sizes[] = {4, 2, 8, 8, 4, 1, 1, 1, 4, 2, 2, 8, 2}; /* MODEC_FLOAT32.. */
   int sizes_ok = 1;
-  for (int i = 0; i <= MODEC_UINT64; ++i) sizes_ok &= modec_dtype_size((modec_dtype)i) == sizes[i];
+  for (int i = 0; i <= MODEC_BFLOAT16; ++i) sizes_ok &= modec_dtype_size((modec_dtype)i) == sizes[i];
   check(sizes_ok, "modec_dtype_size of every dtype");
   check(modec_dtype_size((modec_dtype)99) == 0, "modec_dtype_size(99) == 0");
 

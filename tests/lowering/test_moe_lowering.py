@@ -210,6 +210,41 @@ def test_manifest_sections(lowered: Any) -> None:
     assert "moe0.up.w2.codes" in names and "moe0.router.weight_t" in names
 
 
+def test_experts_packed_only_when_written(
+    tiny_vlm: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packed experts are lazy: nothing is packed while the graph is lowered and
+    compiled; the writer packs each (layer, width group, projection) once, expert by expert,
+    and the packed bytes equal `pack` of the stacked codes."""
+    from safetensors.numpy import load_file
+
+    from modec.lowering import moe_plan
+    from modec.lowering.lower import lower_model
+    from modec.numerics.packing import pack
+    from modec.numerics.schemes import QuantScheme
+
+    calls: list[tuple[int, ...]] = []
+    real = moe_plan.pack_codes
+    monkeypatch.setattr(
+        moe_plan, "pack_codes", lambda q, scheme: calls.append(q.shape) or real(q, scheme)
+    )
+    model, q = _simulated(tiny_vlm["model"], WIDTHS)
+    at_step: dict[str, int] = {}
+    lower_model(model, q, tmp_path / "out", "llvm", pipeline={},
+                step=lambda name: at_step.setdefault(name, len(calls)))  # fmt: skip
+    assert at_step["lower"] == at_step["compile"] == 0
+    # 2 layers x 4 experts x 3 projections, each expert's [N, K] codes packed once.
+    assert len(calls) == 24 and all(len(s) == 2 for s in calls)
+    weights = load_file(str(tmp_path / "out" / "weights.safetensors"))
+    layer0 = q.layers[0]["down"]
+    want = pack(
+        np.stack([layer0[e].q for e in (2, 3)]), np.stack([layer0[e].scale for e in (2, 3)]),
+        np.stack([layer0[e].zero for e in (2, 3)]), QuantScheme(4, GROUP),
+    )  # fmt: skip
+    for part in ("codes", "scale", "zero"):
+        np.testing.assert_array_equal(weights[f"moe0.down.w4.{part}"], getattr(want, part))
+
+
 @pytest.mark.parametrize("target", ["vulkan", "no-such-target"])
 def test_unsupported_target_is_usage_error(
     tiny_vlm: dict[str, Path], tmp_path: Path, target: str

@@ -467,3 +467,21 @@ def test_expert_slice_of_plain_tensor_and_errors() -> None:
         expert_slice(v, 2)
     with pytest.raises(Exception, match="not a constant"):
         expert_slice(ir.Value(name="x"), 0)
+
+
+def test_computed_runs_on_each_read_and_checks_its_declaration() -> None:
+    runs: list[int] = []
+
+    def value() -> np.ndarray:
+        runs.append(1)
+        return np.arange(6, dtype=np.uint32).reshape(2, 3)
+
+    c = lazy.computed((2, 3), np.uint32, value)
+    assert (c.shape, c.dtype, c.nbytes) == ((2, 3), np.dtype(np.uint32), 24) and not runs
+    np.testing.assert_array_equal(c.numpy(), np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(c.expert(1).numpy(), [3, 4, 5])
+    assert len(runs) == 2  # nothing cached
+    with pytest.raises(ValueError, match="declared uint32"):
+        lazy.computed((2, 3), np.uint32, lambda: np.zeros((2, 3), np.int64)).numpy()
+    with pytest.raises(ValueError, match=r"\[3, 2\]"):
+        lazy.computed((3, 2), np.uint32, value).numpy()

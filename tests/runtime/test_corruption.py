@@ -238,8 +238,8 @@ CASES: dict[str, tuple[Callable[[Path], object], int, str, str]] = {
     **{f"directory_{n}": (_dir_for(n), 2, f"{n} is not a regular file",
                           f"{n} is not a regular file") for n in (MANIFEST, WEIGHTS, LIBRARY)},
     # unknown dtypes (test_c_api covers an input's)
-    "dtype_output": (lambda d: _edit(d, lambda m: m["outputs"][0].update(dtype="bfloat16")), 3,
-                     "output 'logits': unsupported dtype bfloat16", "unsupported dtype"),
+    "dtype_output": (lambda d: _edit(d, lambda m: m["outputs"][0].update(dtype="float8")), 3,
+                     "output 'logits': unsupported dtype float8", "unsupported dtype"),
     "dtype_param": (lambda d: _edit(d, _param(0, dtype="complex64")), 3,
                     "param 'tok_emb': unsupported dtype complex64", "unsupported dtype"),
     "dtype_param_last": (lambda d: _edit(d, lambda m: m["params"][-1].update(dtype="int4")), 3,

@@ -166,3 +166,30 @@ def test_write_refuses_foreign_directory_unless_forced(tmp_path: Path) -> None:
     assert json.loads((out / MANIFEST).read_text())["schema"] == SCHEMA
     _write(out)  # an existing artifact is replaced without force
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dirs left
+
+
+def test_lazy_params_are_written_one_at_a_time(tmp_path: Path) -> None:
+    """`write_artifact` takes lazy weights: the manifest is declared from their shape and
+    dtype, each value is produced once, when the writer reaches it, and the file holds it."""
+    from safetensors.numpy import load_file
+
+    from modec.moe import lazy
+
+    made: list[str] = []
+
+    def make(name: str, arr: np.ndarray) -> lazy.LazyArray:
+        return lazy.computed(arr.shape, arr.dtype, lambda: made.append(name) or arr)
+
+    a, b = np.arange(12, dtype=np.uint32).reshape(3, 4), np.full(5, 0.5, np.float16)
+    write_artifact(
+        tmp_path / "out", write_library=_lib, params={"a": make("a", a), "b": make("b", b)},
+        inputs=[], outputs=[], target={"kind": "llvm", "device": "cpu"}, tvm_version="x",
+    )  # fmt: skip
+    assert sorted(made) == ["a", "b"]
+    man = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert [(p["name"], p["dtype"], p["shape"]) for p in man["params"]] == [
+        ("a", "uint32", [3, 4]), ("b", "float16", [5])
+    ]  # fmt: skip
+    got = load_file(str(tmp_path / "out" / "weights.safetensors"))
+    np.testing.assert_array_equal(got["a"], a)
+    np.testing.assert_array_equal(got["b"], b)

@@ -35,7 +35,8 @@ typedef enum {
   MODEC_ERR_RUNTIME = 8           /* TVM failed to load the library or to run */
 } modec_status;
 
-/* Element types (the manifest's numpy names). */
+/* Element types (the manifest's numpy names). Codes are stable; new types are added at the
+ * end (MODEC_BFLOAT16: weights of a model stored in bf16; its raw 16-bit patterns). */
 typedef enum {
   MODEC_FLOAT32 = 0,
   MODEC_FLOAT16 = 1,
@@ -48,7 +49,8 @@ typedef enum {
   MODEC_UINT32 = 8, /* packed quantized codes of the MoE experts */
   MODEC_UINT16 = 9,
   MODEC_INT16 = 10,
-  MODEC_UINT64 = 11
+  MODEC_UINT64 = 11,
+  MODEC_BFLOAT16 = 12 /* bfloat16 (numpy name "bfloat16", safetensors "BF16") */
 } modec_dtype;
 
 /* A dense, C-contiguous tensor on the host. For inputs the caller owns name, shape and data.
