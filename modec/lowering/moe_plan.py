@@ -70,20 +70,26 @@ class PackedStack:
     def of(cls, experts: Sequence[QuantizedWeight], scheme: QuantScheme) -> PackedStack:
         """The lazy packed stack of ``experts`` (codes of one shape, all at ``scheme``)."""
         n, k = (int(d) for d in experts[0].q.shape)
+
+        def codes(qw: QuantizedWeight) -> np.ndarray:
+            # The writer writes the codes before the scales and zeros (wider dtype first):
+            # one range check per expert, before any of its packed bytes.
+            check_codes(qw.q, qw.scale, qw.zero, scheme)
+            return pack_codes(qw.q, scheme)
+
         return cls(
-            _stacked(experts, scheme, codes_shape(n, k, scheme), np.uint32,
-                     lambda qw: pack_codes(qw.q, scheme)),
-            _stacked(experts, scheme, params_shape(n, k, scheme), np.float16,
+            _stacked(experts, codes_shape(n, k, scheme), np.uint32, codes),
+            _stacked(experts, params_shape(n, k, scheme), np.float16,
                      lambda qw: pack_scales(qw.scale)),
-            _stacked(experts, scheme, params_shape(n, k, scheme), np.uint8,
+            _stacked(experts, params_shape(n, k, scheme), np.uint8,
                      lambda qw: pack_zeros(qw.zero)),
             scheme, n, k,
         )  # fmt: skip
 
 
 def _stacked(
-    experts: Sequence[QuantizedWeight], scheme: QuantScheme, shape: tuple[int, ...],
-    dtype: type, pack_one: Callable[[QuantizedWeight], np.ndarray],
+    experts: Sequence[QuantizedWeight], shape: tuple[int, ...], dtype: type,
+    pack_one: Callable[[QuantizedWeight], np.ndarray],
 ) -> lazy.LazyArray:  # fmt: skip
     """``np.stack([pack_one(qw) for qw in experts])``, computed when read, one expert at a
     time into the result (packing a whole stack at once takes 8 bytes per weight)."""
@@ -91,7 +97,6 @@ def _stacked(
     def value() -> np.ndarray:
         out: np.ndarray = np.empty((len(experts), *shape), dtype)
         for i, qw in enumerate(experts):
-            check_codes(qw.q, qw.scale, qw.zero, scheme)
             out[i] = pack_one(qw)
         return out
 
