@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modec.errors import ModelError
+from modec.pages import release
 
 __all__ = ["DTYPE_TAGS", "PAD_PREFIX", "TensorEntry", "write_safetensors"]
 
@@ -150,4 +151,8 @@ def write_safetensors(
             if a.dtype.byteorder == ">":
                 a = a.astype(a.dtype.newbyteorder("<"))
             f.write(a.reshape(-1).view(np.uint8).data)
+            if isinstance(arr, np.ndarray):
+                release(arr)  # a mapped source's pages leave the resident set once written
             del arr, a
+    # Reading one tensor can map pages of a neighbour written before (see `modec.pages`).
+    release(*(e.data for e in entries if isinstance(e.data, np.ndarray)))

@@ -17,8 +17,8 @@ a `modec.moe.lazy.LazyArray` over the model's tensor (memory-mapped external dat
 model loaded from disk), declared to the importer by shape and dtype only, and read once,
 one tensor at a time, when ``weights.safetensors`` is written (copied out of the map, which
 is released at once); the packed experts are packed from the quantized codes the same
-way. lower-tvm itself then holds one tensor at a time; the quantized codes it reads to pack
-stay mapped until the compile ends (0.6 GB of pages per layer; docs/scale.md). A model
+way, each expert's mapped codes handed back (`modec.pages.release`) once packed. lower-tvm
+itself then holds one tensor at a time, whatever the number of layers. A model
 stored in fp16/bf16 keeps its dense weights in that dtype in the artifact (the bytes of the
 source); the compiled graph casts them to float32 where it reads them, and the scheduled
 projections read them as stored. An fp32 model's artifact is what it was before this scheme.

@@ -38,6 +38,7 @@ from modec.numerics.packing import (
 )
 from modec.numerics.quant import QuantizedWeight
 from modec.numerics.schemes import QuantScheme
+from modec.pages import release
 
 __all__ = ["LayerPlan", "PackedStack", "WidthGroup", "moe_section", "plan_layers"]
 
@@ -75,7 +76,9 @@ class PackedStack:
             # The writer writes the codes before the scales and zeros (wider dtype first):
             # one range check per expert, before any of its packed bytes.
             check_codes(qw.q, qw.scale, qw.zero, scheme)
-            return pack_codes(qw.q, scheme)
+            packed = pack_codes(qw.q, scheme)
+            release(qw.q)  # mapped codes (`spill_codes`): their pages leave the resident set
+            return packed
 
         return cls(
             _stacked(experts, codes_shape(n, k, scheme), np.uint32, codes),
@@ -98,6 +101,7 @@ def _stacked(
         out: np.ndarray = np.empty((len(experts), *shape), dtype)
         for i, qw in enumerate(experts):
             out[i] = pack_one(qw)
+        release(*(qw.q for qw in experts))  # see `modec.pages`: pages a read mapped again
         return out
 
     return lazy.computed((len(experts), *shape), dtype, value)

@@ -27,6 +27,7 @@ from modec.facts import PROJECTIONS, QuantizedExperts
 from modec.numerics.gptq import gptq_quantize
 from modec.numerics.quant import QuantizedWeight, quantize_rtn
 from modec.numerics.schemes import QuantScheme
+from modec.pages import release
 
 F32 = npt.NDArray[np.float32]
 
@@ -122,7 +123,9 @@ def spill_codes(
     space) until the last view is dropped, and nothing is left behind however the process
     ends. The codes of every quantized layer are needed until the artifact is written; held
     in RAM they would grow with the number of layers (0.6 GB per Qwen3-VL-30B-A3B layer),
-    mapped they are file pages the kernel can drop and read back.
+    mapped they are file pages the kernel can drop and read back, and each reader (the
+    dequantized write-back, the packing for the kernels, the ``experts.safetensors`` writer)
+    hands them back once read (`modec.pages.release`), so they do not stay resident.
     """
     import os
     import tempfile
@@ -150,6 +153,8 @@ def dequantized_tensor(codes: list[QuantizedWeight], name: str | None) -> ir.Laz
         out = np.empty((len(codes), n, k), dtype=np.float32)
         for e, qw in enumerate(codes):
             out[e] = qw.dequantize()
+            release(qw.q)  # the mapped codes' pages: read once per build, not kept resident
+        release(*(qw.q for qw in codes))
         return ir.tensor(out, name=name)
 
     return ir.LazyTensor(build, ir.DataType.FLOAT, ir.Shape([len(codes), n, k]), name=name)
