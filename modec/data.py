@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from modec import kv_cache
 from modec.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -291,9 +292,25 @@ def load(path: str | os.PathLike[str]) -> Dataset:
     return Dataset(p, inputs, modality.astype(np.int8), answer, family, header)
 
 
+def with_model_inputs(ds: Dataset, specs: list[InputSpec]) -> Dataset:
+    """``ds`` checked against the model's inputs (`check_against`), with an empty KV cache
+    (P = 0, `modec.kv_cache`) for every cache input of a model exported with one: a data
+    set holds prompts; the cache is what a model adds to them."""
+    check_against(ds, specs)
+    sig = kv_cache.find(specs)
+    if sig is None or sig.past_names <= set(ds.inputs):
+        return ds
+    empty = kv_cache.empty_inputs(sig, len(ds))
+    inputs = {**ds.inputs, **{k: v for k, v in empty.items() if k not in ds.inputs}}
+    return Dataset(ds.path, inputs, ds.modality, ds.answer, ds.family, ds.header)
+
+
 def check_against(ds: Dataset, specs: list[InputSpec]) -> None:
-    """Check that a dataset provides every model input with the right dtype and rank/shape."""
+    """Check that a dataset provides every model input with the right dtype and rank/shape
+    (a KV-cache input it lacks is not an error: `with_model_inputs` adds it, empty)."""
     for spec in specs:
+        if spec.name not in ds.inputs and kv_cache.is_past(spec.name):
+            continue
         if spec.name not in ds.inputs:
             raise DataError(
                 f"{ds.path}: missing key 'input/{spec.name}' (model input {spec.name!r}, "

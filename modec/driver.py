@@ -314,7 +314,7 @@ def load_inputs(
     check_weights_finite(model)
     preflight(model, o)
     calib = data_mod.load(calib_path)
-    data_mod.check_against(calib, input_specs(model))
+    calib = data_mod.with_model_inputs(calib, input_specs(model))
     ctx = PassContext(
         facts=Facts(Calibration(calib)),
         options=RunOptions(

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from modec import kv_cache
 from modec.data import InputSpec
 from modec.errors import ModelError
 
@@ -383,6 +384,7 @@ class OrtRunner:
         # The graph alone: the session reads the weights itself, from the file.
         proto = load_onnx_proto(path, external_data=False)
         self.inputs = input_specs(proto)
+        self.cache = kv_cache.find(self.inputs)
         self.output = proto.graph.output[0].name
         self.proto = proto
         # From the file: it reads external data beside it, and a model past 2 GiB cannot be
@@ -395,7 +397,7 @@ class OrtRunner:
                 f"{self.path}: holds ai.modec nodes that onnxruntime cannot run; run it with "
                 "modec's executor (modec eval picks it automatically)"
             )
-        out = self.session.run([self.output], feeds)[0]
+        out = self.session.run([self.output], kv_cache.with_cache(feeds, self.cache))[0]
         return np.asarray(out)
 
 

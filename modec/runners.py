@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from modec import kv_cache
 from modec.errors import BadInputError, ModelError
 from modec.output import SIM_MODEL
 
@@ -26,11 +27,12 @@ class SimulatedRunner:
             raise BadInputError(f"{path}: no {SIM_MODEL}; compile the model first")
         model = load_onnx(p)  # a large model's external data stays memory-mapped
         self.inputs = input_specs(model)
+        self.cache = kv_cache.find(self.inputs)
         self.executor = Executor(model, intra_op_threads=threads)
         self.output = self.executor.output_names[0]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.executor.run(feeds).outputs[self.output]
+        return self.executor.run(kv_cache.with_cache(feeds, self.cache)).outputs[self.output]
 
 
 class CompiledRunner:
@@ -41,9 +43,11 @@ class CompiledRunner:
 
         self.session = modec.runtime.load(path)
         self.inputs = list(self.session.inputs)
+        self.cache = kv_cache.find(self.inputs)
         self.output = self.session.outputs[0].name
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = kv_cache.with_cache(feeds, self.cache)
         return np.asarray(self.session.run(feeds)[self.output])
 
 

@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,6 +41,8 @@ from modec.artifact import Manifest
 from modec.facts import QuantizedExperts
 from modec.kernels.target import check_target
 from modec.lowering.build import build_artifact
+from modec.lowering.decode_entry import add_decode_entry, generation_section
+from modec.lowering.dense import DenseModule
 from modec.lowering.moe import MoELowering
 from modec.lowering.moe_plan import moe_section, plan_layers
 from modec.moe import lazy
@@ -199,13 +202,24 @@ def lower_model(
     proto, weights = lowering_proto(model)
     lowering.omitted_weights = len(_expert_stacks(model))
     moe = moe_section(plans)
+    sections: dict[str, Any] = {"moe": moe, "pipeline": dict(pipeline)}
+
+    def decode_entry(dm: DenseModule) -> DenseModule:
+        # After the MoE kernels are in main, so that decode calls the same ones. Sections are
+        # written after the hooks: the generation section goes in here (cache models only).
+        dm, entry = add_decode_entry(dm)
+        section = generation_section(dm, entry)
+        if section is not None:
+            sections["generation"] = section
+        return dm
+
     manifest = build_artifact(
         proto,
         Path(out_dir),
         target,
-        hooks=[lowering.add_params],
+        hooks=[lowering.add_params, decode_entry],
         op_converters={"MoE": lowering.convert},
-        sections={"moe": moe, "pipeline": dict(pipeline)},
+        sections=sections,
         step=step,
         weights=weights,
         upcast=True,

@@ -78,6 +78,7 @@ from onnx import helper
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend
 
+from modec import kv_cache
 from modec.artifact import TensorSpec
 from modec.errors import InternalError, ModelError
 from modec.frontend import ONNX_DTYPES as _ONNX_DTYPES
@@ -192,6 +193,39 @@ class _OneNode:
         self.node = [self.node]  # type: ignore[assignment]
 
 
+def _tie_mask_length(importer: Any, names: list[str]) -> None:
+    """Give ``attention_mask`` the length ``past + seq`` in a model with a KV cache
+    (`modec.kv_cache`: ``past_key_values.{i}.*`` inputs of length ``past``, the new tokens'
+    ``input_ids`` or ``inputs_embeds`` of length ``seq``). The mask's own symbol is replaced
+    in every input that uses it; the VM checks the expression when the model is called."""
+    past = next((n for n in names if kv_cache.is_past(n)), None)
+    tokens = next((n for n in ("input_ids", "inputs_embeds") if n in names), None)
+    if past is None or tokens is None or "attention_mask" not in names:
+        return
+
+    def dims(name: str) -> list[Any] | None:
+        ty = importer._nodes[name].ty
+        shape = getattr(ty, "shape", None)
+        return list(shape.values) if isinstance(shape, relax.ShapeExpr) else None
+
+    mask, past_dims, token_dims = dims("attention_mask"), dims(past), dims(tokens)
+    if mask is None or past_dims is None or token_dims is None or len(mask) != 2:
+        return
+    total, p, t = mask[1], past_dims[2], token_dims[1]
+    if not isinstance(total, tirx.Var) or any(total.same_as(v) for v in (p, t)):
+        return
+    length = p + t
+    for name in names:
+        shape = dims(name)
+        if shape is None or not any(isinstance(d, tirx.Var) and d.same_as(total) for d in shape):
+            continue
+        new = [length if isinstance(d, tirx.Var) and d.same_as(total) else d for d in shape]
+        var = importer._nodes[name]
+        importer._nodes[name] = importer._inputs[name] = relax.Var(
+            var.name, relax.TensorType(new, var.ty.dtype)
+        )
+
+
 class _Importer(onnx_frontend.ONNXGraphImporter):
     """The frontend's importer with custom-op converters, node-naming errors, declared
     weights and 16-bit weights cast at use (see the module docstring)."""
@@ -211,6 +245,14 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
         self._half: dict[str, Any] = {}
         self._cast: dict[str, Any] = {}
         self.current: onnx.NodeProto | None = None
+
+    def _parse_graph_input(self, graph: onnx.GraphProto) -> None:
+        """The frontend's, then the length of a KV-cache model's ``attention_mask`` tied to
+        the cache: the exporter names it freshly (``total``), the graph adds the mask's bias
+        to scores over ``past + seq`` keys, and without the tie no later shape can be proven
+        equal (`_tie_mask_length`)."""
+        super()._parse_graph_input(graph)
+        _tie_mask_length(self, [vi.name for vi in graph.input if vi.name in self._inputs])
 
     def _parse_graph_initializers(self, graph: onnx.GraphProto) -> None:
         """The frontend's, except that a weight in ``weights`` is declared, not read."""

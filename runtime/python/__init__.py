@@ -29,6 +29,7 @@ import numpy as np
 from modec.runtime import _check
 from modec.runtime._tvm import ALIGN
 
+from modec import kv_cache
 from modec.artifact import LIBRARY, WEIGHTS, Manifest, TensorSpec, check_target
 from modec.errors import BadInputError, ModelError
 
@@ -154,7 +155,8 @@ class Session:
                             f"input {spec.name!r} dim {i} ({want}) is {got}, but another input "
                             f"has {want}={sym[want]}"
                         )
-                    if got == 0:
+                    if got == 0 and not (i == 2 and kv_cache.is_past(spec.name)):
+                        # An empty KV cache (P = 0, a prompt) is the one empty input allowed.
                         raise BadInputError(f"input {spec.name!r} dim {i} ({want}) is empty")
             out.append(np.ascontiguousarray(a))
         return out

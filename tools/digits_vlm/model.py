@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 MoEForm = Literal["train", "stacked", "dispatch", "dense"]
+#: One attention layer's cached keys and values, each [B, heads, positions, head dim].
+KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -114,15 +116,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
         self.heads = cfg.num_heads
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, past: KV | None = None
+    ) -> tuple[torch.Tensor, KV]:
+        """Attention of ``x`` [B, T, H] over the cached keys/values ``past`` ([B, h, P, hd]
+        each; none: P = 0) and its own; ``bias`` is [B, 1, T, P + T]. Returns the output
+        and the keys/values of all P + T positions (the cache after this step)."""
         b, t, d = x.shape
         h, hd = self.heads, d // self.heads
         q = self.q_proj(x).reshape(b, t, h, hd).transpose(1, 2)
         k = self.k_proj(x).reshape(b, t, h, hd).transpose(1, 2)
         v = self.v_proj(x).reshape(b, t, h, hd).transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
         scores = q @ k.transpose(-1, -2) * (1.0 / math.sqrt(hd)) + bias
         probs = torch.softmax(scores, dim=-1)  # the attention probabilities MODE reads
-        return self.o_proj((probs @ v).transpose(1, 2).reshape(b, t, d))
+        return self.o_proj((probs @ v).transpose(1, 2).reshape(b, t, d)), (k, v)
 
 
 class SparseMoe(nn.Module):
@@ -225,9 +235,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.mlp = SparseMoe(cfg)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, past: KV | None = None
+    ) -> tuple[torch.Tensor, KV]:
+        a, cache = self.self_attn(self.input_layernorm(x), bias, past)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class DigitsVLM(nn.Module):
@@ -255,14 +268,7 @@ class DigitsVLM(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
     ) -> torch.Tensor:
         t = input_ids.shape[1]
-        text = self.embed_tokens(input_ids)
-        vis = self.visual(pixel_values)  # [B, P, H]
-        is_image = input_ids == self.cfg.image_token_id
-        # The j-th <image> token of a row takes the j-th patch embedding.
-        slot = (torch.cumsum(is_image.to(torch.int64), dim=1) - 1).clamp(min=0)
-        slot = slot.clamp(max=vis.shape[1] - 1)
-        gathered = torch.gather(vis, 1, slot.unsqueeze(-1).expand(-1, -1, vis.shape[-1]))
-        x = torch.where(is_image.unsqueeze(-1), gathered, text)
+        x = self._embed(input_ids, pixel_values)
         pos = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
         x = x + self.embed_positions(pos)
         # Additive attention bias: causal and key padding, [B, 1, T, T].
@@ -270,8 +276,50 @@ class DigitsVLM(nn.Module):
         allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
         bias = torch.where(allowed, 0.0, -1e9).to(x.dtype).unsqueeze(1)
         for layer in self.layers:
-            x = layer(x, bias)
+            x = layer(x, bias)[0]
         return self.lm_head(self.norm(x))
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the ``<image>`` tokens replaced by the patch features."""
+        text = self.embed_tokens(input_ids)
+        vis = self.visual(pixel_values)  # [B, P, H]
+        is_image = input_ids == self.cfg.image_token_id
+        # The j-th <image> token of a row takes the j-th patch embedding.
+        slot = (torch.cumsum(is_image.to(torch.int64), dim=1) - 1).clamp(min=0)
+        slot = slot.clamp(max=vis.shape[1] - 1)
+        gathered = torch.gather(vis, 1, slot.unsqueeze(-1).expand(-1, -1, vis.shape[-1]))
+        return torch.where(is_image.unsqueeze(-1), gathered, text)
+
+    def forward_cached(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+        past: list[KV] | None,
+    ) -> tuple[torch.Tensor, list[KV]]:  # fmt: skip
+        """The forward pass over T new tokens after P cached ones.
+
+        ``attention_mask`` covers all P + T positions ([B, P + T], left padding); ``past``
+        holds each layer's keys and values of the P cached positions ([B, heads, P, head
+        dim]; None: P = 0). Returns the logits [B, T, V] and each layer's keys and values of
+        all P + T positions. With P = 0 this is `forward`.
+        """
+        t = input_ids.shape[1]
+        x = self._embed(input_ids, pixel_values)
+        total = attention_mask.shape[1]  # P + T
+        # The positions of the T new tokens: the last T columns of the mask's running count,
+        # gathered rather than sliced (a slice from a computed start loses the static length
+        # T in the Relax import, which cannot prove total >= T).
+        last = (torch.arange(t, device=x.device) + (total - t)).expand(x.shape[0], t)
+        pos = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0).gather(1, last)
+        x = x + self.embed_positions(pos)
+        # Additive attention bias: causal and key padding, [B, 1, T, P + T]; query i sits at
+        # position P + i and sees keys 0..P + i.
+        causal = torch.ones(t, total, dtype=torch.bool, device=x.device).tril(total - t)
+        allowed = causal.unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+        bias = torch.where(allowed, 0.0, -1e9).to(x.dtype).unsqueeze(1)
+        cache: list[KV] = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, bias, None if past is None else past[i])
+            cache.append(kv)
+        return self.lm_head(self.norm(x)), cache
 
     def moe_layers(self) -> list[SparseMoe]:
         return [layer.mlp for layer in self.layers]  # type: ignore[misc]
