@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from modec.runtime import _check
+from modec.runtime import _check, _generation
 from modec.runtime._tvm import ALIGN
 
 from modec import kv_cache
@@ -83,7 +83,16 @@ class Session:
         self._rt = Runtime(device)
         library = _check.read_library(path / LIBRARY, manifest)
         try:
-            self._main = self._rt.load_vm(path / LIBRARY, manifest.entry, library)
+            vm = self._rt.load_vm(path / LIBRARY, library)
+            self._main = vm[manifest.entry]
+            #: the generation contract (docs/generation.md), None without a KV cache
+            self.generation = _generation.read_section(manifest, path)
+            self._entries = {"main": (self._main, manifest.inputs)}
+            if self.generation is not None and self.generation.decode_entry != "main":
+                decode = self.generation.decode_entry
+                self._entries[decode] = (vm[decode], self.generation.decode_inputs)
+        except ModelError:
+            raise
         except Exception as exc:  # TVM raises its own error types; say what to do
             raise ModelError(
                 f"cannot load {path / LIBRARY} ({_last_line(exc)}); rebuild "
@@ -122,8 +131,9 @@ class Session:
         """The outputs `run` returns."""
         return self.manifest.outputs
 
-    def _check(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        names = [s.name for s in self.inputs]
+    def _check(self, inputs: Mapping[str, Any], specs: list[TensorSpec] | None = None) -> list[Any]:
+        specs = self.inputs if specs is None else specs
+        names = [s.name for s in specs]
         missing = [n for n in names if n not in inputs]
         unknown = [n for n in inputs if n not in names]
         if missing or unknown:
@@ -132,8 +142,9 @@ class Session:
             )
         sym: dict[str, int] = {}
         out = []
-        for spec in self.inputs:
-            a = np.asarray(inputs[spec.name])
+        for spec in specs:
+            given = inputs[spec.name]
+            a = given if isinstance(given, Held) else np.asarray(given)
             if str(a.dtype) != spec.dtype:
                 raise BadInputError(
                     f"input {spec.name!r} has dtype {a.dtype}, expected {spec.dtype}; cast it"
@@ -158,25 +169,37 @@ class Session:
                     if got == 0 and not (i == 2 and kv_cache.is_past(spec.name)):
                         # An empty KV cache (P = 0, a prompt) is the one empty input allowed.
                         raise BadInputError(f"input {spec.name!r} dim {i} ({want}) is empty")
-            out.append(np.ascontiguousarray(a))
+            out.append(a if isinstance(a, Held) else np.ascontiguousarray(a))
         return out
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray], entry: str = "main") -> dict[str, np.ndarray]:
         """Run the model.
 
         Args:
-            inputs: one array per model input, by ONNX input name.
+            inputs: one array per input of the entry, by ONNX input name.
+            entry: ``main`` (every model input), or the ``decode`` entry of a model with a KV
+                cache (``Session.generation.decode_entry``; docs/generation.md).
 
         Returns:
             One array per model output, by ONNX output name.
 
         Raises:
-            BadInputError: wrong names, dtype, rank or dims.
+            BadInputError: wrong names, dtype, rank or dims, or an unknown entry.
         """
-        arrays = self._check(inputs)
-        args = [self._rt.tensor(a) for a in arrays]
+        results = self._invoke(entry, inputs)
+        return {spec.name: self._rt.numpy(r) for spec, r in zip(self.outputs, results, strict=True)}
+
+    def _invoke(self, entry: str, inputs: Mapping[str, Any]) -> list[Any]:
+        """Call an entry; ``inputs`` are arrays (checked against the entry's specs) or, for
+        the cache, tensors a previous call returned (passed as they are). Returns the VM's
+        output tensors, checked against the manifest's outputs."""
+        if entry not in self._entries:
+            raise BadInputError(f"entry {entry!r} is not one of {sorted(self._entries)}")
+        func, specs = self._entries[entry]
+        checked = self._check(inputs, specs)
+        args = [a.tensor if isinstance(a, Held) else self._rt.tensor(a) for a in checked]
         try:
-            res: Any = self._main(*args, *self._params)
+            res: Any = func(*args, *self._params)
         # The inputs passed the manifest's checks: whatever TVM raises (ValueError, TypeError,
         # RuntimeError...) says model.so and its manifest disagree.
         except Exception as exc:
@@ -190,7 +213,6 @@ class Session:
                 f"{self.path / LIBRARY} returned {len(results)} outputs, the manifest lists "
                 f"{len(self.outputs)}; the artifact is inconsistent, rebuild it"
             )
-        out = {}
         for spec, r in zip(self.outputs, results, strict=True):
             got = (str(getattr(r, "dtype", "?")), tuple(int(d) for d in getattr(r, "shape", ())))
             if (
@@ -205,8 +227,56 @@ class Session:
                     f"{spec.dtype}{list(spec.shape)}; manifest.json does not match model.so, "
                     "rebuild the artifact"
                 )
-            out[spec.name] = self._rt.numpy(r)
-        return out
+        return results
+
+    def generate(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        max_new_tokens: int = 32,
+        stop: Sequence[int] = (),
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        callback: _generation.Callback | None = None,
+    ) -> _generation.Generation:
+        """Generate tokens after a prompt (docs/generation.md): prefill, then one decode step
+        per token, the KV cache kept in the VM's tensors.
+
+        Args:
+            inputs: the prompt: every input of ``main`` but the cache (left-padded
+                ``input_ids`` and ``attention_mask``, ``pixel_values``...).
+            max_new_tokens: the most tokens per row (0: prefill only).
+            stop: token ids that end a row (kept as its last token).
+            temperature: 0 picks the largest logit; > 0 samples.
+            top_k: sample among the k most likely tokens (0: all).
+            top_p: sample among the most likely tokens that make up this share (1: all).
+            seed: the sampler's seed (SplitMix64).
+            callback: ``callback(step, tokens, finished)`` after each step, with each
+                row's token and whether it is done; returning False stops.
+
+        Returns:
+            Each row's tokens and the prefill and decode times.
+
+        Raises:
+            ModelError: the artifact has no KV cache.
+            BadInputError: wrong inputs or settings.
+        """
+        settings = _generation.Settings(max_new_tokens, tuple(int(t) for t in stop),
+                                        temperature, top_k, top_p, seed)  # fmt: skip
+        return _generation.generate(self, inputs, settings, callback)
+
+
+class Held:
+    """A tensor a call returned, passed to the next call as it is (the KV cache): the
+    input checks read its dtype and shape; its data stays in the VM's memory."""
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor = tensor
+        self.dtype = _check.numpy_dtype(str(tensor.dtype))
+        self.shape = tuple(int(d) for d in tensor.shape)
+        self.ndim = len(self.shape)
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu") -> Session:

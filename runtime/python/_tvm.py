@@ -162,8 +162,9 @@ class Runtime:
         self._copy_to(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
         return out
 
-    def load_vm(self, library: Path, entry: str, data: bytes | None = None) -> Any:
-        """Load ``model.so``'s Relax VM executable on the device; return its ``entry``.
+    def load_vm(self, library: Path, data: bytes | None = None) -> Any:
+        """Load ``model.so``'s Relax VM executable on the device; return the VM (its entry
+        functions by name: ``vm["main"]``).
 
         With ``data`` (the library's bytes, as checked), those bytes are loaded, not the file
         again: see `private_library`."""
@@ -177,4 +178,4 @@ class Runtime:
         if self.device_type != DEVICE_TYPES["cpu"]:
             init += [DEVICE_TYPES["cpu"], 0, POOLED_ALLOCATOR]  # the host, for shape functions
         vm["vm_initialization"](*init)
-        return vm[entry]
+        return vm

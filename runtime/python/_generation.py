@@ -1,0 +1,276 @@
+"""Generation for `modec.runtime.Session`: the manifest's ``generation`` section, the token
+picker and the prefill/decode loop, as docs/generation.md specifies them (the C runtime
+implements the same, token for token)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from modec.runtime import _check
+
+from modec.artifact import Manifest, TensorSpec
+from modec.errors import BadInputError, ModelError
+
+if TYPE_CHECKING:
+    from modec.runtime import Session
+
+#: ``callback(step, tokens, finished)``: each row's token and done flag; False stops.
+Callback = Callable[[int, np.ndarray, np.ndarray], "bool | None"]
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class CacheTensor:
+    """One cached tensor: the input it is fed through and the output it comes back as."""
+
+    past: str
+    present: str
+    dtype: str
+    heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """The manifest's ``sections.generation`` (docs/generation.md)."""
+
+    cache: tuple[CacheTensor, ...]
+    tokens: str
+    attention_mask: str | None
+    position_ids: str | None
+    logits: str
+    prompt_only: tuple[str, ...]
+    decode_entry: str
+    decode_inputs: list[TensorSpec]
+
+
+def read_section(manifest: Manifest, path: Path) -> GenerationSpec | None:
+    """The generation section of a manifest, None if it has none.
+
+    Raises:
+        ModelError: a malformed section (names the field).
+    """
+    sec = manifest.sections.get("generation")
+    if sec is None:
+        return None
+    where = f"{path / 'manifest.json'}: sections.generation"
+    try:
+        cache = tuple(
+            CacheTensor(
+                str(c["past"]),
+                str(c["present"]),
+                str(c["dtype"]),
+                int(c["heads"]),
+                int(c["head_dim"]),
+            )
+            for c in sec["cache"]
+        )
+        decode = sec["decode"]
+        spec = GenerationSpec(
+            cache=cache,
+            tokens=str(sec["tokens"]),
+            attention_mask=None if sec["attention_mask"] is None else str(sec["attention_mask"]),
+            position_ids=None if sec["position_ids"] is None else str(sec["position_ids"]),
+            logits=str(sec["logits"]),
+            prompt_only=tuple(str(n) for n in sec["prompt_only"]),
+            decode_entry=str(decode["entry"]),
+            decode_inputs=[TensorSpec.from_json(t) for t in decode["inputs"]],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{where} is malformed ({exc!r}); rebuild the artifact") from exc
+    inputs = {s.name for s in manifest.inputs}
+    outputs = {s.name for s in manifest.outputs}
+    named = [spec.tokens, *(c.past for c in cache), *spec.prompt_only]
+    named += [n for n in (spec.attention_mask, spec.position_ids) if n is not None]
+    unknown = [n for n in named if n not in inputs]
+    unknown += [n for n in (spec.logits, *(c.present for c in cache)) if n not in outputs]
+    if unknown or not cache:
+        raise ModelError(f"{where} names {unknown or 'no cache'}, not the model's; rebuild it")
+    return spec
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How tokens are picked (docs/generation.md, "Picking a token")."""
+
+    max_new_tokens: int = 32
+    stop: tuple[int, ...] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 0:
+            raise BadInputError(f"max_new_tokens is {self.max_new_tokens}; need >= 0")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise BadInputError(f"temperature is {self.temperature}; need a finite value >= 0")
+        if self.top_k < 0:
+            raise BadInputError(f"top_k is {self.top_k}; need >= 0 (0: no limit)")
+        if not 0 < self.top_p <= 1:
+            raise BadInputError(f"top_p is {self.top_p}; need 0 < top_p <= 1")
+        if not 0 <= self.seed <= _MASK64:
+            raise BadInputError(f"seed {self.seed} is not an unsigned 64-bit integer")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class SplitMix64:
+    """The generator docs/generation.md specifies (so that both runtimes draw alike)."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & _MASK64
+
+    def next_u64(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+    def uniform(self) -> float:
+        """A float64 in [0, 1) from the top 53 bits."""
+        return (self.next_u64() >> 11) * 2.0**-53
+
+
+def pick(logits: np.ndarray, settings: Settings, rng: SplitMix64) -> int:
+    """One token from one row of float32 logits ``[V]``."""
+    if settings.greedy:
+        return int(np.argmax(logits))  # the first (lowest id) of equal maxima
+    z = logits.astype(np.float64) / settings.temperature
+    order = np.lexsort((np.arange(z.size), -z))  # z descending, then id ascending
+    if settings.top_k:
+        order = order[: settings.top_k]
+    p = np.exp(z[order] - z[order[0]])
+    cum = np.cumsum(p)
+    if settings.top_p < 1:
+        keep = int(np.searchsorted(cum, settings.top_p * cum[-1], side="left")) + 1
+        order, cum = order[: min(keep, order.size)], cum[: min(keep, order.size)]
+    target = rng.uniform() * cum[-1]
+    idx = int(np.searchsorted(cum, target, side="right"))
+    return int(order[min(idx, order.size - 1)])
+
+
+@dataclass
+class Generation:
+    """What `Session.generate` returns.
+
+    Attributes:
+        tokens: each row's generated tokens (a stop token kept as its last).
+        prefill_seconds: the prompt's forward pass.
+        decode_seconds: the decode steps, token picking included.
+        steps: decode steps run.
+    """
+
+    tokens: list[list[int]] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens the decode steps produced per second, all rows together."""
+        n = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def generate(
+    session: Session, inputs: Mapping[str, np.ndarray], settings: Settings,
+    callback: Callback | None = None,
+) -> Generation:  # fmt: skip
+    """The loop of docs/generation.md on a loaded artifact."""
+    from modec.runtime import Held
+
+    spec = session.generation
+    if spec is None:
+        raise ModelError(
+            f"{session.path}: the artifact has no KV cache; export the model with "
+            "past_key_values inputs and present outputs (docs/generation.md) to generate"
+        )
+    settings.check()
+    given = dict(inputs)
+    cached = [c.past for c in spec.cache if c.past in given]
+    if cached:
+        raise BadInputError(f"inputs {cached} are the KV cache; pass the prompt only")
+    if spec.tokens not in given:
+        raise BadInputError(f"the prompt needs {spec.tokens!r}")
+    ids = np.asarray(given[spec.tokens])
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise BadInputError(f"{spec.tokens!r} has shape {list(ids.shape)}; need [batch >= 1, "
+                            "tokens >= 1]")  # fmt: skip
+    batch = int(ids.shape[0])
+    dtypes = {s.name: s.dtype for s in session.inputs}
+    for c in spec.cache:
+        given[c.past] = np.zeros((batch, c.heads, 0, c.head_dim), _np_dtype(c.dtype))
+    mask = None
+    if spec.attention_mask is not None:
+        if spec.attention_mask not in given:
+            raise BadInputError(f"the prompt needs {spec.attention_mask!r}")
+        mask = np.asarray(given[spec.attention_mask])
+    if spec.position_ids is not None and spec.position_ids not in given and mask is not None:
+        given[spec.position_ids] = _positions(mask, ids.shape[1]).astype(dtypes[spec.position_ids])
+    out = Generation(tokens=[[] for _ in range(batch)])
+    t0 = time.perf_counter()
+    results = session._invoke("main", given)
+    out.prefill_seconds = time.perf_counter() - t0
+    if settings.max_new_tokens == 0:
+        return out
+    names = [s.name for s in session.outputs]
+    by_name = dict(zip(names, results, strict=True))
+    rng = SplitMix64(settings.seed)
+    stop = set(settings.stop)
+    finished = np.zeros(batch, dtype=bool)
+    last = np.zeros(batch, dtype=np.int64)
+    decode_inputs = {s.name for s in spec.decode_inputs}
+    t1 = time.perf_counter()
+    step = 0
+    while True:
+        logits = session._rt.numpy(by_name[spec.logits])[:, -1, :]
+        for b in range(batch):
+            if finished[b]:
+                continue
+            tok = pick(logits[b], settings, rng)
+            out.tokens[b].append(tok)
+            last[b] = tok
+            finished[b] = tok in stop or len(out.tokens[b]) >= settings.max_new_tokens
+        go_on = callback(step, last.copy(), finished.copy()) if callback is not None else None
+        step += 1
+        if finished.all() or go_on is False:
+            break
+        feeds: dict[str, Any] = {spec.tokens: last.reshape(batch, 1).astype(ids.dtype)}
+        if mask is not None and spec.attention_mask is not None:
+            mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
+            feeds[spec.attention_mask] = mask
+            if spec.position_ids is not None:
+                feeds[spec.position_ids] = _positions(mask, 1).astype(dtypes[spec.position_ids])
+        for c in spec.cache:
+            feeds[c.past] = Held(by_name[c.present])
+        for name in decode_inputs - set(feeds):
+            feeds[name] = given[name]  # the prompt-only inputs, when decode is main
+        results = session._invoke(spec.decode_entry, feeds)
+        by_name = dict(zip(names, results, strict=True))
+        out.steps += 1
+    out.decode_seconds = time.perf_counter() - t1
+    return out
+
+
+def _positions(mask: np.ndarray, last: int) -> np.ndarray:
+    """``cumsum(mask) - 1`` of the last ``last`` columns, clamped at 0."""
+    pos = np.cumsum(mask.astype(np.int64), axis=1) - 1
+    return np.maximum(pos[:, pos.shape[1] - last :], 0)
+
+
+def _np_dtype(name: str) -> Any:
+    return _check.numpy_dtype(name)
+
+
+__all__: Sequence[str] = ["Generation", "GenerationSpec", "Settings", "SplitMix64", "pick"]
