@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--key-ratio", type=float, default=d.key_ratio,
                     help="share of key vision tokens")  # fmt: skip
     co.add_argument("--sensitivity-samples", type=int, default=d.sensitivity_samples)
+    co.add_argument("--sensitivity", choices=["auto", "exact", "fisher"], default=d.sensitivity,
+                    help="how the KL sensitivities are measured: exact probes (O(L^2) in "
+                         "layers), the O(L) Fisher estimate, or auto: fisher from 1e9 expert "
+                         "weights, exact below (default %(default)s; "
+                         "docs/sensitivity_estimator.md)")  # fmt: skip
     co.add_argument("--quantizer", choices=["gptq", "rtn"], default=d.quantizer)
     co.add_argument("--target", default=d.target,
                     help="TVM target of the compiled artifact: llvm (default, this CPU), "

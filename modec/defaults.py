@@ -6,6 +6,8 @@ candidate widths 2–4, top 20% key vision tokens) unless it says otherwise.
 
 from __future__ import annotations
 
+from typing import Literal
+
 #: Quantization group along the input dimension (g128, the usual GPTQ setting).
 GROUP_SIZE = 128
 #: Candidate expert widths of the ILP ({2, 3, 4} bits).
@@ -17,3 +19,13 @@ KEY_RATIO = 0.2
 #: Calibration samples the KL sensitivities are averaged over (a modec choice: the probes
 #: dominate compile time and 32 samples separate the widths on the bundled model).
 SENSITIVITY_SAMPLES = 32
+#: How δ is measured: ``exact`` re-runs the model behind every probe (MODE §3.2, O(L²) in
+#: layers); ``fisher`` is the O(L) second-order estimate of `modec.method.estimate`; ``auto``
+#: takes ``fisher`` for models of at least ``FISHER_MIN_EXPERT_PARAMS`` expert weights and
+#: ``exact`` below. The default stays ``exact``: on the bundled model the estimate ranks δ as
+#: the exact probes do and is >10x cheaper, but its 2.5-bit allocation differs in accuracy by
+#: up to 0.58 points across seeds (docs/sensitivity_estimator.md).
+SENSITIVITY: Literal["auto", "exact", "fisher"] = "exact"
+#: Expert weights from which ``auto`` estimates δ (1e9: a paper-width model from two layers
+#: on, where the exact probes first re-run a tail; never the bundled 3.1M-weight example).
+FISHER_MIN_EXPERT_PARAMS = 10**9

@@ -28,7 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from modec.defaults import BITS, BUDGET, GROUP_SIZE, KEY_RATIO, SENSITIVITY_SAMPLES
+from modec.defaults import (
+    BITS,
+    BUDGET,
+    GROUP_SIZE,
+    KEY_RATIO,
+    SENSITIVITY,
+    SENSITIVITY_SAMPLES,
+)
 from modec.numerics.importance import METHODS, NEEDS_SENSITIVITY
 from modec.passes.allocate_bits import AllocateBitsPass
 from modec.passes.canonicalize_moe import CanonicalizeMoEPass
@@ -64,6 +71,8 @@ class CompileOptions:
     budget_bytes: int = 0
     key_ratio: float = KEY_RATIO
     sensitivity_samples: int = SENSITIVITY_SAMPLES
+    #: how δ is measured: exact probes, the O(L) Fisher estimate, or auto (by model size).
+    sensitivity: Literal["auto", "exact", "fisher"] = SENSITIVITY
     quantizer: Literal["gptq", "rtn"] = "gptq"
     #: TVM target of the compiled artifact ("llvm", "cuda"), or "none" for no lowering.
     target: str = "llvm"
@@ -100,7 +109,10 @@ def analysis_passes(o: CompileOptions, sensitivity: bool = True) -> list[Pass]:
     if sensitivity:
         passes.append(
             MeasureSensitivityPass(
-                bits=tuple(o.bits), group_size=o.group_size, samples=o.sensitivity_samples
+                bits=tuple(o.bits),
+                group_size=o.group_size,
+                samples=o.sensitivity_samples,
+                sensitivity=o.sensitivity,
             )
         )
     return passes

@@ -20,6 +20,12 @@ Rules:
 6. Layer-streamed (`modec.method.probes`): one layer's fp32 state is held at a time, and a
    layer's probe variants go through each later stage together, in chunks sized to
    ``--max-memory``. The probes stay exact, so their cost grows as O(L²) layer-runs.
+7. ``sensitivity``: ``exact`` (rules 2–6), ``fisher`` (δ ≈ ½ Δᵀ G Δ from one backward pass
+   per Fisher direction, O(L): `modec.method.estimate`), or ``auto``: ``fisher`` for models
+   of at least `modec.defaults.FISHER_MIN_EXPERT_PARAMS` expert weights, else ``exact``;
+   when ``auto`` chose ``fisher`` and the model has an op the estimator cannot
+   differentiate, the pass logs it, measures exactly and reports the fallback. The mode
+   used is reported and, unless exact, part of the cache key.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from modec.defaults import BITS, GROUP_SIZE, SENSITIVITY_SAMPLES
+from modec.defaults import BITS, GROUP_SIZE, SENSITIVITY, SENSITIVITY_SAMPLES
 from modec.errors import BadInputError
 from modec.facts import Calibration, CanonicalMoE, Sensitivity
 from modec.pipeline import Pass, PassContext, PassResult, register
@@ -54,6 +60,7 @@ class MeasureSensitivityPass(Pass):
     positions: Literal["answer", "text"] = "answer"
     workers: int = 1
     batch_size: int = 32
+    sensitivity: Literal["auto", "exact", "fisher"] = SENSITIVITY
 
     def __post_init__(self) -> None:
         from modec.numerics.schemes import QuantScheme
@@ -69,9 +76,14 @@ class MeasureSensitivityPass(Pass):
             )
         if self.positions not in ("answer", "text"):
             raise BadInputError(f"positions must be answer or text; got {self.positions!r}")
+        if self.sensitivity not in ("auto", "exact", "fisher"):
+            raise BadInputError(
+                f"sensitivity must be auto, exact or fisher; got {self.sensitivity!r}"
+            )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from modec import cache
+        from modec.method.estimate import FISHER_TOKENS, choose_mode, estimate_sensitivity
         from modec.method.probes import ProbeSettings, measure_sensitivity
         from modec.method.sensitivity import choose_subset
 
@@ -89,7 +101,11 @@ class MeasureSensitivityPass(Pass):
             "bits": list(self.bits), "group_size": self.group_size, "samples": self.samples,
             "positions": self.positions, "seed": seed, "batch_size": self.batch_size,
         }  # fmt: skip
+        mode = choose_mode(model, self.sensitivity)
+        if mode == "fisher":  # exact keeps the keys it always had
+            opts.update(sensitivity=mode, fisher_tokens=FISHER_TOKENS)
         per_layer: list[dict[str, Any]] = []
+        fallback: list[str] = []
 
         def compute() -> dict[str, np.ndarray]:
             from modec.moe.canonical import is_moe_node
@@ -99,15 +115,34 @@ class MeasureSensitivityPass(Pass):
                 int(n.attributes["num_experts"].value) for n in model.graph if is_moe_node(n)
             )
             with ctx.bar(jobs, "sensitivity") as bar:
-                sens, per_layer, ref_seconds = measure_sensitivity(
-                    model, subset, settings, lambda: bar.update(1)
-                )
+                if mode == "fisher":
+                    sens, per_layer, ref_seconds = estimate_sensitivity(
+                        model, subset, settings, seed, lambda: bar.update(1)
+                    )
+                else:
+                    sens, per_layer, ref_seconds = measure_sensitivity(
+                        model, subset, settings, lambda: bar.update(1)
+                    )
             ctx.stat("reference_seconds", ref_seconds)
             return sens.to_arrays()
 
-        arrays, lookup = cache.memoize(
-            ctx.options.cache_dir, "sensitivity", model, subset, opts, compute
-        )
+        from modec.method.estimate import UnsupportedOpError
+
+        try:
+            arrays, lookup = cache.memoize(
+                ctx.options.cache_dir, "sensitivity", model, subset, opts, compute
+            )
+        except UnsupportedOpError as exc:
+            if self.sensitivity != "auto":
+                raise
+            log.warning("measure-sensitivity: %s; measuring δ exactly instead", exc)
+            fallback.append(str(exc))
+            mode = "exact"
+            for key in ("sensitivity", "fisher_tokens"):
+                opts.pop(key, None)
+            arrays, lookup = cache.memoize(
+                ctx.options.cache_dir, "sensitivity", model, subset, opts, compute
+            )
         sens = Sensitivity.from_arrays(arrays)
         n_mm = int(subset.multimodal.sum())
         unused = {
@@ -124,6 +159,10 @@ class MeasureSensitivityPass(Pass):
         ctx.stat("samples", sens.samples)
         ctx.stat("cache_hit", lookup.hit)
         ctx.stat("runs", sum(r["runs"] for r in per_layer))
+        ctx.stat("sensitivity", mode)
+        ctx.section().update(sensitivity=mode, sensitivity_option=self.sensitivity)
+        if fallback:
+            ctx.section().update(sensitivity_fallback=fallback[0])
         ctx.section().update(
             bits=list(sens.bits), group_size=self.group_size, samples=sens.samples,
             positions=self.positions, workers=self.workers,
