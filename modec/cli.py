@@ -196,6 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("-o", "--output", required=True, help="the .npz to write")
     cb.set_defaults(func=commands.cmd_calib_build)
 
+    rn = command("run", "generate text with a compiled artifact (a model with a KV cache)")
+    rn.add_argument("output", metavar="OUT", help="a modec output directory")
+    rn.add_argument("--prompt", help="prompt text (OUT/tokenizer.json; <image> marks the image)")
+    rn.add_argument("--image", help="an image for the prompt (OUT/processor.json; .npy: the "
+                    "pixel values)")  # fmt: skip
+    rn.add_argument("--prompt-ids", metavar="IDS", help="the prompt as token ids (text only)")
+    rn.add_argument("--data", metavar="NPZ", help="take the prompt (and image) from a modec "
+                    "data set")  # fmt: skip
+    rn.add_argument("--sample", type=int, default=0, help="which sample of --data")
+    rn.add_argument("--max-new-tokens", type=int, default=32)
+    rn.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    rn.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    rn.add_argument("--top-p", type=float, default=1.0)
+    rn.add_argument("--seed", type=int, default=0)
+    rn.add_argument("--stop", type=int, nargs="*", metavar="ID", help="stop token ids")
+    rn.add_argument("--json", action="store_true", help="print the result as JSON, no stream")
+    rn.set_defaults(func=commands.cmd_run)
+
     ps = command("passes", "the named pipelines and every pass with its options")
     ps.set_defaults(func=commands.cmd_passes)
     return p

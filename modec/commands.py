@@ -293,3 +293,82 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         webbrowser.open(path.resolve().as_uri())
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``modec run OUT``: generate after a prompt with a compiled artifact, streaming the
+    tokens to stdout; timings on stderr (docs/generation.md)."""
+    import time
+
+    import numpy as np
+
+    import modec.runtime
+    from modec import data, kv_cache, prompting
+
+    sess = modec.runtime.load(args.output)
+    prompt_inputs = {
+        s.name: (s.dtype, tuple(s.shape)) for s in sess.inputs if not kv_cache.is_past(s.name)
+    }
+    out = Path(args.output)
+    tok = (
+        prompting.Tokenizer(out / "tokenizer.json") if (out / "tokenizer.json").is_file() else None
+    )
+    given = [a for a in (args.prompt, args.prompt_ids, args.data) if a is not None]
+    if len(given) != 1:
+        raise UsageError("give one prompt: --prompt TEXT, --prompt-ids IDS or --data NPZ")
+    if args.image is not None and args.prompt is None:
+        raise UsageError("--image goes with --prompt (with --data the image is the sample's)")
+    if args.data is not None:
+        ds = data.load(args.data)
+        if not 0 <= args.sample < len(ds):
+            raise UsageError(f"--sample {args.sample}: {args.data} has {len(ds)} samples")
+        data.check_against(ds, sess.inputs)
+        _, feeds = next(ds.subset(np.asarray([args.sample])).batches(1))
+    elif args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError as exc:
+            raise UsageError(f"--prompt-ids {args.prompt_ids!r}: not integers") from exc
+        if not ids:
+            raise UsageError("--prompt-ids is empty")
+        feeds = {"input_ids": np.asarray([ids], np.int64),
+                 "attention_mask": np.ones((1, len(ids)), np.int64)}  # fmt: skip
+        for name, (dtype, shape) in prompt_inputs.items():
+            if name in feeds:
+                continue
+            if any(not isinstance(d, int) for d in shape[1:]):
+                raise UsageError(f"input {name!r} has dims {list(shape)}; pass --data")
+            feeds[name] = np.zeros((1, *(int(d) for d in shape[1:])), dtype)
+    else:
+        image = Path(args.image) if args.image is not None else None
+        feeds, tok = prompting.text_prompt(out, args.prompt, image, prompt_inputs)
+    stream = sys.stdout
+
+    def show(step: int, tokens: Any, finished: Any) -> bool:
+        t = int(tokens[0])
+        stream.write((tok.decode([t]) if tok is not None else str(t)) + " ")
+        stream.flush()
+        return True
+
+    t0 = time.perf_counter()
+    gen = sess.generate(
+        feeds, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        callback=None if args.json else show,
+    )  # fmt: skip
+    total = time.perf_counter() - t0
+    n = len(gen.tokens[0])
+    prompt_len = int(np.asarray(feeds["attention_mask"]).sum())
+    if args.json:
+        doc = {"tokens": gen.tokens[0], "text": tok.decode(gen.tokens[0]) if tok else None,
+               "prompt_tokens": prompt_len, "prefill_seconds": gen.prefill_seconds,
+               "decode_seconds": gen.decode_seconds, "decode_steps": gen.steps}  # fmt: skip
+        stream.write(json.dumps(doc, indent=2) + "\n")
+        return EXIT_OK
+    stream.write("\n")
+    rate = (n - 1) / gen.decode_seconds if n > 1 and gen.decode_seconds > 0 else 0.0
+    sys.stderr.write(
+        f"{n} tokens in {total:.3f} s: prefill {prompt_len} tokens in "
+        f"{gen.prefill_seconds * 1e3:.1f} ms, decode {rate:.1f} tokens/s\n"
+    )
+    return EXIT_OK

@@ -44,6 +44,7 @@ from modec.output import (
 )
 from modec.pipeline import PassContext, Pipeline, RunOptions, build_report, json_text
 from modec.pipelines import CompileOptions, parse_pipeline, standard_pipeline
+from modec.prompting import copy_prompt_files
 from modec.streaming import default_max_memory
 
 log = logging.getLogger(__name__)
@@ -399,6 +400,7 @@ def _compile(
             if eval_path is not None and quantized is not None:
                 report["summary"]["accuracy"] = _accuracy(onnx_path, tmp, eval_path, o.threads)
         _write_report(tmp, report)
+        copy_prompt_files(model_name, tmp)  # tokenizer.json, processor.json: for modec run
     return CompileResult(out_dir, report, alloc, model)
 
 

@@ -65,6 +65,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -494,7 +495,10 @@ def import_onnx(
     captured = io.StringIO()
     try:
         # The frontend prints the failing op's inputs to stdout; keep it in the debug log.
-        with contextlib.redirect_stdout(captured):
+        with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+            # Input names with dots (past_key_values.0.key) become Relax names with
+            # underscores; the manifest keeps the ONNX names, so the rename is not news.
+            warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
             mod = importer.from_onnx(prepared.graph, _opset(prepared))
     except ModelError:
         raise

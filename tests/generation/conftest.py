@@ -3,6 +3,7 @@ session: the model generation is tested on (Python and C++ runtimes, the simulat
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ def cached_vlm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cached_vlm")
     model = trained_from_onnx(BUNDLED / "model.onnx")
     export_cached(model, root / "model_kv.onnx")
+    for name in ("tokenizer.json", "processor.json"):  # copied into the output by compile
+        shutil.copyfile(BUNDLED / name, root / name)
     o = CompileOptions(method="uniform", quantizer="rtn", budget=4.0, target="llvm",
                        cache_dir=None)  # fmt: skip
     compile_model(root / "model_kv.onnx", BUNDLED / "calib.npz", root / "out", o)

@@ -20,7 +20,7 @@ def prompts(path: Path, rows: list[int]) -> dict[str, np.ndarray]:
     return dict(feeds)
 
 
-# eval.npz: samples 0..1249 are multimodal, 1250.. text-only.
+# Two samples of each kind (eval.npz: text-only and multimodal families).
 MIXED = [0, 1, 1300, 1301]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from modec import data
 from modec.evaluate import evaluate
 from modec.frontend import OrtRunner
-from tools.digits_vlm import build_data, scenes
+from tools.digits_vlm import build_data, prompt_files, scenes
 from tools.digits_vlm.export import check_against_torch, export, load_trained
 from tools.digits_vlm.model import DigitsVLMConfig
 
@@ -170,6 +170,7 @@ def main() -> None:
     export(model, out / "model.onnx", form="stacked", exporter="dynamo")
     ort_diff = check_against_torch(model, out / "model.onnx")
     build_data.build(out)
+    prompt_files.write(out)  # tokenizer.json, processor.json (modec run)
     runner = OrtRunner(out / "model.onnx")
     t0 = time.perf_counter()
     result = evaluate(runner, data.load(out / "eval.npz")).to_json()
