@@ -121,6 +121,18 @@ class _Cached(torch.nn.Module):
         return (logits, *(t for kv in cache for t in kv))
 
 
+class _CachedText(_Cached):
+    """The same without ``pixel_values``: the text decoder onnxruntime-genai-style pipelines
+    run after the prompt (a baseline for tools/bench_decode.py)."""
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, cache = self.model.forward_cached(input_ids, attention_mask, None, pairs)
+        return (logits, *(t for kv in cache for t in kv))
+
+
 def cache_names(num_layers: int, prefix: str) -> list[str]:
     """``{prefix}.{i}.key``, ``{prefix}.{i}.value`` for every layer (the names Hugging Face
     exports and onnxruntime-genai read: ``past_key_values`` in, ``present`` out)."""
@@ -128,12 +140,13 @@ def cache_names(num_layers: int, prefix: str) -> list[str]:
 
 
 def export_cached(
-    model: DigitsVLM, path: str | os.PathLike[str], opset: int = 18
+    model: DigitsVLM, path: str | os.PathLike[str], opset: int = 18, text_only: bool = False
 ) -> onnx.ModelProto:
     """Export the decoder-with-cache form (dynamo, stacked experts): inputs ``input_ids``
     [B, T], ``attention_mask`` [B, P + T], ``pixel_values`` and ``past_key_values.{i}.key`` /
     ``.value`` [B, heads, P, head dim]; outputs ``logits`` [B, T, V] and ``present.{i}.key`` /
-    ``.value`` [B, heads, P + T, head dim]. P may be 0 (a prompt with no cache)."""
+    ``.value`` [B, heads, P + T, head dim]. P may be 0 (a prompt with no cache).
+    ``text_only``: no ``pixel_values`` (the decoder of the steps after a prompt)."""
     cfg = model.cfg
     model.set_moe_form("stacked")
     feeds = sample_batch(3, seed=123)
@@ -144,20 +157,21 @@ def export_cached(
     shape = (b, cfg.num_heads, p, head)
     past = [torch.randn(shape, generator=gen) for _ in range(2 * cfg.num_layers)]
     mask = np.concatenate([np.ones((b, p), np.int64), feeds["attention_mask"]], axis=1)
-    args = (
-        torch.from_numpy(feeds["input_ids"]), torch.from_numpy(mask),
-        torch.from_numpy(feeds["pixel_values"]), *past,
-    )  # fmt: skip
+    pixels = () if text_only else (torch.from_numpy(feeds["pixel_values"]),)
+    args = (torch.from_numpy(feeds["input_ids"]), torch.from_numpy(mask), *pixels, *past)
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=1, max=cfg.max_positions)
     cached = torch.export.Dim("past", min=0, max=cfg.max_positions)
     total = torch.export.Dim("total", min=1, max=cfg.max_positions)
-    in_names = [*INPUT_NAMES, *cache_names(cfg.num_layers, "past_key_values")]
+    prompt = INPUT_NAMES[:2] if text_only else INPUT_NAMES
+    in_names = [*prompt, *cache_names(cfg.num_layers, "past_key_values")]
     out_names = ["logits", *cache_names(cfg.num_layers, "present")]
-    dyn = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch},
+    image: tuple[dict[int, object], ...] = () if text_only else ({0: batch},)
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: total}, *image,
            tuple({0: batch, 2: cached} for _ in past))  # fmt: skip
     prog = torch.onnx.export(
-        _Cached(model), args, input_names=in_names, output_names=out_names,
+        (_CachedText if text_only else _Cached)(model), args, input_names=in_names,
+        output_names=out_names,
         dynamic_shapes=dyn, opset_version=opset, dynamo=True, optimize=True,
         verbose=False,
     )  # fmt: skip

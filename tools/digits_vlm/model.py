@@ -291,18 +291,23 @@ class DigitsVLM(nn.Module):
         return torch.where(is_image.unsqueeze(-1), gathered, text)
 
     def forward_cached(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-        past: list[KV] | None,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None, past: list[KV] | None,
     ) -> tuple[torch.Tensor, list[KV]]:  # fmt: skip
         """The forward pass over T new tokens after P cached ones.
 
         ``attention_mask`` covers all P + T positions ([B, P + T], left padding); ``past``
         holds each layer's keys and values of the P cached positions ([B, heads, P, head
         dim]; None: P = 0). Returns the logits [B, T, V] and each layer's keys and values of
-        all P + T positions. With P = 0 this is `forward`.
+        all P + T positions. With P = 0 this is `forward`. Without ``pixel_values`` the
+        tokens are text only (a decoder for the steps after the prompt).
         """
         t = input_ids.shape[1]
-        x = self._embed(input_ids, pixel_values)
+        x = (
+            self.embed_tokens(input_ids)
+            if pixel_values is None
+            else self._embed(input_ids, pixel_values)
+        )
         total = attention_mask.shape[1]  # P + T
         # The positions of the T new tokens: the last T columns of the mask's running count,
         # gathered rather than sliced (a slice from a computed start loses the static length
