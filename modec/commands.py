@@ -348,7 +348,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         t = int(tokens[0])
         stream.write((tok.decode([t]) if tok is not None else str(t)) + " ")
         stream.flush()
-        return True
+        return False  # go on
 
     t0 = time.perf_counter()
     gen = sess.generate(

@@ -4,11 +4,23 @@
 //
 //   modec_run ARTIFACT_DIR name=path.npy [name=path.npy ...] [--out DIR]
 //
+// With --generate N (an artifact with a KV cache; the .npy files are the prompt's inputs, the
+// cache excluded) it generates up to N tokens per row instead (docs/generation.md), printing
+// each step's tokens as they come ("step S: T0 T1 ...", "." for a row that has stopped),
+// then each row's tokens ("tokens[B]: ...") and the speed:
+//
+//   modec_run ARTIFACT_DIR --generate N [--temperature T] [--top-k K] [--top-p P] [--seed S]
+//             [--stop ID ...] name=path.npy [name=path.npy ...]
+//
 // Exit status: 0 on success, the modec_status code on a runtime error, 64 on bad usage or
 // unreadable .npy files.
 #include <modec/modec.hpp>
 
+#include <chrono>
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -154,8 +166,74 @@ bool WriteNpy(const std::string& path, const modec::Tensor& t, std::string* err)
 }
 
 int Usage() {
-  std::cerr << "usage: modec_run ARTIFACT_DIR name=path.npy [name=path.npy ...] [--out DIR]\n";
+  std::cerr << "usage: modec_run ARTIFACT_DIR name=path.npy [name=path.npy ...] [--out DIR] | --generate N "
+               "[--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop ID ...]\n";
   return 64;
+}
+
+// A whole-string number (strtoll / strtoull / strtod); false on anything else.
+bool Int(const char* s, int64_t lo, int64_t hi, int64_t* out) {
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(s, &end, 10);
+  if (end == s || *end != '\0' || errno != 0 || v < lo || v > hi) return false;
+  *out = v;
+  return true;
+}
+
+bool Uint(const char* s, uint64_t* out) {
+  char* end = nullptr;
+  errno = 0;
+  if (*s == '-') return false;
+  unsigned long long v = std::strtoull(s, &end, 10);
+  if (end == s || *end != '\0' || errno != 0) return false;
+  *out = v;
+  return true;
+}
+
+bool Real(const char* s, double* out) {
+  char* end = nullptr;
+  errno = 0;
+  double v = std::strtod(s, &end);
+  if (end == s || *end != '\0' || errno != 0) return false;
+  *out = v;
+  return true;
+}
+
+int Generate(modec::Session& sess, const std::vector<modec_tensor>& in, const modec::GenerationConfig& cfg) {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  modec::Generation gen = sess.Prefill(in);
+  const auto t1 = Clock::now();
+  std::vector<uint8_t> done(gen.batch(), 0);
+  auto print = [&](size_t step, const std::vector<int64_t>& tokens, const std::vector<uint8_t>& finished) {
+    std::cout << "step " << step << ":";
+    for (size_t b = 0; b < tokens.size(); ++b) {
+      if (done[b]) {
+        std::cout << " .";
+      } else {
+        std::cout << " " << tokens[b];
+      }
+    }
+    std::cout << std::endl;  // streamed: flushed each step
+    done = finished;
+    return false;
+  };
+  auto rows = gen.Generate(cfg, print);
+  const auto t2 = Clock::now();
+  size_t n = 0, decoded = 0;  // every token; those the decode steps produced (all but each row's first)
+  for (size_t b = 0; b < rows.size(); ++b) {
+    std::cout << "tokens[" << b << "]:";
+    for (int64_t t : rows[b]) std::cout << " " << t;
+    std::cout << "\n";
+    n += rows[b].size();
+    decoded += rows[b].empty() ? 0 : rows[b].size() - 1;
+  }
+  const double prefill = std::chrono::duration<double>(t1 - t0).count();
+  const double decode = std::chrono::duration<double>(t2 - t1).count();
+  std::printf("generated %zu tokens in %zu rows: prefill %.3f s, decode %.3f s (%.1f tokens/s)\n", n, rows.size(),
+              prefill, decode, decode > 0 ? static_cast<double>(decoded) / decode : 0.0);
+  return 0;
 }
 
 }  // namespace
@@ -165,10 +243,40 @@ int main(int argc, char** argv) {
   std::string dir = argv[1], out_dir = ".";
   std::vector<std::string> names;
   std::vector<Npy> arrays;
+  bool generate = false, options = false;  // --generate, its settings
+  modec::GenerationConfig cfg;
   for (int i = 2; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--out" && i + 1 < argc) {
       out_dir = argv[++i];
+      continue;
+    }
+    if (a.compare(0, 2, "--") == 0 && a != "--out") {
+      if (i + 1 >= argc) return Usage();
+      const char* v = argv[++i];
+      int64_t k = 0;
+      bool ok = true;
+      if (a == "--generate") {
+        ok = Int(v, 0, INT32_MAX, &k);
+        cfg.max_new_tokens = static_cast<int32_t>(k);
+        generate = true;
+      } else if (a == "--temperature") {
+        ok = Real(v, &cfg.temperature);
+      } else if (a == "--top-k") {
+        ok = Int(v, 0, INT32_MAX, &k);
+        cfg.top_k = static_cast<int32_t>(k);
+      } else if (a == "--top-p") {
+        ok = Real(v, &cfg.top_p);
+      } else if (a == "--seed") {
+        ok = Uint(v, &cfg.seed);
+      } else if (a == "--stop") {
+        ok = Int(v, INT64_MIN, INT64_MAX, &k);
+        cfg.stop.push_back(k);
+      } else {
+        ok = false;
+      }
+      if (!ok) return Usage();
+      options = options || a != "--generate";
       continue;
     }
     size_t eq = a.find('=');
@@ -182,6 +290,7 @@ int main(int argc, char** argv) {
     names.push_back(a.substr(0, eq));
     arrays.push_back(std::move(npy));
   }
+  if (options && !generate) return Usage();  // generation settings without --generate
   try {
     modec::Session sess(dir);
     std::vector<modec_tensor> in(arrays.size());
@@ -189,6 +298,7 @@ int main(int argc, char** argv) {
       in[i] = modec_tensor{names[i].c_str(), arrays[i].dtype, static_cast<int32_t>(arrays[i].shape.size()),
                            arrays[i].shape.data(), arrays[i].data.data()};
     }
+    if (generate) return Generate(sess, in, cfg);
     std::vector<modec::Tensor> outs = sess.Run(in);
     std::error_code ec;
     std::filesystem::create_directories(out_dir, ec);

@@ -30,6 +30,36 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
     }
   }
+  // An accepted generation section names the model's inputs and outputs; a usable one (no
+  // generation_error) holds what modec.cc's prefill and decode steps index without checking.
+  if (m.has_generation) {
+    auto find = [](const std::vector<a::Spec>& specs, const std::string& name) -> const a::Spec* {
+      for (const a::Spec& s : specs) {
+        if (s.name == name) return &s;
+      }
+      return nullptr;
+    };
+    const a::Generation& g = m.generation;
+    modec_fuzz::Require(!g.cache.empty() && find(m.inputs, g.tokens) && find(m.outputs, g.logits),
+                        "generation section without a cache, tokens or logits accepted");
+    for (const a::CacheSpec& c : g.cache) {
+      modec_fuzz::Require(find(m.inputs, c.past) && find(m.outputs, c.present), "cache names not the model's");
+    }
+    if (m.generation_error.empty()) {
+      for (const a::CacheSpec& c : g.cache) {
+        modec_fuzz::Require(a::IsPast(c.past) && find(m.inputs, c.past)->shape.size() == 4 &&
+                                find(m.outputs, c.present)->shape.size() == 4,
+                            "usable cache entry of another rank");
+      }
+      modec_fuzz::Require(find(m.outputs, g.logits)->shape.size() == 3 &&
+                              find(m.outputs, g.logits)->dtype->code == MODEC_FLOAT32 &&
+                              find(m.inputs, g.tokens)->shape.size() == 2,
+                          "usable generation with odd logits or tokens");
+      for (const a::Spec& d : g.decode_inputs) modec_fuzz::Require(find(m.inputs, d.name), "decode input not main's");
+    }
+  } else {
+    modec_fuzz::Require(m.generation_error.empty(), "generation_error without a generation section");
+  }
   for (const auto& kv : m.files) {
     try {
       a::CheckFileName(kv.first);

@@ -254,7 +254,7 @@ class Session:
             top_p: sample among the most likely tokens that make up this share (1: all).
             seed: the sampler's seed (SplitMix64).
             callback: ``callback(step, tokens, finished)`` after each step, with each
-                row's token and whether it is done; returning False stops.
+                row's token and whether it is done; returning a true value stops.
 
         Returns:
             Each row's tokens and the prefill and decode times.

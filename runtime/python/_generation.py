@@ -20,7 +20,8 @@ from modec.errors import BadInputError, ModelError
 if TYPE_CHECKING:
     from modec.runtime import Session
 
-#: ``callback(step, tokens, finished)``: each row's token and done flag; False stops.
+#: ``callback(step, tokens, finished)``: each row's token and done flag; a true return stops
+#: (as the C API's non-zero and the C++ wrapper's true).
 Callback = Callable[[int, np.ndarray, np.ndarray], "bool | None"]
 
 _MASK64 = (1 << 64) - 1
@@ -216,6 +217,11 @@ def generate(
         if spec.attention_mask not in given:
             raise BadInputError(f"the prompt needs {spec.attention_mask!r}")
         mask = np.asarray(given[spec.attention_mask])
+        if mask.shape != ids.shape:
+            raise BadInputError(
+                f"{spec.attention_mask!r} has shape {list(mask.shape)}; the prompt's "
+                f"{spec.tokens!r} {list(ids.shape)} (no cache yet: the same length)"
+            )
     if spec.position_ids is not None and spec.position_ids not in given and mask is not None:
         given[spec.position_ids] = _positions(mask, ids.shape[1]).astype(dtypes[spec.position_ids])
     out = Generation(tokens=[[] for _ in range(batch)])
@@ -235,6 +241,9 @@ def generate(
     step = 0
     while True:
         logits = session._rt.numpy(by_name[spec.logits])[:, -1, :]
+        if np.isnan(logits[~finished]).any():
+            raise ModelError(f"{session.path}: the model returned NaN logits; no token can be "
+                             "picked")  # fmt: skip
         for b in range(batch):
             if finished[b]:
                 continue
@@ -242,9 +251,9 @@ def generate(
             out.tokens[b].append(tok)
             last[b] = tok
             finished[b] = tok in stop or len(out.tokens[b]) >= settings.max_new_tokens
-        go_on = callback(step, last.copy(), finished.copy()) if callback is not None else None
+        halt = callback(step, last.copy(), finished.copy()) if callback is not None else None
         step += 1
-        if finished.all() or go_on is False:
+        if finished.all() or halt:
             break
         feeds: dict[str, Any] = {spec.tokens: last.reshape(batch, 1).astype(ids.dtype)}
         if mask is not None and spec.attention_mask is not None:

@@ -40,9 +40,123 @@ Spec ParseSpec(const Json& j, const std::string& where) {
   return s;
 }
 
+const Spec* Find(const std::vector<Spec>& specs, const std::string& name) {
+  for (const Spec& s : specs) {
+    if (s.name == name) return &s;
+  }
+  return nullptr;
+}
+
+
+/*! \brief sections.generation, in two tiers.
+ *
+ * Its structure (the fields, their JSON types, every name one of the model's inputs or
+ * outputs, a non-empty cache) is what the Python runtime checks when it loads an artifact:
+ * a failure throws (JsonError, or Failure(MODEC_ERR_MANIFEST) naming the field), and
+ * modec_open refuses the artifact. What generation further needs of the model (cache inputs of
+ * rank 4 named past_key_values.{i}.*, int64 [batch, seq] token / mask / position inputs,
+ * float32 [batch, seq, vocab] logits, a decode entry that takes the step inputs and the cache)
+ * sets *unusable instead: the artifact still opens and runs, and the generation calls refuse
+ * it with that reason. */
+Generation ParseGeneration(const Json& g, const Manifest& m, std::string* unusable) {
+  Generation out;
+  std::vector<std::string> unknown;
+  auto check = [&](const std::vector<Spec>& specs, const std::string& name) -> const Spec* {
+    const Spec* sp = Find(specs, name);
+    if (sp == nullptr) unknown.push_back(name);
+    return sp;
+  };
+  // An input's name, or "" where the section says null (`nullable` fields only).
+  auto input = [&](const Json& v, bool nullable) -> std::string {
+    if (nullable && v.is(Json::kNull)) return "";
+    check(m.inputs, v.str());
+    return v.str();
+  };
+  for (const Json& c : g.at("cache").array()) {
+    CacheSpec e{input(c.at("past"), false), c.at("present").str()};
+    check(m.outputs, e.present);
+    out.cache.push_back(std::move(e));
+  }
+  out.tokens = input(g.at("tokens"), false);
+  out.attention_mask = input(g.at("attention_mask"), true);
+  out.position_ids = input(g.at("position_ids"), true);
+  out.logits = g.at("logits").str();
+  const Spec* logits = check(m.outputs, out.logits);
+  for (const Json& j : g.at("prompt_only").array()) input(j, false);
+  const Json& decode = g.at("decode");
+  out.decode_entry = decode.at("entry").str();
+  for (const Json& j : decode.at("inputs").array()) out.decode_inputs.push_back(ParseSpec(j, "decode input"));
+  if (!unknown.empty() || out.cache.empty()) {
+    Fail(MODEC_ERR_MANIFEST, unknown.empty() ? "the cache list is empty"
+                                             : "'" + unknown.front() + "' is not an input or output of the model");
+  }
+
+  auto refuse = [&](const std::string& why) {
+    if (unusable->empty()) *unusable = why;
+  };
+  for (size_t k = 0; k < out.cache.size(); ++k) {
+    const CacheSpec& e = out.cache[k];
+    const Spec* past = Find(m.inputs, e.past);
+    const Spec* present = Find(m.outputs, e.present);
+    if (!IsPast(e.past) || past->shape.size() != 4) {
+      refuse("cache input '" + e.past + "' is not a past_key_values.{i}.key|value input of rank 4");
+    } else if (present->shape.size() != 4 || present->dtype != past->dtype) {
+      refuse("cache output '" + e.present + "' is not shaped like '" + e.past + "'");
+    }
+    for (size_t j = 0; j < k; ++j) {
+      if (out.cache[j].past == e.past || out.cache[j].present == e.present) refuse("cache '" + e.past + "' twice");
+    }
+  }
+  for (const Spec& sp : m.inputs) {
+    bool listed = false;
+    for (const CacheSpec& e : out.cache) listed = listed || e.past == sp.name;
+    if (IsPast(sp.name) && !listed) refuse("cache input '" + sp.name + "' is not in the cache list");
+  }
+  for (const std::string* name : {&out.tokens, &out.attention_mask, &out.position_ids}) {
+    const Spec* sp = name->empty() ? nullptr : Find(m.inputs, *name);
+    if (sp != nullptr && (sp->dtype->code != MODEC_INT64 || sp->shape.size() != 2)) {
+      refuse(name == &out.tokens ? "the token input '" + *name + "' is not int64 [batch, seq] (generation feeds ids)"
+                                 : "input '" + *name + "' is not int64 [batch, seq]");
+    }
+  }
+  if (logits->dtype->code != MODEC_FLOAT32 || logits->shape.size() != 3) {
+    refuse("logits '" + out.logits + "' is not a float32 [batch, seq, vocab] output");
+  }
+  for (size_t k = 0; k < out.decode_inputs.size(); ++k) {
+    const Spec& sp = out.decode_inputs[k];
+    const Spec* main = Find(m.inputs, sp.name);
+    // Every decode input is one of main's (the step inputs, the cache, or the prompt's,
+    // which a step feeds again), with main's dtype and rank.
+    if (main == nullptr || main->dtype != sp.dtype || main->shape.size() != sp.shape.size()) {
+      refuse("decode input '" + sp.name + "' is not an input of main with its dtype and rank");
+    }
+    for (size_t j = 0; j < k; ++j) {
+      if (out.decode_inputs[j].name == sp.name) refuse("decode input '" + sp.name + "' twice");
+    }
+  }
+  std::vector<std::string> step = {out.tokens, out.attention_mask, out.position_ids};
+  for (const CacheSpec& e : out.cache) step.push_back(e.past);
+  for (const std::string& name : step) {
+    if (!name.empty() && Find(out.decode_inputs, name) == nullptr) {
+      refuse("the decode entry '" + out.decode_entry + "' does not take '" + name + "'");
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 const std::vector<DtypeInfo>& Dtypes() { return kDtypes; }
+
+bool IsPast(const std::string& name) {
+  const std::string prefix = "past_key_values.";
+  if (name.compare(0, prefix.size(), prefix) != 0) return false;
+  size_t i = prefix.size(), digits = 0;
+  while (i < name.size() && name[i] >= '0' && name[i] <= '9') ++i, ++digits;
+  if (digits == 0 || i >= name.size() || name[i] != '.') return false;
+  const std::string kind = name.substr(i + 1);
+  return kind == "key" || kind == "value";
+}
 
 const DtypeInfo* ByNumpy(const std::string& s) {
   for (const auto& d : kDtypes) {
@@ -100,6 +214,18 @@ Manifest ParseManifest(const std::string& text, const std::string& path, const s
     }
     for (const auto& kv : m.at("files").object()) {
       out.files[kv.first] = {kv.second.at("sha256").str(), kv.second.at("bytes").i64()};
+    }
+    const Json* sections = m.find("sections");
+    const Json* gen = sections != nullptr && sections->is(Json::kObject) ? sections->find("generation") : nullptr;
+    if (gen != nullptr && !gen->is(Json::kNull)) {
+      out.has_generation = true;
+      try {
+        out.generation = ParseGeneration(*gen, out, &out.generation_error);
+      } catch (const JsonError& e) {
+        Fail(MODEC_ERR_MANIFEST, path + ": sections.generation is malformed (" + e.what() + "); rebuild the artifact");
+      } catch (const Failure& f) {
+        Fail(MODEC_ERR_MANIFEST, path + ": sections.generation is malformed (" + f.message + "); rebuild the artifact");
+      }
     }
   } catch (const JsonError& e) {
     Fail(MODEC_ERR_MANIFEST, path + ": malformed field (" + e.what() + "); rebuild the artifact");

@@ -49,11 +49,40 @@ struct Spec {
 /*! \brief file name -> (sha256 hex, byte size), as listed in the manifest's `files`. */
 using FileTable = std::map<std::string, std::pair<std::string, int64_t>>;
 
+/*! \brief One cached tensor of sections.generation.cache: the input it is read from and the
+ * output it comes back as (docs/generation.md). */
+struct CacheSpec {
+  std::string past;     // an input, past_key_values.{i}.key|value
+  std::string present;  // an output, present.{i}.key|value
+};
+
+/*! \brief sections.generation, checked against the manifest's inputs and outputs. The input
+ * names are "" where the section says null. */
+struct Generation {
+  std::vector<CacheSpec> cache;
+  std::string tokens;          // int64 [batch, seq] input
+  std::string attention_mask;  // int64 [batch, past + seq] input, or ""
+  std::string position_ids;    // int64 [batch, seq] input, or ""
+  std::string logits;          // float32 [batch, seq, vocab] output
+  std::string decode_entry;    // VM function of a decode step ("decode", or "main")
+  // Its inputs in calling order: the step inputs above, the cache's past inputs, and inputs
+  // of the prompt (read again at every step: the decode entry "main" takes them all).
+  std::vector<Spec> decode_inputs;
+};
+
 struct Manifest {
   std::string entry = "main";
   std::string device;  // target.device
   std::vector<Spec> inputs, outputs, params;
   FileTable files;
+  // sections.generation: absent (has_generation false), or parsed into `generation`. A
+  // section of the wrong structure (fields, JSON types, names that are not the model's) is
+  // refused like any other field (the Python runtime refuses it at load too); one the
+  // generation loop cannot use (a token input that is not int64 ids...) opens, runs with
+  // modec_run, and has the reason in generation_error, which the generation calls report.
+  bool has_generation = false;
+  Generation generation;
+  std::string generation_error;
 };
 
 /*! \brief Parse and validate manifest.json's text (docs/artifact.md, checks 1 and 2 but the
@@ -61,6 +90,10 @@ struct Manifest {
  * the CPU architecture a CPU artifact must have been built for. Throws Failure
  * (MODEC_ERR_MANIFEST, MODEC_ERR_TARGET). */
 Manifest ParseManifest(const std::string& text, const std::string& path, const std::string& host_machine);
+
+/*! \brief Whether an input name is a KV-cache input, `past_key_values.{digits}.key|value`
+ * (modec.kv_cache.PAST): the one kind of input whose past-length dim (2) may be 0. */
+bool IsPast(const std::string& name);
 
 /*! \brief Refuse a `files` entry that is not a plain file name in the artifact directory
  * (empty, a path, hidden, or holding control characters). Throws Failure(MODEC_ERR_MANIFEST). */

@@ -13,8 +13,11 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -174,6 +177,26 @@ struct modec_session {
   // Output storage kept alive until the next run.
   std::vector<ffi::Tensor> last_out;
   std::vector<std::vector<int64_t>> last_shapes;
+  // sections.generation (docs/generation.md): absent, parsed, or unusable (the reason).
+  bool has_generation = false;
+  modec::artifact::Generation generation;
+  std::string generation_error;
+  std::optional<ffi::Function> decode;  // its decode entry (set by Open when usable)
+};
+
+/*! \brief A generation in progress (docs/generation.md, "The loop"): the KV cache as the
+ * tensors the VM returned (each `present` is the next call's `past`, never copied to the
+ * host), the attention mask on the host (one column of ones more per step, copied in), the
+ * prompt's inputs a decode step reads again, and the next-token logits of every row. */
+struct modec_generation {
+  modec_session* s = nullptr;
+  int64_t batch = 0;
+  int64_t total = 0;                          // P + T: positions in the cache after the last call
+  std::vector<ffi::Tensor> cache;             // in generation.cache order
+  std::vector<int64_t> mask;                  // [batch, total], when the model has a mask
+  std::map<std::string, ffi::Tensor> prompt;  // prompt-only inputs the decode entry takes
+  std::vector<float> logits;                  // [batch, vocab]: logits[b, -1, :] of the last call
+  int64_t vocab = 0;
 };
 
 namespace modec {
@@ -188,6 +211,9 @@ void LoadManifest(modec_session* s, artifact::FileTable* files, std::string* dev
   s->inputs = std::move(m.inputs);
   s->outputs = std::move(m.outputs);
   s->params = std::move(m.params);
+  s->has_generation = m.has_generation;
+  s->generation = std::move(m.generation);
+  s->generation_error = std::move(m.generation_error);
   *files = std::move(m.files);
   *device = std::move(m.device);
 }
@@ -390,6 +416,12 @@ void Open(modec_session* s, const std::string& device) {
     auto main = (*s->vm)->GetFunction(s->entry);
     if (!main.has_value()) Fail(MODEC_ERR_RUNTIME, "the VM has no function '" + s->entry + "'");
     s->main = *main;
+    if (s->has_generation && s->generation_error.empty()) {
+      const std::string& name = s->generation.decode_entry;
+      auto decode = name == "main" ? main : (*s->vm)->GetFunction(name);
+      if (!decode.has_value()) Fail(MODEC_ERR_RUNTIME, "the VM has no function '" + name + "' (the decode entry)");
+      s->decode = *decode;
+    }
   } catch (const ffi::Error& e) {
     Fail(MODEC_ERR_RUNTIME, std::string("TVM cannot load model.so: ") + e.message());
   }
@@ -403,25 +435,26 @@ void FillInfo(const Spec& sp, modec_tensor* info) {
   info->data = nullptr;
 }
 
-std::string InputNames(const modec_session* s) {
+std::string Names(const std::vector<Spec>& specs) {
   std::string names;
-  for (const Spec& sp : s->inputs) names += (names.empty() ? "" : ", ") + sp.name;
+  for (const Spec& sp : specs) names += (names.empty() ? "" : ", ") + sp.name;
   return names;
 }
 
-void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* out, size_t* n_out) {
-  if (*n_out < s->outputs.size()) {
-    Fail(MODEC_ERR_INVALID_ARGUMENT, "the outputs array holds " + std::to_string(*n_out) + ", the model has " +
-                                         std::to_string(s->outputs.size()) + " outputs");
-  }
+/*! \brief Check the caller's tensors against `specs`: every one named, known and given once,
+ * none missing, with the spec's dtype, rank and static dims, every symbol the same size in
+ * all of them (recorded in *sym). Every dim is >= 1 but the past length (dim 2) of a cache
+ * input, which may be 0: an empty cache, a prompt (docs/generation.md). Returns the tensors
+ * copied into TVM tensors, in specs order. */
+std::vector<ffi::Tensor> TakeInputs(const std::vector<Spec>& specs, const modec_tensor* in, size_t n_in,
+                                    std::map<std::string, int64_t>* sym, DLDevice dev) {
   // Every given input is named, known and given once (then only missing ones remain).
   for (size_t i = 0; i < n_in; ++i) {
     if (in[i].name == nullptr) Fail(MODEC_ERR_INPUT, "input #" + std::to_string(i) + " has no name (NULL)");
     bool known = false;
-    for (const Spec& sp : s->inputs) known = known || sp.name == in[i].name;
+    for (const Spec& sp : specs) known = known || sp.name == in[i].name;
     if (!known) {
-      Fail(MODEC_ERR_INPUT, std::string("unknown input '") + in[i].name + "'; the model's inputs are " +
-                                InputNames(s));
+      Fail(MODEC_ERR_INPUT, std::string("unknown input '") + in[i].name + "'; the model's inputs are " + Names(specs));
     }
     for (size_t j = 0; j < i; ++j) {
       if (std::strcmp(in[j].name, in[i].name) == 0) {
@@ -429,16 +462,13 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
       }
     }
   }
-  std::map<std::string, int64_t> sym;
   std::vector<ffi::Tensor> args;
-  for (const Spec& sp : s->inputs) {
+  for (const Spec& sp : specs) {
     const modec_tensor* t = nullptr;
     for (size_t i = 0; i < n_in; ++i) {
       if (in[i].name != nullptr && sp.name == in[i].name) t = &in[i];
     }
-    if (t == nullptr) {
-      Fail(MODEC_ERR_INPUT, "missing input '" + sp.name + "'; the model's inputs are " + InputNames(s));
-    }
+    if (t == nullptr) Fail(MODEC_ERR_INPUT, "missing input '" + sp.name + "'; the model's inputs are " + Names(specs));
     if (t->dtype != sp.dtype->code) {
       const DtypeInfo* got = ByCode(t->dtype);
       Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dtype differs: got " +
@@ -452,62 +482,75 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
     if (t->ndim > 0 && t->shape == nullptr) {
       Fail(MODEC_ERR_INVALID_ARGUMENT, "input '" + sp.name + "' has no shape (NULL)");
     }
+    const bool past = artifact::IsPast(sp.name);
     for (int32_t d = 0; d < t->ndim; ++d) {
       int64_t got = t->shape[d];
-      if (got <= 0) {
-        Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dim " + std::to_string(d) + " is " + std::to_string(got) +
-                                  " (must be >= 1)");
+      if (got < 0 || (got == 0 && !(past && d == 2))) {
+        const char* rule = past ? " (must be >= 1; only the past length, dim 2, may be 0)" : " (must be >= 1)";
+        Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dim " + std::to_string(d) + " is " + std::to_string(got) + rule);
       }
       if (sp.shape[d] >= 0 && got != sp.shape[d]) {
         Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dim " + std::to_string(d) + " is " + std::to_string(got) +
                                   ", expected " + std::to_string(sp.shape[d]));
       }
       if (sp.shape[d] < 0) {
-        auto it = sym.emplace(sp.symbol[d], got).first;
+        auto it = sym->emplace(sp.symbol[d], got).first;
         if (it->second != got) {
           Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' dim " + std::to_string(d) + " (" + sp.symbol[d] + ") is " +
                                     std::to_string(got) + " but another input has " + std::to_string(it->second));
         }
       }
     }
-    if (t->data == nullptr) Fail(MODEC_ERR_INVALID_ARGUMENT, "input '" + sp.name + "' has no data");
     int64_t numel = 0;
     if (!artifact::NumElements(std::vector<int64_t>(t->shape, t->shape + t->ndim), &numel) ||
         static_cast<uint64_t>(numel) > std::numeric_limits<size_t>::max() / sp.dtype->size) {
       Fail(MODEC_ERR_INPUT, "input '" + sp.name + "' is too large (its byte size overflows)");
     }
-    ffi::Tensor a = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(t->shape, t->ndim), ToDL(sp.dtype->code), s->dev);
-    std::memcpy(a.data_ptr(), t->data, ffi::GetDataSize(*a.GetDLTensorPtr()));
+    // An empty tensor (an empty cache) has no bytes to read: its data may be NULL.
+    if (t->data == nullptr && numel > 0) Fail(MODEC_ERR_INVALID_ARGUMENT, "input '" + sp.name + "' has no data");
+    ffi::Tensor a = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(t->shape, t->ndim), ToDL(sp.dtype->code), dev);
+    if (numel > 0) std::memcpy(a.data_ptr(), t->data, ffi::GetDataSize(*a.GetDLTensorPtr()));
     args.push_back(a);
   }
+  return args;
+}
+
+/*! \brief Call a VM function with `args` then the params. */
+ffi::Any Call(const modec_session* s, const ffi::Function& f, const std::vector<ffi::Tensor>& args,
+              const std::string& what) {
   std::vector<ffi::AnyView> views;
   for (const auto& a : args) views.emplace_back(a);
   for (const auto& w : s->weights) views.emplace_back(w);
   ffi::Any ret;
   try {
-    s->main->CallPacked(views.data(), static_cast<int32_t>(views.size()), &ret);
+    f.CallPacked(views.data(), static_cast<int32_t>(views.size()), &ret);
   } catch (const ffi::Error& e) {
-    Fail(MODEC_ERR_RUNTIME, std::string("model run failed: ") + e.kind() + ": " + e.message());
+    Fail(MODEC_ERR_RUNTIME, what + " failed: " + e.kind() + ": " + e.message());
   }
-  s->last_out.clear();
+  return ret;
+}
+
+/*! \brief The outputs a VM call returned, checked against the manifest's (count, dtype, rank,
+ * static dims, contiguous host tensors). */
+std::vector<ffi::Tensor> Outputs(const modec_session* s, const ffi::Any& ret) {
+  std::vector<ffi::Tensor> outs;
   if (auto t = ret.try_cast<ffi::Tensor>()) {
-    s->last_out.push_back(*t);
+    outs.push_back(*t);
   } else if (auto arr = ret.try_cast<ffi::Array<ffi::Any>>()) {
     for (const ffi::Any& x : *arr) {
       auto tt = x.try_cast<ffi::Tensor>();
       if (!tt) Fail(MODEC_ERR_RUNTIME, "the model returned a non-tensor output");
-      s->last_out.push_back(*tt);
+      outs.push_back(*tt);
     }
   } else {
     Fail(MODEC_ERR_RUNTIME, "the model returned neither a tensor nor a tuple");
   }
-  if (s->last_out.size() != s->outputs.size()) {
-    Fail(MODEC_ERR_RUNTIME, "the model returned " + std::to_string(s->last_out.size()) + " outputs, the manifest lists " +
+  if (outs.size() != s->outputs.size()) {
+    Fail(MODEC_ERR_RUNTIME, "the model returned " + std::to_string(outs.size()) + " outputs, the manifest lists " +
                                 std::to_string(s->outputs.size()));
   }
-  s->last_shapes.clear();
-  for (size_t i = 0; i < s->last_out.size(); ++i) {
-    const ffi::Tensor& t = s->last_out[i];
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const ffi::Tensor& t = outs[i];
     const DtypeInfo* dt = ByDL(t.dtype());
     if (dt == nullptr || !t.IsContiguous() || t.device().device_type != kDLCPU) {
       Fail(MODEC_ERR_RUNTIME, "output '" + s->outputs[i].name + "' is not a contiguous host tensor of a known dtype");
@@ -526,14 +569,372 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
       Fail(MODEC_ERR_RUNTIME, "output '" + sp.name + "' is " + got + "], the manifest says " + want +
                                   "]; manifest.json does not match model.so, rebuild the artifact");
     }
+  }
+  return outs;
+}
+
+const void* DataOf(const ffi::Tensor& t) {
+  return static_cast<const char*>(t.data_ptr()) + t.GetDLTensorPtr()->byte_offset;
+}
+
+void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* out, size_t* n_out) {
+  if (*n_out < s->outputs.size()) {
+    Fail(MODEC_ERR_INVALID_ARGUMENT, "the outputs array holds " + std::to_string(*n_out) + ", the model has " +
+                                         std::to_string(s->outputs.size()) + " outputs");
+  }
+  std::map<std::string, int64_t> sym;
+  std::vector<ffi::Tensor> args = TakeInputs(s->inputs, in, n_in, &sym, s->dev);
+  std::vector<ffi::Tensor> outs = Outputs(s, Call(s, *s->main, args, "model run"));
+  s->last_out = std::move(outs);
+  s->last_shapes.clear();
+  for (size_t i = 0; i < s->last_out.size(); ++i) {
+    const ffi::Tensor& t = s->last_out[i];
+    ffi::ShapeView sh = t.shape();
     s->last_shapes.emplace_back(sh.begin(), sh.end());
     out[i].name = s->outputs[i].name.c_str();
-    out[i].dtype = dt->code;
+    out[i].dtype = ByDL(t.dtype())->code;
     out[i].ndim = static_cast<int32_t>(sh.size());
     out[i].shape = s->last_shapes.back().data();
-    out[i].data = static_cast<const char*>(t.data_ptr()) + t.GetDLTensorPtr()->byte_offset;
+    out[i].data = DataOf(t);
   }
   *n_out = s->last_out.size();
+}
+
+// ---- generation (docs/generation.md) -------------------------------------------------------
+
+size_t OutputIndex(const modec_session* s, const std::string& name) {
+  for (size_t i = 0; i < s->outputs.size(); ++i) {
+    if (s->outputs[i].name == name) return i;
+  }
+  throw std::logic_error("no output " + name);  // ParseGeneration checked every name
+}
+
+/*! \brief Refuse generation on an artifact without a (usable) generation section. */
+void NeedGeneration(const modec_session* s) {
+  if (!s->has_generation) {
+    Fail(MODEC_ERR_INVALID_ARGUMENT, "the artifact has no KV cache: export the model with past_key_values inputs");
+  }
+  if (!s->generation_error.empty()) {
+    Fail(MODEC_ERR_INVALID_ARGUMENT, "the artifact cannot generate: " + s->generation_error);
+  }
+}
+
+ffi::Tensor HostTensor(const std::vector<int64_t>& shape, const int64_t* data, DLDevice dev) {
+  const ffi::ShapeView view(shape.data(), shape.size());
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(CPUAlloc(), view, DLDataType{kDLInt, 64, 1}, dev);
+  size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<size_t>(d);
+  if (n > 0) std::memcpy(t.data_ptr(), data, n * sizeof(int64_t));
+  return t;
+}
+
+/*! \brief Take the outputs of a prefill or decode call into the generation: the present
+ * tensors become the cache (checked: [batch, heads, total, head dim]), logits[b, -1, :] the
+ * next-token logits. */
+void Absorb(modec_generation* g, const std::vector<ffi::Tensor>& outs, int64_t total) {
+  const modec_session* s = g->s;
+  const artifact::Generation& gen = s->generation;
+  const ffi::Tensor& logits = outs[OutputIndex(s, gen.logits)];
+  ffi::ShapeView ls = logits.shape();
+  if (ls[0] != g->batch || ls[1] < 1 || ls[2] < 1) {
+    Fail(MODEC_ERR_RUNTIME, "output '" + gen.logits + "' has shape [" + std::to_string(ls[0]) + ", " +
+                                std::to_string(ls[1]) + ", " + std::to_string(ls[2]) + "] for a batch of " +
+                                std::to_string(g->batch) + "; rebuild the artifact");
+  }
+  std::vector<ffi::Tensor> cache;
+  for (const artifact::CacheSpec& c : gen.cache) {
+    const ffi::Tensor& t = outs[OutputIndex(s, c.present)];
+    if (t.shape()[0] != g->batch || t.shape()[2] != total) {
+      Fail(MODEC_ERR_RUNTIME, "output '" + c.present + "' holds " + std::to_string(t.shape()[2]) +
+                                  " positions, expected " + std::to_string(total) + "; rebuild the artifact");
+    }
+    cache.push_back(t);
+  }
+  const int64_t seq = ls[1], vocab = ls[2];
+  std::vector<float> next(static_cast<size_t>(g->batch * vocab));
+  const float* p = static_cast<const float*>(DataOf(logits));
+  for (int64_t b = 0; b < g->batch; ++b) {
+    std::memcpy(next.data() + b * vocab, p + (b * seq + seq - 1) * vocab, static_cast<size_t>(vocab) * sizeof(float));
+  }
+  g->cache = std::move(cache);
+  g->logits = std::move(next);
+  g->vocab = vocab;
+  g->total = total;
+}
+
+std::unique_ptr<modec_generation> Prefill(modec_session* s, const modec_tensor* in, size_t n_in) {
+  NeedGeneration(s);
+  const artifact::Generation& gen = s->generation;
+  for (size_t i = 0; i < n_in; ++i) {
+    if (in[i].name != nullptr && artifact::IsPast(in[i].name)) {
+      Fail(MODEC_ERR_INPUT, std::string("input '") + in[i].name +
+                                "' is the KV cache, which generation starts empty: pass the prompt's inputs only");
+    }
+  }
+  std::vector<Spec> prompt_specs;
+  for (const Spec& sp : s->inputs) {
+    if (!artifact::IsPast(sp.name)) prompt_specs.push_back(sp);
+  }
+  // position_ids, when the model has them and the caller gave none: cumsum(mask) - 1,
+  // clamped at 0 (docs/generation.md), as the Python runtime computes them.
+  std::vector<modec_tensor> given(in, in + n_in);
+  std::vector<int64_t> positions;
+  if (!gen.position_ids.empty() && !gen.attention_mask.empty()) {
+    const modec_tensor* mask = nullptr;
+    bool has = false;
+    for (const modec_tensor& t : given) {
+      has = has || (t.name != nullptr && gen.position_ids == t.name);
+      if (t.name != nullptr && gen.attention_mask == t.name) mask = &t;
+    }
+    if (!has && mask != nullptr && mask->dtype == MODEC_INT64 && mask->ndim == 2 && mask->shape != nullptr &&
+        mask->shape[0] > 0 && mask->shape[1] > 0 && mask->data != nullptr) {
+      const int64_t rows = mask->shape[0], cols = mask->shape[1];
+      const int64_t* m = static_cast<const int64_t*>(mask->data);
+      positions.resize(static_cast<size_t>(rows * cols));
+      for (int64_t b = 0; b < rows; ++b) {
+        int64_t sum = 0;
+        for (int64_t j = 0; j < cols; ++j) {
+          sum += m[b * cols + j];
+          positions[b * cols + j] = std::max<int64_t>(sum - 1, 0);
+        }
+      }
+      given.push_back(modec_tensor{gen.position_ids.c_str(), MODEC_INT64, 2, mask->shape, positions.data()});
+    }
+  }
+  std::map<std::string, int64_t> sym;
+  std::vector<ffi::Tensor> prompt = TakeInputs(prompt_specs, given.data(), given.size(), &sym, s->dev);
+  auto by_name = [&](const std::string& name) -> const ffi::Tensor& {
+    for (size_t i = 0; i < prompt_specs.size(); ++i) {
+      if (prompt_specs[i].name == name) return prompt[i];
+    }
+    throw std::logic_error("no prompt input " + name);
+  };
+  auto g = std::make_unique<modec_generation>();
+  g->s = s;
+  const ffi::Tensor& ids = by_name(gen.tokens);
+  g->batch = ids.shape()[0];
+  const int64_t seq = ids.shape()[1];
+  if (!gen.attention_mask.empty()) {
+    const ffi::Tensor& mask = by_name(gen.attention_mask);
+    if (mask.shape()[0] != g->batch || mask.shape()[1] != seq) {
+      Fail(MODEC_ERR_INPUT, "input '" + gen.attention_mask + "' is [" + std::to_string(mask.shape()[0]) + ", " +
+                                std::to_string(mask.shape()[1]) + "], '" + gen.tokens + "' [" +
+                                std::to_string(g->batch) + ", " + std::to_string(seq) +
+                                "]: a prompt's mask covers its tokens (the cache starts empty)");
+    }
+    const int64_t* m = static_cast<const int64_t*>(DataOf(mask));
+    g->mask.assign(m, m + g->batch * seq);
+  }
+  // main's inputs in order: the prompt's, and an empty cache [batch, heads, 0, head dim].
+  std::vector<ffi::Tensor> args;
+  size_t next = 0;
+  for (const Spec& sp : s->inputs) {
+    if (!artifact::IsPast(sp.name)) {
+      args.push_back(prompt[next++]);
+      continue;
+    }
+    std::vector<int64_t> shape = {g->batch, sp.shape[1], 0, sp.shape[3]};
+    if ((sp.shape[0] >= 0 && sp.shape[0] != g->batch) || sp.shape[1] < 0 || sp.shape[3] < 0) {
+      Fail(MODEC_ERR_INPUT, "cache input '" + sp.name + "' is not [batch, heads, past, head dim] with static heads " +
+                                "and head dim for a batch of " + std::to_string(g->batch) + "; rebuild the artifact");
+    }
+    if (sp.shape[0] < 0) {
+      auto it = sym.emplace(sp.symbol[0], g->batch).first;
+      if (it->second != g->batch) {
+        Fail(MODEC_ERR_INPUT, "the cache's batch dim (" + sp.symbol[0] + ") is " + std::to_string(g->batch) +
+                                  " but an input has " + std::to_string(it->second));
+      }
+    }
+    args.push_back(ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(shape.data(), shape.size()),
+                                            ToDL(sp.dtype->code), s->dev));
+  }
+  for (const Spec& sp : gen.decode_inputs) {
+    const bool step = sp.name == gen.tokens || sp.name == gen.attention_mask || sp.name == gen.position_ids;
+    if (!step && !artifact::IsPast(sp.name)) g->prompt.emplace(sp.name, by_name(sp.name));
+  }
+  Absorb(g.get(), Outputs(s, Call(s, *s->main, args, "prefill (model run)")), seq);
+  return g;
+}
+
+void DecodeStep(modec_generation* g, const int64_t* tokens, size_t batch) {
+  const modec_session* s = g->s;
+  const artifact::Generation& gen = s->generation;
+  if (static_cast<int64_t>(batch) != g->batch) {
+    Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_decode_step: " + std::to_string(batch) + " tokens, the generation has " +
+                                         std::to_string(g->batch) + " rows");
+  }
+  const int64_t total = g->total + 1;
+  std::vector<int64_t> mask;
+  if (!gen.attention_mask.empty()) {
+    mask.resize(static_cast<size_t>(g->batch * total));
+    for (int64_t b = 0; b < g->batch; ++b) {
+      std::copy(g->mask.begin() + b * g->total, g->mask.begin() + (b + 1) * g->total, mask.begin() + b * total);
+      mask[b * total + total - 1] = 1;
+    }
+  }
+  std::vector<ffi::Tensor> args;
+  for (const Spec& sp : gen.decode_inputs) {
+    if (sp.name == gen.tokens) {
+      args.push_back(HostTensor({g->batch, 1}, tokens, s->dev));
+    } else if (sp.name == gen.attention_mask) {
+      args.push_back(HostTensor({g->batch, total}, mask.data(), s->dev));
+    } else if (sp.name == gen.position_ids) {
+      // cumsum(attention_mask) - 1 at the last column, clamped at 0 (all ones without a mask).
+      std::vector<int64_t> pos(static_cast<size_t>(g->batch), total - 1);
+      for (int64_t b = 0; b < g->batch && !mask.empty(); ++b) {
+        int64_t sum = 0;
+        for (int64_t j = 0; j < total; ++j) sum += mask[b * total + j];
+        pos[b] = std::max<int64_t>(sum - 1, 0);
+      }
+      args.push_back(HostTensor({g->batch, 1}, pos.data(), s->dev));
+    } else if (artifact::IsPast(sp.name)) {
+      size_t k = 0;  // ParseGeneration: every past input is in the cache list
+      while (k + 1 < gen.cache.size() && gen.cache[k].past != sp.name) ++k;
+      args.push_back(g->cache[k]);
+    } else {
+      args.push_back(g->prompt.at(sp.name));
+    }
+  }
+  Absorb(g, Outputs(s, Call(s, *s->decode, args, "decode step (" + gen.decode_entry + ")")), total);
+  g->mask = std::move(mask);
+}
+
+// ---- picking tokens ------------------------------------------------------------------------
+
+/*! \brief SplitMix64 (Steele, Lea, Flood 2014; the constants of Vigna's splitmix64.c): the
+ * next uniform double in [0, 1) from its 53 high bits. */
+double Uniform(uint64_t* state) {
+  uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+bool Greedy(const modec_generation_config& c) { return c.temperature == 0.0 || c.top_k == 1; }
+
+/*! \brief The id of the largest logit, the lowest id on ties. */
+int64_t Argmax(const float* x, size_t vocab) {
+  size_t best = 0;
+  for (size_t j = 1; j < vocab; ++j) {
+    if (x[j] > x[best]) best = j;
+  }
+  return static_cast<int64_t>(best);
+}
+
+/*! \brief One sampled token of one row, in float64, with the uniform draw `u`
+ * (docs/generation.md, "Picking a token"). */
+int64_t SampleRow(const float* x, size_t vocab, const modec_generation_config& c, double u, std::vector<double>* z,
+                  std::vector<int64_t>* order, std::vector<double>* cum) {
+  z->resize(vocab);
+  order->resize(vocab);
+  for (size_t j = 0; j < vocab; ++j) {
+    (*z)[j] = static_cast<double>(x[j]) / c.temperature;
+    (*order)[j] = static_cast<int64_t>(j);
+  }
+  auto before = [&](int64_t a, int64_t b) { return (*z)[a] > (*z)[b] || ((*z)[a] == (*z)[b] && a < b); };
+  size_t keep = c.top_k > 0 && static_cast<size_t>(c.top_k) < vocab ? static_cast<size_t>(c.top_k) : vocab;
+  std::partial_sort(order->begin(), order->begin() + keep, order->end(), before);
+  const double zmax = (*z)[(*order)[0]];
+  cum->resize(keep);
+  double acc = 0.0;
+  for (size_t i = 0; i < keep; ++i) {
+    acc += std::exp((*z)[(*order)[i]] - zmax);
+    (*cum)[i] = acc;
+  }
+  if (c.top_p < 1.0) {
+    const double cut = c.top_p * acc;
+    size_t n = 0;
+    while (n + 1 < keep && (*cum)[n] < cut) ++n;
+    keep = n + 1;
+  }
+  const double target = u * (*cum)[keep - 1];
+  for (size_t i = 0; i < keep; ++i) {
+    if ((*cum)[i] > target) return (*order)[i];
+  }
+  return (*order)[keep - 1];
+}
+
+std::string Num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+void CheckConfig(const modec_generation_config* c) {
+  if (c == nullptr) Fail(MODEC_ERR_INVALID_ARGUMENT, "the generation config is NULL");
+  if (c->max_new_tokens < 0) {
+    Fail(MODEC_ERR_INVALID_ARGUMENT, "max_new_tokens is " + std::to_string(c->max_new_tokens) + " (must be >= 0)");
+  }
+  if (!(c->temperature >= 0.0) || std::isinf(c->temperature)) {
+    Fail(MODEC_ERR_INVALID_ARGUMENT, "temperature is " + Num(c->temperature) +
+                                         " (must be >= 0 and finite; 0 is greedy)");
+  }
+  if (c->top_k < 0) Fail(MODEC_ERR_INVALID_ARGUMENT, "top_k is " + std::to_string(c->top_k) + " (must be >= 0)");
+  if (!(c->top_p > 0.0 && c->top_p <= 1.0)) {
+    Fail(MODEC_ERR_INVALID_ARGUMENT, "top_p is " + Num(c->top_p) + " (must be in (0, 1])");
+  }
+  if (c->n_stop_tokens > 0 && c->stop_tokens == nullptr) {
+    Fail(MODEC_ERR_INVALID_ARGUMENT, "stop_tokens is NULL but n_stop_tokens is " + std::to_string(c->n_stop_tokens));
+  }
+}
+
+/*! \brief One token per row not finished (finished may be NULL), one draw per such row in row
+ * order when sampling; finished rows keep their tokens[b]. */
+void Pick(const float* logits, size_t batch, size_t vocab, const modec_generation_config& c, uint64_t* state,
+          const uint8_t* finished, int64_t* tokens) {
+  std::vector<double> z, cum;
+  std::vector<int64_t> order;
+  for (size_t b = 0; b < batch; ++b) {
+    if (finished != nullptr && finished[b]) continue;
+    const float* row = logits + b * vocab;
+    for (size_t j = 0; j < vocab; ++j) {
+      if (std::isnan(row[j])) {
+        Fail(MODEC_ERR_RUNTIME, "the logits of row " + std::to_string(b) + " hold NaN (id " + std::to_string(j) +
+                                    "): the model's output is broken, no token can be picked");
+      }
+    }
+    tokens[b] = Greedy(c) ? Argmax(row, vocab) : SampleRow(row, vocab, c, Uniform(state), &z, &order, &cum);
+  }
+}
+
+/*! \brief The loop of docs/generation.md from a prefilled (or already stepped) generation:
+ * pick, stream, decode, until every row stopped or the callback says stop. */
+void GenerateFrom(modec_generation* g, const modec_generation_config& c, modec_token_callback cb, void* user,
+                  int64_t* out_tokens, int32_t* out_lengths) {
+  CheckConfig(&c);
+  const size_t batch = static_cast<size_t>(g->batch), max_new = static_cast<size_t>(c.max_new_tokens);
+  if (out_tokens != nullptr) std::fill(out_tokens, out_tokens + batch * max_new, int64_t{-1});
+  std::vector<int32_t> lengths(batch, 0);
+  std::vector<uint8_t> finished(batch, max_new == 0);
+  std::vector<int64_t> tokens(batch, 0);
+  uint64_t state = c.seed;
+  for (size_t step = 0; step < max_new; ++step) {
+    Pick(g->logits.data(), batch, static_cast<size_t>(g->vocab), c, &state, finished.data(), tokens.data());
+    bool all = true;
+    for (size_t b = 0; b < batch; ++b) {
+      if (!finished[b]) {
+        if (out_tokens != nullptr) out_tokens[b * max_new + lengths[b]] = tokens[b];
+        ++lengths[b];
+        bool stop = static_cast<size_t>(lengths[b]) == max_new;
+        for (size_t k = 0; k < c.n_stop_tokens; ++k) stop = stop || tokens[b] == c.stop_tokens[k];
+        finished[b] = stop;
+      }
+      all = all && finished[b];
+    }
+    if (cb != nullptr) {
+      int halt = 0;
+      try {
+        halt = cb(user, step, tokens.data(), finished.data(), batch);
+      } catch (...) {  // a C++ callback must not throw through the C API; say so, do not crash
+        Fail(MODEC_ERR_INVALID_ARGUMENT, "the token callback threw an exception at step " + std::to_string(step));
+      }
+      if (halt != 0) break;
+    }
+    if (all) break;
+    DecodeStep(g, tokens.data(), batch);
+  }
+  if (out_lengths != nullptr) std::copy(lengths.begin(), lengths.end(), out_lengths);
 }
 
 template <typename F>
@@ -615,6 +1016,85 @@ modec_status modec_run(modec_session* s, const modec_tensor* inputs, size_t n_in
       modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_run: NULL argument");
     }
     modec::Run(s, inputs, n_inputs, outputs, n_outputs);
+  });
+}
+
+void modec_generation_config_default(modec_generation_config* c) {
+  if (c == nullptr) return;
+  *c = modec_generation_config{};
+  c->max_new_tokens = 32;
+  c->temperature = 0.0;
+  c->top_k = 0;
+  c->top_p = 1.0;
+  c->seed = 0;
+}
+
+modec_status modec_prefill(modec_session* s, const modec_tensor* inputs, size_t n_inputs, modec_generation** out) {
+  return modec::Guard([&] {
+    if (out != nullptr) *out = nullptr;
+    if (!s || (!inputs && n_inputs) || !out) modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_prefill: NULL argument");
+    *out = modec::Prefill(s, inputs, n_inputs).release();
+  });
+}
+
+modec_status modec_decode_step(modec_generation* g, const int64_t* tokens, size_t batch) {
+  return modec::Guard([&] {
+    if (!g || !tokens) modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_decode_step: NULL argument");
+    modec::DecodeStep(g, tokens, batch);
+  });
+}
+
+modec_status modec_generation_logits(const modec_generation* g, const float** logits, size_t* batch, size_t* vocab) {
+  return modec::Guard([&] {
+    if (!g || !logits || !batch || !vocab) {
+      modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_generation_logits: NULL argument");
+    }
+    *logits = g->logits.data();
+    *batch = static_cast<size_t>(g->batch);
+    *vocab = static_cast<size_t>(g->vocab);
+  });
+}
+
+size_t modec_generation_cache_length(const modec_generation* g) { return g ? static_cast<size_t>(g->total) : 0; }
+
+void modec_generation_free(modec_generation* g) {
+  try {
+    delete g;
+  } catch (...) {  // a destructor must not throw across the C boundary
+  }
+}
+
+modec_status modec_pick_tokens(const float* logits, size_t batch, size_t vocab, const modec_generation_config* config,
+                               uint64_t* rng_state, const uint8_t* finished, int64_t* tokens) {
+  return modec::Guard([&] {
+    if ((!logits && batch) || !config || !rng_state || (!tokens && batch)) {
+      modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_pick_tokens: NULL argument");
+    }
+    if (vocab == 0) modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_pick_tokens: vocab is 0");
+    modec::CheckConfig(config);
+    modec::Pick(logits, batch, vocab, *config, rng_state, finished, tokens);
+  });
+}
+
+modec_status modec_generate(modec_session* s, const modec_tensor* inputs, size_t n_inputs,
+                            const modec_generation_config* config, modec_token_callback callback, void* user,
+                            int64_t* out_tokens, int32_t* out_lengths) {
+  return modec::Guard([&] {
+    if (!s || (!inputs && n_inputs) || !config) {
+      modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_generate: NULL argument");
+    }
+    modec::CheckConfig(config);  // before the prefill's work
+    std::unique_ptr<modec_generation> g = modec::Prefill(s, inputs, n_inputs);
+    modec::GenerateFrom(g.get(), *config, callback, user, out_tokens, out_lengths);
+  });
+}
+
+modec_status modec_generate_from(modec_generation* g, const modec_generation_config* config,
+                                 modec_token_callback callback, void* user, int64_t* out_tokens,
+                                 int32_t* out_lengths) {
+  return modec::Guard([&] {
+    if (!g || !config) modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "modec_generate_from: NULL argument");
+    modec::GenerateFrom(g, *config, callback, user, out_tokens, out_lengths);
   });
 }
 

@@ -9,6 +9,12 @@
  *                                         the session NULL and say TEXT in its message
  *   c_api_test DIR --run STATUS [TEXT]    modec_open(DIR) succeeds and modec_run on valid
  *                                         inputs returns exactly STATUS (TEXT in the message)
+ *   c_api_test DIR --generate             generation on an artifact with a KV cache: modec_generate
+ *                                         against the prefill / pick / decode-step loop, the
+ *                                         callback, stop tokens, max_new_tokens 0, bad settings
+ *                                         and prompts, modec_run with an empty (P = 0) cache
+ *
+ * Without --generate, an artifact without a KV cache must refuse every generation call.
  *
  * STATUS is a number or a name: MODEC_ERR_CHECKSUM, ERR_CHECKSUM, CHECKSUM, 4, OK.
  * Every failing call must leave modec_last_error() one non-empty line (no '\n' / '\r')
@@ -189,6 +195,96 @@ static void check_static_api(void) {
   check(modec_num_inputs(NULL) == 0 && modec_num_outputs(NULL) == 0, "modec_num_inputs/outputs(NULL) == 0");
   modec_close(NULL);
   check(1, "modec_close(NULL)");
+}
+
+/* ---- picking tokens (no artifact needed) -------------------------------------------------- */
+
+#define GOLDEN 0x9E3779B97F4A7C15ull /* SplitMix64's increment: the state after k draws is seed + k * GOLDEN */
+
+static void check_pick_tokens(void) {
+  modec_generation_config c;
+  modec_generation_config_default(&c);
+  check(c.max_new_tokens == 32 && c.temperature == 0.0 && c.top_k == 0 && c.top_p == 1.0 && c.seed == 0 &&
+            c.n_stop_tokens == 0 && c.stop_tokens == NULL,
+        "modec_generation_config_default: greedy, 32 tokens, top_p 1");
+  /* Greedy: the largest logit, the lowest id on ties; no draw. */
+  const float logits[3 * 4] = {0.5f, 2.0f, 2.0f, -1.0f, /* tie: 1 */
+                               -3.0f, -2.0f, -1.0f, -0.5f, 7.0f, 0.0f, 7.0f, 7.0f};
+  int64_t tok[3] = {-1, -1, -1};
+  uint64_t state = 5;
+  expect("modec_pick_tokens(greedy)", modec_pick_tokens(logits, 3, 4, &c, &state, NULL, tok), MODEC_OK, NULL);
+  check(tok[0] == 1 && tok[1] == 3 && tok[2] == 0 && state == 5, "greedy: argmax, lowest id on ties, no draw");
+  /* Sampling: one draw per unfinished row; finished rows keep their token and draw nothing. */
+  c.temperature = 1.0;
+  const uint8_t finished[3] = {0, 1, 0};
+  tok[1] = 42;
+  state = 7;
+  expect("modec_pick_tokens(sampling)", modec_pick_tokens(logits, 3, 4, &c, &state, finished, tok), MODEC_OK, NULL);
+  check(state == 7 + 2 * GOLDEN && tok[1] == 42 && tok[0] >= 0 && tok[0] < 4 && tok[2] >= 0 && tok[2] < 4,
+        "sampling: one draw per unfinished row, finished rows untouched");
+  /* The first SplitMix64 output of seed 0 is 0xE220A8397B1DCDAF, u = 0.8833...: over two equal
+   * logits (p = 1, 1; S = 2) the first candidate whose cumulative p exceeds 2u is id 1. */
+  const float two[2] = {3.0f, 3.0f};
+  state = 0;
+  modec_pick_tokens(two, 1, 2, &c, &state, NULL, tok);
+  check(tok[0] == 1, "sampling: SplitMix64 seed 0 draws u = 0.883 (docs/generation.md)");
+  /* top_k 1 is greedy (no draw); a tiny top_p keeps the top token only (one draw). */
+  c.top_k = 1;
+  state = 0;
+  modec_pick_tokens(logits, 1, 4, &c, &state, NULL, tok);
+  check(tok[0] == 1 && state == 0, "top_k 1: greedy, no draw");
+  c.top_k = 0;
+  c.top_p = 1e-9;
+  int same = 1;
+  for (uint64_t seed = 0; seed < 50; ++seed) {
+    state = seed;
+    modec_pick_tokens(logits + 8, 1, 4, &c, &state, NULL, tok);
+    same &= tok[0] == 0 && state == seed + GOLDEN;
+  }
+  check(same, "top_p 1e-9: the most likely token (ties: the lowest id), one draw");
+  /* Bad settings and arguments. */
+  modec_generation_config bad = c;
+  bad.temperature = -1.0;
+  expect("modec_pick_tokens(temperature -1)", modec_pick_tokens(logits, 1, 4, &bad, &state, NULL, tok),
+         MODEC_ERR_INVALID_ARGUMENT, "temperature");
+  bad = c;
+  bad.temperature = 0.0 / 0.0;
+  expect("modec_pick_tokens(temperature NaN)", modec_pick_tokens(logits, 1, 4, &bad, &state, NULL, tok),
+         MODEC_ERR_INVALID_ARGUMENT, "temperature");
+  bad = c;
+  bad.top_p = 0.0;
+  expect("modec_pick_tokens(top_p 0)", modec_pick_tokens(logits, 1, 4, &bad, &state, NULL, tok),
+         MODEC_ERR_INVALID_ARGUMENT, "top_p");
+  bad.top_p = 1.5;
+  expect("modec_pick_tokens(top_p 1.5)", modec_pick_tokens(logits, 1, 4, &bad, &state, NULL, tok),
+         MODEC_ERR_INVALID_ARGUMENT, "top_p");
+  bad = c;
+  bad.top_k = -1;
+  expect("modec_pick_tokens(top_k -1)", modec_pick_tokens(logits, 1, 4, &bad, &state, NULL, tok),
+         MODEC_ERR_INVALID_ARGUMENT, "top_k");
+  expect("modec_pick_tokens(NULL config)", modec_pick_tokens(logits, 1, 4, NULL, &state, NULL, tok),
+         MODEC_ERR_INVALID_ARGUMENT, "NULL");
+  expect("modec_pick_tokens(vocab 0)", modec_pick_tokens(logits, 1, 0, &c, &state, NULL, tok),
+         MODEC_ERR_INVALID_ARGUMENT, "vocab");
+  const float nan_row[2] = {1.0f, 0.0f / 0.0f};
+  expect("modec_pick_tokens(NaN logits)", modec_pick_tokens(nan_row, 1, 2, &c, &state, NULL, tok), MODEC_ERR_RUNTIME,
+         "NaN");
+  /* The generation handle's NULL cases. */
+  const float* lp = NULL;
+  size_t nb = 0, nv = 0;
+  expect("modec_generation_logits(NULL)", modec_generation_logits(NULL, &lp, &nb, &nv), MODEC_ERR_INVALID_ARGUMENT,
+         "NULL");
+  expect("modec_decode_step(NULL)", modec_decode_step(NULL, tok, 1), MODEC_ERR_INVALID_ARGUMENT, "NULL");
+  expect("modec_generate(NULL session)", modec_generate(NULL, NULL, 0, &c, NULL, NULL, NULL, NULL),
+         MODEC_ERR_INVALID_ARGUMENT, "NULL");
+  expect("modec_generate_from(NULL)", modec_generate_from(NULL, &c, NULL, NULL, NULL, NULL),
+         MODEC_ERR_INVALID_ARGUMENT, "NULL");
+  modec_generation* g = (modec_generation*)(void*)&state;
+  expect("modec_prefill(NULL session)", modec_prefill(NULL, NULL, 0, &g), MODEC_ERR_INVALID_ARGUMENT, "NULL");
+  check(g == NULL, "a failed modec_prefill sets *out to NULL");
+  check(modec_generation_cache_length(NULL) == 0, "modec_generation_cache_length(NULL) == 0");
+  modec_generation_free(NULL);
+  check(1, "modec_generation_free(NULL)");
 }
 
 static int thread_body(void* arg) {
@@ -430,8 +526,253 @@ static void check_run(modec_session* s, const char* dir) {
   free_inputs(&in);
 }
 
+/* ---- generation ------------------------------------------------------------------------- */
+
+static int is_past(const char* name) { return strncmp(name, "past_key_values.", 16) == 0; }
+
+/* An artifact without a KV cache refuses every generation call. */
+static void check_no_generation(modec_session* s) {
+  Inputs in;
+  if (!make_inputs(s, &in)) return;
+  modec_generation_config c;
+  modec_generation_config_default(&c);
+  int32_t len[MAX_IN];
+  expect("modec_generate(no KV cache)", modec_generate(s, in.t, in.n, &c, NULL, NULL, NULL, len),
+         MODEC_ERR_INVALID_ARGUMENT, "the artifact has no KV cache: export the model with past_key_values inputs");
+  modec_generation* g = (modec_generation*)(void*)&c;
+  expect("modec_prefill(no KV cache)", modec_prefill(s, in.t, in.n, &g), MODEC_ERR_INVALID_ARGUMENT,
+         "has no KV cache");
+  check(g == NULL, "modec_prefill(no KV cache) sets *out to NULL");
+  free_inputs(&in);
+}
+
+/* The prompt: valid inputs (every symbolic dim SYM, every element 1) without the cache. */
+static int make_prompt(const modec_session* s, Inputs* in) {
+  if (!make_inputs(s, in)) return 0;
+  size_t k = 0;
+  for (size_t i = 0; i < in->n; ++i) {
+    if (is_past(in->t[i].name)) {
+      free(in->data[i]);
+      continue;
+    }
+    in->t[k] = in->t[i];
+    in->data[k] = in->data[i];
+    memcpy(in->shape[k], in->shape[i], sizeof in->shape[k]);
+    in->t[k].shape = in->shape[k];
+    ++k;
+  }
+  in->n = k;
+  return 1;
+}
+
+typedef struct {
+  size_t calls, stop_at, batch;
+  int64_t tokens[MAX_OUT][64];
+  uint8_t finished[MAX_OUT][64];
+} Stream;
+
+static int on_token(void* user, size_t step, const int64_t* tokens, const uint8_t* finished, size_t batch) {
+  Stream* st = (Stream*)user;
+  st->batch = batch;
+  for (size_t b = 0; b < batch && b < MAX_OUT && step < 64; ++b) {
+    st->tokens[b][step] = tokens[b];
+    st->finished[b][step] = finished[b];
+  }
+  ++st->calls;
+  return st->stop_at != 0 && step + 1 >= st->stop_at;
+}
+
+/* The loop of docs/generation.md written with the low-level calls; returns the status of the
+ * first failing call. */
+static modec_status manual_loop(modec_session* s, Inputs* in, const modec_generation_config* c, int64_t* out,
+                                int32_t* lengths, size_t* batch_out) {
+  modec_generation* g = NULL;
+  modec_status st = modec_prefill(s, in->t, in->n, &g);
+  if (st != MODEC_OK) return st;
+  const float* logits = NULL;
+  size_t batch = 0, vocab = 0;
+  modec_generation_logits(g, &logits, &batch, &vocab);
+  *batch_out = batch;
+  int64_t tok[MAX_OUT];
+  uint8_t done[MAX_OUT];
+  uint64_t state = c->seed;
+  size_t n = (size_t)c->max_new_tokens;
+  for (size_t b = 0; b < batch; ++b) lengths[b] = 0, done[b] = 0, tok[b] = 0;
+  for (size_t step = 0; step < n && st == MODEC_OK; ++step) {
+    st = modec_pick_tokens(logits, batch, vocab, c, &state, done, tok);
+    int all = 1;
+    for (size_t b = 0; b < batch && st == MODEC_OK; ++b) {
+      if (!done[b]) {
+        out[b * n + (size_t)lengths[b]++] = tok[b];
+        done[b] = (size_t)lengths[b] == n;
+        for (size_t k = 0; k < c->n_stop_tokens; ++k) done[b] |= tok[b] == c->stop_tokens[k];
+      }
+      all &= done[b];
+    }
+    if (all || st != MODEC_OK) break;
+    size_t before = modec_generation_cache_length(g);
+    st = modec_decode_step(g, tok, batch);
+    if (st == MODEC_OK && modec_generation_cache_length(g) != before + 1) st = MODEC_ERR_RUNTIME;
+    modec_generation_logits(g, &logits, &batch, &vocab);
+  }
+  modec_generation_free(g);
+  return st;
+}
+
+static void check_generate(modec_session* s) {
+  Inputs in;
+  if (!make_prompt(s, &in)) return;
+  enum { N = 6 };
+  modec_generation_config c;
+  modec_generation_config_default(&c);
+  c.max_new_tokens = N;
+  int64_t out[MAX_OUT * N], ref[MAX_OUT * N];
+  int32_t len[MAX_OUT], ref_len[MAX_OUT];
+  size_t batch = 0;
+
+  /* The prefill: batch SYM, the prompt's SYM positions in the cache, finite logits. */
+  modec_generation* g = NULL;
+  expect("modec_prefill(prompt)", modec_prefill(s, in.t, in.n, &g), MODEC_OK, NULL);
+  const float* logits = NULL;
+  size_t vocab = 0;
+  expect("modec_generation_logits", modec_generation_logits(g, &logits, &batch, &vocab), MODEC_OK, NULL);
+  int finite = logits != NULL && vocab > 1;
+  for (size_t k = 0; finite && k < batch * vocab; ++k) finite = logits[k] == logits[k] && logits[k] < 1e30f;
+  check(batch == SYM && modec_generation_cache_length(g) == SYM && finite,
+        "modec_prefill: batch and cache length of the prompt, finite logits");
+  int64_t three[3] = {1, 1, 1};
+  expect("modec_decode_step(3 tokens for 2 rows)", modec_decode_step(g, three, 3), MODEC_ERR_INVALID_ARGUMENT,
+         "3 tokens, the generation has 2 rows");
+  expect("modec_decode_step(NULL tokens)", modec_decode_step(g, NULL, 2), MODEC_ERR_INVALID_ARGUMENT, "NULL");
+  check(modec_generation_cache_length(g) == SYM, "a refused step leaves the generation as it was");
+
+  /* modec_run with an empty cache (P = 0, NULL data) is the prefill. */
+  Inputs full;
+  if (make_inputs(s, &full)) {
+    for (size_t i = 0; i < full.n; ++i) {
+      if (is_past(full.t[i].name)) {
+        full.shape[i][2] = 0;
+        full.t[i].data = NULL;
+      }
+    }
+    modec_tensor outs[MAX_OUT];
+    size_t n = MAX_OUT;
+    expect("modec_run(P = 0 cache)", modec_run(s, full.t, full.n, outs, &n), MODEC_OK, NULL);
+    int same = n > 0 && outs[0].ndim == 3 && (size_t)outs[0].shape[2] == vocab;
+    for (size_t b = 0; same && b < batch; ++b) {
+      size_t seq = (size_t)outs[0].shape[1];
+      const float* last = (const float*)outs[0].data + (b * seq + seq - 1) * vocab;
+      same = memcmp(last, logits + b * vocab, vocab * sizeof(float)) == 0;
+    }
+    check(same, "modec_run(P = 0 cache): its last position's logits are the prefill's");
+    for (size_t i = 0; i < full.n; ++i) {
+      if (!is_past(full.t[i].name)) continue;
+      for (int d = 0; d < 4; ++d) {
+        if (d == 2) continue;
+        int64_t keep = full.shape[i][d];
+        full.shape[i][d] = 0;
+        char what[160];
+        snprintf(what, sizeof what, "input '%s' dim %d is 0", full.t[i].name, d);
+        expect("modec_run(a cache dim other than the past length is 0)", run_with(s, &full), MODEC_ERR_INPUT, what);
+        full.shape[i][d] = keep;
+      }
+      break;
+    }
+    for (size_t i = 0; i < full.n; ++i) full.t[i].data = full.data[i];
+    free_inputs(&full);
+  }
+  modec_generation_free(g);
+
+  /* modec_generate equals the loop written with the low-level calls: greedy, then sampled. */
+  Stream st;
+  memset(&st, 0, sizeof st);
+  expect("modec_generate(greedy)", modec_generate(s, in.t, in.n, &c, on_token, &st, out, len), MODEC_OK, NULL);
+  expect("prefill / pick / decode-step loop (greedy)", manual_loop(s, &in, &c, ref, ref_len, &batch), MODEC_OK, NULL);
+  int same = batch == SYM && st.calls == N && st.batch == SYM;
+  for (size_t b = 0; same && b < batch; ++b) {
+    same = len[b] == N && ref_len[b] == N && memcmp(out + b * N, ref + b * N, N * sizeof(int64_t)) == 0;
+    for (size_t k = 0; same && k < N; ++k) {
+      same = out[b * N + k] >= 0 && (size_t)out[b * N + k] < vocab && st.tokens[b][k] == out[b * N + k] &&
+             st.finished[b][k] == (k == N - 1);
+    }
+  }
+  check(same, "modec_generate(greedy) == the low-level loop; the callback streamed every token");
+  modec_generation_config sc = c;
+  sc.temperature = 1.3;
+  sc.top_k = 20;
+  sc.top_p = 0.95;
+  sc.seed = 12345;
+  memset(&st, 0, sizeof st);
+  expect("modec_generate(sampled)", modec_generate(s, in.t, in.n, &sc, on_token, &st, out, len), MODEC_OK, NULL);
+  expect("prefill / pick / decode-step loop (sampled)", manual_loop(s, &in, &sc, ref, ref_len, &batch), MODEC_OK,
+         NULL);
+  same = 1;
+  for (size_t b = 0; b < batch; ++b) {
+    same &= len[b] == N && ref_len[b] == N && memcmp(out + b * N, ref + b * N, N * sizeof(int64_t)) == 0;
+  }
+  check(same, "modec_generate(sampled) == the low-level loop with modec_pick_tokens");
+
+  /* The callback stops the generation: the tokens so far, the rest -1. */
+  memset(&st, 0, sizeof st);
+  st.stop_at = 2;
+  expect("modec_generate(callback stops at step 1)", modec_generate(s, in.t, in.n, &c, on_token, &st, out, len),
+         MODEC_OK, NULL);
+  same = st.calls == 2;
+  for (size_t b = 0; b < batch; ++b) same &= len[b] == 2 && out[b * N + 2] == -1 && out[b * N + N - 1] == -1;
+  check(same, "the callback's non-zero return stops the generation after its step");
+
+  /* A stop token ends its row and is kept; max_new_tokens 0 runs the prefill only. */
+  manual_loop(s, &in, &c, ref, ref_len, &batch); /* greedy: row 0's first token is the stop token */
+  int64_t first = ref[0];
+  modec_generation_config stop = c;
+  stop.stop_tokens = &first;
+  stop.n_stop_tokens = 1;
+  memset(&st, 0, sizeof st);
+  expect("modec_generate(stop token)", modec_generate(s, in.t, in.n, &stop, on_token, &st, out, len), MODEC_OK, NULL);
+  check(len[0] == 1 && out[0] == first && out[1] == -1 && st.finished[0][0] == 1,
+        "a stop token ends its row and is kept as its last token");
+  c.max_new_tokens = 0;
+  memset(&st, 0, sizeof st);
+  len[0] = len[1] = 99;
+  expect("modec_generate(max_new_tokens 0)", modec_generate(s, in.t, in.n, &c, on_token, &st, out, len), MODEC_OK,
+         NULL);
+  check(len[0] == 0 && len[1] == 0 && st.calls == 0, "max_new_tokens 0: no token, no callback");
+
+  /* Bad settings, bad prompts. */
+  c.max_new_tokens = -1;
+  expect("modec_generate(max_new_tokens -1)", modec_generate(s, in.t, in.n, &c, NULL, NULL, NULL, NULL),
+         MODEC_ERR_INVALID_ARGUMENT, "max_new_tokens is -1");
+  c.max_new_tokens = 2;
+  c.n_stop_tokens = 1;
+  expect("modec_generate(stop_tokens NULL, n 1)", modec_generate(s, in.t, in.n, &c, NULL, NULL, NULL, NULL),
+         MODEC_ERR_INVALID_ARGUMENT, "stop_tokens is NULL");
+  c.n_stop_tokens = 0;
+  expect("modec_generate(NULL config)", modec_generate(s, in.t, in.n, NULL, NULL, NULL, NULL, NULL),
+         MODEC_ERR_INVALID_ARGUMENT, "NULL");
+  Inputs bad = in;
+  bad.n = in.n - 1;
+  expect("modec_prefill(an input left out)", modec_prefill(s, bad.t, bad.n, &g), MODEC_ERR_INPUT, "missing input");
+  check(g == NULL, "a failed modec_prefill sets *out to NULL");
+  Inputs cached;
+  if (make_inputs(s, &cached)) {
+    expect("modec_prefill(the cache given)", modec_prefill(s, cached.t, cached.n, &g), MODEC_ERR_INPUT,
+           "is the KV cache, which generation starts empty");
+    free_inputs(&cached);
+  }
+  for (size_t i = 0; i < in.n; ++i) {
+    if (strcmp(in.t[i].name, "attention_mask") == 0) {
+      int64_t shp[2] = {SYM, SYM + 1};
+      bad = in;
+      bad.t[i].shape = shp;
+      expect("modec_prefill(mask longer than the prompt)", modec_prefill(s, bad.t, bad.n, &g), MODEC_ERR_INPUT,
+             "attention_mask");
+    }
+  }
+  free_inputs(&in);
+}
+
 static int usage(void) {
-  fprintf(stderr, "usage: c_api_test --no-artifact | DIR [--open|--run STATUS [TEXT]]\n");
+  fprintf(stderr, "usage: c_api_test --no-artifact | DIR [--open|--run STATUS [TEXT]] | DIR --generate\n");
   return 2;
 }
 
@@ -439,7 +780,15 @@ int main(int argc, char** argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   if (argc < 2) return usage();
   check_static_api();
-  if (strcmp(argv[1], "--no-artifact") == 0) {
+  check_pick_tokens();
+  if (argc == 3 && strcmp(argv[2], "--generate") == 0) {
+    modec_session* s = NULL;
+    expect("modec_open(artifact with a KV cache)", modec_open(argv[1], "cpu", &s), MODEC_OK, NULL);
+    if (s != NULL) {
+      check_generate(s);
+      modec_close(s);
+    }
+  } else if (strcmp(argv[1], "--no-artifact") == 0) {
     if (argc != 2) return usage();
     check_open_errors(NULL);
   } else if (argc == 2) {
@@ -453,6 +802,7 @@ int main(int argc, char** argv) {
     if (s != NULL) {
       check_info(s);
       check_run(s, dir);
+      check_no_generation(s);
       modec_close(s);
     }
   } else if (argc >= 4 && argc <= 5 && (strcmp(argv[2], "--open") == 0 || strcmp(argv[2], "--run") == 0)) {

@@ -107,7 +107,7 @@ def test_stop_tokens_callback_and_zero_tokens(session, cached_vlm) -> None:  # t
 
     def cb(step: int, tokens: np.ndarray, finished: np.ndarray) -> bool:
         seen.append((step, tokens.tolist(), finished.tolist()))
-        return step < 2
+        return step >= 2  # stop after the third token
 
     short = session.generate(feeds, max_new_tokens=6, callback=cb)
     assert [s[0] for s in seen] == [0, 1, 2] and all(len(t) == 3 for t in short.tokens)
