@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from modec import kv_cache
 from modec.errors import BadInputError, ModelError
 from modec.moe._graph import GraphIndex
 from modec.moe.canonical import DOMAIN, is_moe_node
@@ -209,7 +210,11 @@ class Executor:
             [n for n in index.nodes if stage[n] == s and not is_moe_node(n) and n not in consts]
             for s in range(n_stages)
         ]
-        graph_outputs = {v.name for v in model.graph.outputs}
+        # A KV-cache model's updated cache is not an output here (`kv_cache.analysis_outputs`).
+        wanted = kv_cache.analysis_outputs(
+            [_nm(v) for v in model.graph.inputs], [_nm(v) for v in model.graph.outputs]
+        )
+        graph_outputs = {v.name for v in model.graph.outputs if _nm(v) in wanted}
         tapset = set(self.taps)
         known = {v.name for v in model.graph.inputs} | {
             v.name for n in index.nodes for v in n.outputs
@@ -268,7 +273,7 @@ class Executor:
                     sorted(n for n in used if n in self._init_values),
                 )
             self.stages.append(st)
-        self.output_names = [_nm(v) for v in model.graph.outputs]
+        self.output_names = wanted
         log.info("executor: %d dense stage(s), %d MoE node(s)", len(self.stages), len(self.moe))
 
     def stage_session(self, s: int) -> Any:

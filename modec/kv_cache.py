@@ -78,6 +78,16 @@ def is_past(name: str) -> bool:
     return PAST.fullmatch(name) is not None
 
 
+def analysis_outputs(inputs: Sequence[str], outputs: Sequence[str]) -> list[str]:
+    """The outputs the analysis passes read: all but the updated cache (``present.*``) of a
+    model with cache inputs. Nothing reads that cache at P = 0, and keeping it would hold
+    every layer's keys and values of every calibration batch."""
+    if not any(is_past(n) for n in inputs):
+        return list(outputs)
+    present = re.compile(PRESENT.format(layer=r"\d+", kind="(key|value)").replace(".", r"\."))
+    return [n for n in outputs if present.fullmatch(n) is None]
+
+
 def find(inputs: Sequence[_Spec], outputs: Sequence[_Spec] | None = None) -> CacheSignature | None:
     """The cache signature of a model with these inputs (and outputs), or None if it has no
     cache inputs.
