@@ -54,7 +54,12 @@ class Tokenizer:
     """A ``tokenizer.json`` (Hugging Face ``tokenizers``)."""
 
     def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError as exc:  # not a base dependency: it comes with modec[hf]
+            raise BadInputError(
+                f"{path} needs the tokenizers package: pip install 'modec[hf]' (or tokenizers)"
+            ) from exc
 
         try:
             self._tok = HFTokenizer.from_file(str(path))

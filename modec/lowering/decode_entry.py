@@ -53,17 +53,20 @@ class DecodeEntry:
         return not self.reason
 
 
+def _inputs_of(expr: Any, deps: Mapping[Any, frozenset[str]]) -> frozenset[str]:
+    """The inputs (by name) an expression depends on, through the vars it reads."""
+    out: frozenset[str] = frozenset()
+    for v in relax.analysis.free_vars(expr):
+        out |= deps.get(v, frozenset())
+    return out
+
+
 def _deps(func: relax.Function, names: Mapping[Any, str]) -> dict[Any, frozenset[str]]:
     """For every var bound in ``func``: the inputs (by name) its value depends on."""
     deps: dict[Any, frozenset[str]] = {v: frozenset([n]) for v, n in names.items()}
-    body = func.body
-    for block in body.blocks:
+    for block in func.body.blocks:
         for b in block.bindings:
-            value = b.value
-            used: set[str] = set()
-            for v in relax.analysis.free_vars(value):
-                used |= deps.get(v, frozenset())
-            deps[b.var] = frozenset(used)
+            deps[b.var] = _inputs_of(b.value, deps)
     return deps
 
 
@@ -96,13 +99,6 @@ class _TakeBranch(relax.PyExprMutator):
 def _selects(func: relax.Function, deps: Mapping[Any, frozenset[str]],
              tokens: frozenset[str], prompt: frozenset[str]) -> dict[Any, int]:  # fmt: skip
     """The image-merge selects of ``func``: call -> index of the branch to keep."""
-
-    def of(e: Any) -> frozenset[str]:
-        out: frozenset[str] = frozenset()
-        for v in relax.analysis.free_vars(e):
-            out |= deps.get(v, frozenset())
-        return out
-
     picks: dict[Any, int] = {}
     for block in func.body.blocks:
         for b in block.bindings:
@@ -111,7 +107,7 @@ def _selects(func: relax.Function, deps: Mapping[Any, frozenset[str]],
                 continue
             if call.op.name != "relax.where":
                 continue
-            cond, x, y = (of(a) for a in call.args)
+            cond, x, y = (_inputs_of(a, deps) for a in call.args)
             if not (cond & tokens) or cond & prompt:
                 continue
             if (x & prompt) and not (y & prompt):
