@@ -63,6 +63,7 @@ import onnx_ir as ir
 from modec.data import Dataset
 from modec.errors import BadInputError
 from modec.facts import Sensitivity
+from modec.method.probes import expert_count
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +187,7 @@ def estimate_sensitivity(
 
     ex = Executor(model, intra_op_threads=s.threads)
     n_layers = len(ex.moe)
-    experts = {int(n.attributes["num_experts"].value) for n in ex.moe}
-    if len(experts) != 1:
-        raise BadInputError(
-            f"measure-sensitivity stores δ as [L, E, B] and needs one expert count for "
-            f"every MoE layer; this model has {sorted(experts)}"
-        )
-    n_exp = experts.pop()
+    n_exp = expert_count(ex)
     missing = unsupported_ops(ex)
     if missing:
         raise UnsupportedOpError(

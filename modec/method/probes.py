@@ -261,13 +261,7 @@ def measure_sensitivity(
 
     ex = Executor(model, intra_op_threads=1 if s.workers > 1 else s.threads)
     n_layers = len(ex.moe)
-    experts = {int(n.attributes["num_experts"].value) for n in ex.moe}
-    if len(experts) != 1:
-        raise BadInputError(
-            f"measure-sensitivity stores δ as [L, E, B] and needs one expert count for "
-            f"every MoE layer; this model has {sorted(experts)}"
-        )
-    n_exp = experts.pop()
+    n_exp = expert_count(ex)
     t0 = time.perf_counter()
     batches, caches, routed, ref = _reference(ex, subset, s)
     ref_seconds = time.perf_counter() - t0
@@ -405,3 +399,18 @@ def _pool(model: ir.Model, s: ProbeSettings) -> Any:
         max_workers=s.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
         initargs=(data, 1),
     )  # fmt: skip
+
+
+def expert_count(ex: Any) -> int:
+    """The one expert count of every MoE layer the executor runs (δ is stored [L, E, B]).
+
+    Raises:
+        BadInputError: layers with different expert counts.
+    """
+    experts = {int(n.attributes["num_experts"].value) for n in ex.moe}
+    if len(experts) != 1:
+        raise BadInputError(
+            f"measure-sensitivity stores δ as [L, E, B] and needs one expert count for "
+            f"every MoE layer; this model has {sorted(experts)}"
+        )
+    return experts.pop()

@@ -16,6 +16,7 @@ from modec.runtime import _check
 
 from modec.artifact import Manifest, TensorSpec
 from modec.errors import BadInputError, ModelError
+from modec.kv_cache import CacheEntry
 
 if TYPE_CHECKING:
     from modec.runtime import Session
@@ -28,21 +29,10 @@ _MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
-class CacheTensor:
-    """One cached tensor: the input it is fed through and the output it comes back as."""
-
-    past: str
-    present: str
-    dtype: str
-    heads: int
-    head_dim: int
-
-
-@dataclass(frozen=True)
 class GenerationSpec:
     """The manifest's ``sections.generation`` (docs/generation.md)."""
 
-    cache: tuple[CacheTensor, ...]
+    cache: tuple[CacheEntry, ...]
     tokens: str
     attention_mask: str | None
     position_ids: str | None
@@ -64,7 +54,9 @@ def read_section(manifest: Manifest, path: Path) -> GenerationSpec | None:
     where = f"{path / 'manifest.json'}: sections.generation"
     try:
         cache = tuple(
-            CacheTensor(
+            CacheEntry(
+                int(c["layer"]),
+                str(c["kind"]),
                 str(c["past"]),
                 str(c["present"]),
                 str(c["dtype"]),
