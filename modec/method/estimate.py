@@ -63,7 +63,7 @@ import onnx_ir as ir
 from modec.data import Dataset
 from modec.errors import BadInputError
 from modec.facts import Sensitivity
-from modec.method.probes import expert_count
+from modec.method.probes import expert_count, probe_batches
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def estimate_sensitivity(
             f"--sensitivity fisher cannot differentiate {', '.join(missing)} (after the first "
             "MoE layer); use --sensitivity exact for this model"
         )
-    batches = _batches(subset, s)
+    batches = probe_batches(subset, s)
     delta = np.zeros((2, n_layers, n_exp, len(s.bits)))
     used = np.zeros((2, n_layers, n_exp), dtype=bool)
     seconds = [0.0] * n_layers
@@ -237,24 +237,6 @@ def estimate_sensitivity(
         samples=len(subset), unused_text=~used[0], unused_vision=~used[1],
     )  # fmt: skip
     return sens, layers, ref_seconds
-
-
-def _batches(subset: Dataset, s: Any) -> list[Any]:
-    """The subset's batches as the exact probes make them (`modec.method.probes._reference`):
-    multimodal and text-only samples apart, left padding trimmed per batch."""
-    from modec.method.probes import _Batch
-    from modec.method.sensitivity import kl_positions
-
-    batches = []
-    mm = subset.multimodal
-    for group in (np.flatnonzero(mm), np.flatnonzero(~mm)):
-        if group.size == 0:
-            continue
-        part = subset.subset(group)
-        for bidx, feeds in part.batches(s.batch_size):
-            mod = part.trimmed_modality(bidx)
-            batches.append(_Batch(feeds, mod, kl_positions(mod, s.positions)))
-    return batches
 
 
 def _layer_of(ex: Any, stage: int) -> int:

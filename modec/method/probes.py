@@ -319,21 +319,11 @@ def _reference(
 ) -> tuple[list[_Batch], list[Any], list[list[np.ndarray]], list[np.ndarray]]:
     """Batches, layer-0 caches, every layer's routing and the reference log-probabilities
     (one layer-streamed fp32 run of the subset)."""
-    from modec.method.sensitivity import kl_positions, log_softmax
+    from modec.method.sensitivity import log_softmax
     from modec.streaming import SpillStore, stream
 
     output = ex.output_names[0]
-    batches: list[_Batch] = []
-    mm = subset.multimodal
-    # Multimodal and text-only samples in separate batches: left padding is trimmed per
-    # batch, so text-only batches run at their own (short) length.
-    for group in (np.flatnonzero(mm), np.flatnonzero(~mm)):
-        if group.size == 0:
-            continue
-        part = subset.subset(group)
-        for bidx, feeds in part.batches(s.batch_size):
-            mod = part.trimmed_modality(bidx)
-            batches.append(_Batch(feeds, mod, kl_positions(mod, s.positions)))
+    batches = probe_batches(subset, s)
     n_layers = len(ex.moe)
     caches: list[Any] = [None] * len(batches)
     routed: list[list[np.ndarray]] = [[] for _ in batches]
@@ -414,3 +404,21 @@ def expert_count(ex: Any) -> int:
             f"every MoE layer; this model has {sorted(experts)}"
         )
     return experts.pop()
+
+
+def probe_batches(subset: Dataset, s: Any) -> list[_Batch]:
+    """The subset's probe batches: multimodal and text-only samples apart (left padding is
+    trimmed per batch, so text-only batches run at their own, short, length), each with its
+    modality mask and KL positions."""
+    from modec.method.sensitivity import kl_positions
+
+    batches: list[_Batch] = []
+    mm = subset.multimodal
+    for group in (np.flatnonzero(mm), np.flatnonzero(~mm)):
+        if group.size == 0:
+            continue
+        part = subset.subset(group)
+        for bidx, feeds in part.batches(s.batch_size):
+            mod = part.trimmed_modality(bidx)
+            batches.append(_Batch(feeds, mod, kl_positions(mod, s.positions)))
+    return batches
