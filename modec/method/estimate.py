@@ -63,7 +63,7 @@ import onnx_ir as ir
 from modec.data import Dataset
 from modec.errors import BadInputError
 from modec.facts import Sensitivity
-from modec.method.probes import expert_count, probe_batches
+from modec.method.probes import expert_count, probe_batches, release_step
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def estimate_sensitivity(
                 seconds[idx if kind == "moe" else _layer_of(ex, idx)] += (
                     time.perf_counter() - t_step
                 )
-                _release(ex, steps[i])
+                release_step(ex, steps[i])
     finally:
         torch.set_num_threads(old_threads)
     delta /= max(n_pos, 1)
@@ -282,7 +282,7 @@ def _forward(
             ex.apply_step(step, env)
             for n in [n for n in env if last_use.get(n, -1) <= i and n != output]:
                 del env[n]
-        _release(ex, step)
+        release_step(ex, step)
     for b, (env, batch) in enumerate(zip(envs, batches, strict=True)):
         logits = env[output]
         if logits.shape[:2] != batch.modality.shape:
@@ -525,14 +525,6 @@ def _act_torch(kind: str, g: Any, u: Any, alpha: float, limit: float) -> Any:
     else:
         raise BadInputError(f"--sensitivity fisher: unknown MoE activation {kind!r}")
     return a if g is None else a * u
-
-
-def _release(ex: Any, step: tuple[str, int]) -> None:
-    kind, i = step
-    if kind == "dense":
-        ex.release_stage(i)
-    else:
-        ex.params.release(i)
 
 
 # ---------------------------------------------------------------------- ONNX in torch

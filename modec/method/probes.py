@@ -191,9 +191,9 @@ def _probe_chunk(ex: Any, job: _Layer, experts: list[int], release: bool) -> dic
                 for name in [n for n in env if n not in keep[i]]:
                     del env[name]
         if release:
-            _release(ex, step)
+            release_step(ex, step)
     if release:
-        _release(ex, steps[0])
+        release_step(ex, steps[0])
     return {
         "layer": layer, "experts": experts, "delta": totals / max(n_pos, 1), "used": used,
         "runs": len(variants), "seconds": time.perf_counter() - t0,
@@ -237,7 +237,9 @@ def _live_after(ex: Any, steps: list[tuple[str, int]], output: str) -> list[set[
     return live
 
 
-def _release(ex: Any, step: tuple[str, int]) -> None:
+def release_step(ex: Any, step: tuple[str, int]) -> None:
+    """Free what the executor built for one step (a dense stage's session, a MoE layer's
+    parameters)."""
     kind, i = step
     if kind == "dense":
         ex.release_stage(i)
@@ -310,7 +312,7 @@ def _advance(ex: Any, caches: list[Any], layer: int) -> list[Any]:
             break
         for env in envs:
             ex.apply_step(step, env)
-        _release(ex, step)
+        release_step(ex, step)
     return [ex.cache_at(layer + 1, env) for env in envs]
 
 
