@@ -140,11 +140,14 @@ def find(inputs: Sequence[_Spec], outputs: Sequence[_Spec] | None = None) -> Cac
     return CacheSignature(tuple(found), past_dims.pop())
 
 
-def empty_inputs(signature: CacheSignature, batch: int) -> dict[str, np.ndarray]:
+def empty_inputs(
+    signature: CacheSignature | Sequence[CacheEntry], batch: int
+) -> dict[str, np.ndarray]:
     """Zero-length caches (P = 0) for a batch of ``batch`` prompts."""
+    entries = signature.entries if isinstance(signature, CacheSignature) else signature
     return {
         e.past: np.zeros((batch, e.heads, 0, e.head_dim), dtype=_numpy_dtype(e.dtype))
-        for e in signature.entries
+        for e in entries
     }
 
 

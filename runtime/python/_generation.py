@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from modec.runtime import _check
 
+from modec import kv_cache
 from modec.artifact import Manifest, TensorSpec
 from modec.errors import BadInputError, ModelError
 from modec.kv_cache import CacheEntry
@@ -202,8 +202,7 @@ def generate(
                             "tokens >= 1]")  # fmt: skip
     batch = int(ids.shape[0])
     dtypes = {s.name: s.dtype for s in session.inputs}
-    for c in spec.cache:
-        given[c.past] = np.zeros((batch, c.heads, 0, c.head_dim), _np_dtype(c.dtype))
+    given.update(kv_cache.empty_inputs(spec.cache, batch))
     mask = None
     if spec.attention_mask is not None:
         if spec.attention_mask not in given:
@@ -268,10 +267,6 @@ def _positions(mask: np.ndarray, last: int) -> np.ndarray:
     """``cumsum(mask) - 1`` of the last ``last`` columns, clamped at 0."""
     pos = np.cumsum(mask.astype(np.int64), axis=1) - 1
     return np.maximum(pos[:, pos.shape[1] - last :], 0)
-
-
-def _np_dtype(name: str) -> Any:
-    return _check.numpy_dtype(name)
 
 
 __all__: Sequence[str] = ["Generation", "GenerationSpec", "Settings", "SplitMix64", "pick"]
