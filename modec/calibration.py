@@ -19,6 +19,10 @@ Each sample is rendered with the chat template when the processor (VLM) or token
 model) has one (the image placed first, or where the prompt writes the image token), else
 taken as written (a multimodal prompt then needs the image token, e.g. ``<image>``); then
 tokenized and, for a VLM, processed with its image (image-token expansion, ``pixel_values``).
+Qwen3-VL(-MoE) directories (``config.json`` model type ``qwen3_vl`` / ``qwen3_vl_moe``) use
+`modec.qwen3_vl_processor` instead of ``AutoProcessor`` (transformers' ``Qwen3VLProcessor``
+needs torchvision): every image resized to the export's one grid, ``pixel_values [n², C·T·P²]``
+per sample, the grid written into the header's ``source``.
 The modality mask comes from the image token id (2 vision, 1 text, 0 padding). Samples are
 drawn and shuffled deterministically from the seed, keeping the multimodal / text-only ratio
 of the sources; sequences are left-padded to the longest (modec's executor trims the columns
@@ -48,6 +52,11 @@ from modec.calibration_sources import (
 )
 from modec.errors import BadInputError
 from modec.hf import load_processor
+from modec.qwen3_vl_processor import (
+    Qwen3VLFixedGridProcessor,
+    is_qwen3_vl_dir,
+    load_qwen3_vl_processor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -223,14 +232,27 @@ def build(
     text_column: str | None = None,
     split: str | None = None,
     samples: int | None = None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_tokens: int | None = None,
     seed: int = 0,
 ) -> BuildResult:
-    """Build a calibration set for ``model`` (a local model directory) and write ``out``."""
-    if max_tokens < 2:
+    """Build a calibration set for ``model`` (a local model directory) and write ``out``.
+
+    ``max_tokens`` None is `DEFAULT_MAX_TOKENS`, plus the image tokens of a processor that
+    gives every image the same number (Qwen3-VL at its fixed grid: 576 for the released
+    models), so that the default leaves room for the text.
+    """
+    if max_tokens is not None and max_tokens < 2:
         raise BadInputError(f"--max-tokens {max_tokens}: needs at least 2")
-    processor, tokenizer = load_processor(model)
+    processor: Any
+    if is_qwen3_vl_dir(model):
+        processor, tokenizer = load_qwen3_vl_processor(model)
+    else:
+        processor, tokenizer = load_processor(model)
     vlm = processor is not None
+    fixed = processor if isinstance(processor, Qwen3VLFixedGridProcessor) else None
+    fixed_tokens = fixed.image_tokens if fixed is not None else None
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS + (fixed_tokens or 0)
     if dataset is not None:
         if any(x is not None for x in (images, prompts, text_only)):
             raise BadInputError(
@@ -243,12 +265,15 @@ def build(
         mm, text = samples_from_files(images, prompts, text_only, vlm, model)
     chosen = _choose(mm, text, samples, seed)
     render = _Renderer(processor, tokenizer, str(model))
-    rows = [_fit(render(s), s, max_tokens) for s in chosen]
+    rows = [_fit(render(s), s, max_tokens, fixed_tokens) for s in chosen]
     inputs, modality = _collate(rows, chosen, render, tokenizer)
     header: dict[str, Any] = {
         "source": {"builder": "modec calib build", "model": str(model), "seed": seed,
                    "max_tokens": max_tokens},
     }  # fmt: skip
+    if fixed is not None:
+        side = fixed.image_size
+        header["source"].update(image_grid_thw=list(fixed.grid), image_size=[side, side])
     if render.image_token_id is not None:
         header["image_token_id"] = render.image_token_id
     dest = Path(out)
@@ -263,15 +288,27 @@ def build(
     )  # fmt: skip
 
 
-def _fit(arrays: dict[str, np.ndarray], s: Sample, max_tokens: int) -> dict[str, np.ndarray]:
-    """Keep a text-only sample's last ``max_tokens`` tokens; a multimodal one must fit."""
+def _fit(
+    arrays: dict[str, np.ndarray], s: Sample, max_tokens: int, image_tokens: int | None = None
+) -> dict[str, np.ndarray]:
+    """Keep a text-only sample's last ``max_tokens`` tokens; a multimodal one must fit.
+
+    ``image_tokens``: what every image costs when the processor fixes it (the fix is then a
+    larger ``--max-tokens``, not smaller images).
+    """
     n = int(arrays["input_ids"].shape[0])
     if n <= max_tokens:
         return arrays
     if s.image is not None:
+        fix = (
+            f"raise --max-tokens to at least {n} (every image is {image_tokens} tokens at the "
+            "export's fixed grid)"
+            if image_tokens is not None
+            else "raise --max-tokens or use smaller images (the image tokens cannot be cut)"
+        )
         raise BadInputError(
             f"{s.source}: {n} tokens with image {s.image_name}, over --max-tokens {max_tokens}; "
-            "raise --max-tokens or use smaller images (the image tokens cannot be cut)"
+            f"{fix}"
         )
     log.info("%s: %d tokens, keeping the last %d", s.source, n, max_tokens)
     return {k: (v[-max_tokens:] if k in TEXT_INPUTS else v) for k, v in arrays.items()}

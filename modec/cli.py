@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--text-column", help="the --dataset column holding prompts")
     cb.add_argument("--split", help="the --dataset split (default: train, else the first)")
     cb.add_argument("--samples", type=int, help="how many samples (default: all)")
-    cb.add_argument("--max-tokens", type=int, default=512,
-                    help="longest sample in tokens (default 512)")  # fmt: skip
+    cb.add_argument("--max-tokens", type=int, default=None,
+                    help="longest sample in tokens (default 512, plus one image's tokens "
+                         "for Qwen3-VL)")  # fmt: skip
     cb.add_argument("--seed", type=int, default=d.seed, help="drawing and order of samples")
     cb.add_argument("-o", "--output", required=True, help="the .npz to write")
     cb.set_defaults(func=commands.cmd_calib_build)

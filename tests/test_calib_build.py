@@ -2,10 +2,10 @@
 
 Tokenizers are trained here with `tokenizers`; images are drawn with Pillow; the processors
 are transformers' ``LlavaProcessor`` with a ``CLIPImageProcessorPil`` (no download, no
-torchvision). Qwen3-VL's processor cannot be built here: ``Qwen3VLProcessor`` requires a video
-processor, which needs torchvision. The digits-vlm processor (its 58-word vocabulary, 64
-``<image>`` tokens per 64x64 grayscale image, pixels k/255) makes a set the bundled model's
-tiny twin (``tiny_vlm``) compiles with.
+torchvision). Qwen3-VL (whose ``Qwen3VLProcessor`` needs torchvision) goes through
+`modec.qwen3_vl_processor`: tests/test_calib_qwen3_vl.py. The digits-vlm processor (its
+58-word vocabulary, 64 ``<image>`` tokens per 64x64 grayscale image, pixels k/255) makes a set
+the bundled model's tiny twin (``tiny_vlm``) compiles with.
 """
 
 from __future__ import annotations
