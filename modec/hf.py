@@ -5,26 +5,38 @@ listed by ``model.safetensors.index.json``) and, for calibration, the tokenizer 
 files. modec never downloads: every load passes ``local_files_only=True`` and a missing file
 is a one-line `ModelError` naming it.
 
-- Text MoE models load with ``AutoModelForCausalLM``; vision-language models (a config with a
-  ``vision_config``) with ``AutoModelForImageTextToText``. Both with
+- Text MoE models are built with ``AutoModelForCausalLM``; vision-language models (a config
+  with a ``vision_config``) with ``AutoModelForImageTextToText``. Both with
   ``experts_implementation="batched_mm"`` (the experts then export as stacked gathers, the
   form modec canonicalizes) and eager attention (an explicit Softmax, where find-attention
-  reads the attention the key-vision filter needs), in the checkpoint's dtype; a checkpoint
-  that is not float32 is cast to float32 for the export, since the calibration statistics,
+  reads the attention the key-vision filter needs), in float32: the calibration statistics,
   GPTQ and onnxruntime on the CPU run in float32.
-- The export is the dynamo exporter (``torch.onnx.export(dynamo=True)``, opset 18) of a
-  wrapper with dynamic batch and sequence axes returning the logits: ``(input_ids,
+- The export never loads the weights (`export_onnx`, `modec.hf_weights`): the model is built
+  with its parameters on the meta device, traced with fake tensors, and every initializer of
+  the graph is then bound to the checkpoint's bytes — an external-data reference into the
+  ``.safetensors`` shard when the tensor is a checkpoint tensor (or its transpose) and the
+  ``.onnx`` sits beside the shards, else a tensor streamed into the export's own data file
+  (experts stacked from per-expert checkpoint tensors). Weights keep their stored dtype; a
+  bf16/fp16 weight is read through a ``Cast`` to float32. Peak memory is the trace's
+  (~0.5 GB), whatever the weights' size. A checkpoint it cannot bind (a quantized one, a
+  conversion other than stacking, concatenating or transposing) is exported the old way,
+  every weight loaded by transformers in float32, with a warning.
+- The traced module is a wrapper with dynamic batch and sequence axes returning the logits
+  (the dynamo exporter, opset 18, its optimizer without folding weights): ``(input_ids,
   attention_mask)`` for a text model; ``(input_ids, attention_mask, pixel_values)`` for a
   LLaVA-style VLM (a ``vision_tower`` and a ``multi_modal_projector``, one fixed-size image
   per sample, ``pixel_values [B, C, H, W]``), where each sample's image tokens take its own
   image's features. Position ids come from the attention mask (as ``generate`` computes
   them), so a left-padded sample gets the logits it has alone. Other VLMs (neither
   LLaVA-style nor Qwen3-VL) are a one-line error from `export_onnx`: export them yourself.
-- Qwen3-VL-MoE (flattened patches, ``image_grid_thw``, M-RoPE, deepstack features) exports
-  through `modec.hf_qwen3_vl` at one fixed image grid; `export_onnx` takes that path for it.
-- `onnx_model` / `cached_export` export once into ``CACHE/hf/``, keyed by the directory's
-  files (names, sizes, modification times, ``config.json``'s bytes) and the transformers /
-  torch versions; weights larger than 1 GiB go to external data beside the ``.onnx``.
+- Qwen3-VL-MoE (flattened patches, ``image_grid_thw``, M-RoPE, deepstack features) is traced
+  by `modec.hf_qwen3_vl` at one fixed image grid; `export_onnx` takes that path for it.
+- `onnx_model` / `cached_export` export once, keyed by the directory's files (names, sizes,
+  modification times, ``config.json``'s bytes) and the transformers / torch versions:
+  beside the weights as ``modec-<key>.onnx`` (+ ``modec-<key>.data`` for the tensors that are
+  not in the checkpoint as they are), which onnx, onnx-ir and onnxruntime accept as external
+  data only there (`weights_home`); where that directory cannot hold it, into
+  ``CACHE/hf/<key>/`` with every weight copied (docs/hf_export.md).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -50,10 +63,12 @@ WEIGHTS = "model.safetensors"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 #: Bumped whenever the exported graph for the same directory changes.
-EXPORT_VERSION = "modec.hf-export/1"
+EXPORT_VERSION = "modec.hf-export/2"
 ONNX_NAME = "model.onnx"
-#: Above this many bytes of parameters the export writes external data.
+#: Above this many bytes of parameters the old export (every weight loaded) writes external data.
 EXTERNAL_DATA_BYTES = 1 << 30
+#: Name prefix of the files an export writes beside a directory's weights.
+EXPORT_PREFIX = "modec-"
 
 __all__ = [
     "is_hf_dir",
@@ -183,7 +198,9 @@ def load_processor(directory: str | os.PathLike[str]) -> tuple[Any | None, Any]:
 
 
 def load_model(directory: str | os.PathLike[str]) -> Any:
-    """The transformers model of a directory, in eval mode, float32 (see the module doc)."""
+    """The transformers model of a directory with every weight loaded, in eval mode, float32
+    (a bf16/fp16 checkpoint is cast): the fallback export's model, needing memory for the
+    whole model in float32; `export_onnx` itself never loads the weights."""
     config = read_config(directory)
     weight_files(directory)
     import torch
@@ -240,15 +257,142 @@ def _quiet() -> Iterator[None]:
 
 
 def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
-    """Load ``directory`` and export it to ``path`` (see the module docstring)."""
-    import torch
+    """Export ``directory`` to ``path`` without loading its weights (see the module docstring).
+
+    The weights are referenced in their shards when ``path`` is in the directory that holds
+    them (`weights_home`), else copied tensor by tensor into ``path``'s data file. A checkpoint
+    whose tensors modec cannot bind (`modec.hf_weights.CannotBind`: a quantized checkpoint, a
+    conversion other than stacking, concatenating or transposing) is exported the old way,
+    every weight loaded in float32 by transformers, with a warning saying why.
+    """
+    from modec import hf_weights
 
     d = Path(directory)
     config = read_config(d)
+    files = weight_files(d)
+    out = Path(path)
+    try:
+        return _export_unloaded(d, config, files, out)
+    except hf_weights.CannotBind as exc:
+        log.warning(
+            "%s: %s: exporting with every weight loaded by transformers in float32 (needs "
+            "memory for the whole model)", d, exc,
+        )  # fmt: skip
+    return _export_loaded(d, config, out)
+
+
+def _export_unloaded(
+    d: Path, config: dict[str, Any], files: list[Path], out: Path
+) -> Path:  # fmt: skip
+    """Trace a weightless model, bind the checkpoint's tensors, optimize, save."""
+    from modec import hf_weights as hw
+
+    index = hw.read_index(files)
+    with _quiet():
+        try:
+            model = hw.empty_model(d, is_vlm(config))
+        except hw.CannotBind:
+            raise
+        except Exception as exc:  # any failure: the loading export then says what is wrong
+            raise hw.CannotBind(
+                f"transformers cannot build the model without its weights "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
+        plan = hw.plan_weights(model, index)
+        hw.fake_parameters(model)
+    program, wrapper, fixes = _trace(d, config, model, optimize=False)
+    onnx_model = program.model
+    home, why = weights_home(files)
+    out_dir = out.parent.resolve()
+    in_place = home is not None and home == out_dir
+    if not in_place:
+        where = "outside the weights' directory" if home is not None else why
+        log.info("%s: weights copied into the export's data file (%s)", d, where)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = hw.bind(onnx_model, hw.state_keys(wrapper, model), plan, out_dir,
+                    f"{out.stem}.data", in_place)  # fmt: skip
+    _optimize(onnx_model)
+    hw.cast_after_gathers(onnx_model.graph)
+    if fixes:
+        from modec.hf_qwen3_vl import ir_fixes
+
+        ir_fixes(onnx_model)
+    log.info(
+        "%s: %d weights referenced in the shards (%.2f GiB), %d written to %s.data "
+        "(%.2f GiB), %d Casts to float32 (%s)", d, stats.referenced,
+        stats.referenced_bytes / 2**30, stats.written, out.stem, stats.written_bytes / 2**30,
+        stats.casts, ", ".join(f"{n} {t}" for t, n in sorted(stats.dtypes.items())),
+    )  # fmt: skip
+    import onnx_ir as ir
+
+    tmp = out_dir / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        ir.save(onnx_model, tmp)
+        os.replace(tmp, out_dir / out.name)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def _optimize(model: Any) -> None:
+    """The dynamo exporter's ``optimize=True`` (onnxscript's optimizer and ONNX fusions),
+    except that nothing computed from a weight is folded into a new constant: every weight
+    stays the checkpoint's tensor (a small model's graph is then the shape of a large one's,
+    where the optimizer's size limits keep the weights anyway)."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    weights = {
+        v for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }  # fmt: skip
+    derived: set[ir.Value] = set()
+
+    def should_fold(node: ir.Node) -> bool | None:
+        if any(v is not None and (v in weights or v in derived) for v in node.inputs):
+            derived.update(node.outputs)
+            return False
+        return None
+
+    with _quiet():
+        onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+        onnxscript.rewriter.onnx_fusions.fuse(model)
+
+
+def _export_loaded(d: Path, config: dict[str, Any], out: Path) -> Path:
+    """The old export: the whole model loaded by transformers in float32, traced, saved."""
     model = load_model(d)
+    program, _, fixes = _trace(d, config, model, optimize=True)
+    if fixes:
+        from modec.hf_qwen3_vl import ir_fixes
+
+        ir_fixes(program.model)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Saved aside, then moved in (the .onnx last): an interrupted export leaves no .onnx that
+    # a later run would take for a finished one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EXPORT_PREFIX}tmp-", dir=out.parent))
+    try:
+        program.save(str(tmp / out.name), external_data=nbytes > EXTERNAL_DATA_BYTES)
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == out.name):
+            os.replace(p, out.parent / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _trace(
+    d: Path, config: dict[str, Any], model: Any, optimize: bool
+) -> tuple[Any, Any, bool]:  # fmt: skip
+    """``(ONNXProgram, the traced module, whether transformers' ONNX IR fixes apply)``."""
+    import torch
+
     from modec.hf_wrappers import vlm_sample, wrappers
 
     text_lm, image_text_lm = wrappers()
+    wrapper: Any
     batch = torch.export.Dim("batch", min=1, max=1024)
     seq = torch.export.Dim("seq", min=2, max=4096)
     tokens = {0: batch, 1: seq}
@@ -257,10 +401,11 @@ def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str])
         if image_token_id is None:
             raise ModelError(f"{d}/{CONFIG}: a vision-language config without image_token_id")
         inner = getattr(model, "model", None)
-        from modec.hf_qwen3_vl import export_loaded, is_qwen3_vl
+        from modec.hf_qwen3_vl import is_qwen3_vl, qwen3_vl_program
 
         if is_qwen3_vl(model):
-            return export_loaded(d, model, path)
+            program, wrapper = qwen3_vl_program(d, model, optimize)
+            return program, wrapper, True
         if not all(hasattr(inner, a) for a in ("vision_tower", "multi_modal_projector")) or not all(
             hasattr(model.config, a)
             for a in ("vision_feature_layer", "vision_feature_select_strategy")
@@ -271,7 +416,7 @@ def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str])
                 "only — export this one to ONNX yourself and pass the file"
             )
         sample = vlm_sample(d, image_token_id)
-        wrapper: Any = image_text_lm(model, image_token_id)
+        wrapper = image_text_lm(model, image_token_id)
         names = ["input_ids", "attention_mask", "pixel_values"]
         shapes: dict[str, Any] = {"input_ids": tokens, "attention_mask": tokens,
                                   "pixel_values": {0: batch}}  # fmt: skip
@@ -283,12 +428,11 @@ def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str])
         names = ["input_ids", "attention_mask"]
         shapes = {"input_ids": tokens, "attention_mask": tokens}
         args = (ids, torch.ones_like(ids))
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         with _quiet():
             prog = torch.onnx.export(
                 wrapper, args, input_names=names, output_names=["logits"],
-                dynamic_shapes=shapes, opset_version=18, dynamo=True, optimize=True,
+                dynamic_shapes=shapes, opset_version=18, dynamo=True, optimize=optimize,
                 verbose=False,
             )  # fmt: skip
     except Exception as exc:
@@ -297,10 +441,33 @@ def export_onnx(directory: str | os.PathLike[str], path: str | os.PathLike[str])
             "the model to ONNX yourself and pass the .onnx file"
         ) from exc
     assert prog is not None
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prog.save(str(out), external_data=nbytes > EXTERNAL_DATA_BYTES)
-    return out
+    return prog, wrapper, False
+
+
+def weights_home(files: list[Path]) -> tuple[Path | None, str]:
+    """The directory an export can be written into to reference ``files`` (the shards) in
+    place, or ``(None, why not)``.
+
+    onnx, onnx-ir and onnxruntime read external data only from a plain file inside the model's
+    directory (not through a link leading out of it, not with several hard links), so the
+    ``.onnx`` must sit in the directory that really holds the shards (a Hugging Face cache
+    snapshot links them from its ``blobs`` directory: that one), which must be writable.
+    """
+    homes = {f.resolve().parent for f in files}
+    if len(homes) != 1:
+        return None, f"the shards lie in {len(homes)} directories"
+    home = homes.pop()
+    for f in files:
+        if f.resolve().stat().st_nlink > 1:
+            return None, f"{f.name} has several hard links, which onnx-ir refuses to read"
+    if not os.access(home, os.W_OK | os.X_OK):
+        return None, f"{home} is not writable"
+    return home, ""
+
+
+def _ours(name: str) -> bool:
+    """A file modec writes beside a directory's weights (not part of its export key)."""
+    return name.startswith((EXPORT_PREFIX, f".{EXPORT_PREFIX}"))
 
 
 def export_key(directory: str | os.PathLike[str]) -> str:
@@ -312,7 +479,7 @@ def export_key(directory: str | os.PathLike[str]) -> str:
     h = hashlib.sha256(f"{EXPORT_VERSION}:{transformers.__version__}:{torch.__version__}".encode())
     h.update((d / CONFIG).read_bytes())
     for p in sorted(d.iterdir()):
-        if p.is_file():
+        if p.is_file() and not _ours(p.name):
             st = p.stat()
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -326,22 +493,34 @@ def onnx_model(
 ) -> Iterator[str]:
     """The ONNX file to compile for ``path``: ``path`` itself, or a directory's export.
 
-    A Hugging Face directory is exported once into ``cache_dir/hf/`` (reused while its files
-    are unchanged); with ``cache_dir=None`` into a temporary directory removed on exit.
+    A Hugging Face directory is exported once (`cached_export`: beside its weights, or into
+    ``cache_dir/hf/``) and reused while its files are unchanged; with ``cache_dir=None`` the
+    export is temporary (beside the weights, or in a temporary directory) and removed on exit.
     ``notify`` is told when an export starts (it can take minutes for a real model).
     """
     if not Path(path).is_dir():
         yield str(path)
         return
     read_config(path)
-    weight_files(path)
-    if cache_dir is None:
+    files = weight_files(path)
+    if cache_dir is not None:
+        yield str(cached_export(path, cache_dir, notify))
+        return
+    home, _ = weights_home(files)
+    if home is None:
         with tempfile.TemporaryDirectory(prefix="modec-hf-") as tmp:
             if notify is not None:
                 notify(f"exporting {path} to ONNX (not cached: --no-cache)")
             yield str(export_onnx(path, Path(tmp) / ONNX_NAME))
         return
-    yield str(cached_export(path, cache_dir, notify))
+    out = home / f"{EXPORT_PREFIX}tmp-{os.getpid()}-{secrets.token_hex(4)}.onnx"
+    if notify is not None:
+        notify(f"exporting {path} to ONNX (not cached: --no-cache; removed after use)")
+    try:
+        yield str(export_onnx(path, out))
+    finally:
+        for p in (out, out.with_suffix(".data"), out.with_name(f"{out.name}.data")):
+            p.unlink(missing_ok=True)
 
 
 def cached_export(
@@ -349,17 +528,38 @@ def cached_export(
     cache_dir: str | os.PathLike[str],
     notify: Callable[[str], None] | None = None,
 ) -> Path:
-    """The cached export of a directory, made on first use (see `onnx_model`)."""
+    """The export of a directory, made on first use (see `onnx_model`).
+
+    Beside the weights (`weights_home`): ``modec-<key>.onnx`` and, for the tensors that are
+    not a checkpoint tensor byte for byte, ``modec-<key>.data``; an older export of the same
+    directory is removed. Where the weights cannot be referenced in place: into
+    ``cache_dir/hf/<key>/`` with every weight copied (a log line says why).
+    """
     read_config(path)
-    weight_files(path)
+    files = weight_files(path)
+    key = export_key(path)[:32]
+    home, why = weights_home(files)
+    if home is not None:
+        final = home / f"{EXPORT_PREFIX}{key}.onnx"
+        if final.is_file():
+            log.info("%s: using the export %s", path, final)
+            return final
+        if notify is not None:
+            notify(f"exporting {path} to ONNX (once; beside its weights: {final})")
+        export_onnx(path, final)
+        if home == Path(path).resolve():
+            _remove_stale(home, key)
+        return final
     root = Path(cache_dir) / "hf"
-    final = root / export_key(path)[:32]
+    final = root / key
     if (final / ONNX_NAME).is_file():
         log.info("%s: using the export in %s", path, final)
         return final / ONNX_NAME
+    log.info("%s: the export cannot reference its weights in place (%s): they are copied "
+             "into %s", path, why, final)  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     if notify is not None:
-        notify(f"exporting {path} to ONNX (once; cached in {final})")
+        notify(f"exporting {path} to ONNX (once; cached in {final}, weights copied: {why})")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         export_onnx(path, tmp / ONNX_NAME)
@@ -372,3 +572,15 @@ def cached_export(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final / ONNX_NAME
+
+
+def _remove_stale(home: Path, key: str) -> None:
+    """Remove the exports of earlier states of the directory ``home`` (other keys; not the
+    temporary exports of ``--no-cache`` runs, which remove their own)."""
+    for p in sorted(home.iterdir()):
+        name = p.name
+        if _ours(name) and key not in name and f"{EXPORT_PREFIX}tmp-" not in name and p.is_file():
+            log.info(
+                "%s: removing %s (the export of an earlier state of the directory)", home, name
+            )
+            p.unlink(missing_ok=True)

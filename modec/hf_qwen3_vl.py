@@ -17,15 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modec.errors import ModelError
-from modec.hf import (
-    CONFIG,
-    EXTERNAL_DATA_BYTES,
-    _first_line,
-    _quiet,
-    is_vlm,
-    load_model,
-    read_config,
-)
+from modec.hf import _first_line, _quiet, is_vlm, read_config
 
 
 def is_qwen3_vl(model: Any) -> bool:
@@ -145,21 +137,31 @@ def export_qwen3_vl(directory: str | os.PathLike[str], path: str | os.PathLike[s
     sequence axes; output the logits. The trace runs under transformers' own export patches
     (``transformers.exporters``: the vision attention's per-image loop becomes one batched
     attention, asserts are dropped before the ONNX translation), as its ``OnnxExporter`` does.
-    A text-only sample passes zero pixels.
+    A text-only sample passes zero pixels. The weights are bound as `modec.hf.export_onnx`
+    binds them (never loaded; stored dtype kept).
     """
+    from modec.hf import export_onnx
 
     d = Path(directory)
     config = read_config(d)
-    if not is_vlm(config):
-        raise ModelError(f"{d}: not a vision-language model (no vision_config in {CONFIG})")
-    model = load_model(d)
-    if not is_qwen3_vl(model):
-        raise ModelError(f"{d}: {type(model).__name__} is not a Qwen3-VL model")
-    return export_loaded(d, model, path)
+    if not is_vlm(config) or "qwen3_vl" not in str(config.get("model_type", "")):
+        raise ModelError(f"{d}: not a Qwen3-VL model (model_type {config.get('model_type')!r})")
+    return export_onnx(d, path)
 
 
-def export_loaded(d: Path, model: Any, path: str | os.PathLike[str]) -> Path:
-    """`export_qwen3_vl` of a model already loaded from ``d`` (`modec.hf.export_onnx` calls it)."""
+def ir_fixes(model: Any) -> None:
+    """transformers' post-export fixes of a Qwen3-VL ONNX graph (``apply_onnx_ir_fixes``)."""
+    from transformers.exporters import exporter_onnx
+
+    fixes: Any = exporter_onnx._IR_FIXES
+    for fix in fixes:
+        for graph in [model.graph, *model.functions.values()]:
+            fix(graph)
+
+
+def qwen3_vl_program(d: Path, model: Any, optimize: bool) -> tuple[Any, Any]:
+    """``(ONNXProgram, traced module)`` of a loaded (or weightless) Qwen3-VL model, traced as
+    `export_qwen3_vl` describes; `ir_fixes` is left to the caller (after optimizing)."""
     import torch
 
     try:
@@ -195,7 +197,6 @@ def export_loaded(d: Path, model: Any, path: str | os.PathLike[str]) -> Path:
     seq = torch.export.Dim("seq", min=2, max=4096)
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
               "pixel_values": {0: batch}}  # fmt: skip
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         with _quiet(), torch.no_grad(), apply_patches("dynamo"), apply_patches("onnx"):
             program = torch.export.export(wrapper, args, dynamic_shapes=shapes)
@@ -203,14 +204,10 @@ def export_loaded(d: Path, model: Any, path: str | os.PathLike[str]) -> Path:
             onnx_program: Any = torch.onnx.export(
                 program, args, input_names=names, output_names=["logits"],
                 custom_translation_table=exporter_onnx._ONNX_TRANSLATION_TABLE,
-                opset_version=18, dynamo=True, optimize=True, verbose=False,
+                opset_version=18, dynamo=True, optimize=optimize, verbose=False,
             )  # fmt: skip
-            exporter_onnx.apply_onnx_ir_fixes(onnx_program)
     except Exception as exc:
         raise ModelError(
             f"{d}: the Qwen3-VL export failed ({type(exc).__name__}: {_first_line(exc)})"
         ) from exc
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program.save(str(out), external_data=nbytes > EXTERNAL_DATA_BYTES)
-    return out
+    return onnx_program, wrapper

@@ -7,7 +7,9 @@ trained tokenizer with a chat template (`tests.test_hf.build_tokenizer`), then:
 1. ``modec calib build --model DIR --prompts prompts.jsonl -o calib.npz`` (the tokenizer's
    chat template, left padding);
 2. ``modec compile DIR --calib calib.npz --target llvm --method mc-moe`` (the directory is
-   exported by `modec.hf`, with position ids from the mask, not the fixtures' own wrapper);
+   exported by `modec.hf`, with position ids from the mask, not the fixtures' own wrapper,
+   and without loading its weights: they are referenced in the safetensors file, the
+   stacked experts written beside it; tests/test_hf_export.py);
 3. the compiled artifact matches the simulated-quantization model (``CompiledRunner`` vs
    ``SimulatedRunner``) within 1e-4 relative on a left-padded batch of a shape the export
    never saw;
