@@ -286,6 +286,11 @@ class Executor:
             so.intra_op_num_threads = self._threads
             so.inter_op_num_threads = 1
             so.log_severity_level = 3
+            # No arena: its regions outlive the session while any output array of the
+            # session is alive (a streamed run keeps some, e.g. masks, until the last layer),
+            # so each stage's arena stayed resident and a compile's peak RSS grew by
+            # ~0.3 GiB per layer (docs/scale.md); the run time is the same without it.
+            so.enable_cpu_mem_arena = False
             st.session = ort.InferenceSession(
                 self._sub_model(st).SerializeToString(), so,
                 providers=["CPUExecutionProvider"],
