@@ -324,6 +324,45 @@ def test_calib_build_then_compile_on_the_command_line(qdir, tmp_path, capsys):
     assert [sum(layer) for layer in counts] == [4 * IMAGE_TOKENS * 2] * 2
 
 
+@pytest.mark.slow  # about a minute on two cores: the llvm build of a vision tower + 2 MoE layers
+def test_calib_build_compile_llvm_compiled_matches_simulated_and_kl(qdir, tmp_path, capsys):
+    """#14's chain for Qwen3-VL-MoE from a folder of images and a prompts file: `calib build`,
+    `compile DIR --target llvm`, compiled = simulated on the built set, `eval --kl-to`."""
+    from modec.runners import CompiledRunner, SimulatedRunner
+
+    calib = tmp_path / "calib.npz"
+    code, _, err = run(
+        capsys, "calib", "build", "--model", str(qdir["dir"]), "--images", str(qdir["images"]),
+        "--prompts", str(qdir["prompts"]), "--text-only", str(qdir["texts"]), "-o", str(calib),
+    )  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "out"
+    code, _, err = run(
+        capsys, "compile", str(qdir["dir"]), "--calib", str(calib), "--target", "llvm",
+        "--method", "mc-moe", "--cache-dir", str(qdir["cache"]), "-o", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    assert (out / "manifest.json").is_file()
+    ds = data.load(calib)
+    worst = 0.0
+    for _, feeds in ds.batches(3):  # image and text-only rows, left-padded together
+        want = SimulatedRunner(out)(feeds)
+        got = CompiledRunner(out)(feeds)
+        assert got.shape == want.shape and np.isfinite(want).all()
+        worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    assert worst < 1e-4, f"compiled vs simulated: max relative error {worst:.2e}"
+    code, stdout, err = run(
+        capsys, "eval", str(out), "--data", str(calib), "--kl-to", str(qdir["dir"]), "--json",
+        "--cache-dir", str(qdir["cache"]),
+    )  # fmt: skip
+    assert code == 0, err
+    kl = json.loads(stdout)["kl"]
+    assert kl["vision"]["positions"] == 4 * IMAGE_TOKENS and kl["text"]["positions"] > 0
+    assert np.isfinite(kl["all"]["mean_kl"]) and kl["all"]["mean_kl"] >= 0
+    print(f"qwen3-vl-moe: compiled vs simulated max relative error {worst:.2e}, "
+          f"KL {kl['all']['mean_kl']:.3e}")  # fmt: skip
+
+
 # ---- errors: one line, exit 3 ---------------------------------------------------------------
 
 
