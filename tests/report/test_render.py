@@ -73,6 +73,22 @@ def test_page_shows_the_numbers():
     }
 
 
+def test_passes_table_shows_each_pass_peak_rss_and_the_largest():
+    report = synthetic_report()
+    for i, p in enumerate(report["passes"]):
+        p["peak_rss_bytes"] = (i + 1) * 2**29  # 0.5, 1.0, 1.5 ... GiB
+    del report["passes"][0]["peak_rss_bytes"]  # a platform that gave none for a pass
+    doc = render_report(report)
+    table = doc[doc.index('id="table-passes"') :]
+    table = table[: table.index("</table>")]
+    assert "peak RSS (GiB)" in table
+    cells = re.findall(r'<td class="num">(\d+\.\d\d)</td>', table)
+    n = len(report["passes"])
+    want = [f"{(i + 1) * 0.5:.2f}" for i in range(1, n)] + [f"{n * 0.5:.2f}"]
+    assert [c for c in cells if c in want] == want  # per pass, then the total row's max
+    assert table.count("<td>–</td>") >= 1
+
+
 def test_sensitivity_colour_scale_is_log_over_decades_with_zeros():
     report = synthetic_report(layers=1, experts=2)
     sec = report["sections"]["measure-sensitivity"]

@@ -1,9 +1,10 @@
-"""The ``passes`` section: what each pass took and recorded, and ``plot-pass-times``."""
+"""The ``passes`` section: what each pass took (seconds, peak RSS) and recorded, and
+``plot-pass-times``."""
 
 from __future__ import annotations
 
 from modec.report.data import Report
-from modec.report.html import esc, figure, ncell, pct, short, table
+from modec.report.html import NUM, esc, figure, ncell, pct, short, table
 from modec.report.svg import COLOR_TEXT, hbars
 
 
@@ -22,14 +23,15 @@ def render(report: Report) -> str:
                 f"<code>{esc(p.get('name', '?'))}</code>",
                 ncell(float(p.get("seconds", 0.0)), 3),
                 pct(float(p.get("seconds", 0.0)) / total) if total > 0 else "–",
+                _rss(p.get("peak_rss_bytes")),
                 "yes" if p.get("modified") else "no",
                 esc(st),
             ]
         )
-    rows.append(["<b>total</b>", ncell(total, 3), "", "", ""])
-    out.append(
-        table(["pass", "seconds", "share", "modified graph", "statistics"], rows, id="table-passes")
-    )
+    peaks = [p["peak_rss_bytes"] for p in passes if isinstance(p.get("peak_rss_bytes"), int)]
+    rows.append(["<b>total</b>", ncell(total, 3), "", _rss(max(peaks, default=None)), "", ""])
+    head = ["pass", "seconds", "share", "peak RSS (GiB)", "modified graph", "statistics"]
+    out.append(table(head, rows, id="table-passes"))
     bars = [
         (str(p.get("name", "?")), [("seconds", COLOR_TEXT, float(p.get("seconds", 0.0)))])
         for p in passes
@@ -50,3 +52,11 @@ def render(report: Report) -> str:
         f"<details><summary>pass text with options</summary><table>{texts}</table></details>"
     )
     return "".join(out)
+
+
+def _rss(value: object) -> str:
+    """A pass's peak resident set (``peak_rss_bytes``: the process's high-water mark during
+    the pass, modec.instruments) in GiB; "–" where the platform gave none."""
+    if not isinstance(value, int):
+        return "–"
+    return f"{NUM}{value / 2**30:.2f}"
