@@ -302,11 +302,13 @@ def cxx_point(exe: Path, out: Path, cfg: ScaleConfig, work: Path, run: Run) -> N
 
 
 def build_cxx(work: Path) -> tuple[Path | None, str | None]:
-    """The `modec_run` example built with CMake into ``WORK/build-runtime``, or why not."""
-    from tools.cxx import build_modec_run
+    """The `modec_run` example built with CMake into ``WORK/build-runtime-<source>``, or why
+    not (one build folder per checkout: CMake refuses a folder configured from another)."""
+    from tools.cxx import ROOT, build_modec_run
 
+    source = hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]
     try:
-        exe = build_modec_run(work / "build-runtime")
+        exe = build_modec_run(work / f"build-runtime-{source}")
     except subprocess.CalledProcessError as exc:
         return None, f"the C++ runtime did not build: {(exc.stderr or '').strip()[-300:]}"
     if exe is None:
