@@ -8,6 +8,12 @@ stored inside the entry and checked on load, so a prefix collision or a stale fo
 miss, never a wrong hit. Entries are written to a temporary file and renamed, so an
 interrupted compile leaves either a whole entry or none; the next compile with the same
 inputs resumes from the entries that were finished.
+
+An entry is one pass's result. A pass whose result takes hours (the exact sensitivity probes
+of a large model) also stores its finished pieces as it goes (`Parts`, one file per layer,
+``{kind}-{key[:32]}.{part}.npz`` under the same key): a compile that was stopped (Ctrl-C, a
+lost Ray cluster, a killed machine) resumes from its last finished piece. The pieces are
+removed once the whole entry is stored.
 """
 
 from __future__ import annotations
@@ -42,11 +48,13 @@ __all__ = [
     "CACHE_VERSION",
     "CONTENT_DIGEST",
     "Lookup",
+    "Parts",
     "content_key",
     "entry_path",
     "hash_model",
     "load",
     "memoize",
+    "memoize_parts",
     "store",
 ]
 
@@ -214,4 +222,70 @@ def memoize(
         return arrays, Lookup(True, key, path)
     arrays = compute()
     store(path, key, arrays)
+    return arrays, Lookup(False, key, path)
+
+
+class Parts:
+    """The finished pieces of one entry being computed (e.g. one layer's δ each).
+
+    A piece is an entry file of its own, ``{kind}-{key[:32]}.{name}.npz``, holding the full
+    key and the piece's name, written atomically as `store` writes; `get` returns it only
+    when both match. Without a cache directory nothing is read or written.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None, kind: str, key: str) -> None:
+        self._dir = None if cache_dir is None else Path(cache_dir)
+        self._kind = kind
+        self._key = key
+
+    def _path(self, name: str) -> Path:
+        assert self._dir is not None
+        return self._dir / f"{self._kind}-{self._key[:32]}.{name}.npz"
+
+    def _full_key(self, name: str) -> str:
+        return f"{self._key}:{name}"
+
+    def get(self, name: str) -> dict[str, np.ndarray] | None:
+        """The arrays of piece ``name`` if a previous run finished it."""
+        if self._dir is None:
+            return None
+        return load(self._path(name), self._full_key(name))
+
+    def put(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        """Store piece ``name`` (a failure to write is logged; only a resume is lost)."""
+        if self._dir is None:
+            return
+        store(self._path(name), self._full_key(name), arrays)
+
+    def clear(self) -> None:
+        """Remove every piece of this entry (the whole entry is stored)."""
+        if self._dir is None:
+            return
+        for path in self._dir.glob(f"{self._kind}-{self._key[:32]}.*.npz"):
+            path.unlink(missing_ok=True)
+
+
+def memoize_parts(
+    cache_dir: str | None,
+    kind: str,
+    model: ir.Model,
+    data: Dataset,
+    options: dict[str, Any],
+    compute: Callable[[Parts], dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], Lookup]:
+    """`memoize` for a result computed in pieces: ``compute`` gets the entry's `Parts`,
+    reads the pieces a stopped run finished and stores each piece it finishes; once the
+    whole entry is stored the pieces are removed."""
+    if not cache_dir:
+        return compute(Parts(None, kind, "")), Lookup(hit=False)
+    key = content_key(kind, model, data, options)
+    path = entry_path(cache_dir, kind, key)
+    arrays = load(path, key)
+    if arrays is not None:
+        return arrays, Lookup(True, key, path)
+    parts = Parts(cache_dir, kind, key)
+    arrays = compute(parts)
+    store(path, key, arrays)
+    if path.exists():
+        parts.clear()
     return arrays, Lookup(False, key, path)

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--no-cache", action="store_true", help="recompute; read and write no cache")
     co.add_argument("--seed", type=int, default=d.seed)
     co.add_argument("--threads", type=int, default=d.threads)
+    co.add_argument("--workers", type=int, default=0, metavar="N",
+                    help="run the sensitivity probes, GPTQ and the ILP solves as tasks on a "
+                         "local Ray runtime of N CPUs (pip install 'modec[distributed]'); the "
+                         "output is the same bytes as without (docs/distributed.md)")  # fmt: skip
+    co.add_argument("--ray-address", metavar="ADDR",
+                    help="run those tasks on an existing Ray cluster: its head's HOST:PORT, "
+                         "ray://HOST:PORT, or auto (the latest local `ray start`)")  # fmt: skip
     co.add_argument("--max-memory", metavar="SIZE",
                     help="RAM for the calibration activations that the layer-streamed passes "
                          "hold (e.g. 16GiB); past it they spill to memory-mapped files in the "

@@ -175,6 +175,7 @@ def _parse_bits(text: str) -> tuple[int, ...]:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from modec import driver
+    from modec.distributed import EngineSpec
     from modec.pipelines import CompileOptions
     from modec.streaming import parse_memory
     from modec.summary import format_summary
@@ -196,11 +197,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else args.cache_dir or driver.default_cache_dir(),
         max_memory=parse_memory(args.max_memory) if args.max_memory else 0,
     )  # fmt: skip
+    if args.workers < 0:
+        raise UsageError(f"--workers {args.workers}: give a positive number of CPUs")
+    engine = EngineSpec(workers=args.workers, address=args.ray_address)
     res = driver.compile_model(
         args.model, args.calib, args.output, opts, pipeline=args.pipeline, force=args.force,
         progress=_progress_factory(args.quiet), eval_path=args.eval,
         dump_ir_after=args.dump_ir_after, dump_ir_dir=args.dump_ir_dir,
-        notify=_notify(args.quiet),
+        notify=_notify(args.quiet), engine=engine,
     )  # fmt: skip
     if res.summary:
         sys.stdout.write(format_summary(res.summary) + "\n")

@@ -14,6 +14,10 @@ accuracy), builds the report in memory and writes, into the staging directory:
 - the artifact (``model.so``, ``weights.safetensors``, ``manifest.json``) from lower-tvm.
 
 Then `modec.output.commit` makes it ``OUT`` in one step; nothing touches ``OUT`` after.
+
+The passes' fanned-out tasks run on the engine ``compile_model`` opens (`modec.distributed`):
+in this process, or on Ray for ``--workers N`` / ``--ray-address``; the files written are the
+same bytes either way (the report records the engine and each pass's per-worker times).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modec import data as data_mod
+from modec.distributed import Engine, EngineSpec, SerialEngine, open_engine
 from modec.errors import BadInputError, ModelError
 from modec.facts import BitAllocation, Calibration, Facts, QuantizedExperts
 from modec.hf import onnx_model
@@ -325,6 +330,7 @@ def load_inputs(
             max_memory=o.max_memory or default_max_memory(),
         ),
         progress=progress,
+        engine=SerialEngine(o.threads),  # its tasks with --threads threads, as on Ray
     )
     return model, ctx
 
@@ -343,6 +349,7 @@ def compile_model(
     dump_ir_dir: str | os.PathLike[str] | None = None,
     instruments: Iterable[Instrument] = (),
     notify: Callable[[str], None] | None = None,
+    engine: EngineSpec | Engine | None = None,
 ) -> CompileResult:
     """Run the pipeline and write the output directory (see the module docstring).
 
@@ -353,6 +360,10 @@ def compile_model(
         eval_path: an evaluation set: the report then holds fp32 and quantized accuracy.
         dump_ir_after: pass names (or ``all``) after which the graph is written as ONNX to
             ``dump_ir_dir`` (default ``OUT.ir``, beside the output, not inside it).
+        engine: where the fanned-out analysis and GPTQ tasks run (`modec.distributed`):
+            an `EngineSpec` (``--workers N``: a local Ray runtime started and shut down
+            here; ``--ray-address``: an existing cluster), an engine the caller opened and
+            closes, or None: in this process. The output is the same bytes on every engine.
     """
     o = options or CompileOptions()
     out_dir = Path(out)
@@ -362,7 +373,7 @@ def compile_model(
     with onnx_model(model_path, o.cache_dir, notify) as onnx_path:
         return _compile(
             onnx_path, str(model_path), calib_path, out_dir, o, pipeline, progress, eval_path,
-            dump_ir_after, dump_ir_dir, instruments,
+            dump_ir_after, dump_ir_dir, instruments, engine,
         )  # fmt: skip
 
 
@@ -372,9 +383,29 @@ def _compile(
     progress: Callable[[int, str], ProgressBar] | None,
     eval_path: str | os.PathLike[str] | None, dump_ir_after: Iterable[str] | None,
     dump_ir_dir: str | os.PathLike[str] | None, instruments: Iterable[Instrument],
+    engine: EngineSpec | Engine | None,
 ) -> CompileResult:  # fmt: skip
     model, ctx = load_inputs(onnx_path, calib_path, o, progress)
     pipe = parse_pipeline(pipeline) if pipeline else standard_pipeline(o)
+    pipe.validate(ctx.facts.kinds())
+    if isinstance(engine, Engine):  # the caller's: it closes it
+        return _run(model, ctx, pipe, model_name, onnx_path, calib_path, out_dir, o,
+                    eval_path, dump_ir_after, dump_ir_dir, instruments, engine)  # fmt: skip
+    # The engine starts after the cheap checks (inputs, pipeline), and its local runtime
+    # (if any) is shut down however the compile ends.
+    with open_engine(engine, ctx.options.threads, ctx.options.spill_dir) as opened:
+        return _run(model, ctx, pipe, model_name, onnx_path, calib_path, out_dir, o,
+                    eval_path, dump_ir_after, dump_ir_dir, instruments, opened)  # fmt: skip
+
+
+def _run(
+    model: ir.Model, ctx: PassContext, pipe: Pipeline, model_name: str, onnx_path: str,
+    calib_path: str | os.PathLike[str], out_dir: Path, o: CompileOptions,
+    eval_path: str | os.PathLike[str] | None,
+    dump_ir_after: Iterable[str] | None, dump_ir_dir: str | os.PathLike[str] | None,
+    instruments: Iterable[Instrument], engine: Engine,
+) -> CompileResult:  # fmt: skip
+    ctx.engine = engine
     ctx.instruments.extend(instruments)
     if dump_ir_after:
         where = Path(dump_ir_dir) if dump_ir_dir else out_dir.with_name(f"{out_dir.name}.ir")
@@ -386,7 +417,8 @@ def _compile(
         quantized = ctx.facts.find(QuantizedExperts)
         report_options = {**asdict(o), "model": model_name, "calib": str(calib_path),
                           "pipeline": pipe.text()}  # fmt: skip
-        report = build_report(pipe, records, ctx, report_options)
+        report = build_report(pipe, records, ctx, report_options,
+                              {"engine": engine.describe()})  # fmt: skip
         if quantized is not None:
             _write_experts(tmp / EXPERTS_FILE, quantized)
             save_model(model, tmp / SIM_MODEL)

@@ -20,14 +20,15 @@ import json
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import onnx_ir as ir
 
+from modec.distributed import Engine, SerialEngine, summarize
 from modec.errors import InternalError, ModecError, UsageError
 from modec.facts import Facts
 from modec.instruments import Instrument, InterruptibleBar, NullBar, PassTimer, ProgressBar
@@ -37,6 +38,8 @@ from modec.pipeline_text import format_value, parse_pass, split_top
 from modec.streaming import default_max_memory
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,9 @@ class PassRecord:
     #: was measured (``VmHWM``: the pass's own peak; ``ru_maxrss``: the process's so far).
     peak_rss_bytes: int = 0
     peak_rss_source: str = ""
+    #: what the engine ran for the pass (`modec.distributed.summarize`): each map's label,
+    #: tasks and wall seconds, and per worker its tasks and busy seconds; empty: none.
+    workers: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,8 @@ class PassContext:
         report: per pass, the section it contributes to ``report.json``.
         instruments: hooks called around each pass (timing, IR dumps).
         progress: factory for progress bars ``progress(total, desc)``; a no-op by default.
+        engine: where fanned-out tasks run (`modec.distributed`): in process by default, or
+            on Ray (the driver opens it for ``--workers`` / ``--ray-address``).
     """
 
     facts: Facts = field(default_factory=Facts)
@@ -106,6 +114,7 @@ class PassContext:
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
     instruments: list[Instrument] = field(default_factory=list)
     progress: Callable[[int, str], ProgressBar] | None = None
+    engine: Engine = field(default_factory=SerialEngine)
     current: str = ""
 
     def stat(self, key: str, value: Any) -> None:
@@ -120,8 +129,18 @@ class PassContext:
         """A context for another pipeline over the same facts (later writes stay apart)."""
         return PassContext(
             facts=self.facts.copy(), options=self.options, progress=self.progress,
-            instruments=list(self.instruments),
+            instruments=list(self.instruments), engine=self.engine,
         )  # fmt: skip
+
+    def map(
+        self, fn: Callable[..., R], items: Sequence[Any], *args: Any, label: str,
+        done: Callable[[int], None] | None = None,
+    ) -> list[R]:  # fmt: skip
+        """``[fn(item, *args) for item in items]`` on the run's engine, in item order
+        (`modec.distributed.Engine.map`)."""
+        if done is None:
+            return self.engine.map(fn, items, *args, label=label)
+        return self.engine.map(fn, items, *args, label=label, done=done)
 
     @contextmanager
     def bar(self, total: int, desc: str) -> Iterator[ProgressBar]:
@@ -258,6 +277,7 @@ class Pipeline:
             for inst in instruments:
                 inst.before_pass(p, ctx)
             before = ctx.facts.ids()
+            ctx.engine.take_records()  # what ran outside a pass is not this pass's
             try:
                 with ctx.facts.restrict(p.name, p.reads):
                     result = p.run(model, ctx)
@@ -275,7 +295,10 @@ class Pipeline:
             seconds = timer.seconds[-1]
             rss = (timer.peak_rss_bytes[-1], timer.peak_rss_source[-1])
             stats = ctx.stats.get(p.name, {})
-            records.append(PassRecord(p.name, p.text(), seconds, result.modified, stats, *rss))
+            maps = summarize(ctx.engine.take_records())
+            records.append(
+                PassRecord(p.name, p.text(), seconds, result.modified, stats, *rss, maps)
+            )
             log.info("%s: %.2f s%s", p.name, seconds, " (modified)" if result.modified else "")
             model = result.model
         checkpoint()

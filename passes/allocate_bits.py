@@ -15,6 +15,9 @@ Rules:
 4. ``method=uniform`` solves nothing: every expert gets the budget width, which must then be
    an integer among ``bits``.
 5. Deterministic: one solver thread and a fixed seed.
+6. With ``scope=layer`` the per-layer solves are tasks of the run's engine (``ctx.engine``:
+   in process, or Ray with ``modec compile --workers N``); rule 5 makes the widths the same
+   wherever they run.
 """
 
 from __future__ import annotations
@@ -111,9 +114,8 @@ class AllocateBitsPass(Pass):
                 ):  # fmt: skip
                     errs.append(layer_errors(p, hs, problem.bits, problem.group_size))
                     del hs, p  # before the next layer's Hessians are built
-            res = solve_allocation(
-                layer_shapes(model), stats, ctx.facts.get(KeyVision), sens, problem, errs
-            )
+            shapes, key = layer_shapes(model), ctx.facts.get(KeyVision)
+            res = solve_allocation(shapes, stats, key, sens, problem, errs, ctx.engine)
             alloc = res.allocation
             if res.veq_gamma is not None:
                 section["veq_gamma"] = res.veq_gamma

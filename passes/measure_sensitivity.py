@@ -14,9 +14,14 @@ Rules:
 3. An expert that no token of modality M reaches in the whole subset gets δ_M = 0 (its
    quantized weights are never used for M); it is listed in the report as unused.
 4. Cache: with a cache directory, results are stored under a content hash of the model, the
-   subset's data and the options that change δ (`modec.cache.memoize`).
-5. ``workers`` > 1 spreads chunks of each layer's experts over processes; the result equals
-   ``workers=1`` exactly.
+   subset's data and the options that change δ, ``--threads`` included
+   (`modec.cache.memoize_parts`); the exact probes also store each finished layer, so a
+   stopped compile resumes at the first layer it had not finished (the report marks the
+   layers taken from the cache as ``resumed``).
+5. The chunks of each layer's experts are tasks of the run's engine (``ctx.engine``: in
+   process, or Ray with ``modec compile --workers N`` / ``--ray-address``), each with
+   ``--threads`` threads; the result is the same bytes on every engine. The report lists
+   the engine's parallelism (``workers``).
 6. Layer-streamed (`modec.method.probes`): one layer's fp32 state is held at a time, and a
    layer's probe variants go through each later stage together, in chunks sized to
    ``--max-memory``. The probes stay exact, so their cost grows as O(L²) layer-runs.
@@ -58,7 +63,6 @@ class MeasureSensitivityPass(Pass):
     group_size: int = GROUP_SIZE
     samples: int = SENSITIVITY_SAMPLES
     positions: Literal["answer", "text"] = "answer"
-    workers: int = 1
     batch_size: int = 32
     sensitivity: Literal["auto", "exact", "fisher"] = SENSITIVITY
 
@@ -69,10 +73,9 @@ class MeasureSensitivityPass(Pass):
             raise BadInputError("measure-sensitivity needs at least one width in bits")
         for b in self.bits:
             QuantScheme(b, self.group_size)  # validates widths and group size
-        if self.samples < 1 or self.workers < 1 or self.batch_size < 1:
+        if self.samples < 1 or self.batch_size < 1:
             raise BadInputError(
-                f"samples, workers and batch_size must be at least 1; got {self.samples}, "
-                f"{self.workers}, {self.batch_size}"
+                f"samples and batch_size must be at least 1; got {self.samples}, {self.batch_size}"
             )
         if self.positions not in ("answer", "text"):
             raise BadInputError(f"positions must be answer or text; got {self.positions!r}")
@@ -94,12 +97,15 @@ class MeasureSensitivityPass(Pass):
         subset = ds.subset(idx)
         settings = ProbeSettings(
             bits=tuple(self.bits), group_size=self.group_size, positions=self.positions,
-            batch_size=self.batch_size, workers=self.workers, threads=ctx.options.threads,
+            batch_size=self.batch_size, workers=ctx.engine.parallelism,
+            threads=ctx.options.threads,
             max_memory=ctx.options.max_memory,
         )  # fmt: skip
         opts = {
             "bits": list(self.bits), "group_size": self.group_size, "samples": self.samples,
             "positions": self.positions, "seed": seed, "batch_size": self.batch_size,
+            # numpy's BLAS rounds differently with other thread counts (modec.distributed)
+            "threads": ctx.options.threads,
         }  # fmt: skip
         mode = choose_mode(model, self.sensitivity)
         if mode == "fisher":  # exact keeps the keys it always had
@@ -107,7 +113,7 @@ class MeasureSensitivityPass(Pass):
         per_layer: list[dict[str, Any]] = []
         fallback: list[str] = []
 
-        def compute() -> dict[str, np.ndarray]:
+        def compute(parts: cache.Parts) -> dict[str, np.ndarray]:
             from modec.moe.canonical import is_moe_node
 
             nonlocal per_layer
@@ -121,7 +127,7 @@ class MeasureSensitivityPass(Pass):
                     )
                 else:
                     sens, per_layer, ref_seconds = measure_sensitivity(
-                        model, subset, settings, lambda: bar.update(1)
+                        model, subset, settings, lambda: bar.update(1), ctx.engine, parts
                     )
             ctx.stat("reference_seconds", ref_seconds)
             return sens.to_arrays()
@@ -129,7 +135,7 @@ class MeasureSensitivityPass(Pass):
         from modec.method.estimate import UnsupportedOpError
 
         try:
-            arrays, lookup = cache.memoize(
+            arrays, lookup = cache.memoize_parts(
                 ctx.options.cache_dir, "sensitivity", model, subset, opts, compute
             )
         except UnsupportedOpError as exc:
@@ -140,7 +146,7 @@ class MeasureSensitivityPass(Pass):
             mode = "exact"
             for key in ("sensitivity", "fisher_tokens"):
                 opts.pop(key, None)
-            arrays, lookup = cache.memoize(
+            arrays, lookup = cache.memoize_parts(
                 ctx.options.cache_dir, "sensitivity", model, subset, opts, compute
             )
         sens = Sensitivity.from_arrays(arrays)
@@ -159,13 +165,14 @@ class MeasureSensitivityPass(Pass):
         ctx.stat("samples", sens.samples)
         ctx.stat("cache_hit", lookup.hit)
         ctx.stat("runs", sum(r["runs"] for r in per_layer))
+        ctx.stat("resumed_layers", sum(bool(r.get("resumed")) for r in per_layer))
         ctx.stat("sensitivity", mode)
         ctx.section().update(sensitivity=mode, sensitivity_option=self.sensitivity)
         if fallback:
             ctx.section().update(sensitivity_fallback=fallback[0])
         ctx.section().update(
             bits=list(sens.bits), group_size=self.group_size, samples=sens.samples,
-            positions=self.positions, workers=self.workers,
+            positions=self.positions, workers=ctx.engine.parallelism,
             subset={"multimodal": n_mm, "text_only": len(idx) - n_mm, "seed": seed},
             delta_text=sens.delta_text.tolist(), delta_vision=sens.delta_vision.tolist(),
             unused=unused, cache_hit=lookup.hit, cache_key=lookup.key,

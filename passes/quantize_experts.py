@@ -111,7 +111,7 @@ class QuantizeExpertsPass(Pass):
                         hessians=None if hs is None else (hs.h_act if proj == "down" else hs.h_in),
                         tokens=None if hs is None else hs.tokens,
                         settings=settings, label=f"layer {layer} {proj}",
-                        tick=lambda: bar.update(1),
+                        tick=lambda: bar.update(1), engine=ctx.engine,
                     )  # fmt: skip
                     for e, entry in enumerate(res.entries):
                         rows[e][proj] = entry

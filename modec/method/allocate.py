@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from modec.distributed import Engine
 from modec.facts import BitAllocation, KeyVision, RoutingStats, Sensitivity
 from modec.numerics.importance import LayerSignals, layer_cost, output_error, veq_gamma
 
@@ -116,11 +117,15 @@ def solve_allocation(
     sens: Sensitivity | None,
     pr: AllocationProblem,
     errs: list[np.ndarray] | None = None,
+    engine: Engine | None = None,
 ) -> AllocationResult:
     """Costs per layer from the method's importance signal, then the ILP.
 
     ``errs`` (`layer_errors` of every layer) is needed by the methods that price an
-    expert's own output error (`modec.numerics.importance.NEEDS_OUTPUT_ERROR`).
+    expert's own output error (`modec.numerics.importance.NEEDS_OUTPUT_ERROR`). With an
+    ``engine`` the per-layer solves (``scope=layer``) are its tasks (`_solve_layer`, one per
+    layer, gathered in layer order: one solver thread and a fixed seed each, so the same
+    widths as solving them one after the other); without, `ilp.allocate_bits_per_layer`.
     """
     from modec.numerics import ilp
     from modec.numerics.importance import NEEDS_OUTPUT_ERROR
@@ -144,6 +149,11 @@ def solve_allocation(
         sols = [ilp.allocate_bytes(costs, pr.bits, nbytes, pr.budget_bytes, options=opts)]
     elif pr.scope == "global":
         sols = [ilp.allocate_bits_global(costs, pr.bits, pr.budget, sense=pr.sense, options=opts)]
+    elif engine is not None:
+        sols = engine.map(
+            _solve_layer, list(enumerate(costs)), pr.bits, pr.budget, pr.sense, opts,
+            label="ILP per layer",
+        )  # fmt: skip
     else:
         sols = list(
             ilp.allocate_bits_per_layer(costs, pr.bits, pr.budget, sense=pr.sense, options=opts)
@@ -166,3 +176,19 @@ def solve_allocation(
         for s in sols
     ]  # fmt: skip
     return AllocationResult(alloc, costs, solves, gamma)
+
+
+def _solve_layer(
+    item: tuple[int, np.ndarray], bits: tuple[int, ...], budget: float,
+    sense: Literal["eq", "le"], options: Any,
+) -> Any:  # fmt: skip
+    """One layer's ILP (an engine task): `ilp.allocate_bits` as `ilp.allocate_bits_per_layer`
+    calls it, infeasibility prefixed with the layer as it prefixes it."""
+    from modec.errors import InfeasibleBudgetError
+    from modec.numerics import ilp
+
+    i, cost = item
+    try:
+        return ilp.allocate_bits(cost, bits, budget, sense=sense, options=options)
+    except InfeasibleBudgetError as exc:
+        raise InfeasibleBudgetError(f"layer {i}: {exc}") from exc

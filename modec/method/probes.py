@@ -21,9 +21,15 @@ fp32 output plus, on those tokens, the combine weight times (quantized − fp32)
 one expert on a few tokens instead of the whole layer (equal to re-running the layer up to
 float rounding, ~1e-7 relative). From layer l+1 on every token may change (attention mixes
 them), so the later layers re-run in full: the probe stays exact, layer l's variants cost
-L − l layer-runs, and a model's probes O(L²) (the O(L) estimator belongs to the distributed
-issue). With ``workers`` > 1 the chunks of a layer spread over spawned processes that each
-build their own executor from the same model bytes; the result equals ``workers=1`` exactly.
+L − l layer-runs, and a model's probes O(L²) (`modec.method.estimate` is the O(L)
+estimate).
+
+The chunks of a layer are independent tasks of the run's engine (`modec.distributed`): in
+process one after the other, or as Ray tasks (``modec compile --workers N`` /
+``--ray-address``), where the model travels once as a `~modec.portable.PortableModel` (its
+weights stay in their files) and the layer's reference state once per layer (`Engine.share`);
+each worker builds one executor per model. Every expert's δ comes from its own variants only,
+and the chunks come back in order, so the result is the same bytes however the work is split.
 """
 
 from __future__ import annotations
@@ -31,15 +37,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
 
+from modec.cache import Parts
 from modec.data import Dataset
+from modec.distributed import Engine, SerialEngine, Shared
 from modec.errors import BadInputError
 from modec.facts import Sensitivity
+from modec.portable import PortableModel
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +66,23 @@ class _Batch:
 class ProbeSettings:
     """What the probes measure and how they run (the measure-sensitivity pass's options).
 
-    ``max_memory`` bounds the probe variants' activations held at once (chunking).
+    ``max_memory`` bounds the probe variants' activations held at once (chunking);
+    ``workers`` is how many chunks can run at once (the engine's parallelism: more chunks
+    per layer when it is above 1); ``threads`` the onnxruntime threads of an in-process run.
     """
 
     bits: tuple[int, ...]
     group_size: int
     positions: Literal["answer", "text"]
     batch_size: int
-    workers: int
-    threads: int
+    workers: int = 1
+    threads: int = 2
     max_memory: int = 2**32
 
 
 @dataclass(eq=False)
 class _Layer:
-    """What the variants of one layer need: picklable, sent with each chunk to a worker.
+    """What the variants of one layer need (picklable: shared once per layer with the workers).
 
     Attributes:
         layer: the MoE layer probed.
@@ -92,32 +103,6 @@ class _Layer:
     output: str
     bits: tuple[int, ...]
     group_size: int
-
-
-@dataclass(eq=False)
-class _Worker:
-    """A worker process's executor (built once from the model bytes)."""
-
-    executor: Any = field(default=None, repr=False)
-
-
-_WORKER = _Worker()
-
-
-def _init_worker(model_bytes: bytes, threads: int) -> None:
-    """Process-pool initializer: build this worker's executor."""
-    import onnx
-
-    from modec.executor import Executor
-
-    proto = onnx.ModelProto()
-    proto.ParseFromString(model_bytes)
-    _WORKER.executor = Executor(ir.serde.deserialize_model(proto), intra_op_threads=threads)
-
-
-def _worker_chunk(job: _Layer, experts: list[int]) -> dict[str, Any]:
-    assert _WORKER.executor is not None, "worker not initialised"
-    return _probe_chunk(_WORKER.executor, job, experts, release=False)
 
 
 def _probe_chunk(ex: Any, job: _Layer, experts: list[int], release: bool) -> dict[str, Any]:
@@ -252,16 +237,27 @@ def measure_sensitivity(
     subset: Dataset,
     s: ProbeSettings,
     tick: Callable[[], None] = lambda: None,
+    engine: Engine | None = None,
+    parts: Parts | None = None,
 ) -> tuple[Sensitivity, list[dict[str, Any]], float]:
     """δ_text and δ_vision of every expert at every width of ``s.bits`` on ``subset``.
 
+    Args:
+        engine: runs the chunks of each layer (`modec.distributed`; default: in process).
+            Results are gathered in chunk order and each expert's δ depends on that expert's
+            variants only, so they do not depend on the engine or the chunking.
+        parts: finished layers of an interrupted run (`modec.cache.Parts`): a layer found
+            there is not probed again; every probed layer is stored there as it finishes.
+
     Returns:
-        The sensitivities, per layer ``{"seconds", "runs", "chunks"}`` of the probes, and
-        the seconds the fp32 reference runs took. ``tick`` is called after every expert.
+        The sensitivities, per layer ``{"seconds", "runs", "chunks", "resumed"}`` of the
+        probes, and the seconds the fp32 reference runs took. ``tick`` is called after
+        every expert.
     """
     from modec.executor import Executor
 
-    ex = Executor(model, intra_op_threads=1 if s.workers > 1 else s.threads)
+    engine = engine or SerialEngine()
+    ex = Executor(model, intra_op_threads=s.threads)
     n_layers = len(ex.moe)
     n_exp = expert_count(ex)
     t0 = time.perf_counter()
@@ -270,33 +266,62 @@ def measure_sensitivity(
     delta = np.zeros((2, n_layers, n_exp, len(s.bits)))
     used = np.zeros((2, n_layers, n_exp), dtype=bool)
     layers: list[dict[str, Any]] = []
-    pool = _pool(model, s) if s.workers > 1 else None
-    try:
-        for layer in range(n_layers):
+    # The chunks run with the engine's threads (`modec.distributed`), their onnxruntime
+    # sessions too: in process this executor (or one of their own, when the engine's threads
+    # are not the run's), elsewhere one per worker from the model's portable form, sent once.
+    threads = engine.threads or s.threads
+    target: Shared[Any]
+    if engine.in_process:
+        task_ex = ex if threads == s.threads else Executor(model, intra_op_threads=threads)
+        target = engine.share(task_ex)
+    else:
+        target = engine.share(PortableModel.of(model))
+    for layer in range(n_layers):
+        found = parts.get(f"layer{layer}") if parts is not None else None
+        if found is not None:
+            delta[:, layer], used[:, layer] = found["delta"], found["used"]
+            entry = {"seconds": float(found["seconds"]), "runs": int(found["runs"]),
+                     "chunks": int(found["chunks"]), "resumed": True}  # fmt: skip
+            for _ in range(n_exp):
+                tick()
+        else:
             job = _Layer(
-                layer, [c for c in caches], [r[layer] for r in routed],
+                layer, list(caches), [r[layer] for r in routed],
                 [b.modality for b in batches], [b.positions for b in batches], ref,
                 ex.output_names[0], tuple(s.bits), s.group_size,
             )  # fmt: skip
             chunks = _chunks(job, n_exp, s)
-            results = _run_layer(ex, job, chunks, pool, tick)
-            entry = {"seconds": 0.0, "runs": 0, "chunks": len(chunks)}
+
+            def done(i: int, chunks: list[list[int]] = chunks) -> None:
+                for _ in chunks[i]:
+                    tick()
+
+            results = engine.map(
+                _probe_task, chunks, target, engine.share(job), threads,
+                label=f"probes layer {layer}", done=done,
+            )  # fmt: skip
+            entry = {"seconds": 0.0, "runs": 0, "chunks": len(chunks), "resumed": False}
             for r in results:
                 for xi, e in enumerate(r["experts"]):
                     delta[:, layer, e] = r["delta"][xi]
                     used[:, layer, e] = r["used"][xi]
                 entry["seconds"] += r["seconds"]
                 entry["runs"] += r["runs"]
-            layers.append(entry)
-            log.info(
-                "measure-sensitivity: layer %d: %d re-runs in %d chunk(s), %.2f s", layer,
-                entry["runs"], entry["chunks"], entry["seconds"],
-            )  # fmt: skip
-            if layer + 1 < n_layers:
-                caches = _advance(ex, caches, layer)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+            if parts is not None:
+                parts.put(f"layer{layer}", {
+                    "delta": delta[:, layer], "used": used[:, layer],
+                    "seconds": np.asarray(entry["seconds"], np.float64),
+                    "runs": np.asarray(entry["runs"], np.int64),
+                    "chunks": np.asarray(entry["chunks"], np.int64),
+                })  # fmt: skip
+        layers.append(entry)
+        log.info(
+            "measure-sensitivity: layer %d: %d re-runs in %d chunk(s), %.2f s%s", layer,
+            entry["runs"], entry["chunks"], entry["seconds"],
+            " (from the cache)" if entry["resumed"] else "",
+        )  # fmt: skip
+        if layer + 1 < n_layers:
+            caches = _advance(ex, caches, layer)
     sens = Sensitivity(
         bits=tuple(s.bits), delta_text=delta[0], delta_vision=delta[1],
         samples=len(subset), unused_text=~used[0], unused_vision=~used[1],
@@ -350,47 +375,39 @@ def _reference(
 
 def _chunks(job: _Layer, n_exp: int, s: ProbeSettings) -> list[list[int]]:
     """Whole experts per chunk, as many as ``s.max_memory`` holds of variant states (an
-    estimate: each variant holds one batch's cache), at least one expert per worker."""
+    estimate: each variant holds one batch's cache) when ``s.workers`` chunks are held at
+    once (a local runtime's workers share this machine's memory). With ``s.workers`` > 1 a
+    layer makes at least two chunks per worker, so a worker that drew light experts takes
+    another chunk while the others finish theirs."""
     per_batch = [sum(np.asarray(v).nbytes for v in c.values.values()) for c in job.caches]
     per_expert = 2 * len(job.bits) * sum(per_batch)  # every variant of every batch, at most
-    fit = max(1, int(s.max_memory // max(per_expert, 1)))
-    size = max(1, min(fit, -(-n_exp // s.workers)))
+    fit = max(1, int(s.max_memory // max(per_expert * max(s.workers, 1), 1)))
+    pieces = 1 if s.workers <= 1 else 2 * s.workers
+    size = max(1, min(fit, -(-n_exp // pieces)))
     return [list(range(i, min(i + size, n_exp))) for i in range(0, n_exp, size)]
 
 
-def _run_layer(
-    ex: Any, job: _Layer, chunks: list[list[int]], pool: Any, tick: Callable[[], None]
-) -> list[dict[str, Any]]:
-    if pool is None:
-        out = []
-        for experts in chunks:
-            out.append(_probe_chunk(ex, job, experts, release=True))
-            for _ in experts:
-                tick()
-        return out
-    from concurrent.futures import as_completed
-
-    futures = [pool.submit(_worker_chunk, job, experts) for experts in chunks]
-    results = []
-    for fut in as_completed(futures):
-        r = fut.result()
-        results.append(r)
-        for _ in r["experts"]:
-            tick()
-    return sorted(results, key=lambda r: r["experts"][0])
+#: A worker process's executor for the model it was last sent (`PortableModel.token`).
+_EXECUTORS: dict[str, Any] = {}
 
 
-def _pool(model: ir.Model, s: ProbeSettings) -> Any:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+def _probe_task(experts: list[int], target: Any, job: _Layer, threads: int) -> dict[str, Any]:
+    """One chunk of one layer's probes, in process or as a Ray task (`Engine.map`).
 
-    # spawn, not fork: the parent already holds onnxruntime thread pools, which a forked
-    # child would inherit in an undefined state.
-    data = ir.to_proto(model).SerializeToString()
-    return ProcessPoolExecutor(
-        max_workers=s.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-        initargs=(data, 1),
-    )  # fmt: skip
+    ``target`` is an executor with ``threads`` onnxruntime threads (in process) or the
+    model's `PortableModel`: a worker builds one such executor per model and keeps it for
+    the next chunks. The stages each chunk builds are released after it, as in process.
+    """
+    from modec.executor import Executor
+
+    if isinstance(target, PortableModel):
+        ex = _EXECUTORS.get(target.token)
+        if ex is None:
+            _EXECUTORS.clear()  # one model per worker: a previous run's is dropped
+            ex = _EXECUTORS[target.token] = Executor(target.load(), intra_op_threads=threads)
+    else:
+        ex = target
+    return _probe_chunk(ex, job, experts, release=True)
 
 
 def expert_count(ex: Any) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx_ir as ir
 
+from modec.distributed import Engine, SerialEngine
 from modec.facts import PROJECTIONS, QuantizedExperts
 from modec.numerics.gptq import gptq_quantize
 from modec.numerics.quant import QuantizedWeight, quantize_rtn
@@ -73,6 +74,7 @@ def quantize_projection(
     settings: GPTQSettings = GPTQSettings(),
     label: str = "",
     tick: Callable[[], None] = lambda: None,
+    engine: Engine | None = None,
 ) -> QuantizedProjection:
     """Quantize every expert of one stacked projection ``[E, N, K]`` at its width.
 
@@ -86,32 +88,62 @@ def quantize_projection(
         settings: GPTQ's knobs.
         label: names the projection in fallback messages (``layer 3 ... up``).
         tick: called after each expert (progress).
+        engine: runs GPTQ's experts as its tasks (`modec.distributed`; one task per expert,
+            its weight and Hessian sent with it, the results gathered in expert order);
+            None: one after the other in this process. Each expert is `_quantize_expert`
+            either way, so the codes are the same bytes. RTN always runs here (it is
+            cheaper than sending the weights).
     """
     w = np.asarray(stacked, dtype=np.float32)
+    if method == "gptq" and (hessians is None or tokens is None):
+        raise ValueError("GPTQ needs the experts' Hessians and token counts")
+    items = [
+        (e, int(width), w[e], None if hessians is None else hessians[e],
+         None if tokens is None else int(tokens[e]))
+        for e, width in enumerate(widths)
+    ]  # fmt: skip
+    run = engine if engine is not None and method == "gptq" else SerialEngine()
+    results = run.map(
+        _quantize_expert, items, group_size, method, settings, label,
+        label=f"GPTQ {label}".strip(), done=lambda i: tick(),
+    )  # fmt: skip
     deq = np.empty_like(w)
     codes: list[QuantizedWeight] = []
     entries: list[dict[str, object]] = []
-    for e, width in enumerate(widths):
-        scheme = QuantScheme(int(width), group_size)
-        if method == "rtn":
-            qw = quantize_rtn(w[e], scheme)
-            deq[e] = qw.dequantize()
-            entries.append({"method": "rtn", "reason": "method=rtn"})
-        else:
-            assert hessians is not None and tokens is not None, "GPTQ needs Hessians"
-            res = gptq_quantize(
-                w[e], hessians[e], scheme, n_tokens=int(tokens[e]),
-                min_tokens=settings.min_tokens, percdamp=settings.percdamp,
-                blocksize=settings.blocksize, name=f"{label} expert {e}".strip(),
-            )  # fmt: skip
-            qw, deq[e] = res.qweight, res.dequantized
-            entries.append(
-                {"method": res.method, "reason": res.fallback_reason, "loss": res.loss,
-                 "output_mse": res.output_mse}
-            )  # fmt: skip
+    for e, (qw, entry) in enumerate(results):
+        deq[e] = qw.dequantize()  # what GPTQ and RTN return as ŵ, bit for bit
         codes.append(qw)
-        tick()
+        entries.append(entry)
     return QuantizedProjection(codes, deq, entries)
+
+
+def _quantize_expert(
+    item: tuple[int, int, F32, npt.NDArray[np.float64] | None, int | None],
+    group_size: int,
+    method: Literal["gptq", "rtn"],
+    settings: GPTQSettings,
+    label: str,
+) -> tuple[QuantizedWeight, dict[str, object]]:
+    """One expert of one projection (an engine task): its codes and report entry (the
+    caller dequantizes the codes: a task sends back no fp32 copy of the weight). ``item`` is
+    (expert, width, weight ``[N, K]``, Hessian ``[K, K]``, tokens).
+    """
+    e, width, w_e, h_e, n_tok = item
+    scheme = QuantScheme(width, group_size)
+    if method == "rtn":
+        qw = quantize_rtn(w_e, scheme)
+        return qw, {"method": "rtn", "reason": "method=rtn"}
+    assert h_e is not None and n_tok is not None, "GPTQ needs Hessians"
+    res = gptq_quantize(
+        w_e, h_e, scheme, n_tokens=n_tok, min_tokens=settings.min_tokens,
+        percdamp=settings.percdamp, blocksize=settings.blocksize,
+        name=f"{label} expert {e}".strip(),
+    )  # fmt: skip
+    entry: dict[str, object] = {
+        "method": res.method, "reason": res.fallback_reason, "loss": res.loss,
+        "output_mse": res.output_mse,
+    }  # fmt: skip
+    return res.qweight, entry
 
 
 def spill_codes(

@@ -1,4 +1,6 @@
-"""measure-sensitivity on the tiny digits-vlm: δ by hand, modality masking, cache, workers.
+"""measure-sensitivity on the tiny digits-vlm: δ by hand, modality masking, cache.
+
+The engines (chunks in process or on Ray) are tested in tests/distributed.
 
 The references build their own log-softmax and KL in float64 (`_log_softmax`, `_kl`); only
 the subset choice (`choose_subset`, tested on its own below) and RTN (tests/numerics) come
@@ -187,13 +189,6 @@ def test_corrupt_cache_entry_is_recomputed(analysed, tmp_path, measured):
     np.testing.assert_array_equal(
         again.facts.get(Sensitivity).delta_text, measured[1].facts.get(Sensitivity).delta_text
     )
-
-
-def test_two_workers_equal_one(analysed, measured):
-    _, par = analysed("measure-sensitivity{samples=6,batch_size=4,workers=2}")
-    a, b = measured[1].facts.get(Sensitivity), par.facts.get(Sensitivity)
-    np.testing.assert_array_equal(a.delta_text, b.delta_text)
-    np.testing.assert_array_equal(a.delta_vision, b.delta_vision)
 
 
 def test_subset_is_proportional_and_seeded():

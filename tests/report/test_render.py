@@ -89,6 +89,33 @@ def test_passes_table_shows_each_pass_peak_rss_and_the_largest():
     assert table.count("<td>–</td>") >= 1
 
 
+def test_time_per_worker_table_lists_each_worker_of_each_pass_that_ran_tasks():
+    report = synthetic_report()
+    report["engine"] = {
+        "kind": "ray", "parallelism": 2, "threads_per_task": 1, "address": "local",
+        "nodes": [{"node": "abc", "address": "10.0.0.1", "cpus": 2}], "retries": 3,
+    }  # fmt: skip
+    probe = report["passes"][1]
+    probe["workers"] = {
+        "maps": [{"label": "probes layer 0", "tasks": 4, "seconds": 3.0},
+                 {"label": "probes layer 1", "tasks": 4, "seconds": 1.0}],
+        "per_worker": [{"worker": "10.0.0.1:11", "node": "abc", "tasks": 5, "seconds": 3.0},
+                       {"worker": "10.0.0.1:12", "node": "abc", "tasks": 3, "seconds": 2.0}],
+    }  # fmt: skip
+    doc = render_report(report)
+    assert "Tasks ran Ray, local, 1 node(s), 2 CPUs: 2 at once, 1 thread(s) each." in doc
+    table = doc[doc.index('id="table-workers"') :]
+    table = table[: table.index("</table>")]
+    rows = re.findall(r"<tr>(.*?)</tr>", table)[1:]
+    assert len(rows) == 2  # the one pass that ran tasks, one row per worker
+    assert "10.0.0.1:11" in rows[0] and "10.0.0.1:12" in rows[1]
+    cells = [re.findall(r'<td class="num">([^<]*)</td>', r) for r in rows]
+    assert cells == [["5", "3", "4"], ["3", "2", "4"]]  # tasks, busy s, the maps' wall s
+    assert "75.00%" in rows[0] and "50.00%" in rows[1]
+    del report["engine"]  # an older report: no engine, no table
+    assert 'id="table-workers"' not in render_report(report)
+
+
 def test_sensitivity_colour_scale_is_log_over_decades_with_zeros():
     report = synthetic_report(layers=1, experts=2)
     sec = report["sections"]["measure-sensitivity"]

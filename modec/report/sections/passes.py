@@ -1,5 +1,5 @@
-"""The ``passes`` section: what each pass took (seconds, peak RSS) and recorded, and
-``plot-pass-times``."""
+"""The ``passes`` section: what each pass took (seconds, peak RSS) and recorded,
+``plot-pass-times``, and the engine's time per worker (``table-workers``)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def render(report: Report) -> str:
             "Wall-clock seconds per pass (the runner's timing instrument).",
         )
     )
+    out.append(_workers(report, passes))
     texts = "".join(
         f"<tr><td><code>{esc(p.get('name', '?'))}</code></td><td><code>{esc(p.get('text', ''))}"
         "</code></td></tr>"
@@ -60,3 +61,44 @@ def _rss(value: object) -> str:
     if not isinstance(value, int):
         return "–"
     return f"{NUM}{value / 2**30:.2f}"
+
+
+def _workers(report: Report, passes: list[dict[str, object]]) -> str:
+    """Where the fanned-out tasks ran (``engine``) and, per pass that ran tasks, each
+    worker's tasks and busy seconds (``passes[].workers``, `modec.distributed.summarize`)."""
+    engine = report.get("engine")
+    if not isinstance(engine, dict):
+        return ""
+    nodes = engine.get("nodes") or []
+    where = (
+        f"Ray, {esc(engine.get('address', '?'))}, {len(nodes)} node(s), "
+        f"{sum(int(n.get('cpus', 0)) for n in nodes)} CPUs"
+        if engine.get("kind") == "ray"
+        else "in this process"
+    )
+    head = (
+        f"<p>Tasks ran {where}: {esc(engine.get('parallelism', '?'))} at once, "
+        f"{esc(engine.get('threads_per_task', '?'))} thread(s) each.</p>"
+    )
+    rows = []
+    for p in passes:
+        w = p.get("workers")
+        if not isinstance(w, dict) or not w.get("per_worker"):
+            continue
+        wall = sum(float(m.get("seconds", 0.0)) for m in w.get("maps", []))
+        for pw in w["per_worker"]:
+            busy = float(pw.get("seconds", 0.0))
+            rows.append(
+                [
+                    f"<code>{esc(p.get('name', '?'))}</code>",
+                    f"<code>{esc(pw.get('worker', '?'))}</code>",
+                    ncell(int(pw.get("tasks", 0)), 0),
+                    ncell(busy, 2),
+                    ncell(wall, 2),
+                    pct(busy / wall) if wall > 0 else "–",
+                ]
+            )
+    if not rows:
+        return head
+    cols = ["pass", "worker", "tasks", "busy seconds", "tasks' wall seconds", "busy share"]
+    return head + table(cols, rows, id="table-workers")
