@@ -164,6 +164,8 @@ class Pass(ABC):
     reads: ClassVar[tuple[type, ...]] = ()
     #: The fact types the pass writes; the runner checks it wrote exactly these.
     writes: ClassVar[tuple[type, ...]] = ()
+    #: Options the pass no longer has, each with what replaced it (said when one is given).
+    removed_options: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:

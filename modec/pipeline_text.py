@@ -97,6 +97,10 @@ def parse_pass(text: str, registry: Mapping[str, type[Pass]]) -> Pass:
         for item in split_top(rest[:-1]):
             key, eq, raw = item.partition("=")
             key = key.strip()
+            if key in cls.removed_options:
+                raise UsageError(
+                    f"pass {name}: option {key!r} was removed: {cls.removed_options[key]}"
+                )
             if not eq or key not in fields:
                 raise UsageError(
                     f"pass {name}: unknown option {key!r}; options: {', '.join(sorted(fields))}"

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -59,6 +59,10 @@ class MeasureSensitivityPass(Pass):
     name = "measure-sensitivity"
     reads = (CanonicalMoE, Calibration)
     writes = (Sensitivity,)
+    removed_options: ClassVar[dict[str, str]] = {
+        "workers": "give `modec compile --workers N` (or --ray-address): the probes run as "
+        "tasks of the run's engine (docs/distributed.md)"
+    }
     bits: tuple[int, ...] = BITS
     group_size: int = GROUP_SIZE
     samples: int = SENSITIVITY_SAMPLES

@@ -227,3 +227,13 @@ def test_kl():
 def test_bad_options(analysed, text, match):
     with pytest.raises(ModecError, match=match):
         analysed(text)
+
+
+def test_the_removed_workers_option_names_what_replaced_it():
+    from modec.errors import UsageError
+    from modec.pipeline import Pipeline
+
+    with pytest.raises(
+        UsageError, match="option 'workers' was removed: give `modec compile --workers N`"
+    ):
+        Pipeline.parse("measure-sensitivity{samples=4,workers=2}")
