@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from modec.distributed import Engine
+from modec.distributed import Engine, SerialEngine
 from modec.facts import BitAllocation, KeyVision, RoutingStats, Sensitivity
 from modec.numerics.importance import LayerSignals, layer_cost, output_error, veq_gamma
 
@@ -122,10 +122,10 @@ def solve_allocation(
     """Costs per layer from the method's importance signal, then the ILP.
 
     ``errs`` (`layer_errors` of every layer) is needed by the methods that price an
-    expert's own output error (`modec.numerics.importance.NEEDS_OUTPUT_ERROR`). With an
-    ``engine`` the per-layer solves (``scope=layer``) are its tasks (`_solve_layer`, one per
-    layer, gathered in layer order: one solver thread and a fixed seed each, so the same
-    widths as solving them one after the other); without, `ilp.allocate_bits_per_layer`.
+    expert's own output error (`modec.numerics.importance.NEEDS_OUTPUT_ERROR`). The
+    per-layer solves (``scope=layer``) are tasks of ``engine`` (default: in this process),
+    one per layer, gathered in layer order: one solver thread and a fixed seed each, so the
+    widths do not depend on the engine.
     """
     from modec.numerics import ilp
     from modec.numerics.importance import NEEDS_OUTPUT_ERROR
@@ -149,15 +149,11 @@ def solve_allocation(
         sols = [ilp.allocate_bytes(costs, pr.bits, nbytes, pr.budget_bytes, options=opts)]
     elif pr.scope == "global":
         sols = [ilp.allocate_bits_global(costs, pr.bits, pr.budget, sense=pr.sense, options=opts)]
-    elif engine is not None:
-        sols = engine.map(
+    else:  # one task per layer, in layer order: the same widths on every engine
+        sols = (engine or SerialEngine()).map(
             _solve_layer, list(enumerate(costs)), pr.bits, pr.budget, pr.sense, opts,
             label="ILP per layer",
         )  # fmt: skip
-    else:
-        sols = list(
-            ilp.allocate_bits_per_layer(costs, pr.bits, pr.budget, sense=pr.sense, options=opts)
-        )
     widths = tuple(tuple(int(w) for w in layer) for s in sols for layer in s.per_layer())
     alloc = BitAllocation(
         method=pr.method,
@@ -182,13 +178,8 @@ def _solve_layer(
     item: tuple[int, np.ndarray], bits: tuple[int, ...], budget: float,
     sense: Literal["eq", "le"], options: Any,
 ) -> Any:  # fmt: skip
-    """One layer's ILP (an engine task): `ilp.allocate_bits` as `ilp.allocate_bits_per_layer`
-    calls it, infeasibility prefixed with the layer as it prefixes it."""
-    from modec.errors import InfeasibleBudgetError
+    """One layer's ILP (an engine task): `ilp.allocate_layer`."""
     from modec.numerics import ilp
 
     i, cost = item
-    try:
-        return ilp.allocate_bits(cost, bits, budget, sense=sense, options=options)
-    except InfeasibleBudgetError as exc:
-        raise InfeasibleBudgetError(f"layer {i}: {exc}") from exc
+    return ilp.allocate_layer(i, cost, bits, budget, sense=sense, options=options)

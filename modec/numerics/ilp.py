@@ -56,6 +56,7 @@ __all__ = [
     "allocate_bits_global",
     "allocate_bits_per_layer",
     "allocate_bytes",
+    "allocate_layer",
     "check_budget",
     "expert_nbytes",
 ]
@@ -294,13 +295,27 @@ def allocate_bits_per_layer(
         InfeasibleBudgetError: for the first layer whose budget is infeasible; the message
             is prefixed with the layer index.
     """
-    out = []
-    for i, c in enumerate(costs):
-        try:
-            out.append(allocate_bits(c, bits, budget, sense=sense, options=options))
-        except InfeasibleBudgetError as exc:
-            raise InfeasibleBudgetError(f"layer {i}: {exc}") from exc
-    return tuple(out)
+    return tuple(
+        allocate_layer(i, c, bits, budget, sense=sense, options=options)
+        for i, c in enumerate(costs)
+    )
+
+
+def allocate_layer(
+    index: int,
+    cost: npt.ArrayLike,
+    bits: Sequence[int] = DEFAULT_BITS,
+    budget: float = 3.0,
+    *,
+    sense: Sense = "eq",
+    options: SolverOptions | None = None,
+) -> Allocation:
+    """`allocate_bits` for layer ``index`` of `allocate_bits_per_layer` (alone: one task of a
+    distributed compile); an infeasible budget's message is prefixed with the layer."""
+    try:
+        return allocate_bits(cost, bits, budget, sense=sense, options=options)
+    except InfeasibleBudgetError as exc:
+        raise InfeasibleBudgetError(f"layer {index}: {exc}") from exc
 
 
 def allocate_bits_global(
