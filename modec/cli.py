@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from modec import stats
 
-    ev = command("eval", "accuracy of a model on an evaluation set, with 95% intervals")
+    ev = command("eval", "accuracy of a model on an evaluation set, with 95%% intervals")
     ev.add_argument("model", help="an .onnx file, a Hugging Face model directory or a modec "
                     "output directory")  # fmt: skip
     ev.add_argument("--data", required=True, help="a modec dataset (.npz); with answers "

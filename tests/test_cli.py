@@ -149,3 +149,18 @@ def test_verbosity_before_or_after_the_subcommand(flag):
         assert _log_level(args) == level, argv
         assert args.quiet == (level == 40), argv  # what the commands read (progress bars)
     assert modec("passes", "-q", "-v").returncode == 2  # one or the other
+
+
+def test_every_help_text_formats() -> None:
+    """``modec --help`` and ``modec CMD --help`` print (a stray ``%`` in a help string made
+    argparse raise TypeError instead)."""
+    import argparse
+
+    from modec.cli import build_parser
+
+    parser = build_parser()
+    assert "eval" in parser.format_help()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert subs, "no subcommands"
+    for name, sp in subs[0].choices.items():
+        assert sp.format_help().startswith("usage: "), name
