@@ -63,7 +63,7 @@ WEIGHTS = "model.safetensors"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 #: Bumped whenever the exported graph for the same directory changes.
-EXPORT_VERSION = "modec.hf-export/2"
+EXPORT_VERSION = "modec.hf-export/3"  # 3: text models with their KV cache
 ONNX_NAME = "model.onnx"
 #: Above this many bytes of parameters the old export (every weight loaded) writes external data.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -389,7 +389,7 @@ def _trace(
     """``(ONNXProgram, the traced module, whether transformers' ONNX IR fixes apply)``."""
     import torch
 
-    from modec.hf_wrappers import vlm_sample, wrappers
+    from modec.hf_wrappers import cache_shapes, vlm_sample, wrappers
 
     text_lm, image_text_lm = wrappers()
     wrapper: Any
@@ -421,18 +421,29 @@ def _trace(
         shapes: dict[str, Any] = {"input_ids": tokens, "attention_mask": tokens,
                                   "pixel_values": {0: batch}}  # fmt: skip
         args = tuple(sample[n] for n in names)
+        outputs = ["logits"]
+        dynamic: Any = shapes
     else:
-        vocab = config.get("vocab_size") or getattr(model.config, "vocab_size", None)
-        ids = torch.arange(16, dtype=torch.int64).reshape(2, 8) % int(vocab or 2)
-        wrapper = text_lm(model)
-        names = ["input_ids", "attention_mask"]
-        shapes = {"input_ids": tokens, "attention_mask": tokens}
-        args = (ids, torch.ones_like(ids))
+        # A decoder with its KV cache (docs/generation.md): sampled with 3 past and 5 new
+        # tokens, every length dynamic; the past may be empty.
+        vocab = int(config.get("vocab_size") or getattr(model.config, "vocab_size", 2) or 2)
+        kv = cache_shapes(model, vocab)
+        new = torch.export.Dim("new", min=1, max=4096)
+        past, total = torch.export.Dim("past", min=0, max=8192), torch.export.Dim("total")
+        ids = torch.arange(10, dtype=torch.int64).reshape(2, 5) % vocab
+        caches = [torch.zeros(2, heads, 3, dim) for heads, dim in kv]
+        wrapper = text_lm(model, len(kv) // 2)
+        kinds = [f"{i // 2}.{'value' if i % 2 else 'key'}" for i in range(len(kv))]
+        names = ["input_ids", "attention_mask"] + [f"past_key_values.{k}" for k in kinds]
+        outputs = ["logits"] + [f"present.{k}" for k in kinds]
+        dynamic = ({0: batch, 1: new}, {0: batch, 1: total},
+                   tuple({0: batch, 2: past} for _ in kv))  # fmt: skip
+        args = (ids, torch.ones(2, 8, dtype=torch.int64), *caches)
     try:
         with _quiet():
             prog = torch.onnx.export(
-                wrapper, args, input_names=names, output_names=["logits"],
-                dynamic_shapes=shapes, opset_version=18, dynamo=True, optimize=optimize,
+                wrapper, args, input_names=names, output_names=outputs,
+                dynamic_shapes=dynamic, opset_version=18, dynamo=True, optimize=optimize,
                 verbose=False,
             )  # fmt: skip
     except Exception as exc:

@@ -1,9 +1,12 @@
 """The modules `modec.hf.export_onnx` traces: text and LLaVA-style wrappers, the VLM sample.
 
-The text wrapper takes ``(input_ids, attention_mask)`` and computes position ids from the mask
-(as ``generate`` does), so a left-padded sample gets the logits it has alone; the LLaVA-style
-wrapper also takes ``pixel_values [B, C, H, W]`` and gives each sample's image tokens its own
-image's features.
+The text wrapper takes ``(input_ids, attention_mask, past_key_values.{i}.key|value …)`` and
+returns ``(logits, present.{i}.key|value …)``: a decoder with its KV cache, the contract of
+docs/generation.md (the mask covers the past and the new tokens; the past may be empty, which
+is how the analysis runs it). Position ids come from the mask (as ``generate`` computes them),
+so a left-padded sample gets the logits it has alone. The LLaVA-style wrapper takes
+``(input_ids, attention_mask, pixel_values [B, C, H, W])`` without a cache and gives each
+sample's image tokens its own image's features.
 """
 
 from __future__ import annotations
@@ -22,17 +25,35 @@ def wrappers() -> tuple[type[Any], type[Any]]:
         return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
     class TextLM(torch.nn.Module):
-        """``(input_ids, attention_mask) -> logits``."""
+        """``(input_ids, attention_mask, *past) -> (logits, *present)``, ``past`` and
+        ``present`` as ``[key 0, value 0, key 1, …]`` of shape [B, kv heads, length, head dim].
 
-        def __init__(self, m: torch.nn.Module) -> None:
+        The cache is a `transformers.DynamicCache` of full layers (``DynamicLayer``), also for
+        sliding-window attention: the window is applied by the mask, and every layer's
+        ``present`` is ``past`` followed by the new tokens, as the runtimes expect.
+        """
+
+        def __init__(self, m: torch.nn.Module, layers: int) -> None:
             super().__init__()
             self.m = m
+            self.layers = layers
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-            return self.m(
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+        ) -> Any:  # fmt: skip
+            from transformers import DynamicCache
+
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+            new = input_ids.shape[1]
+            out = self.m(
                 input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=positions(attention_mask), use_cache=False,
-            ).logits  # fmt: skip
+                position_ids=positions(attention_mask)[:, -new:], use_cache=True,
+                **{cache_argument(self.m): DynamicCache(ddp_cache_data=pairs)},
+            )  # fmt: skip
+            present: list[torch.Tensor] = []
+            for layer in returned_cache(out).layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
 
     class ImageTextLM(torch.nn.Module):
         """``(input_ids, attention_mask, pixel_values) -> logits``, one image per sample.
@@ -79,6 +100,38 @@ def wrappers() -> tuple[type[Any], type[Any]]:
             ).logits  # fmt: skip
 
     return TextLM, ImageTextLM
+
+
+def cache_argument(model: Any) -> str:
+    """The name of the cache argument of ``model.forward``: ``cache`` (transformers ≥ 5.25)
+    or ``past_key_values`` (earlier)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The cache a forward pass returned (``out.cache``, or ``out.past_key_values`` before
+    transformers 5.25)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def cache_shapes(model: Any, vocab: int) -> list[tuple[int, int]]:
+    """``[(kv heads, head dim) for key 0, value 0, key 1, …]`` of a causal LM's KV cache, read
+    from one forward pass on fake tensors (no weight is read; keys and values may differ, as
+    in DeepSeek's multi-head latent attention)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ids = torch.arange(4, dtype=torch.int64).reshape(1, 4) % max(vocab, 1)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        shapes: list[tuple[int, int]] = []
+        for layer in returned_cache(out).layers:
+            for t in (layer.keys, layer.values):
+                shapes.append((int(t.shape[1]), int(t.shape[3])))
+    return shapes
 
 
 def vlm_sample(directory: Path, image_token_id: int) -> dict[str, Any]:

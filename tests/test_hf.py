@@ -220,7 +220,10 @@ def test_text_moe_directory_end_to_end(dirs, tmp_path):
     assert info["num_moe_layers"] == 2 and info["num_experts"] == 16
     assert all(layer["form"] == "stacked_gather" for layer in info["moe_layers"])
     assert all(layer["attention"]["kind"] == "probs" for layer in info["moe_layers"])
-    assert [i["name"] for i in info["inputs"]] == ["input_ids", "attention_mask"]
+    # A decoder with its KV cache (modec.hf_wrappers.TextLM): `modec run` generates with it.
+    assert [i["name"] for i in info["inputs"]] == ["input_ids", "attention_mask"] + [
+        f"past_key_values.{layer}.{kind}" for layer in (0, 1) for kind in ("key", "value")
+    ]  # fmt: skip
 
     prompts = write_jsonl(tmp_path / "p.jsonl", SENTENCES * 2)
     calib = tmp_path / "calib.npz"

@@ -418,6 +418,47 @@ def test_export_matches_the_loaded_export_and_transformers(family: str, tmp_path
     assert len(find_moe(model)) == 2
 
 
+@pytest.mark.parametrize("family", HF_MODELS)
+def test_cached_steps_equal_the_full_forward(family: str, tmp_path: Path) -> None:
+    """The export is a decoder with its KV cache (docs/generation.md): a left-padded prompt
+    of 18 tokens with an empty cache, then three one-token steps fed the returned cache,
+    give transformers' logits of each row's whole sequence run alone (past GPT-OSS's
+    16-token sliding window; DeepSeek's keys and values of different widths)."""
+    import onnxruntime as ort
+    import torch
+
+    from modec import hf
+
+    d = _save_family(family, tmp_path / "f32", "float32")
+    sess = ort.InferenceSession(str(hf.export_onnx(d, d / "modec-new.onnx")))
+    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    assert len(past) == 4  # two layers, key and value
+    outs = [o.name for o in sess.get_outputs()]
+    assert outs[1:] == [p.name.replace("past_key_values", "present") for p in past]
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1, VOCAB, (2, 18)).astype(np.int64)
+    mask = np.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 0, 0
+    prompt_mask = mask.copy()
+    steps = rng.integers(1, VOCAB, (2, 3)).astype(np.int64)
+    empty = {p.name: np.zeros((2, p.shape[1], 0, p.shape[3]), np.float32) for p in past}
+    got = [sess.run(None, {"input_ids": ids, "attention_mask": mask, **empty})]
+    for j in range(3):
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        cache = {p.name: v for p, v in zip(past, got[-1][1:], strict=True)}
+        got.append(sess.run(None, {"input_ids": steps[:, j : j + 1], "attention_mask": mask,
+                                   **cache}))  # fmt: skip
+    model = build_hf(family).m
+    for row in range(2):
+        seq = np.concatenate([ids[row][prompt_mask[row] == 1], steps[row]])
+        with torch.no_grad():
+            want = model(input_ids=torch.from_numpy(seq[None]), use_cache=False).logits[0]
+        n = len(seq) - 3
+        assert _rel(got[0][0][row, -n:], want[:n].numpy()) < 1e-5, (family, row)
+        for j in range(3):
+            assert _rel(got[1 + j][0][row, -1], want[n + j].numpy()) < 1e-5, (family, row, j)
+
+
 def test_export_memory_does_not_grow_with_the_weights(tmp_path: Path) -> None:
     """Peak RSS of the export of a 0.5 GB checkpoint is within 64 MiB of a 2 MB one of the
     same structure (the old export loads it twice over, in float32)."""

@@ -382,13 +382,15 @@ class _Importer(onnx_frontend.ONNXGraphImporter):
             sym = self._custom[op_name](self.bb, list(inputs), dict(attrs))
             return self.bb.normalize(sym) if isinstance(sym, relax.Expr) else sym
         fix = _FRONTEND_FIXES.get(op_name)
-        fixed = fix(list(inputs), dict(attrs)) if fix is not None else None
+        fixed = fix(self.bb, list(inputs), dict(attrs)) if fix is not None else None
         if fixed is not None:
             return self.bb.normalize(fixed)
         return super()._convert_operator(op_name, inputs, attrs, opset)
 
 
-def _expand_const_shape(inputs: list[Any], attrs: dict[str, Any]) -> relax.Expr | None:
+def _expand_const_shape(
+    bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]
+) -> relax.Expr | None:  # fmt: skip
     """ONNX Expand to a constant shape of data with symbolic dims (None: not this case).
 
     The frontend's Expand reads ``dim.value`` of every data dim when the target shape is a
@@ -416,7 +418,9 @@ def _expand_const_shape(inputs: list[Any], attrs: dict[str, Any]) -> relax.Expr 
     return relax.op.broadcast_to(data, relax.ShapeExpr(out))
 
 
-def _gather_elements(inputs: list[Any], attrs: dict[str, Any]) -> relax.Expr | None:
+def _gather_elements(
+    bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]
+) -> relax.Expr | None:  # fmt: skip
     """ONNX GatherElements (the frontend's reads ``ty.dtype.dtype`` and always fails).
 
     Negative indices count from the end of ``axis``, as ONNX specifies (static extent only;
@@ -440,11 +444,106 @@ def _gather_elements(inputs: list[Any], attrs: dict[str, Any]) -> relax.Expr | N
     return relax.op.gather_elements(data, wrapped, axis)
 
 
+def _permuted(bb: relax.BlockBuilder, x: Any) -> tuple[relax.Expr, list[int]] | None:
+    """``(y, perm)`` when ``x`` is ``permute_dims(y, perm)`` or bound to it (None otherwise)."""
+    bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else x
+    if not isinstance(bound, relax.Call) or bound.op != tvm.ir.Op.get("relax.permute_dims"):
+        return None
+    if bound.attrs.axes is None:
+        return None
+    return bound.args[0], [int(a) for a in bound.attrs.axes]
+
+
+def _transpose(
+    bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]
+) -> relax.Expr | None:  # fmt: skip
+    """ONNX Transpose of a transposed value as one transpose of the original (nothing when
+    the two cancel); None when the input is not a transpose.
+
+    The dynamo exporter writes ``x[..., :k] = v`` as Transpose, ScatterND, Transpose back
+    (fused with the next transpose, e.g. the keys' for ``q @ kᵀ``); with `_scatter_nd` the
+    scatter happens before the first transpose, and TVM never sees the pair: its reshape
+    detection stops on some symbolic transposes (an internal check of its iterator
+    analysis, RewriteDataflowReshape).
+    """
+    inner = _permuted(bb, inputs[0])
+    perm = attrs.get("perm")
+    if inner is None or perm is None:
+        return None
+    y, p = inner
+    axes = [p[int(q)] for q in perm]
+    return y if axes == list(range(len(axes))) else relax.op.permute_dims(y, axes)
+
+
+def _scatter_nd(
+    bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]
+) -> relax.Expr | None:  # fmt: skip
+    """ONNX ScatterND writing a constant run of rows ``a, a+1, …`` of axis 0 whose other
+    dimensions match the data's only symbolically (None: not this case), as a concatenation.
+
+    This is how the dynamo exporter writes ``z[..., :8] = v`` (DeepSeek's keys assembled from
+    their two parts, with ``past + new`` positions in a cached export): both operands are
+    transposed to put the written axis first, scattered, and transposed back. Relax's
+    legalization of ``scatter_nd`` fails on it: topi checks each dimension with ``==``, which
+    is object identity for two ``past + new`` expressions, and TVM's reshape detection stops
+    (an internal check of its iterator analysis) on the transposes around it. Here the
+    dimensions are proved equal, and the result is ``concat(data[:a], updates, data[a+K:])``,
+    taken on the untransposed operands when both come from the same transpose (the transpose
+    back then cancels, `_transpose`). Reduction ``none`` only; anything else goes to the
+    frontend.
+    """
+    data, indices, updates = inputs
+    if not isinstance(indices, tvm.ir.GenericConst):
+        return None
+    reduction = attrs.get("reduction", b"none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+    table = np.asarray(indices.value.numpy())
+    if reduction != "none" or table.ndim != 2 or table.shape[1] != 1 or table.shape[0] == 0:
+        return None
+    axis = 0
+    pd, pu = _permuted(bb, data), _permuted(bb, updates)
+    if pd is not None and pu is not None and pd[1] == pu[1]:
+        (data, perm), updates = pd, pu[0]
+        axis = perm[0]
+    else:
+        perm = None
+    tys = [getattr(x, "ty", None) for x in (data, updates)]
+    if not all(isinstance(t, relax.TensorType) and t.shape is not None for t in tys):
+        return None
+    d_dims, u_dims = (list(t.shape.values) for t in tys)  # type: ignore[union-attr]
+    n = static_extent(d_dims[axis])
+    if n is None or len(u_dims) != len(d_dims):
+        return None
+    rows = table[:, 0]
+    rows = np.where(rows < 0, rows + n, rows)
+    a, k = int(rows[0]), int(rows.size)
+    if not np.array_equal(rows, np.arange(a, a + k)) or a < 0 or a + k > n:
+        return None
+    analyzer = tvm.sym.Analyzer()
+    others = [i for i in range(len(d_dims)) if i != axis]
+    if static_extent(u_dims[axis]) != k or not all(
+        analyzer.can_prove_equal(u_dims[i], d_dims[i]) for i in others
+    ):
+        return None
+    parts: list[relax.Expr] = []
+    if a > 0:
+        parts.append(bb.normalize(relax.op.strided_slice(data, [axis], [0], [a])))
+    parts.append(updates)
+    if a + k < n:
+        parts.append(bb.normalize(relax.op.strided_slice(data, [axis], [a + k], [n])))
+    out = parts[0] if len(parts) == 1 else relax.op.concat(parts, axis=axis)
+    return out if perm is None else relax.op.permute_dims(bb.normalize(out), perm)
+
+
 #: Ops whose frontend converter fails on graphs modec lowers: op type -> converter that
 #: returns the Relax expression, or None to fall back to the frontend's.
-_FRONTEND_FIXES: dict[str, Callable[[list[Any], dict[str, Any]], relax.Expr | None]] = {
+_FRONTEND_FIXES: dict[
+    str, Callable[[relax.BlockBuilder, list[Any], dict[str, Any]], relax.Expr | None]
+] = {
     "Expand": _expand_const_shape,
     "GatherElements": _gather_elements,
+    "ScatterND": _scatter_nd,
+    "Transpose": _transpose,
 }
 
 
