@@ -180,6 +180,124 @@ class _MatmulRewriter(relax.PyExprMutator):
         return call
 
 
+def _transposed_param(value: Any, params: set[Any]) -> Any:
+    """The 2-D parameter ``w`` when ``value`` is ``permute_dims(w)`` swapping its two axes."""
+    if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.permute_dims"):
+        return None
+    w = value.args[0]
+    if w not in params or not isinstance(w.ty, relax.TensorType) or w.ty.ndim != 2:
+        return None
+    axes = value.attrs.axes
+    return w if axes is None or [int(a) for a in axes] == [1, 0] else None
+
+
+@expr_functor.visitor
+class _Uses(relax.PyExprVisitor):
+    """How often each parameter is read, and which bindings transpose one."""
+
+    def __init__(self, params: set[Any]) -> None:
+        super().__init__()
+        self.params = params
+        self.reads: Counter[Any] = Counter()
+        self.transposed: dict[Any, Any] = {}  # binding var -> the parameter it transposes
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        w = _transposed_param(binding.value, self.params)
+        if w is not None:
+            self.transposed[binding.var] = w
+        super().visit_var_binding_(binding)
+
+    def visit_var_(self, var: relax.Var) -> None:
+        if var in self.params:
+            self.reads[var] += 1
+
+    def visit_dataflow_var_(self, var: relax.DataflowVar) -> None:
+        self.visit_var_(var)
+
+
+@expr_functor.mutator
+class _Fold(relax.PyExprMutator):
+    """Reads each folded transpose's binding as the transposed parameter instead."""
+
+    def __init__(self, fold: dict[Any, Any]) -> None:
+        super().__init__()
+        self.fold = fold
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        new = self.fold.get(binding.var)
+        if new is not None:
+            self.set_var_remap(binding.var, new)
+            return
+        super().visit_var_binding_(binding)
+
+
+def fold_weight_transposes(dm: DenseModule) -> DenseModule:
+    """Store transposed every 2-D weight that the graph transposes before use.
+
+    transformers' exports keep a linear layer's weight as checkpoint-shaped ``[out, in]``
+    followed by a ``Transpose`` (so that the weight stays the checkpoint's bytes,
+    docs/hf_export.md); onnxruntime folds that transpose into the weight when it loads the
+    model, but a compiled artifact would transpose every weight at every call: for the
+    paper-shaped decoder (docs/performance.md) 210 MiB of weights moved per decode step,
+    unscheduled. Here each such weight is written transposed into the artifact (named
+    ``<name>.T``) and the transpose disappears; a weight also read untransposed (a tied
+    embedding and head) keeps its own tensor and gets a transposed copy. Applies to every
+    entry (``main``, ``decode``) alike: they share their parameters. Adds ``weights_transposed``
+    (and ``weights_transposed_copies``) to `DenseModule.stats`.
+    """
+    names = list(dm.params)
+    entries = [(gv, f) for gv, f in dm.mod.functions_items()
+               if isinstance(f, relax.Function) and f.attrs is not None
+               and "num_input" in f.attrs]  # fmt: skip
+    if not entries:
+        return dm
+    uses: dict[str, tuple[int, int]] = {}  # name -> (reads, transposed reads), all entries
+    found: list[tuple[Any, Any, _Uses, dict[str, Any]]] = []
+    for gv, f in entries:
+        n_in = int(f.attrs["num_input"])
+        by_name = {p.name: p for p in f.params[n_in:]}
+        u = _Uses(set(by_name.values()))
+        u.visit_expr(f)
+        for name, var in by_name.items():
+            t = sum(1 for w in u.transposed.values() if w.same_as(var))
+            r, tt = uses.get(name, (0, 0))
+            uses[name] = (r + u.reads[var], tt + t)
+        found.append((gv, f, u, by_name))
+    folded = [n for n in names if uses.get(n, (0, 0))[1] > 0]
+    if not folded:
+        return dm
+    only = {n for n in folded if uses[n][0] == uses[n][1]}
+    params: dict[str, Any] = {}
+    for n, v in dm.params.items():
+        if n in only:
+            params[f"{n}.T"] = v.T
+        else:
+            params[n] = v
+    for n in folded:
+        if n not in only:
+            params[f"{n}.T"] = dm.params[n].T
+    mod = dm.mod
+    for gv, f, u, by_name in found:
+        n_in = int(f.attrs["num_input"])
+        new_vars: dict[str, Any] = {}
+        for n in folded:
+            old = by_name[n]
+            shape = list(old.ty.shape.values)
+            new_vars[n] = relax.Var(f"{n}.T", relax.TensorType(shape[::-1], old.ty.dtype))
+        fold = {b: new_vars[w.name] for b, w in u.transposed.items()}
+        body = _Fold(fold).visit_expr(f.body)
+        kept = [new_vars[p.name] if p.name in only else p for p in f.params[n_in:]]
+        extra = [new_vars[n] for n in folded if n not in only]
+        new_params = [*f.params[:n_in], *kept, *extra]
+        mod[gv] = relax.Function(new_params, body, f.ret_ty, f.is_pure, f.attrs)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    stats = {**dm.stats, "weights_transposed": len(folded)}
+    if len(folded) > len(only):
+        stats["weights_transposed_copies"] = len(folded) - len(only)
+    logger.info("weights stored transposed: %d (%d copies)", len(folded), len(folded) - len(only))
+    return replace(dm, mod=mod, params=params, stats=stats)
+
+
 #: 16-bit weight dtypes a scheduled projection takes as they are, and their kernel suffix.
 _SHORT = {"float16": "f16", "bfloat16": "bf16"}
 
@@ -230,7 +348,7 @@ def lower_dense(
         dm = hook(dm)
         _check_params(dm, getattr(hook, "__name__", repr(hook)))
     if not is_cuda(resolve_target(target)):
-        dm = schedule_dense_ops(dm)
+        dm = schedule_dense_ops(fold_weight_transposes(dm))
     return dm
 
 

@@ -149,3 +149,42 @@ def test_cuda_build_only(tiny: onnx.ModelProto) -> None:
     host = ex.mod.imports[0]
     assert host.kind == "llvm"
     assert "__global__" in host.imports[0].inspect_source()
+
+
+def test_transposed_weights_are_stored_transposed() -> None:
+    """transformers' form: ``MatMul(x, Transpose(W))`` with W ``[out, in]``. W is stored
+    transposed (``W.T``) and the graph has no transpose left; a weight also read as it is
+    (a tied embedding and head) keeps its tensor and gets a transposed copy. Same outputs
+    as onnxruntime."""
+    rng = np.random.default_rng(0)
+    vocab, hid, out = 11, 8, 16
+    emb = rng.standard_normal((vocab, hid), dtype=np.float32)
+    w = rng.standard_normal((out, hid), dtype=np.float32)
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["h"]),
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "wt"], ["proj"]),
+        helper.make_node("Transpose", ["emb"], ["embt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "embt"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"])],
+        [helper.make_tensor_value_info("proj", TensorProto.FLOAT, ["B", "T", out]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", vocab])],
+        [onnx.numpy_helper.from_array(emb, "emb"), onnx.numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    dm = lower_dense(model)
+    assert list(dm.params) == ["emb", "w.T", "emb.T"]
+    np.testing.assert_array_equal(np.asarray(dm.params["w.T"]), w.T)
+    np.testing.assert_array_equal(np.asarray(dm.params["emb.T"]), emb.T)
+    assert dm.stats["weights_transposed"] == 2 and dm.stats["weights_transposed_copies"] == 1
+    assert "permute_dims" not in dm.mod["main"].script()
+    vm = relax.VirtualMachine(compile_module(dm), tvm.cpu())
+    ids = np.array([[1, 4, 10], [0, 2, 3]], dtype=np.int64)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})
+    params = [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in dm.params.values()]
+    got = vm["main"](tvm.runtime.tensor(ids), *params)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), r, rtol=1e-5, atol=1e-5)

@@ -100,11 +100,14 @@ def test_16_bit_graph_keeps_its_weights_and_computes_in_float32(dtype: str) -> N
     assert all(isinstance(w, LazyArray) for w in weights.values())
     dm = lower_dense(proto, "llvm", weights=weights, upcast=True)
 
+    # w2t is read transposed only: stored transposed (`fold_weight_transposes`), still lazy.
     assert {n: str(v.dtype) for n, v in dm.params.items()} == {
-        "emb": dtype, "w1": dtype, "b1": "float32", "w2t": dtype
+        "emb": dtype, "w1": dtype, "b1": "float32", "w2t.T": dtype
     }  # fmt: skip
-    assert all(dm.params[n] is weights[n] for n in weights)  # handed over unread
-    # Both projections read the 16-bit weight itself (w2 through its 16-bit transpose) ...
+    assert all(dm.params[n] is weights[n] for n in ("emb", "w1"))  # handed over unread
+    assert isinstance(dm.params["w2t.T"], LazyArray)
+    np.testing.assert_array_equal(np.asarray(dm.params["w2t.T"]), np.asarray(weights["w2t"]).T)
+    # Both projections read the 16-bit weight itself (w2 stored transposed) ...
     assert dm.stats["matmul_dense"] == dm.stats["matmul_stored_weight"] == 2
     # ... and no float32 copy of a whole weight is left: the one cast of a weight parameter
     # would be a per-call copy. The embedding is gathered in 16 bits and its rows cast.
