@@ -180,55 +180,91 @@ class _MatmulRewriter(relax.PyExprMutator):
         return call
 
 
-def _transposed_param(value: Any, params: set[Any]) -> Any:
-    """The 2-D parameter ``w`` when ``value`` is ``permute_dims(w)`` swapping its two axes."""
+def _swap_of(value: Any) -> Any:
+    """The operand of ``value`` when it is ``permute_dims(x)`` swapping x's two axes."""
     if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.permute_dims"):
         return None
-    w = value.args[0]
-    if w not in params or not isinstance(w.ty, relax.TensorType) or w.ty.ndim != 2:
+    x = value.args[0]
+    if not isinstance(x.ty, relax.TensorType) or x.ty.ndim != 2:
         return None
     axes = value.attrs.axes
-    return w if axes is None or [int(a) for a in axes] == [1, 0] else None
+    return x if axes is None or [int(a) for a in axes] == [1, 0] else None
+
+
+def _cast_of(value: Any) -> Any:
+    """The operand of ``value`` when it is ``astype(x, "float32")`` of a 16-bit ``x``."""
+    if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.astype"):
+        return None
+    x = value.args[0]
+    ok = str(value.attrs.dtype) == "float32" and str(getattr(x.ty, "dtype", "")) in _SHORT
+    return x if ok else None
 
 
 @expr_functor.visitor
 class _Uses(relax.PyExprVisitor):
-    """How often each parameter is read, and which bindings transpose one."""
+    """Which bindings transpose a 2-D parameter, directly or through its float32 cast (a
+    16-bit weight, `import_onnx` with ``upcast``), and how often each parameter and each
+    such cast is read."""
 
     def __init__(self, params: set[Any]) -> None:
         super().__init__()
         self.params = params
         self.reads: Counter[Any] = Counter()
-        self.transposed: dict[Any, Any] = {}  # binding var -> the parameter it transposes
+        self.casts: dict[Any, Any] = {}  # binding var -> the parameter it casts to float32
+        #: binding var -> (the parameter it transposes, the cast it reads or None)
+        self.transposed: dict[Any, tuple[Any, Any]] = {}
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
-        w = _transposed_param(binding.value, self.params)
-        if w is not None:
-            self.transposed[binding.var] = w
+        x = _swap_of(binding.value)
+        if x is not None and x in self.params:
+            self.transposed[binding.var] = (x, None)
+        elif x is not None and x in self.casts:
+            self.transposed[binding.var] = (self.casts[x], x)
+        w = _cast_of(binding.value)
+        if w is not None and w in self.params:
+            self.casts[binding.var] = w
         super().visit_var_binding_(binding)
 
     def visit_var_(self, var: relax.Var) -> None:
-        if var in self.params:
+        if var in self.params or var in self.casts:
             self.reads[var] += 1
 
     def visit_dataflow_var_(self, var: relax.DataflowVar) -> None:
         self.visit_var_(var)
 
+    def transposed_reads(self, w: Any) -> tuple[int, int]:
+        """``(reads of w, reads of w that only feed a transpose)``."""
+        direct = sum(1 for p, c in self.transposed.values() if c is None and p.same_as(w))
+        via = 0
+        for c, p in self.casts.items():
+            if p.same_as(w):
+                swaps = sum(
+                    1 for q, cc in self.transposed.values() if cc is not None and cc.same_as(c)
+                )
+                via += int(swaps > 0 and swaps == self.reads[c])
+        return self.reads[w], direct + via
+
 
 @expr_functor.mutator
 class _Fold(relax.PyExprMutator):
-    """Reads each folded transpose's binding as the transposed parameter instead."""
+    """Reads each folded transpose as the transposed parameter (or its float32 cast)."""
 
-    def __init__(self, fold: dict[Any, Any]) -> None:
+    def __init__(self, fold: dict[Any, tuple[Any, bool]], drop: set[Any]) -> None:
         super().__init__()
-        self.fold = fold
+        self.fold = fold  # binding var -> (transposed parameter, whether to cast it)
+        self.drop = drop  # casts of a parameter that is no longer there (only read transposed)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         new = self.fold.get(binding.var)
-        if new is not None:
-            self.set_var_remap(binding.var, new)
+        if binding.var in self.drop:
             return
-        super().visit_var_binding_(binding)
+        if new is None:
+            super().visit_var_binding_(binding)
+        elif new[1]:
+            value = self.builder_.normalize(relax.op.astype(new[0], "float32"))
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+        else:
+            self.set_var_remap(binding.var, new[0])
 
 
 def fold_weight_transposes(dm: DenseModule) -> DenseModule:
@@ -256,12 +292,12 @@ def fold_weight_transposes(dm: DenseModule) -> DenseModule:
     for gv, f in entries:
         n_in = int(f.attrs["num_input"])
         by_name = {p.name: p for p in f.params[n_in:]}
-        u = _Uses(set(by_name.values()))
+        u = _Uses({p for p in by_name.values() if getattr(p.ty, "ndim", 0) == 2})
         u.visit_expr(f)
         for name, var in by_name.items():
-            t = sum(1 for w in u.transposed.values() if w.same_as(var))
-            r, tt = uses.get(name, (0, 0))
-            uses[name] = (r + u.reads[var], tt + t)
+            r, t = u.transposed_reads(var)
+            r0, t0 = uses.get(name, (0, 0))
+            uses[name] = (r0 + r, t0 + t)
         found.append((gv, f, u, by_name))
     folded = [n for n in names if uses.get(n, (0, 0))[1] > 0]
     if not folded:
@@ -284,8 +320,10 @@ def fold_weight_transposes(dm: DenseModule) -> DenseModule:
             old = by_name[n]
             shape = list(old.ty.shape.values)
             new_vars[n] = relax.Var(f"{n}.T", relax.TensorType(shape[::-1], old.ty.dtype))
-        fold = {b: new_vars[w.name] for b, w in u.transposed.items()}
-        body = _Fold(fold).visit_expr(f.body)
+        fold = {b: (new_vars[w.name], c is not None) for b, (w, c) in u.transposed.items()
+                if w.name in new_vars}  # fmt: skip
+        drop = {c for c, w in u.casts.items() if w.name in only}
+        body = _Fold(fold, drop).visit_expr(f.body)
         kept = [new_vars[p.name] if p.name in only else p for p in f.params[n_in:]]
         extra = [new_vars[n] for n in folded if n not in only]
         new_params = [*f.params[:n_in], *kept, *extra]

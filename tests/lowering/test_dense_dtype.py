@@ -189,3 +189,36 @@ def test_fp32_artifact_is_the_one_of_the_reading_import(
     write_dense_artifact(dm, compile_module(dm), tmp_path / "read", "llvm", sections)
     for name in ("model.so", "weights.safetensors", "manifest.json"):
         assert _sha(tmp_path / "declared" / name) == _sha(tmp_path / "read" / name), name
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cast_then_transposed_weight_is_stored_transposed(dtype: str) -> None:
+    """The Hugging Face export's form of a 16-bit linear weight: ``Cast(w, float32)``, then
+    ``Transpose``, then ``MatMul`` (docs/hf_export.md). The weight is stored transposed in
+    its own dtype (``w.T``), the projection reads it as stored, and neither the cast nor the
+    transpose of a whole weight runs per call."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((F, H), dtype=np.float32) / 8).astype(NP[dtype])
+    nodes = [
+        helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["w32"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "cast_t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", H])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", F])],
+        [helper.make_tensor("w", ONNX[dtype], (F, H), w.view(np.uint16).tobytes(), raw=True)],
+    )  # fmt: skip
+    proto16 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto, weights = lowering_proto(ir.serde.deserialize_model(proto16))
+    dm = lower_dense(proto, "llvm", weights=weights, upcast=True)
+    assert {n: str(v.dtype) for n, v in dm.params.items()} == {"w.T": dtype}
+    np.testing.assert_array_equal(np.asarray(dm.params["w.T"]), w.T)
+    assert dm.stats["matmul_stored_weight"] == 1 and dm.stats["weights_transposed"] == 1
+    script = dm.mod["main"].script()
+    assert "permute_dims" not in script and "astype" not in script
+    vm = relax.VirtualMachine(compile_module(dm), tvm.cpu())
+    x = rng.standard_normal((3, H), dtype=np.float32)
+    got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(np.asarray(dm.params["w.T"])))
+    np.testing.assert_allclose(got.numpy(), x @ w.astype(np.float32).T, rtol=1e-5, atol=1e-5)
