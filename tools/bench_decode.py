@@ -1,9 +1,12 @@
-"""Prefill and decode speed of a generating artifact against onnxruntime, side by side.
+"""Prefill and decode speed of a generating artifact against onnxruntime and llama.cpp.
 
-    python -m tools.bench_decode [--work /tmp/modec-bench-decode] [--batches 1 8]
-        [--new-tokens 16] [--repeats 5] [--budget 3.0] [--threads 2] [--json PATH]
+    python -m tools.bench_decode [--model bundled|paper] [--work /tmp/modec-bench-decode]
+        [--batches 1 8] [--new-tokens 16] [--repeats 5] [--budget 3.0] [--threads 2]
+        [--layers 2] [--prompt-tokens 256] [--llama-cpp-src DIR] [--profile | --profile-only]
+        [--json PATH]
 
-On the bundled digits-vlm (trained weights, its KV-cache export, `tools.digits_vlm.export`):
+``--model bundled`` (default), on the bundled digits-vlm (trained weights, its KV-cache
+export, `tools.digits_vlm.export`):
 
 1. builds, once, in WORK: ``model_kv.onnx`` (the cached decoder with its vision tower),
    ``model_text_kv.onnx`` (the same without ``pixel_values``: the text decoder an
@@ -22,7 +25,31 @@ On the bundled digits-vlm (trained weights, its KV-cache export, `tools.digits_v
 3. the physical bound of a batch-1 decode step: the bytes it must read (the active experts'
    packed bytes, ``top_k`` per layer; every dense weight of the decode graph; the KV cache at
    the mean length) over this machine's copy bandwidth, measured in the same run (numpy
-   copy of a 256 MiB buffer, bytes read per second).
+   copy of a 256 MiB buffer, bytes read and written per second).
+
+``--model paper``: a random-weight Qwen3-MoE checkpoint with the paper model's decoder
+layer (hidden 2048, 128 experts of intermediate 768, top-8, 32/4 heads of 128;
+`tools.paper_checkpoint`, ``--layers`` layers, vocabulary 8192, float32) in
+WORK/paper-L{layers}/:
+
+1. ``hf/`` the checkpoint; ``out-{budget}/`` ``modec compile hf/`` (``--method uniform
+   --quantizer rtn``: the speed depends on the packed widths only, and RTN saves GPTQ's
+   ~200 s per layer) from 16 random prompts; the ONNX export modec made of the directory
+   (with its KV cache, `modec.hf`) is the onnxruntime fp32 model, for the prompt (in
+   pieces of 16 token-rows: its expert gathers would not fit otherwise, `OrtDecoder`) and
+   the steps; ``hf-bf16/`` the same weights in bfloat16 and ``out-{budget}-bf16/`` its
+   compile (the row "modec, bf16 checkpoint": dense weights kept in bf16, as from a real
+   checkpoint);
+2. with ``--llama-cpp-src`` (the ``vendor/llama.cpp`` folder of the ``llama-cpp-python``
+   source package: ``pip download --no-binary :all: --no-deps llama-cpp-python`` and
+   unpack; the ``llama_cpp`` module itself must be installed), llama.cpp's own converter
+   (``convert_hf_to_gguf.py``, told that the locally trained tokenizer pre-tokenizes as
+   ``qwen2``) writes an f16 GGUF and ``llama_model_quantize`` the ``--gguf-types`` (default
+   Q4_K_M, Q3_K_M, Q2_K); each runs through ``llama_cpp.Llama`` (``eval`` of the prompt,
+   then one token per ``eval``, greedy, ``--threads`` threads) at batch 1 only — batched
+   decoding of independent sequences needs llama.cpp's low-level batch API, not done here;
+3. prompts of ``--prompt-tokens`` random tokens; the bound as above, the embedding table
+   left out (a step reads one row of it).
 
 Prints a Markdown table; ``--json`` writes everything. Generated tokens are checked equal
 between modec and onnxruntime where the quantized model agrees with fp32 (reported, not
@@ -64,6 +91,97 @@ def build(work: Path, budget: float) -> dict[str, Path]:
     return paths
 
 
+def build_paper(
+    work: Path, layers: int, budget: float, llama_src: Path | None, gguf_types: list[str]
+) -> dict[str, Any]:  # fmt: skip
+    """The paper-shaped checkpoint, its modec compile and export, and the GGUFs (reused
+    when present; see the module docstring)."""
+    from modec import data, hf
+    from modec.driver import CompileOptions, compile_model
+    from tools import paper_checkpoint
+
+    root = work / f"paper-L{layers}"
+    d, cache = root / "hf", root / "cache"
+    if not (d / "config.json").exists():
+        paper_checkpoint.build(d, layers)
+    calib = root / "calib.npz"
+    if not calib.exists():
+        ids = np.random.default_rng(1).integers(2, 2000, (16, 64)).astype(np.int64)
+        data.save(calib, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                  modality=np.ones_like(ids, dtype=np.uint8))  # fmt: skip
+    o = CompileOptions(method="uniform", quantizer="rtn", budget=budget, target="llvm",
+                       cache_dir=str(cache))  # fmt: skip
+    out = root / f"out-{budget}"
+    if not (out / "manifest.json").exists():
+        compile_model(d, calib, out, o, force=True)
+    # The same weights in bfloat16, as real checkpoints ship: modec keeps dense weights in
+    # their stored dtype, so a step reads half the dense bytes.
+    d16, out16 = root / "hf-bf16", root / f"out-{budget}-bf16"
+    if not (d16 / "config.json").exists():
+        paper_checkpoint.build(d16, layers, dtype="bfloat16")
+    if not (out16 / "manifest.json").exists():
+        compile_model(d16, calib, out16, o, force=True)
+    paths: dict[str, Any] = {"out": out, "out_bf16": out16, "hf": d, "ggufs": {}}
+    paths["onnx"] = paths["text"] = hf.cached_export(d, cache)
+    if llama_src is not None:
+        f16 = root / "model-f16.gguf"
+        if not f16.exists():
+            convert_gguf(llama_src, d, f16)
+        for kind in gguf_types:
+            q = root / f"model-{kind}.gguf"
+            if not q.exists():
+                quantize_gguf(f16, q, kind)
+            paths["ggufs"][kind] = q
+    return paths
+
+
+#: Run by `convert_gguf` in a child process: llama.cpp's converter, with the pre-tokenizer
+#: of our locally trained byte-level BPE named (the converter recognizes released
+#: tokenizers by the hash of their output and refuses others).
+_CONVERT = """
+import runpy, sys
+src = sys.argv[1]
+sys.path[:0] = [src, src + "/gguf-py"]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+sys.argv = ["convert_hf_to_gguf.py"] + sys.argv[2:]
+runpy.run_path(src + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+def convert_gguf(llama_src: Path, hf_dir: Path, out: Path) -> None:
+    import subprocess
+    import sys
+
+    tmp = out.with_suffix(".tmp")
+    cmd = [sys.executable, "-c", _CONVERT, str(llama_src), str(hf_dir), "--outtype", "f16",
+           "--outfile", str(tmp)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"llama.cpp's converter failed:\n{r.stderr[-3000:]}")
+    tmp.replace(out)
+
+
+def quantize_gguf(src: Path, out: Path, kind: str) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+    tmp = out.with_suffix(".tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(),
+                                        ctypes.byref(params))  # fmt: skip
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize {kind} failed ({rc})")
+    tmp.replace(out)
+
+
+def paper_prompts(batch: int, tokens: int) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(batch).integers(2, 2000, (batch, tokens)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
 def prompts(batch: int) -> dict[str, np.ndarray]:
     from modec import data
 
@@ -74,7 +192,10 @@ def prompts(batch: int) -> dict[str, np.ndarray]:
 
 
 def copy_bandwidth(repeats: int) -> float:
-    """Bytes read per second by a numpy copy of a 256 MiB buffer (median)."""
+    """Bytes moved per second by a numpy copy of a 256 MiB buffer, read and written (STREAM's
+    convention: a copy reads and writes as many bytes; median). A decode step only reads,
+    and reads stream at about this total rate: counted as bytes read only, the paper model's
+    modec steps ran at 125% of the "bound"."""
     src = np.ones(256 * 2**20 // 8, np.float64)
     dst = np.empty_like(src)
     times = []
@@ -82,7 +203,7 @@ def copy_bandwidth(repeats: int) -> float:
         t0 = time.perf_counter()
         np.copyto(dst, src)
         times.append(time.perf_counter() - t0)
-    return src.nbytes / statistics.median(times[1:])
+    return 2 * src.nbytes / statistics.median(times[1:])
 
 
 class ModecDecoder:
@@ -101,10 +222,18 @@ class ModecDecoder:
 
 
 class OrtDecoder:
-    """onnxruntime with a KV cache: the full model for the prompt, the text decoder after."""
+    """onnxruntime with a KV cache: the full model for the prompt, the text decoder after.
 
-    def __init__(self, paths: dict[str, Path], threads: int) -> None:
+    ``chunk``: the prompt goes in pieces of ``chunk // batch`` tokens (each fed the cache of
+    the previous ones). A transformers ``batched_mm`` export gathers every token's top-k
+    expert weights before its matmuls: a 256-token prompt of the paper model would need
+    25.8 GB for one gather, so the paper run feeds 16 token-rows at a time.
+    """
+
+    def __init__(self, paths: dict[str, Path], threads: int, chunk: int | None = None) -> None:
         import onnxruntime as ort
+
+        self.chunk = chunk
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -121,9 +250,14 @@ class OrtDecoder:
         empty = {p: np.zeros((b, self.shapes[p][1], 0, self.shapes[p][3]), np.float32)
                  for p in self.past}  # fmt: skip
         t0 = time.perf_counter()
-        out = self.full.run(None, {**feeds, **empty})
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        step = max(1, self.chunk // b) if self.chunk else ids.shape[1]
+        cache = empty
+        for s in range(0, ids.shape[1], step):
+            part = {"input_ids": ids[:, s : s + step], "attention_mask": mask[:, : s + step]}
+            out = self.full.run(None, {**feeds, **part, **cache})
+            cache = dict(zip(self.past, out[1:], strict=True))
         t1 = time.perf_counter()
-        mask = feeds["attention_mask"]
         tokens: list[list[int]] = [[] for _ in range(b)]
         nxt = out[0][:, -1].argmax(-1)
         for _ in range(n - 1):
@@ -139,28 +273,188 @@ class OrtDecoder:
         return t1 - t0, time.perf_counter() - t1, tokens
 
 
-def step_bytes(out: Path, mean_len: float) -> dict[str, float]:
-    """The bytes a batch-1 decode step reads (see the module docstring)."""
-    from tools.digits_vlm.model import DigitsVLM, DigitsVLMConfig
+class LlamaCppDecoder:
+    """A GGUF through `llama_cpp.Llama` (batch 1: the prompt in one ``eval``, then one
+    ``eval`` per token, greedy on the last logits)."""
 
+    def __init__(self, gguf: Path, threads: int, ctx: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=str(gguf), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
+            n_batch=512, verbose=False,
+        )  # fmt: skip
+
+    def __call__(
+        self, feeds: dict[str, np.ndarray], n: int
+    ) -> tuple[float, float, list[list[int]]]:
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        if ids.shape[0] != 1:
+            raise ValueError("llama.cpp is measured at batch 1 only")
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids[0][mask[0] == 1].tolist())
+        t1 = time.perf_counter()
+        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        for _ in range(n - 1):
+            llm.eval([tokens[-1]])
+            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        return t1 - t0, time.perf_counter() - t1, [tokens]
+
+
+def step_bytes(
+    out: Path, active_share: float, kv: float, skip: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """The bytes a batch-1 decode step reads: the packed experts times ``active_share``
+    (top-k over experts), every other weight of the artifact except those whose name
+    contains one of ``skip``, and ``kv`` bytes of cache."""
     manifest = json.loads((out / "manifest.json").read_text())
-    cfg = DigitsVLMConfig()
     sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "uint32": 4, "uint8": 1, "int64": 8}
-    total = expert = 0.0
+    dense = expert = 0.0
     for p in manifest["params"]:
         nbytes = float(np.prod(p["shape"])) * sizes[p["dtype"]]
-        total += nbytes
         if p["name"].startswith("moe") and p["name"].rsplit(".", 1)[-1] in PACKED:
             expert += nbytes
-    vision = DigitsVLM(cfg).parameter_counts()["vision"] * 4.0
-    dense = total - expert - vision
-    active = expert * cfg.top_k / cfg.num_experts
-    kv = 2 * cfg.num_layers * cfg.hidden * mean_len * 4.0
+        elif not any(k in p["name"] for k in skip):
+            dense += nbytes
+    active = expert * active_share
     return {"dense": dense, "experts_active": active, "kv": kv, "total": dense + active + kv}
+
+
+def bundled_step_bytes(out: Path, mean_len: float) -> dict[str, float]:
+    """`step_bytes` of the bundled model (its vision tower does not run in a step)."""
+    from tools.digits_vlm.model import DigitsVLM, DigitsVLMConfig
+
+    cfg = DigitsVLMConfig()
+    need = step_bytes(
+        out, cfg.top_k / cfg.num_experts, 2 * cfg.num_layers * cfg.hidden * mean_len * 4.0
+    )
+    vision = DigitsVLM(cfg).parameter_counts()["vision"] * 4.0
+    need["dense"] -= vision
+    need["total"] -= vision
+    return need
+
+
+def paper_step_bytes(out: Path, mean_len: float) -> dict[str, float]:
+    """`step_bytes` of the paper-shaped model: its cache as the manifest's generation section
+    lists it (float32), the embedding table left out."""
+    from tools.paper_checkpoint import PAPER_DECODER
+
+    gen = json.loads((out / "manifest.json").read_text())["sections"]["generation"]
+    kv = sum(c["heads"] * c["head_dim"] * 4.0 for c in gen["cache"]) * mean_len
+    share = PAPER_DECODER["num_experts_per_tok"] / PAPER_DECODER["num_experts"]
+    return step_bytes(out, share, kv, ("embed_tokens",))
+
+
+def gguf_step_bytes(path: Path, mean_len: float) -> dict[str, float]:
+    """What a batch-1 llama.cpp decode step reads from ``path``: every tensor but the token
+    embedding (one row read), the expert tensors (``*_exps``) times top-k over experts, and
+    its KV cache (float16, llama.cpp's default) of the paper model's shape."""
+    from gguf import GGUFReader
+
+    from tools.paper_checkpoint import PAPER_DECODER as P
+
+    dense = expert = 0.0
+    layers = 0
+    for t in GGUFReader(str(path)).tensors:
+        if t.name.startswith("token_embd"):
+            continue
+        if "_exps" in t.name:
+            expert += float(t.n_bytes)
+        else:
+            dense += float(t.n_bytes)
+        if t.name.endswith("attn_norm.weight"):
+            layers += 1
+    active = expert * P["num_experts_per_tok"] / P["num_experts"]
+    kv = 2.0 * layers * P["num_key_value_heads"] * P["head_dim"] * mean_len * 2
+    return {"dense": dense, "experts_active": active, "kv": kv, "total": dense + active + kv}
+
+
+def profile_step(out: Path, prompt_tokens: int, repeats: int) -> list[dict[str, Any]]:
+    """Where a batch-1 decode step of the artifact spends its time: every call the Relax VM
+    makes in one step after a ``prompt_tokens`` prompt (the ``decode`` entry), timed around
+    the call with the VM's instrument hook (TVM 0.27's Python VM has no profiler), medians
+    over ``repeats`` steps. Kernels: ``modec_dense_*`` the dense projections and the head,
+    ``modec_moe_*`` the experts, ``modec_bmm_*`` attention's batched matmuls, the rest
+    Relax's fused element-wise, norm, softmax and cache-concat kernels and the VM's
+    builtins. Returns one row per callee name, slowest first."""
+    import tvm
+    from modec.runtime import _map_weights
+    from tvm import relax
+
+    from modec.artifact import read_manifest
+
+    manifest = read_manifest(out)
+    with open(out / "weights.safetensors", "rb") as f:
+        weights = _map_weights(f, out / "weights.safetensors", manifest.params)
+    params = [tvm.runtime.tensor(np.ascontiguousarray(w)) for w in weights]
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())
+    gen = manifest.sections["generation"]
+    ids = np.random.default_rng(0).integers(2, 2000, (1, prompt_tokens)).astype(np.int64)
+    empty = [np.zeros((1, c["heads"], 0, c["head_dim"]), np.float32) for c in gen["cache"]]
+    mask = np.ones((1, prompt_tokens), np.int64)
+    res = vm["main"](tvm.runtime.tensor(ids), tvm.runtime.tensor(mask),
+                     *(tvm.runtime.tensor(e) for e in empty), *params)  # fmt: skip
+    cache = list(res)[1:]
+    step = [tvm.runtime.tensor(np.array([[7]], np.int64)),
+            tvm.runtime.tensor(np.ones((1, prompt_tokens + 1), np.int64))]  # fmt: skip
+    entry = vm[gen["decode"]["entry"]]
+    entry(*step, *cache, *params)  # warm-up
+    totals: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    started: list[float] = []
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        if before:
+            started.append(time.perf_counter())
+        else:
+            totals[symbol] = totals.get(symbol, 0.0) + time.perf_counter() - started.pop()
+            calls[symbol] = calls.get(symbol, 0) + 1
+        return 0  # run the call
+
+    per: dict[str, list[float]] = {}
+    vm.set_instrument(instrument)
+    for _ in range(repeats):
+        totals.clear()
+        calls.clear()
+        entry(*step, *cache, *params)
+        for name, t in totals.items():
+            per.setdefault(name, []).append(t * 1e6)
+    n_calls = dict(calls)
+    rows = [{"name": n, "us": statistics.median(ts), "count": n_calls.get(n, 0)}
+            for n, ts in per.items()]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def print_profiles(paths: dict[str, Any], prompt: int, repeats: int) -> dict[str, Any]:
+    """`profile_step` of each modec artifact in ``paths``, printed: time per kernel group
+    and the 8 slowest kernels."""
+    profiles: dict[str, Any] = {}
+    for name, key in (("modec", "out"), ("modec, bf16 checkpoint", "out_bf16")):
+        if key not in paths:
+            continue
+        prof = profiles[name] = profile_step(paths[key], prompt, repeats)
+        total = sum(r["us"] for r in prof)
+        groups: dict[str, float] = {}
+        for r in prof:
+            g = next((k for k in ("modec_dense", "modec_moe", "modec_bmm")
+                      if r["name"].startswith(k)), "other")  # fmt: skip
+            groups[g] = groups.get(g, 0.0) + r["us"]
+        print(
+            f"\n{name}: one decode step, {total / 1e3:.2f} ms in kernels: "
+            + ", ".join(
+                f"{g} {t / 1e3:.2f} ms ({t / total:.0%})" for g, t in sorted(groups.items())
+            )
+        )
+        for r in prof[:8]:
+            print(f"  {r['name']}: {r['us'] / 1e3:.3f} ms ({r['count']} calls)")
+    return profiles
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", choices=["bundled", "paper"], default="bundled")
     ap.add_argument("--work", type=Path, default=Path("/tmp/modec-bench-decode"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     # 16: the bundled model has 96 positions and its multimodal prompts take up to ~80.
@@ -168,20 +462,52 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=2, help="paper: decoder layers")
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="paper: prompt length")
+    ap.add_argument(
+        "--llama-cpp-src",
+        type=Path,
+        default=None,
+        help="paper: vendor/llama.cpp of the llama-cpp-python source package",
+    )
+    ap.add_argument("--gguf-types", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one batch-1 decode step of each modec artifact, per kernel",
+    )
+    ap.add_argument("--profile-only", action="store_true", help="only the profile, no timing")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    paths = build(args.work, args.budget)
-    ort_dec = OrtDecoder(paths, args.threads)
-    modec_dec = ModecDecoder(paths["out"])
+    n = args.new_tokens
+    if args.model == "paper":
+        paths = build_paper(args.work, args.layers, args.budget, args.llama_cpp_src,
+                            args.gguf_types)  # fmt: skip
+        make = lambda b: paper_prompts(b, args.prompt_tokens)  # noqa: E731
+        chunk: int | None = 16
+    else:
+        chunk = None
+        paths = build(args.work, args.budget)
+        make = prompts
+    if args.profile_only:
+        print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats)
+        return
+    runners: list[tuple[str, Any]] = [("modec", ModecDecoder(paths["out"]))]
+    if "out_bf16" in paths:
+        runners.append(("modec, bf16 checkpoint", ModecDecoder(paths["out_bf16"])))
+    runners.append(("onnxruntime fp32", OrtDecoder(paths, args.threads, chunk)))
+    ctx = args.prompt_tokens + n + 8
+    for kind, gguf in paths.get("ggufs", {}).items():
+        runners.append((f"llama.cpp {kind}", LlamaCppDecoder(gguf, args.threads, ctx)))
     bw = copy_bandwidth(args.repeats)
     rows: list[dict[str, Any]] = []
     for b in args.batches:
-        feeds = prompts(b)
+        feeds = make(b)
         prompt_tokens = int(feeds["attention_mask"].sum())
-        n = args.new_tokens
-        runners: list[tuple[str, Any]] = [("modec", modec_dec), ("onnxruntime fp32", ort_dec)]
         for name, fn in runners:
+            if name.startswith("llama.cpp") and b != 1:
+                continue
             fn(feeds, n)  # warm-up
             runs = [fn(feeds, n) for _ in range(args.repeats)]
             pre = statistics.median(r[0] for r in runs)
@@ -191,28 +517,46 @@ def main() -> None:
                 "prefill_s": pre, "prefill_tok_s": prompt_tokens / pre,
                 "decode_s": dec, "decode_tok_s": b * (n - 1) / dec, "tokens": runs[0][2],
             })  # fmt: skip
-    mean_len = float(prompts(1)["attention_mask"].sum()) + args.new_tokens / 2
-    need = step_bytes(paths["out"], mean_len)
+    mean_len = float(make(1)["attention_mask"].sum()) + n / 2
+    if args.model == "paper":
+        need = paper_step_bytes(paths["out"], mean_len)
+    else:
+        need = bundled_step_bytes(paths["out"], mean_len)
     bound = bw / need["total"]
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s; a batch-1 decode step reads "
-          f"{need['total'] / 2**20:.2f} MiB (dense {need['dense'] / 2**20:.2f}, active experts "
-          f"{need['experts_active'] / 2**20:.2f}, KV {need['kv'] / 2**20:.3f}) -> bound "
-          f"{bound:.0f} tokens/s\n")  # fmt: skip
-    print("| runtime | batch | prompt tokens | prefill tokens/s | decode tokens/s |")
-    print("|---|---|---|---|---|")
+    own = {"modec": need}
+    if "out_bf16" in paths:
+        own["modec, bf16 checkpoint"] = paper_step_bytes(paths["out_bf16"], mean_len)
+    for kind, gguf in paths.get("ggufs", {}).items():
+        own[f"llama.cpp {kind}"] = gguf_step_bytes(gguf, mean_len)
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written)")
+    for name, nb in own.items():
+        print(f"{name}: a batch-1 decode step reads {nb['total'] / 2**20:.2f} MiB (dense "
+              f"{nb['dense'] / 2**20:.2f}, active experts {nb['experts_active'] / 2**20:.2f}, KV "
+              f"{nb['kv'] / 2**20:.3f}) -> bound {bw / nb['total']:.0f} tokens/s")  # fmt: skip
+    print("\n| runtime | batch | prompt tokens | prefill tokens/s | decode tokens/s | "
+          "MiB read per step | decode / its bound |\n|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
-        print(f"| {r['runtime']} | {r['batch']} | {r['prompt_tokens']} | "
-              f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} |")  # fmt: skip
+        rb = own.get(r["runtime"])
+        read = f"{rb['total'] / 2**20:.1f}" if rb is not None else ""
+        share = f"{r['decode_tok_s'] * rb['total'] / bw:.0%}" if rb and r["batch"] == 1 else ""
+        print(f"| {r['runtime']} | {r['batch']} | {r['prompt_tokens']} | {r['prefill_tok_s']:.0f}"
+              f" | {r['decode_tok_s']:.1f} | {read} | {share} |")  # fmt: skip
     for b in args.batches:
-        m, o = (next(r for r in rows if r["runtime"] == k and r["batch"] == b)
-                for k in ("modec", "onnxruntime fp32"))  # fmt: skip
-        same = sum(x == y for x, y in zip(m["tokens"], o["tokens"], strict=True))
-        pre = m["prefill_tok_s"] / o["prefill_tok_s"]
-        dec = m["decode_tok_s"] / o["decode_tok_s"]
-        print(f"batch {b}: modec / onnxruntime: prefill {pre:.2f}x, decode {dec:.2f}x; rows "
-              f"with equal tokens {same}/{b}")  # fmt: skip
+        m = next(r for r in rows if r["runtime"] == "modec" and r["batch"] == b)
+        for o in (r for r in rows if not r["runtime"].startswith("modec") and r["batch"] == b):
+            same = sum(x == y for x, y in zip(m["tokens"], o["tokens"], strict=True))
+            pre = m["prefill_tok_s"] / o["prefill_tok_s"]
+            dec = m["decode_tok_s"] / o["decode_tok_s"]
+            print(f"batch {b}: modec / {o['runtime']}: prefill {pre:.2f}x, decode {dec:.2f}x; "
+                  f"rows with equal tokens {same}/{b}")  # fmt: skip
+    profiles = (
+        print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats)
+        if (args.profile)
+        else {}
+    )
     if args.json:
-        doc = {"bandwidth_bytes_s": bw, "step_bytes": need, "bound_tok_s": bound, "rows": rows,
+        doc = {"bandwidth_bytes_s": bw, "step_bytes": own, "bound_tok_s": bound, "rows": rows,
+               "profiles": profiles,
                "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=2))
 
