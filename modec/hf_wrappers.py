@@ -103,16 +103,16 @@ def wrappers() -> tuple[type[Any], type[Any]]:
 
 
 def cache_argument(model: Any) -> str:
-    """The name of the cache argument of ``model.forward``: ``cache`` (transformers ≥ 5.25)
-    or ``past_key_values`` (earlier)."""
+    """The name of the cache argument of ``model.forward``: ``cache`` (transformers 5.25, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (earlier 5.x releases)."""
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def returned_cache(out: Any) -> Any:
-    """The cache a forward pass returned (``out.cache``, or ``out.past_key_values`` before
-    transformers 5.25)."""
+    """The cache a forward pass returned (``out.cache``, or ``out.past_key_values`` in earlier
+    transformers releases)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 

@@ -277,9 +277,12 @@ def fold_weight_transposes(dm: DenseModule) -> DenseModule:
     paper-shaped decoder (docs/performance.md) 210 MiB of weights moved per decode step,
     unscheduled. Here each such weight is written transposed into the artifact (named
     ``<name>.T``) and the transpose disappears; a weight also read untransposed (a tied
-    embedding and head) keeps its own tensor and gets a transposed copy. Applies to every
-    entry (``main``, ``decode``) alike: they share their parameters. Adds ``weights_transposed``
-    (and ``weights_transposed_copies``) to `DenseModule.stats`.
+    embedding and head) keeps its own tensor and gets a transposed copy. A 16-bit weight that
+    is cast to float32 and then transposed (`import_onnx` with ``upcast``; the export of a
+    bf16 checkpoint) is stored transposed in its own dtype, and the cast moves onto it,
+    where the projection kernel reads it as stored. Applies to every entry (``main``,
+    ``decode``) alike: they share their parameters. Adds ``weights_transposed`` (and
+    ``weights_transposed_copies``) to `DenseModule.stats`.
     """
     names = list(dm.params)
     entries = [(gv, f) for gv, f in dm.mod.functions_items()

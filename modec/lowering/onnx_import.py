@@ -478,8 +478,8 @@ def _transpose(
 def _scatter_nd(
     bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]
 ) -> relax.Expr | None:  # fmt: skip
-    """ONNX ScatterND writing a constant run of rows ``a, a+1, …`` of axis 0 whose other
-    dimensions match the data's only symbolically (None: not this case), as a concatenation.
+    """ONNX ScatterND writing a constant run of rows ``a, a+1, …`` of axis 0, as a
+    concatenation (None for any other ScatterND: the frontend's converter takes it).
 
     This is how the dynamo exporter writes ``z[..., :8] = v`` (DeepSeek's keys assembled from
     their two parts, with ``past + new`` positions in a cached export): both operands are
