@@ -49,7 +49,11 @@ WORK/paper-L{layers}/:
    then one token per ``eval``, greedy, ``--threads`` threads) at batch 1 only — batched
    decoding of independent sequences needs llama.cpp's low-level batch API, not done here;
 3. prompts of ``--prompt-tokens`` random tokens; the bound as above, the embedding table
-   left out (a step reads one row of it).
+   left out (a step reads one row of it), for modec and for each GGUF (its tensors' sizes,
+   `gguf_step_bytes`; llama.cpp keeps its cache in float16).
+
+``--profile`` adds, and ``--profile-only`` prints alone, where one batch-1 decode step of
+each modec artifact spends its time, per kernel (`profile_step`).
 
 Prints a Markdown table; ``--json`` writes everything. Generated tokens are checked equal
 between modec and onnxruntime where the quantized model agrees with fp32 (reported, not
