@@ -102,17 +102,8 @@ class _MatmulRewriter(relax.PyExprMutator):
         """The 16-bit tensor ``w`` when ``b`` is bound to ``astype(w, "float32")``, else None."""
         if not isinstance(b, relax.Var):
             return None
-        bound = self.lookup_binding(b)
-        if (
-            isinstance(bound, relax.Call)
-            and isinstance(bound.op, tvm.ir.Op)
-            and bound.op.name == "relax.astype"
-            and str(bound.attrs.dtype) == "float32"
-        ):
-            w = bound.args[0]
-            if isinstance(w.ty, relax.TensorType) and str(w.ty.dtype) in _SHORT:
-                return w
-        return None
+        w = _cast_of(self.lookup_binding(b))
+        return w if isinstance(getattr(w, "ty", None), relax.TensorType) else None
 
     def _equal(self, a: Sequence[Any], b: Sequence[Any]) -> bool:
         return len(a) == len(b) and all(
