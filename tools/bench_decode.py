@@ -384,9 +384,10 @@ def profile_step(out: Path, prompt_tokens: int, repeats: int) -> list[dict[str, 
     Relax's fused element-wise, norm, softmax and cache-concat kernels and the VM's
     builtins. Returns one row per callee name, slowest first."""
     import tvm
-    from modec.runtime import _map_weights
+    from modec.runtime import _generation, _map_weights
     from tvm import relax
 
+    from modec import kv_cache
     from modec.artifact import read_manifest
 
     manifest = read_manifest(out)
@@ -394,16 +395,17 @@ def profile_step(out: Path, prompt_tokens: int, repeats: int) -> list[dict[str, 
         weights = _map_weights(f, out / "weights.safetensors", manifest.params)
     params = [tvm.runtime.tensor(np.ascontiguousarray(w)) for w in weights]
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())
-    gen = manifest.sections["generation"]
+    gen = _generation.read_section(manifest, out)
+    assert gen is not None, f"{out} has no KV cache"
     ids = np.random.default_rng(0).integers(2, 2000, (1, prompt_tokens)).astype(np.int64)
-    empty = [np.zeros((1, c["heads"], 0, c["head_dim"]), np.float32) for c in gen["cache"]]
+    empty = kv_cache.empty_inputs(gen.cache, 1).values()
     mask = np.ones((1, prompt_tokens), np.int64)
     res = vm["main"](tvm.runtime.tensor(ids), tvm.runtime.tensor(mask),
                      *(tvm.runtime.tensor(e) for e in empty), *params)  # fmt: skip
     cache = list(res)[1:]
     step = [tvm.runtime.tensor(np.array([[7]], np.int64)),
             tvm.runtime.tensor(np.ones((1, prompt_tokens + 1), np.int64))]  # fmt: skip
-    entry = vm[gen["decode"]["entry"]]
+    entry = vm[gen.decode_entry]
     entry(*step, *cache, *params)  # warm-up
     totals: dict[str, float] = {}
     calls: dict[str, int] = {}
