@@ -19,6 +19,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   // What an accepted manifest guarantees to modec.cc.
   modec_fuzz::Require(m.files.count("model.so") && m.files.count("weights.safetensors"), "required file not listed");
+  modec_fuzz::Require(m.device == "cuda" ? !m.archs.empty() : m.archs.empty(), "archs of a non-CUDA target, or none");
+  for (const std::string& arch : m.archs) modec_fuzz::Require(a::IsCudaArch(arch), "accepted CUDA arch " + arch);
   for (const auto* specs : {&m.inputs, &m.outputs, &m.params}) {
     for (const a::Spec& s : *specs) {
       modec_fuzz::Require(s.dtype != nullptr, "spec without dtype");

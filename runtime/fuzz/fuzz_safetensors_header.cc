@@ -22,7 +22,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string file(p + split + 1, size - split - 1);  // exact size: ASan sees any overread
   a::Manifest m;
   try {
-    m = a::ParseManifest(R"({"schema": "modec.artifact/1", "target": {"device": "cuda"}, "inputs": [],
+    m = a::ParseManifest(R"({"schema": "modec.artifact/1", "target": {"device": "cuda", "archs": ["sm_90"]}, "inputs": [],
         "outputs": [], "files": {"model.so": {"sha256": "", "bytes": 0},
         "weights.safetensors": {"sha256": "", "bytes": 0}}, "params": )" + params + "}",
                          "manifest.json", "x86_64");

@@ -144,7 +144,86 @@ Generation ParseGeneration(const Json& g, const Manifest& m, std::string* unusab
   return out;
 }
 
+/*! \brief target.archs of a CUDA artifact: a non-empty list of IsCudaArch names. An artifact
+ * without it was written before model.so carried compiled kernels (its CUDA source needs a
+ * compiler at load time, which this runtime does not have). */
+std::vector<std::string> ParseArchs(const Json& target, const std::string& path) {
+  const std::string rebuild = "; rebuild it with `modec compile ... --target cuda`";
+  const Json* archs = target.find("archs");
+  if (archs == nullptr) {
+    Fail(MODEC_ERR_MANIFEST, path + ": the CUDA target has no 'archs': the artifact predates compiled CUDA kernels" +
+                                 rebuild);
+  }
+  std::vector<std::string> out;
+  if (archs->is(Json::kArray)) {
+    for (const Json& a : archs->array()) {
+      if (!a.is(Json::kString) || !IsCudaArch(a.str())) {
+        out.clear();
+        break;
+      }
+      out.push_back(a.str());
+    }
+  }
+  if (out.empty()) {
+    Fail(MODEC_ERR_MANIFEST, path + ": target.archs is malformed (not a non-empty list of names like 'sm_90')" +
+                                 rebuild);
+  }
+  return out;
+}
+
+/*! \brief (major, minor, arch-specific) of an IsCudaArch name; false for anything else. */
+bool SplitCudaArch(const std::string& arch, int* major, int* minor, bool* specific) {
+  const std::string prefix = "sm_";
+  if (arch.compare(0, prefix.size(), prefix) != 0) return false;
+  size_t end = arch.size();
+  *specific = end > prefix.size() && arch[end - 1] == 'a';
+  if (*specific) --end;
+  const size_t digits = end - prefix.size();
+  // sm_50 .. sm_1210, no leading zero (one spelling per architecture)
+  if (digits < 2 || digits > 4 || arch[prefix.size()] == '0') return false;
+  int value = 0;
+  for (size_t i = prefix.size(); i < end; ++i) {
+    if (arch[i] < '0' || arch[i] > '9') return false;
+    value = value * 10 + (arch[i] - '0');
+  }
+  *major = value / 10;
+  *minor = value % 10;
+  return true;
+}
+
 }  // namespace
+
+bool IsCudaArch(const std::string& arch) {
+  int major = 0, minor = 0;
+  bool specific = false;
+  return SplitCudaArch(arch, &major, &minor, &specific);
+}
+
+std::string CudaArchOf(const std::string& compute_version) {
+  const size_t dot = compute_version.find('.');
+  if (dot == std::string::npos || dot == 0 || dot > 3 || compute_version.size() != dot + 2) return "";
+  std::string arch = "sm_" + compute_version.substr(0, dot) + compute_version.substr(dot + 1);
+  return IsCudaArch(arch) ? arch : "";
+}
+
+bool CudaArchRuns(const std::string& sass, const std::string& device) {
+  int sm = 0, sn = 0, dm = 0, dn = 0;
+  bool s_specific = false, d_specific = false;
+  if (!SplitCudaArch(sass, &sm, &sn, &s_specific) || !SplitCudaArch(device, &dm, &dn, &d_specific)) return false;
+  if (d_specific) return false;  // a device is never arch-specific: not a device name
+  if (s_specific) return sm == dm && sn == dn;
+  return sm == dm && sn <= dn;
+}
+
+std::string CudaArchRefusal(const std::vector<std::string>& archs, const std::string& device, const std::string& gpu) {
+  std::string list;
+  for (const std::string& a : archs) {
+    if (CudaArchRuns(a, device)) return "";
+    list += (list.empty() ? "" : ", ") + a;
+  }
+  return "artifact built for CUDA archs " + list + "; this GPU (" + gpu + ") is " + device +
+         ": rebuild with --target '{\"kind\": \"cuda\", \"arch\": \"" + device + "\"}'";
+}
 
 const std::vector<DtypeInfo>& Dtypes() { return kDtypes; }
 
@@ -199,11 +278,14 @@ Manifest ParseManifest(const std::string& text, const std::string& path, const s
     const Json& target = m.at("target");
     out.device = target.at("device").str();
     const Json* machine = target.find("machine");
-    if (out.device == "cpu" && (machine == nullptr || machine->str() != host_machine)) {
+    // A CUDA artifact's model.so holds host code too: its machine, when given, must be this one.
+    const bool host_code = out.device == "cpu" || (out.device == "cuda" && machine != nullptr);
+    if (host_code && (machine == nullptr || machine->str() != host_machine)) {
       Fail(MODEC_ERR_TARGET, "artifact built for CPU architecture '" +
                                  (machine ? machine->str() : std::string("?")) + "', this host is '" +
                                  host_machine + "': rebuild it for this machine");
     }
+    if (out.device == "cuda") out.archs = ParseArchs(target, path);
     for (const Json& j : m.at("inputs").array()) out.inputs.push_back(ParseSpec(j, "input"));
     for (const Json& j : m.at("outputs").array()) out.outputs.push_back(ParseSpec(j, "output"));
     for (const Json& j : m.at("params").array()) {

@@ -73,6 +73,9 @@ struct Generation {
 struct Manifest {
   std::string entry = "main";
   std::string device;  // target.device
+  // target.archs of a CUDA artifact: the SASS architectures its fatbins hold ("sm_90",
+  // "sm_90a"...), never empty for device "cuda"; empty for a CPU artifact.
+  std::vector<std::string> archs;
   std::vector<Spec> inputs, outputs, params;
   FileTable files;
   // sections.generation: absent (has_generation false), or parsed into `generation`. A
@@ -90,6 +93,27 @@ struct Manifest {
  * the CPU architecture a CPU artifact must have been built for. Throws Failure
  * (MODEC_ERR_MANIFEST, MODEC_ERR_TARGET). */
 Manifest ParseManifest(const std::string& text, const std::string& path, const std::string& host_machine);
+
+/*! \brief Whether `arch` is a CUDA SASS architecture name as target.archs holds them:
+ * `sm_` then digits (major, then one digit of minor), an optional `a` (^sm_[0-9]+a?$), with a
+ * major of at least 1 ("sm_90" is 9.0, "sm_100" 10.0, "sm_90a" 9.0 arch-specific). */
+bool IsCudaArch(const std::string& arch);
+
+/*! \brief The architecture name of a device's compute capability as the TVM runtime reports it
+ * ("9.0" -> "sm_90", "10.0" -> "sm_100", "8.6" -> "sm_86"); "" for anything else. */
+std::string CudaArchOf(const std::string& compute_version);
+
+/*! \brief Whether SASS compiled for `sass` runs on a GPU of architecture `device` (both
+ * IsCudaArch names; a device name has no `a`). Binary compatibility of cubins (CUDA C
+ * Programming Guide, "Binary Compatibility"): code for sm_XY runs on sm_XZ of the same major X
+ * with Z >= Y, never across majors; an arch-specific `a` target (sm_90a: wgmma, setmaxnreg)
+ * runs on exactly that architecture. A fatbin of SASS only (no PTX to JIT) runs where one of
+ * its entries does. */
+bool CudaArchRuns(const std::string& sass, const std::string& device);
+
+/*! \brief "" when one of `archs` (target.archs) runs on a GPU of architecture `device` named
+ * `gpu` (CudaArchRuns), else modec_open's refusal: one line naming both and the fix. */
+std::string CudaArchRefusal(const std::vector<std::string>& archs, const std::string& device, const std::string& gpu);
 
 /*! \brief Whether an input name is a KV-cache input, `past_key_values.{digits}.key|value`
  * (modec.kv_cache.PAST): the one kind of input whose past-length dim (2) may be 0. */

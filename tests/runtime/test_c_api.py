@@ -10,7 +10,8 @@ with the status it must get. Every status code of runtime/include/modec/modec.h 
                                 unknown device, index out of range, output array too small),
                                 test_c_api_without_an_artifact
   2 MODEC_ERR_IO                OPEN_CASES io_* (manifest, weights, model.so missing), missing dir
-  3 MODEC_ERR_MANIFEST          OPEN_CASES manifest_* (JSON, schema, fields, dtype, dims, names)
+  3 MODEC_ERR_MANIFEST          OPEN_CASES manifest_* (JSON, schema, fields, dtype, dims, names,
+                                a CUDA target without valid archs)
   4 MODEC_ERR_CHECKSUM          OPEN_CASES checksum_* (truncated weights, flipped bytes)
   5 MODEC_ERR_TARGET            OPEN_CASES target_* (device, machine), modec_open(dir, "cuda")
   6 MODEC_ERR_WEIGHTS           OPEN_CASES weights_* (safetensors malformed or not the
@@ -115,6 +116,9 @@ def _param(m: dict[str, Any], **change: object) -> None:
     m["params"][0].update(change)
 
 
+#: A CUDA artifact's target (the CPU artifact's own machine stays).
+CUDA_TARGET = {"kind": "cuda", "device": "cuda", "arch": "sm_90", "archs": ["sm_90"]}
+
 # case -> (corruption, status modec_open must return, text its message must hold)
 OPEN_CASES: dict[str, tuple[Callable[[Path], object], str, str]] = {
     # 2: a listed file is missing
@@ -140,6 +144,13 @@ OPEN_CASES: dict[str, tuple[Callable[[Path], object], str, str]] = {
                                 "MANIFEST", "param 'tok_emb' has a symbolic dim"),
     "manifest_no_library": (lambda d: _manifest(d, lambda m: m["files"].pop(LIBRARY)), "MANIFEST",
                             "lists no model.so"),
+    "manifest_cuda_no_archs": (
+        lambda d: _manifest(d, lambda m: m["target"].update(device="cuda", kind="cuda")),
+        "MANIFEST", "the CUDA target has no 'archs': the artifact predates compiled CUDA kernels; "
+                    "rebuild it with `modec compile ... --target cuda`"),
+    "manifest_cuda_archs": (
+        lambda d: _manifest(d, lambda m: m["target"].update(CUDA_TARGET, archs=["sm_90", "90"])),
+        "MANIFEST", "target.archs is malformed"),
     "manifest_file_name": (
         lambda d: _manifest(d, lambda m: m["files"].update({"../x": m["files"][LIBRARY]})),
         "MANIFEST", "'../x' is not a plain file name"),
@@ -150,7 +161,7 @@ OPEN_CASES: dict[str, tuple[Callable[[Path], object], str, str]] = {
                          "weights.safetensors SHA-256"),
     "checksum_library": (lambda d: _flip(d / LIBRARY, 5000), "CHECKSUM", "model.so SHA-256"),
     # 5: target
-    "target_device": (lambda d: _manifest(d, lambda m: m["target"].update(device="cuda")),
+    "target_device": (lambda d: _manifest(d, lambda m: m["target"].update(CUDA_TARGET)),
                       "TARGET", "built for device 'cuda'"),
     "target_machine": (lambda d: _manifest(d, lambda m: m["target"].update(machine="aarch64")),
                        "TARGET", "architecture 'aarch64'"),

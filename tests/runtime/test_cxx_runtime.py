@@ -87,7 +87,7 @@ def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[:50])
 
 
-def _edit(p: Path, **target: str) -> None:
+def _edit(p: Path, **target: object) -> None:
     m = json.loads((p / MANIFEST).read_text())
     m["target"].update(target)
     (p / MANIFEST).write_text(json.dumps(m))
@@ -101,7 +101,10 @@ def _edit(p: Path, **target: str) -> None:
         ("missing", lambda p: (p / WEIGHTS).unlink(), 2, "cannot be opened"),
         ("truncated", lambda p: _truncate(p / WEIGHTS), 4, "truncated"),
         ("checksum", lambda p: _flip(p / WEIGHTS), 4, "SHA-256"),
-        ("device", lambda p: _edit(p, device="cuda", kind="cuda"), 5, "device 'cuda'"),
+        ("device", lambda p: _edit(p, device="cuda", kind="cuda", archs=["sm_90"]), 5,
+         "device 'cuda'"),
+        ("cuda_no_archs", lambda p: _edit(p, device="cuda", kind="cuda"), 3,
+         "predates compiled CUDA kernels"),
         ("machine", lambda p: _edit(p, machine="aarch64"), 5, "aarch64"),
     ],
 )  # fmt: skip
