@@ -2,15 +2,19 @@
 // and print the top answer (argmax over the last axis at the last position of the first
 // output, for each batch row).
 //
-//   modec_run ARTIFACT_DIR name=path.npy [name=path.npy ...] [--out DIR]
+//   modec_run ARTIFACT_DIR [--device cpu|cuda] name=path.npy [name=path.npy ...] [--out DIR]
+//
+// --device picks where the artifact runs (default cpu): a CUDA artifact (`modec compile ...
+// --target cuda`) runs on device cuda, GPU 0 (docs/runtime_cuda.md); inputs and outputs are
+// host .npy files either way.
 //
 // With --generate N (an artifact with a KV cache; the .npy files are the prompt's inputs, the
 // cache excluded) it generates up to N tokens per row instead (docs/generation.md), printing
 // each step's tokens as they come ("step S: T0 T1 ...", "." for a row that has stopped),
 // then each row's tokens ("tokens[B]: ...") and the speed:
 //
-//   modec_run ARTIFACT_DIR --generate N [--temperature T] [--top-k K] [--top-p P] [--seed S]
-//             [--stop ID ...] name=path.npy [name=path.npy ...]
+//   modec_run ARTIFACT_DIR [--device cpu|cuda] --generate N [--temperature T] [--top-k K]
+//             [--top-p P] [--seed S] [--stop ID ...] name=path.npy [name=path.npy ...]
 //
 // Exit status: 0 on success, the modec_status code on a runtime error, 64 on bad usage or
 // unreadable .npy files.
@@ -166,8 +170,8 @@ bool WriteNpy(const std::string& path, const modec::Tensor& t, std::string* err)
 }
 
 int Usage() {
-  std::cerr << "usage: modec_run ARTIFACT_DIR name=path.npy [name=path.npy ...] [--out DIR] | --generate N "
-               "[--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop ID ...]\n";
+  std::cerr << "usage: modec_run ARTIFACT_DIR [--device cpu|cuda] name=path.npy [name=path.npy ...] [--out DIR] | "
+               "--generate N [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop ID ...]\n";
   return 64;
 }
 
@@ -240,7 +244,7 @@ int Generate(modec::Session& sess, const std::vector<modec_tensor>& in, const mo
 
 int main(int argc, char** argv) {
   if (argc < 2) return Usage();
-  std::string dir = argv[1], out_dir = ".";
+  std::string dir = argv[1], out_dir = ".", device = "cpu";
   std::vector<std::string> names;
   std::vector<Npy> arrays;
   bool generate = false, options = false;  // --generate, its settings
@@ -256,7 +260,10 @@ int main(int argc, char** argv) {
       const char* v = argv[++i];
       int64_t k = 0;
       bool ok = true;
-      if (a == "--generate") {
+      if (a == "--device") {
+        device = v;
+        ok = device == "cpu" || device == "cuda";
+      } else if (a == "--generate") {
         ok = Int(v, 0, INT32_MAX, &k);
         cfg.max_new_tokens = static_cast<int32_t>(k);
         generate = true;
@@ -276,7 +283,7 @@ int main(int argc, char** argv) {
         ok = false;
       }
       if (!ok) return Usage();
-      options = options || a != "--generate";
+      options = options || (a != "--generate" && a != "--device");
       continue;
     }
     size_t eq = a.find('=');
@@ -292,7 +299,7 @@ int main(int argc, char** argv) {
   }
   if (options && !generate) return Usage();  // generation settings without --generate
   try {
-    modec::Session sess(dir);
+    modec::Session sess(dir, device);
     std::vector<modec_tensor> in(arrays.size());
     for (size_t i = 0; i < arrays.size(); ++i) {
       in[i] = modec_tensor{names[i].c_str(), arrays[i].dtype, static_cast<int32_t>(arrays[i].shape.size()),

@@ -159,6 +159,127 @@ std::string HostMachine() {
   return u.machine;
 }
 
+// ---- tensors on a device -------------------------------------------------------------------
+//
+// On the CPU a tensor is host memory this library allocates (or a slice of the mapped weights
+// file); on another device it is memory of the TVM runtime's device API, allocated and copied
+// through the runtime's device-agnostic global functions (the ones the Python runtime uses).
+
+/*! \brief A global function of the TVM runtime (registered by libtvm_runtime itself). */
+ffi::Function Global(const char* name) {
+  auto f = ffi::Function::GetGlobal(name);
+  if (!f.has_value()) {
+    Fail(MODEC_ERR_RUNTIME, std::string("the TVM runtime has no function '") + name + "'; reinstall apache-tvm");
+  }
+  return *f;
+}
+
+/*! \brief A tensor on `dev` holding a copy of the `nbytes` host bytes at `data` (the tensor's
+ * size; `data` may be NULL when it is 0). */
+ffi::Tensor Upload(ffi::ShapeView shape, DLDataType dtype, const void* data, size_t nbytes, DLDevice dev) {
+  if (dev.device_type == kDLCPU) {
+    ffi::Tensor t = ffi::Tensor::FromNDAlloc(CPUAlloc(), shape, dtype, dev);
+    if (nbytes > 0) std::memcpy(t.data_ptr(), data, nbytes);
+    return t;
+  }
+  ffi::Tensor t = Global("runtime.TVMTensorAllocWithScope")(ffi::Shape(shape.begin(), shape.end()), dtype, dev,
+                                                             ffi::Optional<ffi::String>())
+                      .cast<ffi::Tensor>();
+  if (nbytes > 0) Global("runtime.TVMTensorCopyFromBytes")(t, const_cast<void*>(data), nbytes);
+  return t;
+}
+
+/*! \brief `t` itself on the host, else a host copy of it (contiguous, checked by the caller). */
+ffi::Tensor ToHost(const ffi::Tensor& t) {
+  if (t.device().device_type == kDLCPU) return t;
+  ffi::Tensor h = ffi::Tensor::FromNDAlloc(CPUAlloc(), t.shape(), t.dtype(), DLDevice{kDLCPU, 0});
+  const size_t nbytes = ffi::GetDataSize(*h.GetDLTensorPtr());
+  if (nbytes > 0) Global("runtime.TVMTensorCopyToBytes")(t, h.data_ptr(), nbytes);
+  return h;
+}
+
+// ---- CUDA (docs/runtime_cuda.md) -----------------------------------------------------------
+
+/*! \brief The TVM runtime's DeviceAttrKind codes read here (include/tvm/runtime/device_api.h). */
+enum DeviceAttr : int { kAttrExist = 0, kAttrComputeVersion = 4, kAttrDeviceName = 5 };
+
+/*! \brief The directory of the libtvm_runtime.so this process runs (its CUDA runtime was built
+ * with it and lies beside it: in the wheel's lib/ and in an installed prefix), or "". */
+std::string TvmRuntimeDir() {
+  void* h = dlopen("libtvm_runtime.so", RTLD_NOW | RTLD_NOLOAD);
+  if (h == nullptr) return "";
+  std::string dir;
+  Dl_info info;
+  void* sym = dlsym(h, "TVMBackendAllocWorkspace");
+  if (sym != nullptr && dladdr(sym, &info) != 0 && info.dli_fname != nullptr) {
+    dir = info.dli_fname;
+    dir = dir.find('/') == std::string::npos ? "" : dir.substr(0, dir.rfind('/'));
+  }
+  dlclose(h);  // a RTLD_NOLOAD handle: drops the reference it took, the library stays
+  return dir;
+}
+
+/*! \brief Load TVM's CUDA runtime, libtvm_runtime_cuda.so (the CUDA device API and the loader
+ * of model.so's CUDA module), once per process, with its symbols global as the Python runtime
+ * loads it: from the directory of libtvm_runtime.so, else by name (LD_LIBRARY_PATH). It
+ * needs the NVIDIA driver's libcuda.so.1 and the CUDA runtime libcudart.so.13. */
+void LoadCudaRuntime() {
+  static std::mutex mu;
+  static bool loaded = false;
+  std::lock_guard<std::mutex> lock(mu);
+  if (loaded) return;
+  const char* name = "libtvm_runtime_cuda.so";
+  const std::string dir = TvmRuntimeDir();
+  std::string tried = name, error;
+  struct stat st;
+  if (!dir.empty() && stat((dir + "/" + name).c_str(), &st) == 0) {
+    tried = dir + "/" + name;
+    if (dlopen(tried.c_str(), RTLD_NOW | RTLD_GLOBAL) != nullptr) {  // stays open on purpose
+      loaded = true;
+      return;
+    }
+    const char* e = dlerror();
+    error = e ? e : "unknown error";
+  }
+  if (error.empty()) {
+    if (dlopen(name, RTLD_NOW | RTLD_GLOBAL) != nullptr) {
+      loaded = true;
+      return;
+    }
+    const char* e = dlerror();
+    error = e ? e : "unknown error";
+  }
+  Fail(MODEC_ERR_TARGET, "cannot load TVM's CUDA runtime " + tried + " (" + error +
+                             "): device 'cuda' needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 runtime "
+                             "(libcudart.so.13) on the library path; install the driver and add the CUDA runtime's "
+                             "directory to LD_LIBRARY_PATH, or run a CPU build of the model on device 'cpu'");
+}
+
+/*! \brief Check that CUDA device 0 exists and can run one of `archs` (target.archs); else
+ * refuse with MODEC_ERR_TARGET naming the GPU, its architecture and the fix. */
+void CheckCudaDevice(const std::vector<std::string>& archs) {
+  LoadCudaRuntime();
+  std::string version, name;
+  try {
+    ffi::Function attr = Global("runtime.GetDeviceAttr");
+    if (attr(static_cast<int>(kDLCUDA), 0, static_cast<int>(kAttrExist)).cast<int64_t>() == 0) {
+      Fail(MODEC_ERR_TARGET, "no CUDA GPU: the CUDA runtime finds no device 0 (no GPU, CUDA_VISIBLE_DEVICES hides "
+                             "it, or the NVIDIA driver is older than CUDA 13 needs); check nvidia-smi");
+    }
+    version = std::string(attr(static_cast<int>(kDLCUDA), 0, static_cast<int>(kAttrComputeVersion)).cast<ffi::String>());
+    name = std::string(attr(static_cast<int>(kDLCUDA), 0, static_cast<int>(kAttrDeviceName)).cast<ffi::String>());
+  } catch (const ffi::Error& e) {
+    Fail(MODEC_ERR_TARGET, "cannot query CUDA device 0 (" + e.kind() + ": " + e.message() + "); check nvidia-smi");
+  }
+  const std::string device = artifact::CudaArchOf(version);
+  if (device.empty()) {
+    Fail(MODEC_ERR_TARGET, "CUDA device 0 (" + name + ") reports compute capability '" + version +
+                               "', not a version like 9.0; check the NVIDIA driver");
+  }
+  const std::string refusal = artifact::CudaArchRefusal(archs, device, name);
+  if (!refusal.empty()) Fail(MODEC_ERR_TARGET, refusal);
+}
+
 }  // namespace
 }  // namespace modec
 
@@ -166,15 +287,17 @@ struct modec_session {
   std::string dir;
   std::string entry = "main";
   std::vector<modec::artifact::Spec> inputs, outputs, params;
+  std::vector<std::string> archs;  // target.archs of a CUDA artifact
   // Non-nullable TVM handles, set by Open(); the library must outlive the VM and the tensors.
   std::optional<ffi::Module> lib;
   std::optional<ffi::Module> vm;
   std::optional<ffi::Function> main;
-  // The params, in calling order: tensors into the mapped weights file (each holds the
-  // mapping), or aligned copies of the params that are misaligned in the file.
+  // The params, in calling order. On the CPU: tensors into the mapped weights file (each holds
+  // the mapping), or aligned copies of the params that are misaligned in the file; on a GPU:
+  // device copies (the mapping is unmapped once they are made).
   std::vector<ffi::Tensor> weights;
   DLDevice dev{kDLCPU, 0};
-  // Output storage kept alive until the next run.
+  // Output storage (on the host) kept alive until the next run.
   std::vector<ffi::Tensor> last_out;
   std::vector<std::vector<int64_t>> last_shapes;
   // sections.generation (docs/generation.md): absent, parsed, or unusable (the reason).
@@ -186,8 +309,9 @@ struct modec_session {
 
 /*! \brief A generation in progress (docs/generation.md, "The loop"): the KV cache as the
  * tensors the VM returned (each `present` is the next call's `past`, never copied to the
- * host), the attention mask on the host (one column of ones more per step, copied in), the
- * prompt's inputs a decode step reads again, and the next-token logits of every row. */
+ * host: on a GPU it stays in device memory), the attention mask on the host (one column of
+ * ones more per step, copied in), the prompt's inputs a decode step reads again (on the
+ * session's device), and the next-token logits of every row (a host copy). */
 struct modec_generation {
   modec_session* s = nullptr;
   int64_t batch = 0;
@@ -211,6 +335,7 @@ void LoadManifest(modec_session* s, artifact::FileTable* files, std::string* dev
   s->inputs = std::move(m.inputs);
   s->outputs = std::move(m.outputs);
   s->params = std::move(m.params);
+  s->archs = std::move(m.archs);
   s->has_generation = m.has_generation;
   s->generation = std::move(m.generation);
   s->generation_error = std::move(m.generation_error);
@@ -271,7 +396,8 @@ int OpenVerified(const std::string& dir, const std::string& name, const std::pai
 
 /*! \brief Map the verified weights file and make the params tensors that point into the
  * mapping (no copy); a param whose data is not 64-byte aligned in the file (an artifact
- * written before the aligned layout) is copied into aligned memory instead. */
+ * written before the aligned layout) is copied into aligned memory instead. On a GPU every
+ * param is copied from the mapping to device memory. */
 void LoadWeights(modec_session* s, int descriptor, uint64_t size) {
   Fd fd(descriptor);
   const std::string path = s->dir + "/weights.safetensors";
@@ -294,6 +420,10 @@ void LoadWeights(modec_session* s, int descriptor, uint64_t size) {
     const Spec& p = s->params[i];
     const ffi::ShapeView shape(p.shape.data(), p.shape.size());
     const char* at = mapping->data() + slices[i].offset;
+    if (s->dev.device_type != kDLCPU) {  // a device copy; the mapping goes when this returns
+      s->weights.push_back(Upload(shape, ToDL(p.dtype->code), at, slices[i].bytes, s->dev));
+      continue;
+    }
     if (reinterpret_cast<uintptr_t>(at) % kAlign == 0) {
       s->weights.push_back(ffi::Tensor::FromNDAlloc(MappedAlloc{mapping, at}, shape, ToDL(p.dtype->code), host));
       continue;
@@ -384,6 +514,11 @@ void Open(modec_session* s, const std::string& device) {
     Fail(MODEC_ERR_TARGET, "artifact built for device '" + built_for + "', this session runs on '" + device +
                                "': rebuild with the matching --target");
   }
+  // Before any file is hashed: a machine without a usable GPU is told so at once.
+  if (device == "cuda") {
+    CheckCudaDevice(s->archs);
+    s->dev = DLDevice{kDLCUDA, 0};
+  }
   // model.so is read whole (its checked bytes are what gets loaded); every other file is
   // hashed through a small buffer, and weights.safetensors is then mapped, not read.
   std::string library;
@@ -445,7 +580,7 @@ std::string Names(const std::vector<Spec>& specs) {
  * none missing, with the spec's dtype, rank and static dims, every symbol the same size in
  * all of them (recorded in *sym). Every dim is >= 1 but the past length (dim 2) of a cache
  * input, which may be 0: an empty cache, a prompt (docs/generation.md). Returns the tensors
- * copied into TVM tensors, in specs order. */
+ * copied into TVM tensors on `dev`, in specs order. */
 std::vector<ffi::Tensor> TakeInputs(const std::vector<Spec>& specs, const modec_tensor* in, size_t n_in,
                                     std::map<std::string, int64_t>* sym, DLDevice dev) {
   // Every given input is named, known and given once (then only missing ones remain).
@@ -508,9 +643,8 @@ std::vector<ffi::Tensor> TakeInputs(const std::vector<Spec>& specs, const modec_
     }
     // An empty tensor (an empty cache) has no bytes to read: its data may be NULL.
     if (t->data == nullptr && numel > 0) Fail(MODEC_ERR_INVALID_ARGUMENT, "input '" + sp.name + "' has no data");
-    ffi::Tensor a = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(t->shape, t->ndim), ToDL(sp.dtype->code), dev);
-    if (numel > 0) std::memcpy(a.data_ptr(), t->data, ffi::GetDataSize(*a.GetDLTensorPtr()));
-    args.push_back(a);
+    args.push_back(Upload(ffi::ShapeView(t->shape, t->ndim), ToDL(sp.dtype->code), t->data,
+                          static_cast<size_t>(numel) * sp.dtype->size, dev));
   }
   return args;
 }
@@ -531,7 +665,8 @@ ffi::Any Call(const modec_session* s, const ffi::Function& f, const std::vector<
 }
 
 /*! \brief The outputs a VM call returned, checked against the manifest's (count, dtype, rank,
- * static dims, contiguous host tensors). */
+ * static dims, contiguous tensors on the host or the session's device), where they are: Run
+ * copies them to the host, generation keeps the cache on the device. */
 std::vector<ffi::Tensor> Outputs(const modec_session* s, const ffi::Any& ret) {
   std::vector<ffi::Tensor> outs;
   if (auto t = ret.try_cast<ffi::Tensor>()) {
@@ -552,8 +687,11 @@ std::vector<ffi::Tensor> Outputs(const modec_session* s, const ffi::Any& ret) {
   for (size_t i = 0; i < outs.size(); ++i) {
     const ffi::Tensor& t = outs[i];
     const DtypeInfo* dt = ByDL(t.dtype());
-    if (dt == nullptr || !t.IsContiguous() || t.device().device_type != kDLCPU) {
-      Fail(MODEC_ERR_RUNTIME, "output '" + s->outputs[i].name + "' is not a contiguous host tensor of a known dtype");
+    const int where = t.device().device_type;
+    if (dt == nullptr || !t.IsContiguous() || (where != kDLCPU && where != s->dev.device_type)) {
+      Fail(MODEC_ERR_RUNTIME, "output '" + s->outputs[i].name + "' is not a contiguous " +
+                                  (s->dev.device_type == kDLCPU ? "host tensor" : "host or GPU tensor") +
+                                  " of a known dtype");
     }
     ffi::ShapeView sh = t.shape();
     const Spec& sp = s->outputs[i];
@@ -585,6 +723,7 @@ void Run(modec_session* s, const modec_tensor* in, size_t n_in, modec_tensor* ou
   std::map<std::string, int64_t> sym;
   std::vector<ffi::Tensor> args = TakeInputs(s->inputs, in, n_in, &sym, s->dev);
   std::vector<ffi::Tensor> outs = Outputs(s, Call(s, *s->main, args, "model run"));
+  for (ffi::Tensor& t : outs) t = ToHost(t);
   s->last_out = std::move(outs);
   s->last_shapes.clear();
   for (size_t i = 0; i < s->last_out.size(); ++i) {
@@ -619,13 +758,36 @@ void NeedGeneration(const modec_session* s) {
   }
 }
 
+/*! \brief An int64 tensor on `dev` holding a copy of the host values `data`. */
 ffi::Tensor HostTensor(const std::vector<int64_t>& shape, const int64_t* data, DLDevice dev) {
-  const ffi::ShapeView view(shape.data(), shape.size());
-  ffi::Tensor t = ffi::Tensor::FromNDAlloc(CPUAlloc(), view, DLDataType{kDLInt, 64, 1}, dev);
   size_t n = 1;
   for (int64_t d : shape) n *= static_cast<size_t>(d);
-  if (n > 0) std::memcpy(t.data_ptr(), data, n * sizeof(int64_t));
-  return t;
+  return Upload(ffi::ShapeView(shape.data(), shape.size()), DLDataType{kDLInt, 64, 1}, data, n * sizeof(int64_t), dev);
+}
+
+/*! \brief logits[b, -1, :] of every row of a float32 [batch, seq, vocab] output, on the host. A
+ * GPU's logits are not copied whole (a prompt's are seq times larger than needed): one row's
+ * last position at a time, through a view of it. */
+std::vector<float> LastLogits(const ffi::Tensor& logits, int64_t batch, int64_t seq, int64_t vocab) {
+  std::vector<float> next(static_cast<size_t>(batch * vocab));
+  const size_t row = static_cast<size_t>(vocab) * sizeof(float);
+  if (logits.device().device_type == kDLCPU) {
+    const float* p = static_cast<const float*>(DataOf(logits));
+    for (int64_t b = 0; b < batch; ++b) std::memcpy(next.data() + b * vocab, p + (b * seq + seq - 1) * vocab, row);
+    return next;
+  }
+  ffi::Function copy = Global("runtime.TVMTensorCopyToBytes");
+  if (seq == 1) {
+    copy(logits, static_cast<void*>(next.data()), row * static_cast<size_t>(batch));
+    return next;
+  }
+  ffi::Function view = Global("runtime.TVMTensorCreateView");
+  for (int64_t b = 0; b < batch; ++b) {
+    const uint64_t offset = static_cast<uint64_t>(b * seq + seq - 1) * row;
+    ffi::Tensor last = view(logits, ffi::Shape({vocab}), logits.dtype(), offset).cast<ffi::Tensor>();
+    copy(last, static_cast<void*>(next.data() + b * vocab), row);
+  }
+  return next;
 }
 
 /*! \brief Take the outputs of a prefill or decode call into the generation: the present
@@ -651,11 +813,7 @@ void Absorb(modec_generation* g, const std::vector<ffi::Tensor>& outs, int64_t t
     cache.push_back(t);
   }
   const int64_t seq = ls[1], vocab = ls[2];
-  std::vector<float> next(static_cast<size_t>(g->batch * vocab));
-  const float* p = static_cast<const float*>(DataOf(logits));
-  for (int64_t b = 0; b < g->batch; ++b) {
-    std::memcpy(next.data() + b * vocab, p + (b * seq + seq - 1) * vocab, static_cast<size_t>(vocab) * sizeof(float));
-  }
+  std::vector<float> next = LastLogits(logits, g->batch, seq, vocab);
   g->cache = std::move(cache);
   g->logits = std::move(next);
   g->vocab = vocab;
@@ -722,7 +880,11 @@ std::unique_ptr<modec_generation> Prefill(modec_session* s, const modec_tensor* 
                                 std::to_string(g->batch) + ", " + std::to_string(seq) +
                                 "]: a prompt's mask covers its tokens (the cache starts empty)");
     }
-    const int64_t* m = static_cast<const int64_t*>(DataOf(mask));
+    // The caller's host copy (TakeInputs checked it): the tensor may be on a GPU.
+    const int64_t* m = nullptr;
+    for (const modec_tensor& t : given) {
+      if (t.name != nullptr && gen.attention_mask == t.name) m = static_cast<const int64_t*>(t.data);
+    }
     g->mask.assign(m, m + g->batch * seq);
   }
   // main's inputs in order: the prompt's, and an empty cache [batch, heads, 0, head dim].
@@ -745,8 +907,7 @@ std::unique_ptr<modec_generation> Prefill(modec_session* s, const modec_tensor* 
                                   " but an input has " + std::to_string(it->second));
       }
     }
-    args.push_back(ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(shape.data(), shape.size()),
-                                            ToDL(sp.dtype->code), s->dev));
+    args.push_back(Upload(ffi::ShapeView(shape.data(), shape.size()), ToDL(sp.dtype->code), nullptr, 0, s->dev));
   }
   for (const Spec& sp : gen.decode_inputs) {
     const bool step = sp.name == gen.tokens || sp.name == gen.attention_mask || sp.name == gen.position_ids;
@@ -972,9 +1133,6 @@ modec_status modec_open(const char* dir, const char* device, modec_session** out
     *out = nullptr;
     std::string dev = device ? device : "cpu";
     if (dev != "cpu" && dev != "cuda") modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "device '" + dev + "' is not 'cpu' or 'cuda'");
-    if (dev == "cuda") {
-      modec::Fail(MODEC_ERR_TARGET, "this runtime build runs CPU artifacts only (device 'cuda' is not supported)");
-    }
     auto s = std::make_unique<modec_session>();
     s->dir = dir;
     modec::Open(s.get(), dev);

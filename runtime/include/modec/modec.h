@@ -29,7 +29,7 @@ typedef enum {
   MODEC_ERR_IO = 2,               /* a file is missing or unreadable */
   MODEC_ERR_MANIFEST = 3,         /* manifest.json invalid JSON, wrong schema, bad field */
   MODEC_ERR_CHECKSUM = 4,         /* a file's size or SHA-256 differs from the manifest */
-  MODEC_ERR_TARGET = 5,           /* the artifact was built for another device / CPU */
+  MODEC_ERR_TARGET = 5,           /* built for another device / CPU / GPU arch; no usable GPU */
   MODEC_ERR_WEIGHTS = 6,          /* weights.safetensors malformed or not the manifest's */
   MODEC_ERR_INPUT = 7,            /* run(): wrong input names, dtypes, ranks or dims */
   MODEC_ERR_RUNTIME = 8           /* TVM failed to load the library or to run */
@@ -53,7 +53,8 @@ typedef enum {
   MODEC_BFLOAT16 = 12 /* bfloat16 (numpy name "bfloat16", safetensors "BF16") */
 } modec_dtype;
 
-/* A dense, C-contiguous tensor on the host. For inputs the caller owns name, shape and data.
+/* A dense, C-contiguous tensor on the host (on a "cuda" session too: the runtime copies inputs
+ * to the GPU and outputs back). For inputs the caller owns name, shape and data.
  * For outputs and for modec_input_info/modec_output_info the session owns them; they stay
  * valid until the next modec_run on that session or modec_close. In info queries a
  * symbolic dimension is -1 (its name is in manifest.json; the C API does not expose it). */
@@ -67,10 +68,13 @@ typedef struct {
 
 typedef struct modec_session modec_session;
 
-/* Open an artifact directory. device: "cpu" (NULL means "cpu") or "cuda".
- * Verifies the manifest (schema modec.artifact/1), the target, every file's size and
- * SHA-256, then maps weights.safetensors read-only (the params are used from the mapping, not
- * copied, until modec_close) and loads the library. Do not modify the weights file in place
+/* Open an artifact directory. device: "cpu" (NULL means "cpu") or "cuda" (GPU 0; an artifact
+ * built with --target cuda, see docs/runtime_cuda.md: it needs the NVIDIA driver and
+ * libcudart.so.13, and a GPU that runs one of the manifest's target.archs, else
+ * MODEC_ERR_TARGET). Verifies the manifest (schema modec.artifact/1), the target, every
+ * file's size and SHA-256, then maps weights.safetensors read-only (on "cpu" the params are
+ * used from the mapping, not copied, until modec_close; on "cuda" they are copied to the GPU
+ * and the file is unmapped) and loads the library. Do not modify the weights file in place
  * while a session uses it; replacing it by a rename is safe. */
 MODEC_API modec_status modec_open(const char* dir, const char* device, modec_session** out);
 
