@@ -1,6 +1,7 @@
 """Weight-only dequant-matmul Y[M, N] = X[M, K] · dequant(W)ᵀ for packed `n16k32` weights.
 
-One TE compute, two hand-written `tvm.s_tir.Schedule` schedules per (width, N, K):
+CPU: one TE compute, two hand-written `tvm.s_tir.Schedule` schedules per (width, N, K)
+(CUDA: `modec.kernels.cuda.dense_compute` and `schedule_dense`, see that module):
 
 * GEMV (M = 1, decode): decode-as-you-go. Each thread owns `NI` x 16 output rows; per group
   a 16-lane partial sum per row block accumulates xs[k] * (q·2^off), where the code is
@@ -247,19 +248,14 @@ def primfunc(
     tgt = resolve_target(target)
     cuda = is_cuda(tgt)
     mdim: Any = m if m is not None else tirx.Var("m", "int64")
-    m_tile = 1 if (cuda or m == 1) else CPU_MT
-    in_place = CPU_GEMV_IN_PLACE and not cuda and m == 1
-    nb = padded_n(n) // LANES
-    tile = 1 if cuda else min(CPU_NI if m == 1 else CPU_GEMM_NI, nb)
-    act = "float16" if cuda else "float32"
-    args, _ = _compute(scheme, n, k, mdim, act, m_tile, in_place, tile)
-    func = te.create_prim_func(args).with_attr("global_symbol", "main")
     if cuda:
-        from modec.kernels.cuda import schedule_dequant_matmul
+        from modec.kernels import cuda as cuda_kernels
 
-        mod = schedule_dequant_matmul(func, n, gemv=m == 1)
-    elif m == 1:
-        mod = _schedule_cpu_gemv(func, tile)
-    else:
-        mod = _schedule_cpu_gemm(func, tile)
-    return mod
+        return cuda_kernels.dequant_matmul_module(scheme, n, k, mdim)
+    m_tile = 1 if m == 1 else CPU_MT
+    in_place = CPU_GEMV_IN_PLACE and m == 1
+    nb = padded_n(n) // LANES
+    tile = min(CPU_NI if m == 1 else CPU_GEMM_NI, nb)
+    args, _ = _compute(scheme, n, k, mdim, "float32", m_tile, in_place, tile)
+    func = te.create_prim_func(args).with_attr("global_symbol", "main")
+    return _schedule_cpu_gemv(func, tile) if m == 1 else _schedule_cpu_gemm(func, tile)
