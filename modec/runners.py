@@ -38,10 +38,10 @@ class SimulatedRunner:
 class CompiledRunner:
     """Runs a compiled artifact (``manifest.json`` + library) with `modec.runtime`."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], device: str = "cpu") -> None:
         import modec.runtime
 
-        self.session = modec.runtime.load(path)
+        self.session = modec.runtime.load(path, device)
         self.inputs = list(self.session.inputs)
         self.cache = kv_cache.find(self.inputs)
         self.output = self.session.outputs[0].name

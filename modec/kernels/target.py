@@ -2,11 +2,14 @@
 
 `"llvm"` means this host: it becomes `{"kind": "llvm", "mcpu": <host cpu>}` so LLVM emits the
 host's vector ISA (AVX-512 here). TVM 0.27 rejects `"llvm -mcpu=..."` strings; pass dicts.
-CUDA targets are dicts such as `{"kind": "cuda", "arch": "sm_90"}`.
+CUDA targets are dicts such as `{"kind": "cuda", "arch": "sm_90"}`; ``arch`` may be a list
+(`{"kind": "cuda", "arch": ["sm_80", "sm_90"]}`): TVM generates code for the lowest and the
+artifact carries SASS for each (`modec.kernels.cuda_aot`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeAlias
 
 import tvm
@@ -28,6 +31,15 @@ def resolve_target(target: TargetLike) -> tvm.target.Target:
         return tvm.target.Target({"kind": "llvm", "mcpu": cpu})
     if target == "cuda":
         return tvm.target.Target(CUDA_SM90)
+    if isinstance(target, str) and target.lstrip().startswith("{"):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"bad kernel target {target!r}: not JSON ({exc})") from exc
+    if isinstance(target, dict) and target.get("kind") == "cuda" and "arch" in target:
+        from modec.kernels.cuda_aot import target_archs
+
+        target = {**target, "arch": target_archs(target)[0]}
     try:
         return tvm.target.Target(target)
     except Exception as exc:  # TVM raises its own error types; name the fix instead
@@ -59,3 +71,17 @@ def check_target(target: str) -> None:
         raise UsageError(
             f"--target {target}: modec builds for 'llvm' (this CPU) or 'cuda', not {kind!r}"
         )
+    if kind == "cuda":
+        from modec.kernels.cuda_aot import nvcc_gpu_codes, target_archs
+
+        try:
+            archs = target_archs(target)
+            known = nvcc_gpu_codes()
+        except ModecError as exc:
+            raise UsageError(f"--target {target}: {exc}") from exc
+        missing = [a for a in archs if a.removesuffix("a") not in known]
+        if missing:
+            raise UsageError(
+                f"--target {target}: this nvcc cannot build {', '.join(missing)} (it builds "
+                f"{', '.join(sorted(known, key=lambda a: (len(a), a)))}); pick archs from that list"
+            )

@@ -12,6 +12,7 @@ import onnx
 import tvm
 
 from modec.artifact import Manifest, host_machine, write_artifact
+from modec.kernels.cuda_aot import export_cuda_library, target_archs
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.lowering.dense import (
     DenseModule,
@@ -32,6 +33,7 @@ def target_record(target: TargetLike) -> dict[str, Any]:
     if is_cuda(tgt):
         rec["device"] = "cuda"
         rec["arch"] = str(tgt.attrs.get("arch", ""))
+        rec["archs"] = target_archs(target)
     else:
         rec["device"] = "cpu"
         rec["mcpu"] = str(tgt.attrs.get("mcpu", ""))
@@ -53,12 +55,20 @@ def write_dense_artifact(
     """
     secs: dict[str, Any] = {"lowering": {"stats": dict(sorted(dm.stats.items()))}}
     secs.update(sections or {})
+    # Link without debug sections: TVMScript kernels carry the source line of their Python
+    # definition, so the DWARF line table (and with it the whole file) would change whenever
+    # the lowering code moves, though the machine code does not.
+    options = ["-Wl,--strip-debug"]
+
+    def write_library(path: Path) -> None:
+        if is_cuda(resolve_target(target)):
+            export_cuda_library(executable, str(path), target_archs(target), options)
+        else:
+            executable.export_library(str(path), options=options)
+
     return write_artifact(
         out_dir,
-        # Link without debug sections: TVMScript kernels carry the source line of their
-        # Python definition, so the DWARF line table (and with it the whole file) would
-        # change whenever the lowering code moves, though the machine code does not.
-        write_library=lambda p: executable.export_library(str(p), options=["-Wl,--strip-debug"]),
+        write_library=write_library,
         params=dm.params,
         inputs=dm.inputs,
         outputs=dm.outputs,
@@ -87,7 +97,8 @@ def build_artifact(
     Args:
         model: ONNX model or path.
         out_dir: artifact directory (written atomically).
-        target: "llvm" for this CPU; CUDA targets compile but are not exported here.
+        target: "llvm" for this CPU, or a CUDA target: the kernels are compiled into a
+            fatbin for its archs (`modec.kernels.cuda_aot`).
         hooks: Relax hooks (see `modec.lowering.dense.lower_dense`).
         op_converters: converters for custom ONNX ops.
         sections: extra free-form manifest sections.

@@ -31,6 +31,7 @@ from modec.runtime._tvm import ALIGN
 
 from modec import kv_cache
 from modec.artifact import LIBRARY, WEIGHTS, Manifest, TensorSpec, check_target
+from modec.cuda_arch import arch_runs_on
 from modec.errors import BadInputError, ModelError
 
 __all__ = ["Session", "load"]
@@ -70,6 +71,16 @@ def _map_weights(f: BinaryIO, path: Path, specs: list[TensorSpec]) -> list[np.nd
     return out
 
 
+def _check_cuda_arch(manifest: Manifest, arch: str, name: str) -> None:
+    """Refuse a CUDA artifact with no SASS this GPU runs (`modec.cuda_arch.arch_runs_on`)."""
+    archs = list(manifest.target.get("archs", []))
+    if not any(arch_runs_on(a, arch) for a in archs):
+        raise ModelError(
+            f"artifact built for CUDA archs {', '.join(archs)}; this GPU ({name}) is {arch}: "
+            f'rebuild with --target \'{{"kind": "cuda", "arch": "{arch}"}}\''
+        )
+
+
 class Session:
     """A loaded artifact; `run` maps input arrays by ONNX name to output arrays."""
 
@@ -81,6 +92,8 @@ class Session:
         with weights_file:
             weights = _map_weights(weights_file, path / WEIGHTS, manifest.params)
         self._rt = Runtime(device)
+        if device == "cuda":
+            _check_cuda_arch(manifest, *self._rt.cuda_device())
         library = _check.read_library(path / LIBRARY, manifest)
         try:
             vm = self._rt.load_vm(path / LIBRARY, library)

@@ -32,6 +32,7 @@ from modec.artifact import (
     TensorSpec,
     verify_files,
 )
+from modec.cuda_arch import ARCH
 from modec.errors import ModelError
 
 #: the safetensors header cap (the format's, and the C++ runtime's)
@@ -154,6 +155,17 @@ def _check_fields(obj: dict[str, Any], where: str) -> None:
     device = _field(target, "device", str, where, "target.")
     if device == "cpu" and "machine" in target:
         _field(target, "machine", str, where, "target.")
+    if device == "cuda":
+        archs = target.get("archs")
+        if not (
+            isinstance(archs, list)
+            and archs
+            and all(isinstance(a, str) and ARCH.match(a) for a in archs)
+        ):
+            raise ModelError(
+                f"{where}: target.archs is missing or malformed (an artifact from before "
+                "compiled CUDA kernels?); rebuild it with modec compile ... --target cuda"
+            )
     _check_specs(obj, "inputs", "input", where)
     _check_specs(obj, "outputs", "output", where)
     _check_specs(obj, "params", "param", where)

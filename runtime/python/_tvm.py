@@ -7,9 +7,12 @@ too. This module loads ``libtvm_runtime.so`` (and ``libtvm_runtime_extra.so``, w
 importing it, then uses the runtime's own global functions to load the Relax VM executable,
 allocate tensors on the device and copy to and from numpy.
 
-CUDA: TVM 0.27 keeps CUDA kernels as source in ``model.so`` and compiles them when the
-module is loaded, through ``tvm_callback_cuda_compile``, which only the Python ``tvm``
-package registers; for a CUDA device `load_libraries` therefore imports ``tvm`` as well.
+CUDA: ``libtvm_runtime_cuda.so`` as well; the kernels in ``model.so`` are compiled already
+(a fatbin, `modec.kernels.cuda_aot`), so nothing compiles at load time and the TVM compiler
+is not imported for CUDA either.
+
+``MODEC_TVM_LIBRARY_PATH`` names a directory holding those libraries, for a deployment that
+installs ``apache-tvm-ffi`` and the runtime libraries without the ~260 MiB compiler package.
 """
 
 from __future__ import annotations
@@ -41,7 +44,16 @@ ALIGN = 64
 _loaded: set[str] = set()
 
 
+#: Environment variable: a directory with libtvm_runtime*.so (instead of the tvm package's).
+LIBRARY_PATH_ENV = "MODEC_TVM_LIBRARY_PATH"
+#: `runtime.GetDeviceAttr` kinds (TVM's DeviceAttrKind).
+_EXIST, _COMPUTE_VERSION, _DEVICE_NAME = 0, 4, 5
+
+
 def _library_dir() -> Path:
+    override = os.environ.get(LIBRARY_PATH_ENV)
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec("tvm")
     if spec is None or spec.origin is None:
         raise ModelError("the TVM runtime is not installed; pip install apache-tvm")
@@ -63,11 +75,9 @@ def load_libraries(device: str) -> None:
         except OSError as exc:
             raise ModelError(
                 f"cannot load the TVM runtime library {path} ({exc}); reinstall apache-tvm"
-                + (" on a machine with the CUDA driver" if device == "cuda" else "")
+                + (" on a machine with the NVIDIA driver" if device == "cuda" else "")
             ) from exc
         _loaded.add(name)
-    if device == "cuda":
-        import tvm  # noqa: F401  (registers tvm_callback_cuda_compile, see module docstring)
 
 
 @contextlib.contextmanager
@@ -125,6 +135,19 @@ class Runtime:
         self._copy_to = tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")
         # (tensor, shape, dtype, byte offset) -> a tensor of that type over the same memory
         self._view = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
+
+    def cuda_device(self) -> tuple[str, str]:
+        """(architecture "sm_XY", name) of CUDA device 0.
+
+        Raises:
+            ModelError: no CUDA GPU is visible.
+        """
+        attr = self._ffi.get_global_func("runtime.GetDeviceAttr")
+        cuda = DEVICE_TYPES["cuda"]
+        if not attr(cuda, 0, _EXIST):
+            raise ModelError("no CUDA GPU is visible to this process; run on a machine with one")
+        version = str(attr(cuda, 0, _COMPUTE_VERSION))
+        return "sm_" + version.replace(".", ""), str(attr(cuda, 0, _DEVICE_NAME))
 
     def tensor(self, a: np.ndarray) -> Any:
         """A device tensor holding a copy of ``a`` (aligned as the kernels expect)."""

@@ -161,17 +161,48 @@ def test_cuda_build(tiny_vlm: dict[str, Path], tmp_path: Path, cuda_source: Any)
 
     from modec.lowering.lower import lower_model
 
+    from modec.kernels.cuda_aot import fatbin_entries, library_fatbins
+
     model, q = _simulated(tiny_vlm["model"], WIDTHS)
     out = tmp_path / "cuda"
     lower_model(model, q, out, "cuda", pipeline={})
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["device"] == "cuda" and manifest["target"]["arch"] == "sm_90"
+    assert manifest["target"]["archs"] == ["sm_90"]
+    # The kernels are compiled into model.so (SASS only, no PTX to JIT), not kept as source.
+    library = (out / "model.so").read_bytes()
+    assert b"__global__" not in library
+    (fatbin,) = library_fatbins(library)
+    assert fatbin_entries(fatbin) == [("sass", "sm_90")]
     assert {p["name"] for p in manifest["params"]} >= {"moe0.gate.w2.codes", "moe1.up.w4.zero"}
     src, _ = cuda_source
     # Sort kernels for both layers (4 experts, top-2) and the grouped kernels of every width.
     assert "modec_moe_sort_e4_k2_kernel" in src
     for bits in (2, 3, 4):
         assert f"modec_moe_w{bits}g{GROUP}_" in src
+
+
+def test_cuda_build_for_several_archs(tiny_vlm: dict[str, Path], tmp_path: Path) -> None:
+    """A JSON target with an arch list: SASS for each, the same bytes on a second build."""
+    import json
+
+    from modec.kernels.cuda_aot import fatbin_entries, library_fatbins
+    from modec.lowering.lower import lower_model
+
+    model, q = _simulated(tiny_vlm["model"], WIDTHS)
+    target = '{"kind": "cuda", "arch": ["sm_90", "sm_80"]}'
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        lower_model(model, q, out, target, pipeline={})
+    manifest = json.loads((outs[0] / "manifest.json").read_text())
+    assert manifest["target"]["arch"] == "sm_80" and manifest["target"]["archs"] == [
+        "sm_80",
+        "sm_90",
+    ]
+    library = (outs[0] / "model.so").read_bytes()
+    (fatbin,) = library_fatbins(library)
+    assert fatbin_entries(fatbin) == [("sass", "sm_80"), ("sass", "sm_90")]
+    assert library == (outs[1] / "model.so").read_bytes()
 
 
 def test_cuda_source_compiles_with_nvcc(cuda_source: Any) -> None:

@@ -100,8 +100,20 @@ CORRUPTIONS = {
     "weights_checksum": (lambda p: _flip_byte(p / WEIGHTS, -5), "SHA-256"),
     "library_checksum": (lambda p: _flip_byte(p / LIBRARY, 5000), "SHA-256"),
     "other_device": (
-        lambda p: _edit_manifest(p, lambda m: m["target"].update(kind="cuda", device="cuda")),
+        lambda p: _edit_manifest(
+            p, lambda m: m["target"].update(kind="cuda", device="cuda", archs=["sm_90"])
+        ),
         "built for target 'cuda'",
+    ),
+    "cuda_without_archs": (
+        lambda p: _edit_manifest(p, lambda m: m["target"].update(kind="cuda", device="cuda")),
+        "target.archs is missing",
+    ),
+    "cuda_bad_archs": (
+        lambda p: _edit_manifest(
+            p, lambda m: m["target"].update(kind="cuda", device="cuda", archs=["90"])
+        ),
+        "target.archs is missing or malformed",
     ),
     "other_machine": (
         lambda p: _edit_manifest(p, lambda m: m["target"].update(machine="aarch64")),
@@ -193,3 +205,47 @@ def test_lazy_params_are_written_one_at_a_time(tmp_path: Path) -> None:
     got = load_file(str(tmp_path / "out" / "weights.safetensors"))
     np.testing.assert_array_equal(got["a"], a)
     np.testing.assert_array_equal(got["b"], b)
+
+
+def _has_cuda_driver() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_cuda_driver(), reason="this machine has the NVIDIA driver")
+def test_cuda_artifact_without_driver_is_refused(artifact_copy: Path) -> None:
+    """No NVIDIA driver: one line naming the CUDA runtime library, not a crash or an import
+    of the TVM compiler."""
+    _edit_manifest(
+        artifact_copy,
+        lambda m: m["target"].update(kind="cuda", device="cuda", arch="sm_90", archs=["sm_90"]),
+    )
+    with pytest.raises(ModelError, match=r"libtvm_runtime_cuda\.so.*NVIDIA driver") as info:
+        rt.load(artifact_copy, "cuda")
+    assert "\n" not in str(info.value)
+
+
+def test_cuda_arch_mismatch_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from modec.runtime import _check_cuda_arch
+
+    manifest = SimpleNamespace(target={"archs": ["sm_80", "sm_90"]})
+    _check_cuda_arch(manifest, "sm_86", "NVIDIA A10")  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=r"archs sm_80, sm_90; this GPU \(NVIDIA X\) is sm_100"):
+        _check_cuda_arch(manifest, "sm_100", "NVIDIA X")  # type: ignore[arg-type]
+
+
+def test_runtime_library_path_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """MODEC_TVM_LIBRARY_PATH names where libtvm_runtime*.so are (a runtime-only install)."""
+    from modec.runtime import _tvm
+
+    monkeypatch.setenv(_tvm.LIBRARY_PATH_ENV, str(tmp_path))
+    assert _tvm._library_dir() == tmp_path
+    monkeypatch.delenv(_tvm.LIBRARY_PATH_ENV)
+    assert (_tvm._library_dir() / "libtvm_runtime.so").exists()
