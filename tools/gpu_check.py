@@ -66,6 +66,8 @@ PAPER_E, PAPER_H, PAPER_I, PAPER_TOPK = 128, 2048, 768, 8
 MOE_TOKENS = (1, 8, 64)
 #: Small odd shapes (padding in N and K) for correctness.
 SMALL_N, SMALL_K, SMALL_E = 37, 200, 3
+#: Eval prompts the generation check decodes from, and the tokens it generates.
+GEN_ROWS, GEN_TOKENS = 4, 16
 #: Eval batches whose simulated logits are stored (64 samples each).
 REFERENCE_BATCHES = 4
 BATCH = 64
@@ -121,6 +123,32 @@ def _compile_bundled(out: Path, archs: list[str]) -> None:
            str(ex / "calib.npz"), "--budget", "3.0", "--target", target, "-o", str(art),
            "--force"]  # fmt: skip
     subprocess.run(cmd, check=True)
+
+
+def _compile_cached(out: Path, archs: list[str]) -> None:
+    """digits-vlm exported with a KV cache, compiled for CUDA (RTN 4-bit: the generation
+    check needs the cache, not MODE's allocation), and four eval prompts."""
+    import tempfile
+
+    from modec import data
+    from modec.driver import CompileOptions, compile_model
+    from tools.digits_vlm.export import export_cached, trained_from_onnx
+
+    ex = ROOT / "examples" / "digits-vlm"
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model_kv.onnx"
+        export_cached(trained_from_onnx(ex / "model.onnx"), onnx_path)
+        for name in ("tokenizer.json", "processor.json"):
+            shutil.copyfile(ex / name, Path(tmp) / name)
+        target = json.dumps({"kind": "cuda", "arch": archs})
+        o = CompileOptions(method="uniform", quantizer="rtn", budget=4.0, target=target,
+                           cache_dir=None)  # fmt: skip
+        compile_model(onnx_path, ex / "calib.npz", out / "cached-cuda", o, force=True)
+    (out / "cached-cuda" / "model.sim.onnx").unlink()
+    ds = data.load(ex / "eval.npz")
+    _, feeds = next(ds.subset(np.arange(GEN_ROWS)).batches(GEN_ROWS))
+    for name, a in feeds.items():
+        np.save(out / f"gen_in_{name}.npy", a)
 
 
 def _reference(out: Path) -> None:
@@ -203,6 +231,7 @@ def prepare(args: argparse.Namespace) -> None:
         ("kernels", "kernels", lambda: _build_kernels(out, archs)),
         ("artifact", "bundled model for CUDA", lambda: _compile_bundled(out, archs)),
         ("reference", "simulated reference", lambda: _reference(out)),
+        ("cached", "digits-vlm with a KV cache for CUDA", lambda: _compile_cached(out, archs)),
         ("libs", "runtime libraries and the C++ app", lambda: _copy_libraries(out)),
         ("wheels", "wheels of modec and apache-tvm-ffi", lambda: _wheels(out, args.python)),
     ]
@@ -226,9 +255,9 @@ class Bench:
     def __init__(self, d: Path, iters: int, repeats: int) -> None:
         import torch
         import tvm_ffi
-        from modec.runtime._tvm import load_libraries
+        from modec.runtime._tvm import Runtime
 
-        load_libraries("cuda")
+        self.rt = Runtime("cuda")  # loads libtvm_runtime_cuda.so
         self.torch, self.ffi, self.dir = torch, tvm_ffi, d
         self.iters, self.repeats = iters, repeats
         self.dev = torch.device("cuda")
@@ -252,12 +281,10 @@ class Bench:
             self._mods[f] = self.ffi.load_module(str(self.dir / "kernels" / f))
         return self._mods[f]["main"]
 
-    def t(self, a: Any) -> Any:
-        """A TVM view of a torch tensor (no copy)."""
-        return self.ffi.from_dlpack(a)
-
     def gpu(self, a: np.ndarray) -> Any:
-        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.dev)
+        """A TVM tensor on the GPU holding a copy of ``a`` (TVM's own allocation: torch's
+        DLPack export of uint32 tensors varies between versions)."""
+        return self.rt.tensor(a)
 
     def time_ms(self, launch: Callable[[int], None], graph: bool = False) -> float:
         """Median over repeats of (time of `iters` launches) / iters, in ms."""
@@ -335,11 +362,9 @@ class Bench:
                     args = [x, indptr]
                 want, part = _reference_rows(s, x, indptr, pw)
                 ts = [self.gpu(a) for a in (*args, pw.codes, pw.scale, pw.zero)]
-                y = self.torch.full((x.shape[0], s["n"]), float("nan"), dtype=self.torch.float16,
-                                    device=self.dev)  # fmt: skip
-                self.kernel(s)(*(self.t(a) for a in ts), self.t(y))
-                self.torch.cuda.synchronize()
-                got = y.float().cpu().numpy()[part]
+                y = self.gpu(np.full((x.shape[0], s["n"]), np.nan, np.float16))  # poisoned
+                self.kernel(s)(*ts, y)
+                got = self.rt.numpy(y).astype(np.float32)[part]
                 err = float(np.linalg.norm(got - want)) / max(float(np.linalg.norm(want)), 1e-30)
                 row.update(
                     m=x.shape[0], rel_err=err, ok=bool(np.isfinite(got).all() and err < 5e-3)
@@ -372,10 +397,10 @@ class Bench:
             scheme = QuantScheme(s["bits"], s["group"])
             pw = _random_packed(rng, scheme, n, k, None)
             nbytes = pw.codes.nbytes + pw.scale.nbytes + pw.zero.nbytes + 2 * (k + n)
-            sets = [tuple(self.t(self.gpu(a)) for a in (pw.codes, pw.scale, pw.zero))
+            sets = [tuple(self.gpu(a) for a in (pw.codes, pw.scale, pw.zero))
                     for _ in range(self.copies(nbytes))]  # fmt: skip
-            x = self.t(x16)
-            y = self.t(torch.empty(1, n, dtype=torch.float16, device=self.dev))
+            x = self.gpu(x16.cpu().numpy())
+            y = self.gpu(np.zeros((1, n), np.float16))
             f = self.kernel(s)
 
             def launch(i: int, f: Any = f, sets: Any = sets, x: Any = x, y: Any = y) -> None:
@@ -405,7 +430,7 @@ class Bench:
             n, k, e = s["n"], s["k"], s["e"]
             pw = _random_packed(rng, scheme, n, k, e)
             per_expert = (pw.codes.nbytes + pw.scale.nbytes + pw.zero.nbytes) // e
-            sets = [tuple(self.t(self.gpu(a)) for a in (pw.codes, pw.scale, pw.zero))
+            sets = [tuple(self.gpu(a) for a in (pw.codes, pw.scale, pw.zero))
                     for _ in range(self.copies(per_expert * e))]  # fmt: skip
             f = self.kernel(s)
             for tokens in MOE_TOKENS:
@@ -418,10 +443,10 @@ class Bench:
                     )
                     counts = np.bincount(picks.ravel(), minlength=e)
                     indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-                    routes.append(self.t(self.gpu(indptr)))
+                    routes.append(self.gpu(indptr))
                     active.append(int((counts > 0).sum()))
-                x = self.t(torch.randn(rows_n, k, dtype=torch.float16, device=self.dev))
-                y = self.t(torch.empty(rows_n, n, dtype=torch.float16, device=self.dev))
+                x = self.gpu(rng.standard_normal((rows_n, k)).astype(np.float16))
+                y = self.gpu(np.zeros((rows_n, n), np.float16))
                 nbytes = float(np.mean(active)) * per_expert + 2 * rows_n * (k + n)
 
                 def launch(i: int, f: Any = f, sets: Any = sets, x: Any = x, y: Any = y,
@@ -497,6 +522,52 @@ class Bench:
             res["max |C++ - Python| / max |Python|"] = float(np.abs(a - b).max() / np.abs(b).max())
         return res
 
+    def generation(self) -> dict[str, Any]:
+        """Greedy generation on the GPU: the Python runtime with its KV cache against the same
+        tokens recomputed without a cache (the whole sequence through ``main`` each step),
+        and the C++ app (``modec_run --device cuda --generate``) against the Python runtime;
+        decode tokens/s of the Python loop."""
+        import modec.runtime as rt
+
+        art = self.dir / "cached-cuda"
+        session = rt.load(art, "cuda")
+        feeds = {
+            p.stem[len("gen_in_") :]: np.load(p) for p in sorted(self.dir.glob("gen_in_*.npy"))
+        }
+        session.generate(feeds, max_new_tokens=2)  # warm-up
+        t = time.perf_counter()
+        res = session.generate(feeds, max_new_tokens=GEN_TOKENS)
+        secs = time.perf_counter() - t
+        out: dict[str, Any] = {"rows": GEN_ROWS, "tokens per row": GEN_TOKENS,
+                               "python tokens/s (prefill + decode)": GEN_ROWS * GEN_TOKENS / secs,
+                               "python decode tokens/s": res.decode_tokens_per_second}  # fmt: skip
+        # Recomputed without a cache.
+        gen = session.manifest.sections["generation"]
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        picked = []
+        for _ in range(GEN_TOKENS):
+            inp = {**feeds, "input_ids": ids, "attention_mask": mask}
+            for c in gen["cache"]:
+                inp[c["past"]] = np.zeros((GEN_ROWS, c["heads"], 0, c["head_dim"]), np.float32)
+            tok = session.run(inp)["logits"][:, -1].argmax(-1)
+            picked.append(tok)
+            ids = np.concatenate([ids, tok[:, None]], axis=1)
+            mask = np.concatenate([mask, np.ones((GEN_ROWS, 1), mask.dtype)], axis=1)
+        recomputed = np.stack(picked, axis=1).tolist()
+        out["python tokens"] = res.tokens
+        out["cached == recomputed"] = res.tokens == recomputed
+        app = self.dir / "lib" / "modec_run"
+        if app.exists():
+            args = [f"{k}={self.dir / ('gen_in_' + k + '.npy')}" for k in feeds]
+            cmd = [str(app), str(art), "--device", "cuda", "--generate", str(GEN_TOKENS), *args]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            rows = [[int(t) for t in line.partition(":")[2].split()]
+                    for line in proc.stdout.splitlines() if line.startswith("tokens[")]  # fmt: skip
+            out["C++ exit"] = proc.returncode
+            out["C++ == python"] = rows == res.tokens
+            out["C++ last line"] = (proc.stdout.strip().splitlines() or [proc.stderr[-300:]])[-1]
+        return out
+
     def run(self, out: Path) -> None:
         sections: list[tuple[str, Callable[[], Any]]] = [
             ("hbm", self.hbm),
@@ -505,6 +576,7 @@ class Bench:
             ("moe", self.moe),
             ("artifact", self.artifact),
             ("cxx", self.cxx),
+            ("generation", self.generation),
         ]
         for name, fn in sections:
             t = time.perf_counter()
@@ -616,7 +688,7 @@ def render(r: dict[str, Any]) -> str:
                 f"{g['% of bound']:.0f}% |"
             )
         out.append("")
-    for name in ("artifact", "cxx"):
+    for name in ("artifact", "cxx", "generation"):
         if name in s:
             out.append(f"{name}: {json.dumps(s[name], default=str)}")
     for name in ("hbm", "correctness", "gemv", "moe"):
@@ -633,7 +705,7 @@ def main() -> None:
     p.add_argument("--arch", nargs="+", default=["sm_90"], help="CUDA archs (default sm_90)")
     p.add_argument("--python", default="3.12", help="the GPU machine's Python (wheels)")
     p.add_argument("--steps", nargs="+",
-                   default=["kernels", "artifact", "reference", "libs", "wheels"],
+                   default=["kernels", "artifact", "reference", "cached", "libs", "wheels"],
                    help="the steps to run (default: all)")  # fmt: skip
     r = sub.add_parser("run", help="check and measure on the GPU")
     r.add_argument("--dir", default=".gpu")
