@@ -110,6 +110,81 @@ class _MatmulRewriter(relax.PyExprMutator):
             self._analyzer.can_prove_equal(x, y) for x, y in zip(a, b, strict=True)
         )
 
+    def _binding(self, x: Any, op: str) -> Any:
+        """The call ``x`` is bound to when it is a call of ``op``, else None."""
+        if not isinstance(x, relax.Var):
+            return None
+        value = self.lookup_binding(x)
+        ok = isinstance(value, relax.Call) and value.op == tvm.ir.Op.get(op)
+        return value if ok else None
+
+    def _repeated_kv(self, x: Any) -> tuple[Any, int] | None:
+        """``(kv, r)`` when ``x`` [B, H·r, T, D] is the heads of ``kv`` [B, H, T, D] each
+        repeated ``r`` times (transformers' ``repeat_kv`` for grouped-query attention:
+        ``reshape(broadcast_to(expand_dims(kv, 2), [B, H, r, T, D]), [B, H·r, T, D])``)."""
+        reshape = self._binding(x, "relax.reshape")
+        bcast = None if reshape is None else self._binding(reshape.args[0], "relax.broadcast_to")
+        expand = None if bcast is None else self._binding(bcast.args[0], "relax.expand_dims")
+        if expand is None or [int(v) for v in expand.attrs.axis] != [2]:
+            return None
+        kv = expand.args[0]
+        tk, tb, tx = kv.ty, bcast.ty, x.ty
+        if not all(isinstance(t, relax.TensorType) and t.shape is not None for t in (tk, tb, tx)):
+            return None
+        sk, sbc, sx = list(tk.shape.values), list(tb.shape.values), list(tx.shape.values)
+        if len(sk) != 4 or len(sbc) != 5 or len(sx) != 4:
+            return None
+        r = static_extent(sbc[2])
+        heads = static_extent(sk[1])
+        if r is None or heads is None or static_extent(sx[1]) != heads * r:
+            return None
+        same = [sk[0], sk[1], sk[2], sk[3]]
+        if not (self._equal(same, [sbc[0], sbc[1], sbc[3], sbc[4]])
+                and self._equal([sk[0], sk[2], sk[3]], [sx[0], sx[2], sx[3]])):  # fmt: skip
+            return None
+        return kv, r
+
+    def _grouped_query(self, a: Any, b: Any, sa: Sequence[Any]) -> Any:
+        """Attention's two matmuls over repeated key/value heads, on the heads themselves.
+
+        ``q · permute(repeat_kv(k))`` and ``p · repeat_kv(v)`` read the cache expanded to
+        every query head: ``repeat_kv`` copies it r times and the transpose copies the copy,
+        every decode step. Query head h reads kv head h // r, so viewing ``q`` [B, H·r, S, D]
+        as [B·H, r·S, D] (a reshape: the r query heads of a kv head are adjacent) gives the
+        same products as one batched matmul per kv head: ``q' · kᵀ`` [B·H, r·S, T] and
+        ``p' · v`` [B·H, r·S, D], reshaped back. Only the unexpanded key is transposed.
+        Returns the rewritten value, or None where the pattern does not hold.
+        """
+        bld = self.builder_
+        swap = self._binding(b, "relax.permute_dims")
+        keys = (
+            swap is not None
+            and swap.attrs.axes is not None
+            and [int(v) for v in swap.attrs.axes] == [0, 1, 3, 2]
+        )
+        found = self._repeated_kv(swap.args[0] if keys else b)
+        if found is None or len(sa) != 4:
+            return None
+        kv, r = found
+        bsz, heads, t, d = kv.ty.shape.values
+        s_len = sa[2]
+        groups = bsz * heads
+        rows = r * s_len
+        if keys:  # a = q [B, H·r, S, D]; b = repeat_kv(k)ᵀ
+            a3 = bld.emit(_view(a, [groups, rows, d]))
+            kt = bld.emit(relax.op.permute_dims(kv, [0, 1, 3, 2]))
+            b3 = bld.emit(_view(kt, [groups, d, t]))
+            kd, nd = d, t
+        else:  # a = p [B, H·r, S, T]; b = repeat_kv(v)
+            a3 = bld.emit(_view(a, [groups, rows, t]))
+            b3 = bld.emit(_view(kv, [groups, t, d]))
+            kd, nd = t, d
+        gv = self._kernel(True, static_extent(rows), static_extent(nd), static_extent(kd))
+        y = bld.emit(relax.call_tir(gv, [a3, b3], relax.TensorType([groups, rows, nd], "float32")))
+        self.counts["matmul_batched"] += 1
+        self.counts["attention_kv_heads"] += 1
+        return _view(y, [bsz, heads * r, s_len, nd])
+
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if not isinstance(call.op, tvm.ir.Op):
@@ -142,7 +217,7 @@ class _MatmulRewriter(relax.PyExprMutator):
             lead, kd = sa[:-1], sa[-1]
             nd = sb[1]
             m = _prod(lead)
-            x2 = a if len(sa) == 2 else bld.emit(relax.op.reshape(a, [m, kd]))
+            x2 = a if len(sa) == 2 else bld.emit(_view(a, [m, kd]))
             w = self._stored_weight(b)
             b_dtype = "float32" if w is None else str(w.ty.dtype)
             gv = self._kernel(
@@ -156,19 +231,33 @@ class _MatmulRewriter(relax.PyExprMutator):
             self.counts["matmul_dense"] += 1
             if w is not None:
                 self.counts["matmul_stored_weight"] += 1
-            return y if len(sa) == 2 else relax.op.reshape(y, [*lead, nd])
+            return y if len(sa) == 2 else _view(y, [*lead, nd])
+        gqa = self._grouped_query(a, b, sa)
+        if gqa is not None:
+            return gqa
         if len(sa) == len(sb) >= 3 and self._equal(sa[:-2], sb[:-2]):
             batch = sa[:-2]
             md, kd, nd = sa[-2], sa[-1], sb[-1]
             bt = _prod(batch)
-            a3 = a if len(sa) == 3 else bld.emit(relax.op.reshape(a, [bt, md, kd]))
-            b3 = b if len(sb) == 3 else bld.emit(relax.op.reshape(b, [bt, kd, nd]))
+            a3 = a if len(sa) == 3 else bld.emit(_view(a, [bt, md, kd]))
+            b3 = b if len(sb) == 3 else bld.emit(_view(b, [bt, kd, nd]))
             gv = self._kernel(True, static_extent(md), static_extent(nd), static_extent(kd))
             y = bld.emit(relax.call_tir(gv, [a3, b3], relax.TensorType([bt, md, nd], "float32")))
             self.counts["matmul_batched"] += 1
-            return y if len(sa) == 3 else relax.op.reshape(y, [*batch, md, nd])
+            return y if len(sa) == 3 else _view(y, [*batch, md, nd])
         self.counts["matmul_default"] += 1
         return call
+
+
+def _view(x: Any, shape: Sequence[Any]) -> Any:
+    """``x`` (contiguous, as every Relax tensor is) seen with another shape, without a copy.
+
+    `relax.op.reshape` is legalized into a copying kernel and turned back into a view only
+    where TVM can prove the kernel is a plain reshape, which fails for products of symbolic
+    dims (``batch * heads``); a memory view never copies, and memory planning keeps the
+    source's storage alive while the view is (it treats views as reshapes).
+    """
+    return relax.op.memory.view(x, relax.ShapeExpr(list(shape)))
 
 
 def _swap_of(value: Any) -> Any:

@@ -188,3 +188,39 @@ def test_transposed_weights_are_stored_transposed() -> None:
     got = vm["main"](tvm.runtime.tensor(ids), *params)
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g.numpy(), r, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention_reads_the_kv_heads(tmp_path: object) -> None:
+    """A transformers export with grouped-query attention (4 query heads over 2 kv heads)
+    and a KV cache: both attention matmuls of each layer run on the kv heads themselves (no
+    repeat_kv copy), and the artifact equals onnxruntime on a prompt and a decode step."""
+    from pathlib import Path
+
+    import torch
+    from modec.runtime import load
+
+    from modec import hf
+    from modec.lowering.build import build_artifact
+    from tests.fixtures.models import build_hf
+
+    d = Path(str(tmp_path)) / "qwen3moe"
+    build_hf("qwen3moe").m.to(torch.float32).save_pretrained(d)
+    onnx_path = hf.export_onnx(d, d / "model.onnx")
+    manifest = build_artifact(str(onnx_path), d / "out")
+    stats = manifest.sections["lowering"]["stats"]
+    assert stats["attention_kv_heads"] == 4  # two layers, keys and values
+    sess, ref = load(d / "out"), ort.InferenceSession(str(onnx_path))
+    past = [i for i in ref.get_inputs() if i.name.startswith("past_key_values.")]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 40, (2, 7)).astype(np.int64)
+    mask = np.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0
+    empty = {p.name: np.zeros((2, p.shape[1], 0, p.shape[3]), np.float32) for p in past}
+    feeds = {"input_ids": ids, "attention_mask": mask, **empty}
+    for _ in range(2):
+        got, want = sess.run(feeds), ref.run(None, feeds)
+        for o, w in zip(ref.get_outputs(), want, strict=True):
+            np.testing.assert_allclose(got[o.name], w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        feeds = {"input_ids": rng.integers(1, 40, (2, 1)).astype(np.int64), "attention_mask": mask,
+                 **{p.name: w for p, w in zip(past, want[1:], strict=True)}}  # fmt: skip
