@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "weights, exact below (default %(default)s; "
                          "docs/sensitivity_estimator.md)")  # fmt: skip
     co.add_argument("--quantizer", choices=["gptq", "rtn"], default=d.quantizer)
+    co.add_argument("--dense-bits", type=int, choices=[2, 3, 4, 8], default=None,
+                    help="also quantize the text decoder's dense matmul weights (attention, "
+                         "output head) at this width, RTN, outside MODE's expert allocation; "
+                         "default: they stay as stored (docs/dense_quantization.md)")  # fmt: skip
     co.add_argument("--target", default=d.target,
                     help="TVM target of the compiled artifact: llvm (default, this CPU), "
                          "cuda (sm_90; built here, runs on a GPU machine) or none (simulated "

@@ -36,7 +36,7 @@ import onnx_ir as ir
 from modec import data as data_mod
 from modec.distributed import Engine, EngineSpec, SerialEngine, open_engine
 from modec.errors import BadInputError, ModelError
-from modec.facts import BitAllocation, Calibration, Facts, QuantizedExperts
+from modec.facts import BitAllocation, Calibration, Facts, QuantizedDense, QuantizedExperts
 from modec.hf import onnx_model
 from modec.instruments import DumpIR, Instrument, ProgressBar
 from modec.output import (
@@ -426,8 +426,9 @@ def _run(
             from modec.summary import summarize
 
             report["summary"] = summarize(
-                str(out_dir), model, alloc, records, str(out_dir / REPORT_FILE)
-            )
+                str(out_dir), model, alloc, records, str(out_dir / REPORT_FILE),
+                ctx.facts.find(QuantizedDense),
+            )  # fmt: skip
             (tmp / ALLOCATION_FILE).write_text(json_text(_allocation_doc(alloc, pipe)))
             if eval_path is not None and quantized is not None:
                 report["summary"]["accuracy"] = _accuracy(onnx_path, tmp, eval_path, o.threads)

@@ -20,6 +20,8 @@ fact                   written by            what it holds
 `Sensitivity`          measure-sensitivity   δ_text(e, b), δ_vision(e, b)
 `BitAllocation`        allocate-bits         the width of every expert
 `QuantizedExperts`     quantize-experts      the codes of every expert projection
+`QuantizedDense`       quantize-dense        the codes of the text decoder's dense weights
+                                             (optional: ``--dense-bits``)
 `Artifact`             lower-tvm             the compiled artifact's manifest
 =====================  ====================  ===============================================
 
@@ -283,6 +285,19 @@ class QuantizedExperts:
 
 
 @dataclass(frozen=True, eq=False)
+class QuantizedDense:
+    """Codes of the dense weights quantize-dense quantized, by initializer name, in graph
+    order. Each is the [N, K] weight a ``MatMul`` reads transposed (torch's ``Linear``
+    layout); ``transposed[name]`` is False where the graph stores it as [K, N] already (the
+    codes are then of its transpose)."""
+
+    bits: int
+    group_size: int
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    transposed: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
 class Artifact:
     """The compiled artifact written by lower-tvm."""
 
@@ -292,7 +307,7 @@ class Artifact:
 #: Every fact type, in pipeline order.
 FACT_TYPES: tuple[type, ...] = (
     Calibration, MoELayers, CanonicalMoE, AttentionTaps, RoutingStats, KeyVision, Sensitivity,
-    BitAllocation, QuantizedExperts, Artifact,
+    BitAllocation, QuantizedExperts, QuantizedDense, Artifact,
 )  # fmt: skip
 
 T = TypeVar("T")

@@ -44,6 +44,7 @@ from modec.passes.find_attention import FindAttentionPass
 from modec.passes.find_moe import FindMoEPass
 from modec.passes.lower_tvm import LowerTVMPass
 from modec.passes.measure_sensitivity import MeasureSensitivityPass
+from modec.passes.quantize_dense import QuantizeDensePass
 from modec.passes.quantize_experts import QuantizeExpertsPass
 from modec.passes.select_key_vision import SelectKeyVisionPass
 from modec.pipeline import REGISTRY, Pass, Pipeline
@@ -74,6 +75,8 @@ class CompileOptions:
     #: how δ is measured: exact probes, the O(L) Fisher estimate, or auto (by model size).
     sensitivity: Literal["auto", "exact", "fisher"] = SENSITIVITY
     quantizer: Literal["gptq", "rtn"] = "gptq"
+    #: width of the text decoder's dense matmul weights (quantize-dense), 0: left as stored
+    dense_bits: int = 0
     #: TVM target of the compiled artifact ("llvm", "cuda"), or "none" for no lowering.
     target: str = "llvm"
     seed: int = 0
@@ -131,6 +134,7 @@ def decision_passes(o: CompileOptions) -> list[Pass]:
             group_size=o.group_size,
         ),
         QuantizeExpertsPass(group_size=o.group_size, method=o.quantizer),
+        *([QuantizeDensePass(width=o.dense_bits, group_size=o.group_size)] if o.dense_bits else []),
     ]
 
 
@@ -142,7 +146,7 @@ def standard_pipeline(o: CompileOptions) -> Pipeline:
         raise BadInputError(f"unknown --method {o.method!r}; choose from {list(PIPELINES)}")
     passes = analysis_passes(o, o.method in NEEDS_SENSITIVITY) + decision_passes(o)
     if o.target != "none":
-        passes.append(LowerTVMPass(target=o.target))
+        passes.append(LowerTVMPass(target=o.target, quantized_dense=bool(o.dense_bits)))
     return Pipeline(passes, name=o.method)
 
 

@@ -6,14 +6,19 @@ from typing import Any
 
 import onnx_ir as ir
 
-from modec.facts import BitAllocation
+from modec.facts import BitAllocation, QuantizedDense
 from modec.pipeline import PassRecord
 
 
 def size_summary(
-    model: ir.Model, widths: tuple[tuple[int, ...], ...], group_size: int
+    model: ir.Model,
+    widths: tuple[tuple[int, ...], ...],
+    group_size: int,
+    dense: QuantizedDense | None = None,
 ) -> dict[str, int]:
-    """Bytes of the expert weights (fp32, fp16, quantized: codes + scales + zeros) and the rest."""
+    """Bytes of the expert weights (fp32, fp16, quantized: codes + scales + zeros) and the
+    rest; with ``dense`` (quantize-dense), the dense weights it quantized count at their
+    packed size in ``model_quantized`` (``dense_fp32`` / ``dense_quantized``)."""
     from modec.moe.canonical import is_moe_node
     from modec.moe.reference import MoEParams
     from modec.numerics.schemes import QuantScheme
@@ -37,6 +42,12 @@ def size_summary(
         for name, v in model.graph.initializers.items()
         if v.const_value is not None and name not in expert_names
     )
+    dense_fp32 = dense_packed = 0
+    if dense is not None:
+        for qw in dense.weights.values():
+            n, k = qw.q.shape
+            dense_fp32 += 4 * n * k
+            dense_packed += n * k * dense.bits // 8 + qw.scale.nbytes + qw.zero.nbytes
     return {
         "expert_params": expert_params,
         "experts_fp32": 4 * expert_params,
@@ -47,12 +58,19 @@ def size_summary(
         "experts_quantized": codes + scales + zeros,
         "other_fp32": other,
         "model_fp32": 4 * expert_params + other,
-        "model_quantized": codes + scales + zeros + other,
+        "model_quantized": codes + scales + zeros + other - dense_fp32 + dense_packed,
+        "dense_fp32": dense_fp32,
+        "dense_quantized": dense_packed,
     }
 
 
 def summarize(
-    out: str, model: ir.Model, alloc: BitAllocation, records: list[PassRecord], report: str
+    out: str,
+    model: ir.Model,
+    alloc: BitAllocation,
+    records: list[PassRecord],
+    report: str,
+    dense: QuantizedDense | None = None,
 ) -> dict[str, Any]:
     """The summary of one compile (``accuracy`` is added when the compile evaluated)."""
     return {
@@ -61,7 +79,7 @@ def summarize(
         "budget": alloc.budget,
         "average_bits": alloc.average,
         "histogram": {str(k): v for k, v in alloc.histogram().items()},
-        "sizes": size_summary(model, alloc.widths, alloc.group_size),
+        "sizes": size_summary(model, alloc.widths, alloc.group_size, dense),
         "seconds": {r.name: round(r.seconds, 2) for r in records},
         "report": report,
     }
@@ -78,6 +96,14 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  experts       {z['experts_fp32'] / mib:.2f} MiB fp32 -> "
         f"{z['experts_quantized'] / mib:.2f} MiB (codes {z['experts_codes'] / mib:.2f}, "
         f"scales {z['experts_scales'] / mib:.2f}, zeros {z['experts_zeros'] / mib:.2f})",
+        *(
+            [
+                f"  dense         {z['dense_fp32'] / mib:.2f} MiB fp32 -> "
+                f"{z['dense_quantized'] / mib:.2f} MiB (--dense-bits)"
+            ]
+            if z.get("dense_fp32")
+            else []
+        ),
         f"  model         {z['model_fp32'] / mib:.2f} MiB fp32 -> "
         f"{z['model_quantized'] / mib:.2f} MiB ({z['model_fp32'] / z['model_quantized']:.1f}x)",
         "  time          " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()),

@@ -10,8 +10,10 @@ Rules:
 2. Every MoE node becomes the mixed-precision lowering of `modec.lowering.moe`: experts
    grouped by width, one grouped kernel per (width, projection), packed weights (layout
    `n16k32`) as parameters ``moe{l}.{proj}.w{bits}.codes|scale|zero``.
-3. The router, biases, shared expert and all dense weights stay fp32; the dequantized
-   expert initializers of the graph are not shipped.
+3. The router, biases, shared expert and the dense weights stay as stored, except those
+   quantize-dense quantized (``quantized_dense``): their matmuls become dequant-matmul
+   kernels over packed parameters ``dense.{weight}.codes|scale|zero``
+   (`modec.lowering.dense_quant`). The dequantized initializers are not shipped.
 4. The manifest gets a ``moe`` section (per-layer widths, width groups, group size,
    layout, byte sizes of codes / scales / zeros per group and projection) and a
    ``pipeline`` section (the run's pipeline text if the driver set it, and this pass's
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from modec.errors import UsageError
-from modec.facts import Artifact, CanonicalMoE, QuantizedExperts
+from modec.facts import Artifact, CanonicalMoE, QuantizedDense, QuantizedExperts
 from modec.pipeline import Pass, PassContext, PassResult, register
 
 
@@ -39,9 +41,15 @@ class LowerTVMPass(Pass):
     """Build the artifact with mixed-precision MoE kernels; see the module docstring."""
 
     name = "lower-tvm"
-    reads = (CanonicalMoE, QuantizedExperts)
     writes = (Artifact,)
     target: str = "llvm"
+    #: lower the dense weights quantize-dense quantized (it must run before)
+    quantized_dense: bool = False
+
+    @property
+    def reads(self) -> tuple[type, ...]:  # type: ignore[override]
+        base: tuple[type, ...] = (CanonicalMoE, QuantizedExperts)
+        return (*base, QuantizedDense) if self.quantized_dense else base
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from modec.lowering.build import BUILD_STEPS
@@ -60,6 +68,7 @@ class LowerTVMPass(Pass):
             res = lower_model(
                 model, ctx.facts.get(QuantizedExperts), out, self.target, pipeline=pipeline,
                 step=lambda _name: bar.update(1),
+                dense=ctx.facts.get(QuantizedDense) if self.quantized_dense else None,
             )  # fmt: skip
         ctx.facts.put(Artifact(res.manifest))
         ctx.stat("moe_layers", res.moe_layers)

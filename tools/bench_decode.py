@@ -67,6 +67,8 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,8 @@ def build(work: Path, budget: float) -> dict[str, Path]:
 
 
 def build_paper(
-    work: Path, layers: int, budget: float, llama_src: Path | None, gguf_types: list[str]
+    work: Path, layers: int, budget: float, llama_src: Path | None, gguf_types: list[str],
+    dense_bits: Sequence[int] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """The paper-shaped checkpoint, its modec compile and export, and the GGUFs (reused
     when present; see the module docstring)."""
@@ -126,6 +129,13 @@ def build_paper(
     if not (out16 / "manifest.json").exists():
         compile_model(d16, calib, out16, o, force=True)
     paths: dict[str, Any] = {"out": out, "out_bf16": out16, "hf": d, "ggufs": {}}
+    # The attention projections and the head quantized too (--dense-bits), as llama.cpp's
+    # K-quants do: the fp32 checkpoint, experts as above.
+    for bits in dense_bits:
+        outd = root / f"out-{budget}-dense{bits}"
+        if not (outd / "manifest.json").exists():
+            compile_model(d, calib, outd, replace(o, dense_bits=bits), force=True)
+        paths[f"out_dense{bits}"] = outd
     paths["onnx"] = paths["text"] = hf.cached_export(d, cache)
     if llama_src is not None:
         f16 = root / "model-f16.gguf"
@@ -433,18 +443,26 @@ def profile_step(out: Path, prompt_tokens: int, repeats: int) -> list[dict[str, 
     return sorted(rows, key=lambda r: -r["us"])
 
 
+def _modec_variants(paths: dict[str, Any]) -> list[tuple[str, str]]:
+    """(row name, key in ``paths``) of every modec artifact built."""
+    out = [("modec", "out")]
+    if "out_bf16" in paths:
+        out.append(("modec, bf16 checkpoint", "out_bf16"))
+    for key in sorted(k for k in paths if k.startswith("out_dense")):
+        out.append((f"modec, dense {key[len('out_dense') :]}-bit", key))
+    return out
+
+
 def print_profiles(paths: dict[str, Any], prompt: int, repeats: int) -> dict[str, Any]:
     """`profile_step` of each modec artifact in ``paths``, printed: time per kernel group
     and the 8 slowest kernels."""
     profiles: dict[str, Any] = {}
-    for name, key in (("modec", "out"), ("modec, bf16 checkpoint", "out_bf16")):
-        if key not in paths:
-            continue
+    for name, key in _modec_variants(paths):
         prof = profiles[name] = profile_step(paths[key], prompt, repeats)
         total = sum(r["us"] for r in prof)
         groups: dict[str, float] = {}
         for r in prof:
-            g = next((k for k in ("modec_dense", "modec_moe", "modec_bmm")
+            g = next((k for k in ("modec_dense", "modec_dq", "modec_moe", "modec_bmm")
                       if r["name"].startswith(k)), "other")  # fmt: skip
             groups[g] = groups.get(g, 0.0) + r["us"]
         print(
@@ -477,6 +495,9 @@ def main() -> None:
         help="paper: vendor/llama.cpp of the llama-cpp-python source package",
     )
     ap.add_argument("--gguf-types", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
+    ap.add_argument("--dense-bits", type=int, nargs="*", default=[4],
+                    help="paper: also a modec compile with --dense-bits B for each B "
+                         "(attention and head quantized; default 4)")  # fmt: skip
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -489,7 +510,7 @@ def main() -> None:
     n = args.new_tokens
     if args.model == "paper":
         paths = build_paper(args.work, args.layers, args.budget, args.llama_cpp_src,
-                            args.gguf_types)  # fmt: skip
+                            args.gguf_types, args.dense_bits)  # fmt: skip
         make = lambda b: paper_prompts(b, args.prompt_tokens)  # noqa: E731
         chunk: int | None = 16
     else:
@@ -499,9 +520,9 @@ def main() -> None:
     if args.profile_only:
         print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats)
         return
-    runners: list[tuple[str, Any]] = [("modec", ModecDecoder(paths["out"]))]
-    if "out_bf16" in paths:
-        runners.append(("modec, bf16 checkpoint", ModecDecoder(paths["out_bf16"])))
+    runners: list[tuple[str, Any]] = [
+        (name, ModecDecoder(paths[key])) for name, key in _modec_variants(paths)
+    ]
     runners.append(("onnxruntime fp32", OrtDecoder(paths, args.threads, chunk)))
     ctx = args.prompt_tokens + n + 8
     for kind, gguf in paths.get("ggufs", {}).items():
@@ -530,8 +551,8 @@ def main() -> None:
         need = bundled_step_bytes(paths["out"], mean_len)
     bound = bw / need["total"]
     own = {"modec": need}
-    if "out_bf16" in paths:
-        own["modec, bf16 checkpoint"] = paper_step_bytes(paths["out_bf16"], mean_len)
+    for name, key in _modec_variants(paths)[1:]:
+        own[name] = paper_step_bytes(paths[key], mean_len)
     for kind, gguf in paths.get("ggufs", {}).items():
         own[f"llama.cpp {kind}"] = gguf_step_bytes(gguf, mean_len)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written)")

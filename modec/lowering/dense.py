@@ -125,7 +125,7 @@ class _MatmulRewriter(relax.PyExprMutator):
         reshape = self._binding(x, "relax.reshape")
         bcast = None if reshape is None else self._binding(reshape.args[0], "relax.broadcast_to")
         expand = None if bcast is None else self._binding(bcast.args[0], "relax.expand_dims")
-        if expand is None or [int(v) for v in expand.attrs.axis] != [2]:
+        if bcast is None or expand is None or [int(v) for v in expand.attrs.axis] != [2]:
             return None
         kv = expand.args[0]
         tk, tb, tx = kv.ty, bcast.ty, x.ty
@@ -171,19 +171,19 @@ class _MatmulRewriter(relax.PyExprMutator):
         groups = bsz * heads
         rows = r * s_len
         if keys:  # a = q [B, H·r, S, D]; b = repeat_kv(k)ᵀ
-            a3 = bld.emit(_view(a, [groups, rows, d]))
+            a3 = bld.emit(memory_view(a, [groups, rows, d]))
             kt = bld.emit(relax.op.permute_dims(kv, [0, 1, 3, 2]))
-            b3 = bld.emit(_view(kt, [groups, d, t]))
+            b3 = bld.emit(memory_view(kt, [groups, d, t]))
             kd, nd = d, t
         else:  # a = p [B, H·r, S, T]; b = repeat_kv(v)
-            a3 = bld.emit(_view(a, [groups, rows, t]))
-            b3 = bld.emit(_view(kv, [groups, t, d]))
+            a3 = bld.emit(memory_view(a, [groups, rows, t]))
+            b3 = bld.emit(memory_view(kv, [groups, t, d]))
             kd, nd = t, d
         gv = self._kernel(True, static_extent(rows), static_extent(nd), static_extent(kd))
         y = bld.emit(relax.call_tir(gv, [a3, b3], relax.TensorType([groups, rows, nd], "float32")))
         self.counts["matmul_batched"] += 1
         self.counts["attention_kv_heads"] += 1
-        return _view(y, [bsz, heads * r, s_len, nd])
+        return memory_view(y, [bsz, heads * r, s_len, nd])
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
@@ -217,7 +217,7 @@ class _MatmulRewriter(relax.PyExprMutator):
             lead, kd = sa[:-1], sa[-1]
             nd = sb[1]
             m = _prod(lead)
-            x2 = a if len(sa) == 2 else bld.emit(_view(a, [m, kd]))
+            x2 = a if len(sa) == 2 else bld.emit(memory_view(a, [m, kd]))
             w = self._stored_weight(b)
             b_dtype = "float32" if w is None else str(w.ty.dtype)
             gv = self._kernel(
@@ -231,7 +231,7 @@ class _MatmulRewriter(relax.PyExprMutator):
             self.counts["matmul_dense"] += 1
             if w is not None:
                 self.counts["matmul_stored_weight"] += 1
-            return y if len(sa) == 2 else _view(y, [*lead, nd])
+            return y if len(sa) == 2 else memory_view(y, [*lead, nd])
         gqa = self._grouped_query(a, b, sa)
         if gqa is not None:
             return gqa
@@ -239,17 +239,17 @@ class _MatmulRewriter(relax.PyExprMutator):
             batch = sa[:-2]
             md, kd, nd = sa[-2], sa[-1], sb[-1]
             bt = _prod(batch)
-            a3 = a if len(sa) == 3 else bld.emit(_view(a, [bt, md, kd]))
-            b3 = b if len(sb) == 3 else bld.emit(_view(b, [bt, kd, nd]))
+            a3 = a if len(sa) == 3 else bld.emit(memory_view(a, [bt, md, kd]))
+            b3 = b if len(sb) == 3 else bld.emit(memory_view(b, [bt, kd, nd]))
             gv = self._kernel(True, static_extent(md), static_extent(nd), static_extent(kd))
             y = bld.emit(relax.call_tir(gv, [a3, b3], relax.TensorType([bt, md, nd], "float32")))
             self.counts["matmul_batched"] += 1
-            return y if len(sa) == 3 else _view(y, [*batch, md, nd])
+            return y if len(sa) == 3 else memory_view(y, [*batch, md, nd])
         self.counts["matmul_default"] += 1
         return call
 
 
-def _view(x: Any, shape: Sequence[Any]) -> Any:
+def memory_view(x: Any, shape: Sequence[Any]) -> Any:
     """``x`` (contiguous, as every Relax tensor is) seen with another shape, without a copy.
 
     `relax.op.reshape` is legalized into a copying kernel and turned back into a view only

@@ -38,7 +38,7 @@ import onnx
 import onnx_ir as ir
 
 from modec.artifact import Manifest
-from modec.facts import QuantizedExperts
+from modec.facts import QuantizedDense, QuantizedExperts
 from modec.kernels.target import check_target
 from modec.lowering.build import build_artifact
 from modec.lowering.decode_entry import add_decode_entry, generation_section
@@ -128,6 +128,17 @@ def lowering_proto(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, LazyArra
     return proto, weights
 
 
+def dense_section(dense: QuantizedDense) -> dict[str, Any]:
+    """The manifest's ``dense`` section: the quantized dense weights and their packed bytes."""
+    weights = {}
+    for name, qw in dense.weights.items():
+        n, k = (int(d) for d in qw.q.shape)
+        packed = n * k * dense.bits // 8 + qw.scale.nbytes + qw.zero.nbytes
+        weights[name] = {"n": n, "k": k, "bytes": packed}
+    return {"bits": dense.bits, "group_size": dense.group_size, "layout": "n16k32",
+            "weights": weights}  # fmt: skip
+
+
 def _read_when_written(src: ir.TensorProtocol) -> LazyArray:
     """``src``'s value as a `LazyArray` that copies it out of the source and releases the
     source's memory map at once: the writer then holds one weight at a time, not the mapped
@@ -175,6 +186,7 @@ def lower_model(
     *,
     pipeline: Mapping[str, str],
     step: Callable[[str], None] | None = None,
+    dense: QuantizedDense | None = None,
 ) -> LoweringResult:
     """Compile the canonical model with its quantized experts into an artifact directory.
 
@@ -187,6 +199,8 @@ def lower_model(
             lower-tvm options), recorded as given.
         step: called with the name of each `modec.lowering.build.BUILD_STEPS` phase once
             it is done (progress bars).
+        dense: the dense weights quantize-dense quantized, lowered to dequant-matmul
+            kernels (`modec.lowering.dense_quant`); None: every dense weight as stored.
 
     Returns:
         The manifest and the lowering counters.
@@ -203,6 +217,15 @@ def lower_model(
     lowering.omitted_weights = len(_expert_stacks(model))
     moe = moe_section(plans)
     sections: dict[str, Any] = {"moe": moe, "pipeline": dict(pipeline)}
+    converters: dict[str, Any] = {"MoE": lowering.convert}
+    dense_lowering = None
+    if dense is not None and dense.weights:
+        from modec.lowering.dense_quant import OP, DenseQLowering, replace_matmuls
+
+        lowering.omitted_weights += replace_matmuls(proto, weights, dense)
+        dense_lowering = DenseQLowering(dense, lowering.new_param, target)
+        converters[OP] = dense_lowering.convert
+        sections["dense"] = dense_section(dense)
 
     def decode_entry(dm: DenseModule) -> DenseModule:
         # After the MoE kernels are in main, so that decode calls the same ones. Sections are
@@ -218,7 +241,7 @@ def lower_model(
         Path(out_dir),
         target,
         hooks=[lowering.add_params, decode_entry],
-        op_converters={"MoE": lowering.convert},
+        op_converters=converters,
         sections=sections,
         step=step,
         weights=weights,

@@ -99,7 +99,7 @@ class MoELowering:
 
     # ------------------------------------------------------------------ parameters
 
-    def _param(self, name: str, array: np.ndarray | LazyArray) -> relax.Var:
+    def new_param(self, name: str, array: np.ndarray | LazyArray) -> relax.Var:
         if name in self.new_params:
             raise InternalError(f"lower-tvm: parameter {name} created twice")
         # Packed experts stay lazy: the artifact writer packs them one tensor at a time.
@@ -208,10 +208,12 @@ class MoELowering:
 
     def _route(self, bb: relax.BlockBuilder, plan: LayerPlan, x2: Any) -> tuple[Any, Any]:
         p, pre, k = plan.params, f"moe{plan.layer}", plan.params.top_k
-        wr = self._param(f"{pre}.router.weight_t", p.router_weight.T.astype(np.float32))
+        wr = self.new_param(f"{pre}.router.weight_t", p.router_weight.T.astype(np.float32))
         logits = bb.emit(relax.op.matmul(x2, wr))
         if p.router_bias is not None:
-            logits = bb.emit(relax.op.add(logits, self._param(f"{pre}.router.bias", p.router_bias)))
+            logits = bb.emit(
+                relax.op.add(logits, self.new_param(f"{pre}.router.bias", p.router_bias))
+            )
 
         def topk(v: Any, kk: int) -> tuple[Any, Any]:
             both = bb.emit(relax.op.topk(v, kk, axis=-1, ret_type="both", dtype="int64"))
@@ -221,7 +223,7 @@ class MoELowering:
             scores = bb.emit(relax.op.sigmoid(logits))
             choice = scores
             if p.correction_bias is not None:
-                cb = self._param(f"{pre}.router.correction_bias", p.correction_bias)
+                cb = self.new_param(f"{pre}.router.correction_bias", p.correction_bias)
                 choice = bb.emit(relax.op.add(scores, cb))
             if p.n_group > 1:
                 choice = self._group_limit(bb, p, choice)
@@ -314,8 +316,9 @@ class MoELowering:
                 pw = g.packed[proj]
                 base = f"{pre}.{proj}.w{g.bits}"
                 args = [
-                    inp, ip, self._param(f"{base}.codes", pw.codes),
-                    self._param(f"{base}.scale", pw.scale), self._param(f"{base}.zero", pw.zero),
+                    inp, ip, self.new_param(f"{base}.codes", pw.codes),
+                    self.new_param(f"{base}.scale", pw.scale),
+                    self.new_param(f"{base}.zero", pw.zero),
                 ]  # fmt: skip
                 gv = self._grouped(bb, pw, len(g.experts))
                 if y is None:
@@ -327,7 +330,7 @@ class MoELowering:
                 y = bb.emit(relax.op.astype(y, "float32"))
             bias = {"gate": p.gate_bias, "up": p.up_bias, "down": p.down_bias}[proj]
             if bias is not None:
-                b = self._param(f"{pre}.{proj}.bias", bias)
+                b = self.new_param(f"{pre}.{proj}.bias", bias)
                 y = bb.emit(relax.op.add(y, relax.op.take(b, eid, axis=0, mode="clip")))
             return y
 
@@ -348,12 +351,12 @@ class MoELowering:
             return None
 
         def linear(name: str, w: np.ndarray) -> Any:
-            return bb.emit(relax.op.matmul(x2, self._param(f"{pre}.shared.{name}_t", w.T)))
+            return bb.emit(relax.op.matmul(x2, self.new_param(f"{pre}.shared.{name}_t", w.T)))
 
         u = linear("up", p.shared_up)
         g = linear("gate", p.shared_gate) if p.shared_gate is not None else None
         a = _activation(bb, p.shared_activation, g, u, p.alpha, p.limit)
-        s = bb.emit(relax.op.matmul(a, self._param(f"{pre}.shared.down_t", p.shared_down.T)))
+        s = bb.emit(relax.op.matmul(a, self.new_param(f"{pre}.shared.down_t", p.shared_down.T)))
         if p.shared_expert_gate is not None:
             gate = linear("expert_gate", p.shared_expert_gate)
             s = bb.emit(relax.op.multiply(s, relax.op.sigmoid(gate)))
