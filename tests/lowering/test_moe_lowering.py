@@ -159,9 +159,8 @@ def test_cuda_build(tiny_vlm: dict[str, Path], tmp_path: Path, cuda_source: Any)
     """
     import json
 
-    from modec.lowering.lower import lower_model
-
     from modec.kernels.cuda_aot import fatbin_entries, library_fatbins
+    from modec.lowering.lower import lower_model
 
     model, q = _simulated(tiny_vlm["model"], WIDTHS)
     out = tmp_path / "cuda"
