@@ -78,16 +78,14 @@ def compile_fatbin(source: str, archs: Sequence[str]) -> bytes:
     Raises:
         ModecError: nvcc failed (its message attached).
     """
+    import tvm
     from tvm.support import nvcc
 
     gencode: list[str] = []
     for arch in archs:
         suffix = arch[len("sm_") :]
         gencode += ["-gencode", f"arch=compute_{suffix},code=sm_{suffix}"]
-    lowest = {"kind": "cuda", "arch": archs[0]}
-    import tvm
-
-    with tvm.target.Target(lowest):
+    with tvm.target.Target({"kind": "cuda", "arch": archs[0]}):
         try:
             return bytes(
                 nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc")
@@ -192,6 +190,7 @@ def aot_pack_imports(archs: Sequence[str]) -> Callable[..., str]:
     archs = list(archs)
 
     def pack(mod: Any, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
+        import numpy as np
         import tvm_ffi
 
         if is_system_lib or prefix:
@@ -199,8 +198,6 @@ def aot_pack_imports(archs: Sequence[str]) -> Callable[..., str]:
                 "CUDA artifacts are shared libraries; a system-lib prefix is not supported"
             )
         tensor = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(mod)
-        import numpy as np
-
         blob = np.from_dlpack(tensor).tobytes()
         packed, compiled = compile_packed_imports(
             blob, cuda_sources(mod), lambda src: compile_fatbin(src, archs)
