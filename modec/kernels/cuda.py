@@ -34,6 +34,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 from modec.kernels._decode import centered, code_expr
+from modec.kernels.dequant_matmul import packed_placeholders
 from modec.numerics.packing import BLOCK, LANES, padded_k, padded_n
 from modec.numerics.schemes import QuantScheme
 
@@ -98,14 +99,9 @@ def dense_compute(scheme: QuantScheme, n: int, k: int, m: Any, m_tile: int) -> l
     `m_tile` (the last row read again) so the GEMM's row tiles need no predicate.
     """
     bits, gs = scheme.bits, scheme.group_size
-    groups = scheme.num_groups(k)
     np_, kp = padded_n(n), padded_k(k, scheme)
-    nb, kb = np_ // LANES, kp // BLOCK
-    kblocks = gs // BLOCK
-    x = te.placeholder((m, k), "float16", name="X")
-    codes = te.placeholder((nb, kb, bits, LANES), "uint32", name="codes")
-    scale = te.placeholder((nb, groups, LANES), "float16", name="scale")
-    zero = te.placeholder((nb, groups, LANES), "uint8", name="zero")
+    kb, kblocks = kp // BLOCK, gs // BLOCK
+    x, codes, scale, zero = packed_placeholders(scheme, n, k, m, "float16")
     m_pad = m if m_tile == 1 else tirx.floordiv(m + (m_tile - 1), m_tile) * m_tile
 
     def xval(i: Any, kk: Any) -> Any:

@@ -57,6 +57,20 @@ CPU_GEMM_NI = 2
 CPU_GEMV_IN_PLACE = True
 
 
+def packed_placeholders(
+    scheme: QuantScheme, n: int, k: int, m: Any, act_dtype: str
+) -> tuple[te.Tensor, te.Tensor, te.Tensor, te.Tensor]:
+    """The TE placeholders of the kernel's inputs: X [m, K] and the packed weight's codes,
+    scale and zero (layout `n16k32`, shapes in the module docstring)."""
+    nb, kb = padded_n(n) // LANES, padded_k(k, scheme) // BLOCK
+    groups = scheme.num_groups(k)
+    x = te.placeholder((m, k), act_dtype, name="X")
+    codes = te.placeholder((nb, kb, scheme.bits, LANES), "uint32", name="codes")
+    scale = te.placeholder((nb, groups, LANES), "float16", name="scale")
+    zero = te.placeholder((nb, groups, LANES), "uint8", name="zero")
+    return x, codes, scale, zero
+
+
 def _compute(
     scheme: QuantScheme,
     n: int,
@@ -76,7 +90,7 @@ def _compute(
     bits, gs = scheme.bits, scheme.group_size
     groups = scheme.num_groups(k)
     np_, kp = padded_n(n), padded_k(k, scheme)
-    nb, kb = np_ // LANES, kp // BLOCK
+    nb = np_ // LANES
     # Rows padded to whole thread tiles of `n_blocks_tile` row blocks: the tail tile re-reads
     # the last row block (index clamped) instead of a bounds predicate in the hot loop, which
     # cost 1.7x on a GEMV whose row blocks were not a multiple of the tile.
@@ -85,10 +99,7 @@ def _compute(
     def blk_of(row: Any) -> Any:
         return tirx.min(row // LANES, nb - 1) if nt != np_ else row // LANES
 
-    x = te.placeholder((m, k), act_dtype, name="X")
-    codes = te.placeholder((nb, kb, bits, LANES), "uint32", name="codes")
-    scale = te.placeholder((nb, groups, LANES), "float16", name="scale")
-    zero = te.placeholder((nb, groups, LANES), "uint8", name="zero")
+    x, codes, scale, zero = packed_placeholders(scheme, n, k, m, act_dtype)
 
     m_pad = m if m_tile == 1 else tirx.floordiv(m + (m_tile - 1), m_tile) * m_tile
 
