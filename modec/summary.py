@@ -45,9 +45,9 @@ def size_summary(
     dense_fp32 = dense_packed = 0
     if dense is not None:
         for qw in dense.weights.values():
-            n, k = qw.q.shape
+            n, k = (int(d) for d in qw.q.shape)
             dense_fp32 += 4 * n * k
-            dense_packed += n * k * dense.bits // 8 + qw.scale.nbytes + qw.zero.nbytes
+            dense_packed += sum(qw.scheme.nbytes(n, k).values())
     return {
         "expert_params": expert_params,
         "experts_fp32": 4 * expert_params,

@@ -72,7 +72,7 @@ class QuantizeDensePass(Pass):
                 result.weights[v.name] = qw
                 result.transposed[v.name] = dw.transposed
                 n, k = qw.q.shape
-                packed = n * k * self.width // 8 + qw.scale.nbytes + qw.zero.nbytes
+                packed = sum(scheme.nbytes(n, k).values())
                 before, after = before + stored, after + packed
                 rows.append({"name": v.name, "shape": [n, k], "bits": self.width,
                              "matmuls": len(dw.matmuls)})  # fmt: skip

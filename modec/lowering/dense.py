@@ -167,6 +167,10 @@ class _MatmulRewriter(relax.PyExprMutator):
             return None
         kv, r = found
         bsz, heads, t, d = kv.ty.shape.values
+        # q or p must have the repeated heads itself (not a broadcast head dim) and the
+        # reduction length of the cache side.
+        if not self._equal([sa[0], sa[1], sa[3]], [bsz, heads * r, d if keys else t]):
+            return None
         s_len = sa[2]
         groups = bsz * heads
         rows = r * s_len

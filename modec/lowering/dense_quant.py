@@ -96,8 +96,6 @@ class DenseQLowering:
         self._gpu = is_cuda(self._target)
         self._vars: dict[str, tuple[relax.Var, relax.Var, relax.Var]] = {}
         self._funcs: dict[tuple[int, int, int, int], Any] = {}
-        #: quantized matmuls converted (a weight read by several counts each)
-        self.calls = 0
 
     def _weight(self, name: str) -> tuple[Any, relax.Var, relax.Var, relax.Var]:
         qw = self.dense.weights.get(name)
@@ -150,5 +148,4 @@ class DenseQLowering:
         )
         if self._gpu:
             y = bb.emit(relax.op.astype(y, "float32"))
-        self.calls += 1
         return memory_view(y, [*shape[:-1], n])

@@ -133,8 +133,7 @@ def dense_section(dense: QuantizedDense) -> dict[str, Any]:
     weights = {}
     for name, qw in dense.weights.items():
         n, k = (int(d) for d in qw.q.shape)
-        packed = n * k * dense.bits // 8 + qw.scale.nbytes + qw.zero.nbytes
-        weights[name] = {"n": n, "k": k, "bytes": packed}
+        weights[name] = {"n": n, "k": k, "bytes": sum(qw.scheme.nbytes(n, k).values())}
     return {"bits": dense.bits, "group_size": dense.group_size, "layout": "n16k32",
             "weights": weights}  # fmt: skip
 
@@ -218,13 +217,11 @@ def lower_model(
     moe = moe_section(plans)
     sections: dict[str, Any] = {"moe": moe, "pipeline": dict(pipeline)}
     converters: dict[str, Any] = {"MoE": lowering.convert}
-    dense_lowering = None
     if dense is not None and dense.weights:
         from modec.lowering.dense_quant import OP, DenseQLowering, replace_matmuls
 
         lowering.omitted_weights += replace_matmuls(proto, weights, dense)
-        dense_lowering = DenseQLowering(dense, lowering.new_param, target)
-        converters[OP] = dense_lowering.convert
+        converters[OP] = DenseQLowering(dense, lowering.new_param, target).convert
         sections["dense"] = dense_section(dense)
 
     def decode_entry(dm: DenseModule) -> DenseModule:
