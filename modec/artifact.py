@@ -417,7 +417,8 @@ def check_target(manifest: Manifest, device: str) -> None:
             f"this runtime runs on {device!r}: rebuild with the matching --target"
         )
     machine = manifest.target.get("machine")
-    if device == "cpu" and machine != host_machine():
+    # A CUDA artifact's model.so holds host code too: its machine must match when recorded.
+    if machine != host_machine() and (device == "cpu" or machine is not None):
         raise ModelError(
             f"artifact built for CPU architecture {machine!r}, this host is "
             f"{host_machine()!r}: rebuild it on (or for) this machine"

@@ -45,9 +45,9 @@ WORK/paper-L{layers}/:
    unpack; the ``llama_cpp`` module itself must be installed), llama.cpp's own converter
    (``convert_hf_to_gguf.py``, told that the locally trained tokenizer pre-tokenizes as
    ``qwen2``) writes an f16 GGUF and ``llama_model_quantize`` the ``--gguf-types`` (default
-   Q4_K_M, Q3_K_M, Q2_K); each runs through ``llama_cpp.Llama`` (``eval`` of the prompt,
-   then one token per ``eval``, greedy, ``--threads`` threads) at batch 1 only — batched
-   decoding of independent sequences needs llama.cpp's low-level batch API, not done here;
+   Q4_K_M, Q3_K_M, Q2_K); each runs through llama.cpp's C API (`LlamaCppDecoder`: the rows
+   as independent sequences of one context, every prompt in one batch, then one token per
+   row per step, greedy, ``--threads`` threads), at every ``--batches`` size;
 3. prompts of ``--prompt-tokens`` random tokens; the bound as above, the embedding table
    left out (a step reads one row of it), for modec and for each GGUF (its tensors' sizes,
    `gguf_step_bytes`; llama.cpp keeps its cache in float16).
@@ -295,33 +295,73 @@ class OrtDecoder:
 
 
 class LlamaCppDecoder:
-    """A GGUF through `llama_cpp.Llama` (batch 1: the prompt in one ``eval``, then one
-    ``eval`` per token, greedy on the last logits)."""
+    """A GGUF through llama.cpp's C API (`llama_cpp`'s low-level bindings): the rows are
+    independent sequences of one context (``n_seq_max`` = the largest batch, a unified KV
+    cache); the prefill decodes every row's prompt in one batch (in ``n_batch`` pieces),
+    each step one token per row, greedy on each row's last logits."""
 
-    def __init__(self, gguf: Path, threads: int, ctx: int) -> None:
+    def __init__(self, gguf: Path, threads: int, ctx: int, rows: int = 1) -> None:
         import llama_cpp
 
+        self.lc = llama_cpp
         self.llm = llama_cpp.Llama(
             model_path=str(gguf), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
             n_batch=512, verbose=False,
         )  # fmt: skip
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = ctx * rows
+        params.n_batch = params.n_ubatch = 512
+        params.n_seq_max = rows
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {rows} sequences")
+        self.batch = llama_cpp.llama_batch_init(512, 0, rows)
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llm.model))
+        self.rows = rows
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> dict[int, np.ndarray]:
+        """Decode (token, position, row, wants logits) items; the logits by row."""
+        lc, b = self.lc, self.batch
+        out: dict[int, np.ndarray] = {}
+        for start in range(0, len(items), 512):
+            part = items[start : start + 512]
+            b.n_tokens = len(part)
+            for i, (tok, pos, row, want) in enumerate(part):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+                b.seq_id[i][0] = row
+                b.logits[i] = want
+            if lc.llama_decode(self.ctx, b) != 0:
+                raise RuntimeError("llama_decode failed")
+            for i, (_, _, row, want) in enumerate(part):
+                if want:
+                    ptr = lc.llama_get_logits_ith(self.ctx, i)
+                    out[row] = np.ctypeslib.as_array(ptr, shape=(self.vocab,)).copy()
+        return out
 
     def __call__(
         self, feeds: dict[str, np.ndarray], n: int
     ) -> tuple[float, float, list[list[int]]]:
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
-        if ids.shape[0] != 1:
-            raise ValueError("llama.cpp is measured at batch 1 only")
-        llm = self.llm
-        llm.reset()
+        rows = ids.shape[0]
+        if rows > self.rows:
+            raise ValueError(f"this context holds {self.rows} sequences, not {rows}")
+        lc = self.lc
+        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
+        prompts = [ids[r][mask[r] == 1].tolist() for r in range(rows)]
         t0 = time.perf_counter()
-        llm.eval(ids[0][mask[0] == 1].tolist())
+        items = [(tok, p, r, p == len(pr) - 1) for r, pr in enumerate(prompts)
+                 for p, tok in enumerate(pr)]  # fmt: skip
+        logits = self._decode(items)
         t1 = time.perf_counter()
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
-        for _ in range(n - 1):
-            llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        return t1 - t0, time.perf_counter() - t1, [tokens]
+        tokens = [[int(np.argmax(logits[r]))] for r in range(rows)]
+        for step in range(n - 1):
+            logits = self._decode([(tokens[r][-1], len(prompts[r]) + step, r, True)
+                                   for r in range(rows)])  # fmt: skip
+            for r in range(rows):
+                tokens[r].append(int(np.argmax(logits[r])))
+        return t1 - t0, time.perf_counter() - t1, tokens
 
 
 def step_bytes(
@@ -533,15 +573,15 @@ def main() -> None:
     runners.append(("onnxruntime fp32", OrtDecoder(paths, args.threads, chunk)))
     ctx = args.prompt_tokens + n + 8
     for kind, gguf in paths.get("ggufs", {}).items():
-        runners.append((f"llama.cpp {kind}", LlamaCppDecoder(gguf, args.threads, ctx)))
+        runners.append(
+            (f"llama.cpp {kind}", LlamaCppDecoder(gguf, args.threads, ctx, max(args.batches)))
+        )
     bw = copy_bandwidth(args.repeats, args.threads)
     rows: list[dict[str, Any]] = []
     for b in args.batches:
         feeds = make(b)
         prompt_tokens = int(feeds["attention_mask"].sum())
         for name, fn in runners:
-            if name.startswith("llama.cpp") and b != 1:
-                continue
             fn(feeds, n)  # warm-up
             runs = [fn(feeds, n) for _ in range(args.repeats)]
             pre = statistics.median(r[0] for r in runs)

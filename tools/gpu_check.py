@@ -418,7 +418,6 @@ class Bench:
         return rows
 
     def moe(self) -> list[dict[str, Any]]:
-        torch = self.torch
         from modec.numerics.schemes import QuantScheme
 
         rows = []

@@ -249,3 +249,16 @@ def test_runtime_library_path_override(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert _tvm._library_dir() == tmp_path
     monkeypatch.delenv(_tvm.LIBRARY_PATH_ENV)
     assert (_tvm._library_dir() / "libtvm_runtime.so").exists()
+
+
+def test_cuda_artifact_for_another_host_is_refused(artifact_copy: Path) -> None:
+    """model.so of a CUDA artifact holds host code: another host architecture is refused
+    before any CUDA library is loaded (as the C++ runtime does)."""
+    _edit_manifest(
+        artifact_copy,
+        lambda m: m["target"].update(
+            kind="cuda", device="cuda", archs=["sm_90"], machine="aarch64"
+        ),
+    )
+    with pytest.raises(ModelError, match="architecture 'aarch64'"):
+        rt.load(artifact_copy, "cuda")
