@@ -16,8 +16,10 @@ matches the numpy reference on the CPU (tests/kernels/test_cuda.py). The numeric
 scheduled CUDA kernels and their speed are checked only on a GPU (the `gpu` tests and the
 GPU check script); none was available where they were written.
 
-TVM 0.27 compiles CUDA through NVRTC by default; NVRTC is absent here, so `build` selects
-nvcc through TVM's `TVM_CUDA_COMPILE_MODE` switch for the duration of the build.
+`compile_fatbin` compiles a module's generated source the way a CUDA artifact's export does
+(`modec.kernels.cuda_aot`). For the kernels built to run in this process
+(`modec.kernels.api`), TVM 0.27 compiles through NVRTC by default; NVRTC is absent here, so
+`nvcc_compile_mode` selects nvcc through TVM's `TVM_CUDA_COMPILE_MODE` switch.
 """
 
 from __future__ import annotations
@@ -420,30 +422,14 @@ def cuda_source(mod: tvm.IRModule, target: tvm.target.Target) -> str:
 
 
 def compile_fatbin(mod: tvm.IRModule, target: tvm.target.Target) -> bytes:
-    """Generate CUDA source for `mod` and compile it with nvcc into a fatbin.
-
-    TVM 0.27's `tvm.compile` keeps the CUDA kernels as source in the module (format
-    ``cuda``); its CUDA runtime compiles them when the module is loaded, through the
-    ``tvm_callback_cuda_compile`` global function. Without a GPU that never happens, so
-    this is the explicit nvcc step that proves the generated code compiles.
+    """Generate CUDA source for `mod` and compile it with nvcc into a fatbin for the target's
+    arch, as a CUDA artifact's export does (`modec.kernels.cuda_aot.compile_fatbin`).
 
     Raises:
-        RuntimeError: nvcc is not installed.
+        BadInputError: nvcc is not installed.
     """
-    return fatbin_from_source(cuda_source(mod, target), target)
+    from modec.kernels.cuda_aot import compile_fatbin as aot_fatbin
+    from modec.kernels.cuda_aot import nvcc_gpu_codes, target_archs
 
-
-def fatbin_from_source(src: str, target: tvm.target.Target) -> bytes:
-    """Compile CUDA C source that TVM generated for ``target`` into a fatbin with nvcc.
-
-    Raises:
-        RuntimeError: nvcc is not installed.
-    """
-    if not nvcc_available():
-        raise RuntimeError("nvcc not found; install the CUDA toolkit or set CUDA_HOME")
-    from tvm.support import nvcc
-
-    arch = str(target.attrs.get("arch", "sm_90"))
-    # nvcc.compile_cuda reads the compute version from the current target as well.
-    with nvcc_compile_mode(), target:
-        return bytes(nvcc.compile_cuda(src, target_format="fatbin", arch=arch, compiler="nvcc"))
+    nvcc_gpu_codes()  # the one-line error where nvcc is missing
+    return aot_fatbin(cuda_source(mod, target), target_archs(target))
