@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from modec import __version__, commands
+from modec.defaults import DENSE_BITS
 from modec.errors import EXIT_INTERNAL, EXIT_USAGE, ModecError
 from modec.interrupt import catch_sigint
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "weights, exact below (default %(default)s; "
                          "docs/sensitivity_estimator.md)")  # fmt: skip
     co.add_argument("--quantizer", choices=["gptq", "rtn"], default=d.quantizer)
-    co.add_argument("--dense-bits", type=int, choices=[2, 3, 4, 8], default=None,
+    co.add_argument("--dense-bits", type=int, choices=DENSE_BITS, default=None,
                     help="also quantize the text decoder's dense matmul weights (attention, "
                          "output head) at this width, RTN, outside MODE's expert allocation; "
                          "default: they stay as stored (docs/dense_quantization.md)")  # fmt: skip

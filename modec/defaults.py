@@ -12,6 +12,8 @@ from typing import Literal
 GROUP_SIZE = 128
 #: Candidate expert widths of the ILP ({2, 3, 4} bits).
 BITS: tuple[int, ...] = (2, 3, 4)
+#: Widths ``--dense-bits`` takes (those the dequant-matmul kernels have).
+DENSE_BITS = (2, 3, 4, 8)
 #: Average expert width (W3A16).
 BUDGET = 3.0
 #: Share of each sample's vision tokens kept as key tokens (top 20%).

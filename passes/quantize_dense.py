@@ -24,15 +24,12 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from modec.defaults import GROUP_SIZE
+from modec.defaults import DENSE_BITS, GROUP_SIZE
 from modec.errors import BadInputError
 from modec.facts import CanonicalMoE, QuantizedDense
 from modec.pipeline import Pass, PassContext, PassResult, register
 
 log = logging.getLogger(__name__)
-
-#: The widths the dense kernels take.
-DENSE_BITS = (2, 3, 4, 8)
 
 
 @register
