@@ -17,7 +17,8 @@ bandwidth, the fp16 ``matmul`` baseline) and ``apache-tvm-ffi``; it imports no T
 rest), and writes ``results.json`` and ``results.md`` (the table, also printed last):
 
 1. every kernel against the numpy reference (`modec.numerics.packing`), on fresh random
-   inputs, the output poisoned with NaN before the call: ‖y − ref‖ / ‖ref‖;
+   inputs, the output poisoned with NaN before the call: ‖y − ref‖ / ‖ref‖; the routing
+   sorts against numpy's stable argsort, exactly;
 2. the HBM bound: a device-to-device copy (bytes read + written per second);
 3. the decode GEMV (one token) at 2/3/4/8 bits: GB/s (packed codes + scales + zeros + x + y
    over the median time), % of the bound, and against torch fp16 ``matmul`` on a weight of
@@ -64,6 +65,8 @@ GEMV_N, GEMV_K = 28672, 8192
 #: Paper MoE layer (Qwen3-VL-30B-A3B): experts, hidden, intermediate, top-k.
 PAPER_E, PAPER_H, PAPER_I, PAPER_TOPK = 128, 2048, 768, 8
 MOE_TOKENS = (1, 8, 64)
+#: Tokens the routing sort is checked and timed at (decode, batched decode, prefill).
+SORT_TOKENS = (1, 8, 64, 4096)
 #: Small odd shapes (padding in N and K) for correctness.
 SMALL_N, SMALL_K, SMALL_E = 37, 200, 3
 #: Eval prompts the generation check decodes from, and the tokens it generates.
@@ -88,6 +91,12 @@ def _kernel_specs() -> list[dict[str, Any]]:
     for i, s in enumerate(specs):
         m = {None: "m", 1: "m1"}.get(s.get("m"), "")
         s["file"] = f"k{i:02d}_{s['kind']}_w{s['bits']}_{s['n']}x{s['k']}{m}.so"
+    # The routing sort: block-parallel and the one-thread serial kernel it replaces.
+    for e, topk, parallel in ((PAPER_E, PAPER_TOPK, True), (PAPER_E, PAPER_TOPK, False),
+                              (SMALL_E + 2, 3, True)):  # fmt: skip
+        name = "parallel" if parallel else "serial"
+        specs.append(dict(kind="sort", e=e, topk=topk, parallel=parallel,
+                          file=f"k{len(specs):02d}_sort_{name}_e{e}_k{topk}.so"))  # fmt: skip
     return specs
 
 
@@ -97,16 +106,21 @@ def _build_kernels(out: Path, archs: list[str]) -> None:
     from modec.kernels import dequant_matmul, grouped_moe
     from modec.kernels.cuda_aot import export_cuda_library
     from modec.kernels.target import resolve_target
+    from modec.lowering.moe_sort import sort_primfunc
     from modec.numerics.schemes import QuantScheme
 
     tgt = resolve_target({"kind": "cuda", "arch": archs})
     specs = _kernel_specs()
     (out / "kernels").mkdir(parents=True, exist_ok=True)
     for s in specs:
-        scheme = QuantScheme(s["bits"], s["group"])
-        if s["kind"] == "dense":
+        if s["kind"] == "sort":
+            f = sort_primfunc(s["e"], s["topk"], gpu=True, parallel=s["parallel"])
+            mod = tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
+        elif s["kind"] == "dense":
+            scheme = QuantScheme(s["bits"], s["group"])
             mod = dequant_matmul.primfunc(scheme, s["n"], s["k"], tgt, m=s["m"])
         else:
+            scheme = QuantScheme(s["bits"], s["group"])
             mod = grouped_moe.primfunc(scheme, s["n"], s["k"], s["e"], tgt, index_dtype="int32")
         with tgt:
             ex = tvm.compile(mod, target=tgt)
@@ -345,6 +359,10 @@ class Bench:
         rows = []
         rng = np.random.default_rng(int(time.time()))
         for s in self.specs:
+            if s["kind"] == "sort":
+                rows.append(self._sort_correct(s, rng))
+                print(f"  correctness {rows[-1]}", flush=True)
+                continue
             scheme = QuantScheme(s["bits"], s["group"])
             row: dict[str, Any] = {k: s[k] for k in ("kind", "bits", "n", "k")}
             try:
@@ -373,6 +391,69 @@ class Bench:
                 row.update(ok=False, error=_last_line(exc))
             rows.append(row)
             print(f"  correctness {row}", flush=True)
+        return rows
+
+    def _sort_args(self, e: int, topk: int, tokens: int, rng: np.random.Generator) -> Any:
+        """Routing of ``tokens`` tokens (top-k distinct experts each, a few out of range,
+        which the kernel clamps), a rank permutation, NaN-free poisoned outputs."""
+        experts = np.stack([rng.choice(e, topk, replace=False) for _ in range(tokens)])
+        experts = experts.reshape(tokens, topk).astype(np.int64)
+        if tokens:
+            experts[0, 0] = e + 3
+        rank = rng.permutation(e).astype(np.int64)
+        outs = [np.full(tokens * topk, -7, np.int64) for _ in range(3)]
+        return experts, rank, [*outs, np.full(e + 1, -7, np.int64)]
+
+    def _sort_correct(self, s: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """The sort against numpy's stable argsort at every SORT_TOKENS: exact or fail."""
+        row: dict[str, Any] = {"kind": "sort", "experts": s["e"], "top_k": s["topk"],
+                               "parallel": s["parallel"]}  # fmt: skip
+        try:
+            bad = []
+            for tokens in SORT_TOKENS:
+                experts, rank, outs = self._sort_args(s["e"], s["topk"], tokens, rng)
+                ts = [self.gpu(a) for a in (experts, rank, *outs)]
+                self.kernel(s)(*ts)
+                tok, eid, inv, offsets = (self.rt.numpy(t) for t in ts[2:])
+                flat = np.clip(experts.ravel().astype(np.int64), 0, s["e"] - 1)
+                order = np.argsort(rank[flat], kind="stable")
+                counts = np.bincount(rank[flat], minlength=s["e"])
+                ok = (
+                    np.array_equal(tok, order // s["topk"])
+                    and np.array_equal(eid, flat[order])
+                    and np.array_equal(inv[order], np.arange(flat.size))
+                    and np.array_equal(offsets, np.concatenate([[0], np.cumsum(counts)]))
+                )
+                if not ok:
+                    bad.append(tokens)
+            row.update(tokens=list(SORT_TOKENS), ok=not bad, wrong_at_tokens=bad)
+        except Exception as exc:
+            row.update(ok=False, error=_last_line(exc))
+        return row
+
+    def sort(self) -> list[dict[str, Any]]:
+        """The routing sort at the paper's 128 experts, top-8: parallel against serial."""
+        rows = []
+        rng = np.random.default_rng(3)
+        for s in self.specs:
+            if s["kind"] != "sort" or s["e"] != PAPER_E:
+                continue
+            f = self.kernel(s)
+            for tokens in SORT_TOKENS:
+                experts, rank, outs = self._sort_args(s["e"], s["topk"], tokens, rng)
+                ts = [self.gpu(a) for a in (experts, rank, *outs)]
+
+                def launch(i: int, f: Any = f, ts: Any = ts) -> None:
+                    f(*ts)
+
+                try:
+                    ms, how = self.time_ms(launch, graph=True), "graph"
+                except Exception as exc:
+                    print(f"  graph capture failed ({_last_line(exc)})", flush=True)
+                    ms, how = self.time_ms(launch), "launches"
+                rows.append({"kernel": "parallel" if s["parallel"] else "serial",
+                             "tokens": tokens, "ms": ms, "timed": how})  # fmt: skip
+                print(f"  sort {rows[-1]}", flush=True)
         return rows
 
     def gemv(self) -> list[dict[str, Any]]:
@@ -573,6 +654,7 @@ class Bench:
             ("correctness", self.correctness),
             ("gemv", self.gemv),
             ("moe", self.moe),
+            ("sort", self.sort),
             ("artifact", self.artifact),
             ("cxx", self.cxx),
             ("generation", self.generation),
@@ -687,10 +769,15 @@ def render(r: dict[str, Any]) -> str:
                 f"{g['% of bound']:.0f}% |"
             )
         out.append("")
+    if isinstance(s.get("sort"), list) and s["sort"]:
+        out += ["| routing sort (128 experts, top-8) | tokens | µs |", "|---|---|---|"]
+        for g in s["sort"]:
+            out.append(f"| {g['kernel']} | {g['tokens']} | {1e3 * g['ms']:.1f} |")
+        out.append("")
     for name in ("artifact", "cxx", "generation"):
         if name in s:
             out.append(f"{name}: {json.dumps(s[name], default=str)}")
-    for name in ("hbm", "correctness", "gemv", "moe"):
+    for name in ("hbm", "correctness", "gemv", "moe", "sort"):
         if isinstance(s.get(name), dict) and "error" in s[name]:
             out.append(f"{name}: {s[name]['error']}")
     return "\n".join(out) + "\n"
