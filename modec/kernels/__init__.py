@@ -3,8 +3,10 @@
 This package imports TVM (`import modec` does not import it). The entry points:
 
 * `dequant_matmul.primfunc(scheme, n, k, target, m)` and `grouped_moe.primfunc(scheme, n, k,
-  num_experts, target)` return scheduled IRModules (one PrimFunc `main`) for Relax
-  `call_tir`; their module docstrings list argument order, shapes and dtypes.
+  num_experts, target)` return scheduled IRModules (entry PrimFunc `main`) for Relax
+  `call_tir`; their module docstrings list argument order, shapes and dtypes. The CPU
+  dequant-matmul for a symbolic M is a dispatcher over a GEMV and a GEMM subroutine
+  (`subroutine`; build with its ``TIR_PIPELINE``).
 * `build_dequant_matmul` / `build_grouped_moe_matmul` compile them for the CPU into callables
   that take numpy arrays or TVM tensors.
 * `cuda.compile_fatbin` builds the CUDA variants with nvcc.

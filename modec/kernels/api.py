@@ -12,7 +12,7 @@ import numpy as np
 import tvm
 
 from modec.errors import BadInputError
-from modec.kernels import dequant_matmul, grouped_moe
+from modec.kernels import dequant_matmul, grouped_moe, subroutine
 from modec.kernels.cuda import nvcc_compile_mode
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.numerics.packing import PackedWeight
@@ -27,7 +27,7 @@ def _compile(mod: tvm.IRModule, target: tvm.target.Target, what: str) -> Any:
         with nvcc_compile_mode(), target:
             ex = tvm.compile(mod, target=target)
     else:
-        ex = tvm.compile(mod, target=target)
+        ex = tvm.compile(mod, target=target, tir_pipeline=subroutine.TIR_PIPELINE)
     logger.debug(
         "compiled %s for %s in %.2f s", what, target.kind.name, time.perf_counter() - start
     )

@@ -34,11 +34,13 @@ int64 variable `m` unless a static M is asked for.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import tvm
 from tvm import te, tirx
 
+from modec.kernels import subroutine
 from modec.kernels._decode import centered, code_expr, code_in_place, in_place_shift, pow2_neg
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.numerics.packing import BLOCK, LANES, padded_k, padded_n
@@ -244,14 +246,17 @@ def primfunc(
     target: TargetLike = "llvm",
     m: int | None = None,
 ) -> tvm.IRModule:
-    """The scheduled dequant-matmul as an IRModule with one PrimFunc `main`.
+    """The scheduled dequant-matmul as an IRModule whose PrimFunc `main` is the entry.
 
     Args:
         scheme: width and group size of the packed weight.
         n: output features N.
         k: reduction length K.
         target: "llvm" (fp32 activations) or a CUDA target (fp16 activations).
-        m: static row count; 1 selects the GEMV schedule, None a symbolic `m` (GEMM schedule).
+        m: static row count (1: the GEMV schedule, more: the GEMM), or None for a symbolic
+            `m`. On the CPU the symbolic kernel chooses at run time: `main` calls the GEMV
+            subroutine `main_gemv` at m = 1 and the GEMM `main_gemm` otherwise
+            (`cpu_dispatch`; compile with ``tir_pipeline=subroutine.TIR_PIPELINE``).
 
     Returns:
         IRModule whose `main` takes (X, codes, scale, zero, Y) as in the module docstring.
@@ -263,10 +268,40 @@ def primfunc(
         from modec.kernels import cuda as cuda_kernels
 
         return cuda_kernels.dequant_matmul_module(scheme, n, k, mdim)
+    if m is not None:
+        return tvm.IRModule({"main": _cpu_func(scheme, n, k, m)})
+    gemv, gemm, dispatch = cpu_dispatch(scheme, n, k)
+    mod = tvm.IRModule()
+    one, many = tvm.ir.GlobalVar("main_gemv"), tvm.ir.GlobalVar("main_gemm")
+    mod[one], mod[many] = gemv, gemm
+    mod["main"] = dispatch(one, many).with_attr("global_symbol", "main")
+    return mod
+
+
+def _cpu_func(scheme: QuantScheme, n: int, k: int, m: int | None) -> tirx.PrimFunc:
+    """The scheduled CPU kernel: GEMV for m = 1, GEMM for a static m > 1 or symbolic m."""
+    mdim: Any = m if m is not None else tirx.Var("m", "int64")
     m_tile = 1 if m == 1 else CPU_MT
     in_place = CPU_GEMV_IN_PLACE and m == 1
     nb = padded_n(n) // LANES
     tile = min(CPU_NI if m == 1 else CPU_GEMM_NI, nb)
     args, _ = _compute(scheme, n, k, mdim, "float32", m_tile, in_place, tile)
     func = te.create_prim_func(args).with_attr("global_symbol", "main")
-    return _schedule_cpu_gemv(func, tile) if m == 1 else _schedule_cpu_gemm(func, tile)
+    mod = _schedule_cpu_gemv(func, tile) if m == 1 else _schedule_cpu_gemm(func, tile)
+    return mod["main"]
+
+
+def cpu_dispatch(
+    scheme: QuantScheme, n: int, k: int
+) -> tuple[tirx.PrimFunc, tirx.PrimFunc, Callable[[Any, Any], tirx.PrimFunc]]:
+    """The CPU kernel for a symbolic row count as (GEMV subroutine, GEMM subroutine, a
+    function of their GlobalVars that makes the dispatcher): the GEMV at M = 1, the GEMM
+    otherwise (`modec.kernels.subroutine`; build with its ``TIR_PIPELINE``)."""
+    gemv = _cpu_func(scheme, n, k, 1)
+    gemm = _cpu_func(scheme, n, k, None)
+    (m,) = {d for d in gemm.params[0].ty.shape if isinstance(d, tirx.Var)}
+
+    def dispatch(one: Any, many: Any) -> tirx.PrimFunc:
+        return subroutine.dispatcher(gemm, one, many)
+
+    return subroutine.as_subroutine(gemv), subroutine.as_subroutine(gemm, [m]), dispatch

@@ -495,9 +495,14 @@ def compile_module(dm: DenseModule, target: TargetLike = "llvm") -> Any:
     legalizes and gives every PrimFunc not marked ``tirx.is_scheduled`` dlight's GPU default
     schedule (build only: there is no GPU on the build machine).
     """
+    from modec.kernels.subroutine import TIR_PIPELINE
+
     tgt = resolve_target(target)
+    tir = "default" if is_cuda(tgt) else TIR_PIPELINE  # CPU kernels may call subroutines
     with tgt:
-        return tvm.compile(dm.mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
+        return tvm.compile(
+            dm.mod, target=tgt, relax_pipeline=_relax_pipeline(tgt), tir_pipeline=tir
+        )
 
 
 def _relax_pipeline(tgt: Any) -> Any:

@@ -8,7 +8,10 @@
    `n16k32`), declares them as parameters ``dense.{weight}.codes|scale|zero`` through the
    MoE lowering's parameter table (its ``add_params`` hook adds them to ``main``), and emits
    ``Y = X · dequant(W)ᵀ`` as a `modec.kernels.dequant_matmul` kernel per (width, N, K):
-   fp32 activations on the CPU; fp16 on CUDA (cast around the call, as the experts).
+   fp32 activations on the CPU, where the kernel runs the GEMV schedule at one row (a decode
+   step) and the GEMM otherwise (two subroutines and a dispatcher, built with
+   `modec.kernels.subroutine.TIR_PIPELINE`); fp16 on CUDA (cast around the call, as the
+   experts).
 """
 
 from __future__ import annotations
@@ -116,10 +119,16 @@ class DenseQLowering:
         key = (s.bits, s.group_size, n, k)
         if key not in self._funcs:
             name = f"modec_dq_{s.name}_n{n}_k{k}"
-            func = dequant_matmul.primfunc(s, n, k, self._target, m=None)["main"]
-            func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
             if self._gpu:
+                func = dequant_matmul.primfunc(s, n, k, self._target, m=None)["main"]
                 func = func.with_attr("tirx.is_scheduled", True)
+            else:
+                # The GEMV at one row (a decode step), the GEMM otherwise: two subroutines
+                # and a dispatcher (`dequant_matmul.cpu_dispatch`).
+                gemv, gemm, dispatch = dequant_matmul.cpu_dispatch(s, n, k)
+                one = bb.add_func(gemv, f"{name}_gemv")
+                func = dispatch(one, bb.add_func(gemm, f"{name}_gemm"))
+            func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
             self._funcs[key] = bb.add_func(func, name)
         return self._funcs[key]
 

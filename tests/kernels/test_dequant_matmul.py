@@ -86,3 +86,23 @@ def test_row_blocks_not_a_multiple_of_the_thread_tile(bits: int) -> None:
         for rows in (1,) if m == 1 else (1, 6):
             x = rng.standard_normal((rows, 96)).astype(np.float32)
             assert_close(kernel(x, pw), reference_matmul(x, pw))
+
+
+def test_symbolic_m_runs_the_gemv_at_one_row() -> None:
+    """The symbolic-M kernel is a dispatcher over two subroutines: one row goes to the GEMV
+    (the same bits as the static M = 1 kernel), more rows to the GEMM (the same bits as a
+    static M kernel). The two schedules round differently, which is what tells them apart."""
+    scheme = QuantScheme(4, 64)
+    n, k = 64, 512
+    mod = primfunc(scheme, n, k, "llvm", m=None)
+    assert {gv.name_hint for gv in mod.get_global_vars()} == {"main", "main_gemv", "main_gemm"}
+    pw = random_packed(5, scheme, n, k)
+    rng = np.random.default_rng(5)
+    x1 = rng.standard_normal((1, k)).astype(np.float32)
+    x4 = rng.standard_normal((4, k)).astype(np.float32)
+    dispatch = build_dequant_matmul(scheme, n, k, m=None)
+    gemv = build_dequant_matmul(scheme, n, k, m=1)(x1, pw)
+    gemm = build_dequant_matmul(scheme, n, k, m=4)
+    assert not np.array_equal(gemv, gemm(np.repeat(x1, 4, 0), pw)[:1])  # distinguishable
+    np.testing.assert_array_equal(dispatch(x1, pw), gemv)
+    np.testing.assert_array_equal(dispatch(x4, pw), gemm(x4, pw))
