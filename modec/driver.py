@@ -433,8 +433,27 @@ def _run(
             if eval_path is not None and quantized is not None:
                 report["summary"]["accuracy"] = _accuracy(onnx_path, tmp, eval_path, o.threads)
         _write_report(tmp, report)
-        copy_prompt_files(model_name, tmp)  # tokenizer.json, processor.json: for modec run
+        _prompt_files(model_name, tmp)
     return CompileResult(out_dir, report, alloc, model)
+
+
+def _prompt_files(model_name: str, out: Path) -> None:
+    """tokenizer.json and processor.json beside the artifact, for ``modec run``: copied
+    from beside the model, or for a LLaVA-style Hugging Face directory without a
+    processor.json, described from its processor."""
+    copied = copy_prompt_files(model_name, out)
+    d = Path(model_name)
+    if "processor.json" in copied or not d.is_dir():
+        return
+    from modec import hf
+
+    if not hf.is_vlm(hf.read_config(d)):
+        return
+    from modec.hf_wrappers import processor_description
+
+    desc = processor_description(d)
+    if desc is not None:
+        (out / "processor.json").write_text(json_text(desc))
 
 
 def _allocation_doc(alloc: BitAllocation, pipe: Pipeline) -> dict[str, Any]:

@@ -21,13 +21,15 @@ is a one-line `ModelError` naming it.
   (~0.5 GB), whatever the weights' size. A checkpoint it cannot bind (a quantized one, a
   conversion other than stacking, concatenating or transposing) is exported the old way,
   every weight loaded by transformers in float32, with a warning.
-- The traced module is a wrapper with dynamic batch and sequence axes returning the logits
-  (the dynamo exporter, opset 18, its optimizer without folding weights): ``(input_ids,
-  attention_mask)`` for a text model; ``(input_ids, attention_mask, pixel_values)`` for a
-  LLaVA-style VLM (a ``vision_tower`` and a ``multi_modal_projector``, one fixed-size image
-  per sample, ``pixel_values [B, C, H, W]``), where each sample's image tokens take its own
-  image's features. Position ids come from the attention mask (as ``generate`` computes
-  them), so a left-padded sample gets the logits it has alone. Other VLMs (neither
+- The traced module is a wrapper with dynamic batch, sequence and cache axes returning the
+  logits and the KV cache (the dynamo exporter, opset 18, its optimizer without folding
+  weights): ``(input_ids, attention_mask, past_key_values…)`` for a text model (a decoder
+  with its cache, docs/generation.md); ``(input_ids, attention_mask, pixel_values,
+  past_key_values…)`` for a LLaVA-style VLM (a ``vision_tower`` and a
+  ``multi_modal_projector``, one fixed-size image per sample, ``pixel_values [B, C, H, W]``),
+  where each sample's image tokens take its own image's features. Position ids come from the
+  attention mask (as ``generate`` computes them), so a left-padded sample gets the logits it
+  has alone. Other VLMs (neither
   LLaVA-style nor Qwen3-VL) are a one-line error from `export_onnx`: export them yourself.
 - Qwen3-VL-MoE (flattened patches, ``image_grid_thw``, M-RoPE, deepstack features) is traced
   by `modec.hf_qwen3_vl` at one fixed image grid; `export_onnx` takes that path for it.
@@ -63,7 +65,7 @@ WEIGHTS = "model.safetensors"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 #: Bumped whenever the exported graph for the same directory changes.
-EXPORT_VERSION = "modec.hf-export/3"  # 3: text models with their KV cache
+EXPORT_VERSION = "modec.hf-export/4"  # 3: text models with their KV cache; 4: LLaVA-style too
 ONNX_NAME = "model.onnx"
 #: Above this many bytes of parameters the old export (every weight loaded) writes external data.
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -394,8 +396,6 @@ def _trace(
     text_lm, image_text_lm = wrappers()
     wrapper: Any
     batch = torch.export.Dim("batch", min=1, max=1024)
-    seq = torch.export.Dim("seq", min=2, max=4096)
-    tokens = {0: batch, 1: seq}
     if is_vlm(config):
         image_token_id = _image_token_id(config)
         if image_token_id is None:
@@ -416,28 +416,30 @@ def _trace(
                 "only — export this one to ONNX yourself and pass the file"
             )
         sample = vlm_sample(d, image_token_id)
-        wrapper = image_text_lm(model, image_token_id)
-        names = ["input_ids", "attention_mask", "pixel_values"]
-        shapes: dict[str, Any] = {"input_ids": tokens, "attention_mask": tokens,
-                                  "pixel_values": {0: batch}}  # fmt: skip
-        args = tuple(sample[n] for n in names)
-        outputs = ["logits"]
-        dynamic: Any = shapes
+    # A decoder with its KV cache (docs/generation.md): sampled with 3 past tokens, every
+    # length dynamic; the past may be empty. A LLaVA-style VLM takes one image per sample
+    # (prompt-only: the runtimes' decode entry drops the vision tower).
+    vocab = int(config.get("vocab_size") or getattr(model.config, "vocab_size", 2) or 2)
+    kv = cache_shapes(model, vocab)
+    new = torch.export.Dim("new", min=1, max=4096)
+    past, total = torch.export.Dim("past", min=0, max=8192), torch.export.Dim("total")
+    caches = [torch.zeros(2, heads, 3, dim) for heads, dim in kv]
+    kinds = [f"{i // 2}.{'value' if i % 2 else 'key'}" for i in range(len(kv))]
+    cache_names = [f"past_key_values.{k}" for k in kinds]
+    outputs = ["logits"] + [f"present.{k}" for k in kinds]
+    cache_dims = tuple({0: batch, 2: past} for _ in kv)
+    if is_vlm(config):
+        ids = sample["input_ids"]
+        mask = torch.cat([torch.ones(2, 3, dtype=torch.int64), sample["attention_mask"]], 1)
+        wrapper = image_text_lm(model, image_token_id, len(kv) // 2)
+        names = ["input_ids", "attention_mask", "pixel_values", *cache_names]
+        dynamic: Any = ({0: batch, 1: new}, {0: batch, 1: total}, {0: batch}, cache_dims)
+        args: tuple[Any, ...] = (ids, mask, sample["pixel_values"], *caches)
     else:
-        # A decoder with its KV cache (docs/generation.md): sampled with 3 past and 5 new
-        # tokens, every length dynamic; the past may be empty.
-        vocab = int(config.get("vocab_size") or getattr(model.config, "vocab_size", 2) or 2)
-        kv = cache_shapes(model, vocab)
-        new = torch.export.Dim("new", min=1, max=4096)
-        past, total = torch.export.Dim("past", min=0, max=8192), torch.export.Dim("total")
         ids = torch.arange(10, dtype=torch.int64).reshape(2, 5) % vocab
-        caches = [torch.zeros(2, heads, 3, dim) for heads, dim in kv]
         wrapper = text_lm(model, len(kv) // 2)
-        kinds = [f"{i // 2}.{'value' if i % 2 else 'key'}" for i in range(len(kv))]
-        names = ["input_ids", "attention_mask"] + [f"past_key_values.{k}" for k in kinds]
-        outputs = ["logits"] + [f"present.{k}" for k in kinds]
-        dynamic = ({0: batch, 1: new}, {0: batch, 1: total},
-                   tuple({0: batch, 2: past} for _ in kv))  # fmt: skip
+        names = ["input_ids", "attention_mask", *cache_names]
+        dynamic = ({0: batch, 1: new}, {0: batch, 1: total}, cache_dims)
         args = (ids, torch.ones(2, 8, dtype=torch.int64), *caches)
     try:
         with _quiet():

@@ -5,8 +5,8 @@ returns ``(logits, present.{i}.key|value …)``: a decoder with its KV cache, th
 docs/generation.md (the mask covers the past and the new tokens; the past may be empty, which
 is how the analysis runs it). Position ids come from the mask (as ``generate`` computes them),
 so a left-padded sample gets the logits it has alone. The LLaVA-style wrapper takes
-``(input_ids, attention_mask, pixel_values [B, C, H, W])`` without a cache and gives each
-sample's image tokens its own image's features.
+``(input_ids, attention_mask, pixel_values [B, C, H, W], past_key_values…)``, returns the
+same outputs, and gives each sample's image tokens its own image's features.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def wrappers() -> tuple[type[Any], type[Any]]:
             return (out.logits, *present)
 
     class ImageTextLM(torch.nn.Module):
-        """``(input_ids, attention_mask, pixel_values) -> logits``, one image per sample.
+        """``(input_ids, attention_mask, pixel_values, *past) -> (logits, *present)``, one
+        image per sample, the cache as `TextLM`'s.
 
         LLaVA-style: the vision tower's features at ``vision_feature_layer`` (less the CLS
         token for the ``default`` strategy) go through the projector, and sample ``b``'s
@@ -64,15 +65,18 @@ def wrappers() -> tuple[type[Any], type[Any]]:
         carries a placeholder image (zeros) that none of its tokens takes. transformers'
         own forward concatenates the features of the whole batch (``list(features)``),
         which fixes the batch size in an export and mixes samples up when only some have
-        images.
+        images. The image tokens are all in the prompt: a decode step's new tokens take
+        none, so the runtimes' decode entry drops the vision tower
+        (docs/generation.md).
         """
 
-        def __init__(self, m: Any, image_token_id: int) -> None:
+        def __init__(self, m: Any, image_token_id: int, layers: int) -> None:
             super().__init__()
             self.m = m
             self.image_token_id = image_token_id
             self.layer = m.config.vision_feature_layer
             self.strategy = m.config.vision_feature_select_strategy
+            self.layers = layers
 
         def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
             inner = self.m.model
@@ -86,18 +90,27 @@ def wrappers() -> tuple[type[Any], type[Any]]:
 
         def forward(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor,
+            pixel_values: torch.Tensor, *past: torch.Tensor,
         ) -> Any:  # fmt: skip
+            from transformers import DynamicCache
+
             embeds = self.m.get_input_embeddings()(input_ids)
             feats = self.features(pixel_values.to(embeds.dtype))  # [B, N, D]
             is_image = input_ids == self.image_token_id
             rank = (is_image.to(torch.int64).cumsum(1) - 1).clamp(0, feats.shape[1] - 1)
             index = rank.unsqueeze(-1).expand(-1, -1, feats.shape[-1])
             embeds = torch.where(is_image.unsqueeze(-1), feats.gather(1, index), embeds)
-            return self.m(
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+            new = input_ids.shape[1]
+            out = self.m(
                 inputs_embeds=embeds, attention_mask=attention_mask,
-                position_ids=positions(attention_mask), use_cache=False,
-            ).logits  # fmt: skip
+                position_ids=positions(attention_mask)[:, -new:], use_cache=True,
+                **{cache_argument(self.m): DynamicCache(ddp_cache_data=pairs)},
+            )  # fmt: skip
+            present: list[torch.Tensor] = []
+            for layer in returned_cache(out).layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
 
     return TextLM, ImageTextLM
 
@@ -193,3 +206,63 @@ def _processor_image_size(image_processor: Any) -> tuple[int, int]:
 
 def _size_field(size: Any, key: str) -> Any:
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+#: PIL resampling filters by the numbers image processors store (``resample``).
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def processor_description(directory: Path) -> dict[str, Any] | None:
+    """The ``processor.json`` (`modec.prompting`) of a LLaVA-style directory, so that
+    ``modec run --prompt "<image> …" --image FILE`` feeds the artifact what the model's own
+    processor would; None where a plain resize cannot reproduce that processor (a crop, a
+    resize by the shortest edge, a filter PIL names differently, or no single
+    ``pixel_values`` image input): ``modec run --data`` then.
+
+    The number of image tokens one image becomes is counted in the processor's own output.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from modec.hf import _image_token_id, read_config
+
+    config = read_config(directory)
+    image_token_id = _image_token_id(config)
+    if image_token_id is None or str(config.get("model_type", "")).startswith("qwen3_vl"):
+        return None  # Qwen3-VL: image grids of flattened patches, not one resized image
+    try:
+        proc, _ = load_processor(directory)
+    except ModelError:  # what transformers cannot load here, modec run cannot describe
+        return None
+    if proc is None or not isinstance(getattr(proc, "image_token", None), str):
+        return None
+    ip = proc.image_processor
+    size = getattr(ip, "size", None)
+    h, w = _size_field(size, "height"), _size_field(size, "width")
+    resample = _RESAMPLE.get(int(getattr(ip, "resample", 2) or 0))
+    if (
+        not isinstance(h, int) or not isinstance(w, int) or resample is None
+        or getattr(ip, "do_center_crop", False) or not getattr(ip, "do_resize", True)
+    ):  # fmt: skip
+        return None
+    blank = Image.fromarray(np.zeros((h, w, 3), np.uint8))
+    try:
+        out = proc(text=[proc.image_token], images=[blank], return_tensors="np")
+    except Exception:  # a processor that wants more than one image and text: not ours
+        return None
+    pixels = out.get("pixel_values")
+    if pixels is None or tuple(pixels.shape) != (1, 3, h, w):
+        return None
+    rescale = float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0
+    normalize = getattr(ip, "do_normalize", True)
+    return {
+        "input": "pixel_values",
+        "image_token": proc.image_token,
+        "image_tokens": int((out["input_ids"] == image_token_id).sum()),
+        "image_size": [h, w],
+        "channels": 3,
+        "rescale": rescale,
+        "mean": [float(v) for v in ip.image_mean] if normalize else [0.0],
+        "std": [float(v) for v in ip.image_std] if normalize else [1.0],
+        "resample": resample,
+    }

@@ -10,11 +10,14 @@ the model (an ``.onnx`` file's folder or a Hugging Face directory):
 
       {"input": "pixel_values", "image_token": "<image>", "image_tokens": 64,
        "image_size": [64, 64], "channels": 1, "rescale": 0.00392156862745098,
-       "mean": [0.0], "std": [1.0]}
+       "mean": [0.0], "std": [1.0], "resample": "bilinear"}
 
   ``<image>`` in the prompt text stands for ``image_tokens`` copies of the image token;
-  the image is resized to ``image_size`` (H, W), read as grey (1 channel) or RGB (3),
-  multiplied by ``rescale`` and normalized by ``mean``/``std`` per channel. A ``.npy`` image
+  the image is resized to ``image_size`` (H, W) with PIL's ``resample`` filter (nearest,
+  bilinear (default) or bicubic), read as grey (1 channel) or RGB (3), multiplied by
+  ``rescale`` and normalized by ``mean``/``std`` per channel. `modec compile` of a
+  LLaVA-style Hugging Face directory writes one from the directory's processor where a plain
+  resize reproduces it (`modec.hf_wrappers.processor_description`). A ``.npy`` image
   is taken as the model's pixel values already (``[C, H, W]`` or ``[H, W]``).
 
 Models whose processors do more (dynamic resolution, image grids) need their own
@@ -32,6 +35,9 @@ from typing import Any
 import numpy as np
 
 from modec.errors import BadInputError, DataError
+
+#: processor.json's ``resample`` values and PIL's names for them.
+_FILTERS = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC"}
 
 #: The prompt files `copy_prompt_files` carries into an output directory.
 PROMPT_FILES = ("tokenizer.json", "processor.json")
@@ -92,6 +98,7 @@ class Processor:
     rescale: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resample: str = "bilinear"
 
     @staticmethod
     def load(path: Path) -> Processor:
@@ -101,12 +108,14 @@ class Processor:
                 str(d["input"]), str(d["image_token"]), int(d["image_tokens"]),
                 (int(d["image_size"][0]), int(d["image_size"][1])), int(d["channels"]),
                 float(d.get("rescale", 1.0)), tuple(float(v) for v in d.get("mean", [0.0])),
-                tuple(float(v) for v in d.get("std", [1.0])),
+                tuple(float(v) for v in d.get("std", [1.0])), str(d.get("resample", "bilinear")),
             )  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise DataError(f"{path}: not a modec processor description ({exc!r})") from exc
         if proc.channels not in (1, 3) or min(proc.image_size) < 1 or proc.image_tokens < 1:
             raise DataError(f"{path}: channels must be 1 or 3, sizes and image_tokens >= 1")
+        if proc.resample not in _FILTERS:
+            raise DataError(f"{path}: resample must be one of {', '.join(_FILTERS)}")
         return proc
 
     def pixels(self, image: Path) -> np.ndarray:
@@ -129,7 +138,8 @@ class Processor:
 
             with Image.open(image) as opened:
                 mode = "L" if c == 1 else "RGB"
-                resized = opened.convert(mode).resize((w, h), Image.Resampling.BILINEAR)
+                filt = getattr(Image.Resampling, _FILTERS[self.resample])
+                resized = opened.convert(mode).resize((w, h), filt)
                 arr = np.asarray(resized, dtype=np.float32)
         except ImportError as exc:
             raise BadInputError("reading images needs pillow: pip install pillow") from exc

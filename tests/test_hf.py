@@ -288,7 +288,9 @@ def test_vlm_export_takes_each_samples_own_image(dirs):
     d = dirs["llava"]
     path = hf.cached_export(d, dirs["cache"])
     runner = OrtRunner(path)
-    assert [s.name for s in runner.inputs] == ["input_ids", "attention_mask", "pixel_values"]
+    assert [s.name for s in runner.inputs] == ["input_ids", "attention_mask", "pixel_values"] + [
+        f"past_key_values.{layer}.{kind}" for layer in (0, 1) for kind in ("key", "value")
+    ]  # a decoder with its KV cache; OrtRunner passes empty caches
     assert [r.num_experts for r in find_moe(ir.load(str(path)))] == [4, 4]
     proc = tf.AutoProcessor.from_pretrained(d, local_files_only=True)
     images = [Image.open(p) for p in draw_images(dirs["root"] / "i", 2)]
@@ -316,12 +318,18 @@ def test_vlm_export_takes_each_samples_own_image(dirs):
 
 
 def test_vlm_directory_calib_build_compile_and_kl(dirs, tmp_path):
+    """Calibration, compile and KL; then generation: the artifact's decode entry drops the
+    vision tower, and its greedy tokens (the image at the prompt only, then cached steps)
+    equal the simulated model re-run over the whole sequence, image included."""
+    from modec.runtime import load
+
     from modec import data, hf
     from modec.calibration import build
     from modec.driver import CompileOptions, compile_model
     from modec.evaluate import kl_divergence
     from modec.frontend import OrtRunner
     from modec.runners import SimulatedRunner
+    from tests.generation.test_generate_python import reference_greedy
 
     d = dirs["llava"]
     images = draw_images(tmp_path / "images", 6)
@@ -331,7 +339,7 @@ def test_vlm_directory_calib_build_compile_and_kl(dirs, tmp_path):
     calib = tmp_path / "calib.npz"
     res = build(d, calib, images=images[0].parent, prompts=prompts, text_only=texts, seed=3)
     assert (res.multimodal, res.text_only) == (6, 6) and res.vision_tokens == 6 * 16
-    opts = CompileOptions(sensitivity_samples=4, target="none", cache_dir=str(dirs["cache"]))
+    opts = CompileOptions(sensitivity_samples=4, target="llvm", cache_dir=str(dirs["cache"]))
     out = compile_model(d, calib, tmp_path / "out", opts)
     assert out.allocation is not None and len(out.allocation.widths) == 2
     ds = data.load(calib)
@@ -340,6 +348,38 @@ def test_vlm_directory_calib_build_compile_and_kl(dirs, tmp_path):
     assert kl.splits["vision"].positions == 96
     assert kl.splits["text"].positions + 96 == kl.splits["all"].positions
     assert 0 < kl.splits["all"].mean_kl < 0.5
+
+    art = tmp_path / "out"
+    gen = json.loads((art / "manifest.json").read_text())["sections"]["generation"]
+    assert gen["decode"]["entry"] == "decode" and gen["prompt_only"] == ["pixel_values"]
+    # Two multimodal samples and a text-only one, left-padded to one length.
+    mm = np.flatnonzero(ds.multimodal)
+    rows = np.array([mm[0], mm[1], np.flatnonzero(~ds.multimodal)[0]])
+    (_, feeds), *_ = ds.subset(rows).batches(3)
+    got = load(art).generate(feeds, max_new_tokens=5).tokens
+    assert got == reference_greedy(art, feeds, 5)
+
+    # `modec run --image`: processor.json describes the directory's processor, and a prompt
+    # and image become what that processor makes of them.
+    import transformers as tf
+    from PIL import Image
+
+    from modec.prompting import text_prompt
+
+    proc_doc = json.loads((art / "processor.json").read_text())
+    assert proc_doc["image_tokens"] == 16 and proc_doc["image_size"] == [IMAGE_SIZE] * 2
+    inputs = {i["name"]: (i["dtype"], tuple(i["shape"])) for i in gen["decode"]["inputs"]}
+    inputs["pixel_values"] = ("float32", ("batch", 3, IMAGE_SIZE, IMAGE_SIZE))
+    mine, _ = text_prompt(art, "<image> count the dots", images[0], inputs)
+    theirs = tf.AutoProcessor.from_pretrained(d, local_files_only=True)(
+        text=["<image> count the dots"], images=[Image.open(images[0])], return_tensors="np"
+    )
+    np.testing.assert_array_equal(mine["input_ids"], theirs["input_ids"])
+    np.testing.assert_allclose(mine["pixel_values"], theirs["pixel_values"], atol=1e-5)
+    r = modec("run", str(art), "--prompt", "<image> count the dots", "--image",
+              str(images[0]), "--max-new-tokens", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stderr
 
 
 def test_qwen3_vl_directory_takes_the_qwen3_vl_export(tmp_path):
