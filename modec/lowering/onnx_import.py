@@ -65,6 +65,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -158,6 +159,47 @@ _HALF = frozenset({"float16", "bfloat16"})
 #: ``Gather`` casts the rows it takes, not the whole table.
 _MOVES = frozenset({"Gather", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten",
                     "Identity"})  # fmt: skip
+
+
+#: Names a symbolic dimension cannot keep: the frontend makes each one a TIR variable, which
+#: the CUDA code generator writes as a kernel parameter of that name (HF exports name the new
+#: tokens' dimension ``new``).
+_RESERVED_WORDS = (
+    "alignas alignof and and_eq asm auto bitand bitor bool break case catch char char8_t "
+    "char16_t char32_t class compl concept const consteval constexpr constinit const_cast "
+    "continue co_await co_return co_yield decltype default delete do double dynamic_cast else "
+    "enum explicit export extern false float for friend goto if inline int long mutable "
+    "namespace new noexcept not not_eq nullptr operator or or_eq private protected public "
+    "register reinterpret_cast requires restrict return short signed sizeof static "
+    "static_assert static_cast struct switch template this thread_local throw true try typedef "
+    "typeid typename union unsigned using virtual void volatile wchar_t while xor xor_eq "
+    "blockIdx blockDim threadIdx gridDim warpSize dim3 half uint uchar ushort"
+)
+_RESERVED = frozenset(_RESERVED_WORDS.split(" "))
+
+
+def _identifier_dims(g: onnx.GraphProto) -> None:
+    """Rename, in place, the symbolic dimensions of ``g``'s inputs, outputs and value infos
+    that are not C identifiers, or are C/C++/CUDA reserved words: ``new`` becomes ``new_``,
+    ``batch size`` ``batch_size`` (a suffix more where that name is taken). The manifest
+    keeps the ONNX names: it is written from the original graph."""
+    infos = [*g.input, *g.output, *g.value_info]
+    names = {d.dim_param for vi in infos for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    renamed: dict[str, str] = {}
+    for name in sorted(names):
+        safe = re.sub(r"\W", "_", name)
+        if not safe or safe[0].isdigit():
+            safe = f"d_{safe}"
+        if safe in _RESERVED:
+            safe = f"{safe}_"
+        while safe != name and (safe in names or safe in renamed.values()):
+            safe = f"{safe}_"
+        if safe != name:
+            renamed[name] = safe
+    for vi in infos:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in renamed:
+                d.dim_param = renamed[d.dim_param]
 
 
 def _constants_to_nodes(model: onnx.ModelProto, weights: Mapping[str, Any]) -> onnx.ModelProto:
@@ -590,6 +632,7 @@ def import_onnx(
     inputs = [_spec(vi) for vi in proto.graph.input if vi.name not in init_names]
     outputs = [_spec(vi) for vi in proto.graph.output]
     prepared = _constants_to_nodes(proto, weights)
+    _identifier_dims(prepared.graph)
     importer = _Importer(op_converters or {}, weights, upcast)
     captured = io.StringIO()
     try:

@@ -151,6 +151,31 @@ def test_cuda_build_only(tiny: onnx.ModelProto) -> None:
     assert "__global__" in host.imports[0].inspect_source()
 
 
+def test_cuda_kernels_of_a_dim_named_like_a_cxx_keyword() -> None:
+    """Hugging Face exports name the new tokens' dimension ``new``: a symbolic size becomes a
+    CUDA kernel parameter of its name, so the importer renames such dims (the manifest keeps
+    the ONNX name), and nvcc compiles the kernels."""
+    from modec.kernels.cuda import nvcc_available
+    from modec.kernels.cuda_aot import compile_fatbin
+
+    dims = ["batch size", "new", 8]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8], np.arange(8, dtype=np.float32))
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["t"]), helper.make_node("Relu", ["t"], ["y"])],
+        "g", [x], [y], [w],
+    )  # fmt: skip
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    target = {"kind": "cuda", "arch": "sm_90"}
+    dm = lower_dense(model, target=target)
+    assert [i.shape for i in dm.inputs] == [("batch size", "new", 8)]
+    src = compile_module(dm, target).mod.imports[0].imports[0].inspect_source()
+    assert "int64_t new_" in src and "int64_t new)" not in src and "int64_t new," not in src
+    if nvcc_available():
+        assert compile_fatbin(src, ["sm_90"])
+
+
 def test_transposed_weights_are_stored_transposed() -> None:
     """transformers' form: ``MatMul(x, Transpose(W))`` with W ``[out, in]``. W is stored
     transposed (``W.T``) and the graph has no transpose left; a weight also read as it is
