@@ -27,6 +27,10 @@ rest), and writes ``results.json`` and ``results.md`` (the table, also printed l
    top-8) for 1, 8 and 64 tokens: GB/s over the experts the routing touches;
 5. the CUDA artifact against the simulated model on the bundled eval set: the largest relative
    logit difference on the stored batches, and the accuracy on all of it;
+   end-to-end generation on the paper-shaped decoder (2 layers of Qwen3-VL-30B-A3B's
+   decoder, random weights: model.so and the manifest travel, the weights are filled with
+   random values on the GPU machine), prefill and decode tokens/s at batch 1 and 8, dense
+   weights as stored and at 4 bits, against the HBM bound;
 6. the C++ example app (``modec_run --device cuda``) on one batch against the Python runtime.
 
 Timing: a region of ``--iters`` launches between CUDA events, its median over ``--repeats``
@@ -65,6 +69,12 @@ GEMV_N, GEMV_K = 28672, 8192
 #: Paper MoE layer (Qwen3-VL-30B-A3B): experts, hidden, intermediate, top-k.
 PAPER_E, PAPER_H, PAPER_I, PAPER_TOPK = 128, 2048, 768, 8
 MOE_TOKENS = (1, 8, 64)
+#: The paper-shaped decoder of the end-to-end decode (tools/paper_checkpoint.py): its layers,
+#: prompt tokens, new tokens and batches, and the build variants (dense weights as stored, or
+#: --dense-bits 4; 0: none). Only model.so, the manifest and the weights' safetensors header travel:
+#: the GPU machine fills the weights with random values of the right dtypes and shapes.
+PAPER_LAYERS, PAPER_PROMPT, PAPER_NEW, PAPER_BATCHES = 2, 256, 32, (1, 8)
+PAPER_VARIANTS = {"paper-cuda": 0, "paper-cuda-dense4": 4}
 #: Tokens the routing sort is checked and timed at (decode, batched decode, prefill).
 SORT_TOKENS = (1, 8, 64, 4096)
 #: Small odd shapes (padding in N and K) for correctness.
@@ -165,6 +175,90 @@ def _compile_cached(out: Path, archs: list[str]) -> None:
         np.save(out / f"gen_in_{name}.npy", a)
 
 
+def _compile_paper(out: Path, archs: list[str], work: Path) -> None:
+    """The paper-shaped decoder (random weights) compiled for CUDA, uniform 3-bit RTN
+    experts, dense weights as stored and at 4 bits; into ``out`` go model.so, the manifest
+    and the safetensors header of the weights. ``work`` keeps the checkpoint, its export and
+    the analysis cache (GBs; `tools.bench_decode`'s ``WORK/paper-L2`` is the same
+    checkpoint), not the builds."""
+    from dataclasses import replace
+
+    from modec import data
+    from modec.driver import CompileOptions, compile_model
+    from tools import paper_checkpoint
+
+    d, calib = work / "hf", work / "calib.npz"
+    if not (d / "config.json").exists():
+        paper_checkpoint.build(d, PAPER_LAYERS)
+    if not calib.exists():
+        ids = np.random.default_rng(1).integers(2, 2000, (16, 64)).astype(np.int64)
+        data.save(calib, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                  modality=np.ones_like(ids, dtype=np.uint8))  # fmt: skip
+    target = json.dumps({"kind": "cuda", "arch": archs})
+    o = CompileOptions(method="uniform", quantizer="rtn", budget=3.0, target=target,
+                       cache_dir=str(work / "cache"))  # fmt: skip
+    for name, dense_bits in PAPER_VARIANTS.items():
+        art = work / name
+        compile_model(d, calib, art, replace(o, dense_bits=dense_bits), force=True)
+        dest = out / name
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for f in ("manifest.json", "model.so"):
+            shutil.copy2(art / f, dest / f)
+        with open(art / "weights.safetensors", "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            (dest / "weights.header").write_bytes(int(n).to_bytes(8, "little") + fh.read(n))
+        shutil.rmtree(art)  # GBs (the simulated model above all); the header is what travels
+
+
+def _fill_weights(art: Path, seed: int = 0) -> float:
+    """Write ``art/weights.safetensors`` from ``art/weights.header``: every tensor random
+    (floats ~N(0, 0.02) but norms 1, packed codes any bits, zero points and scales small),
+    then the manifest's size and SHA-256 of it. Returns the seconds it took."""
+    import hashlib
+
+    t = time.perf_counter()
+    head = (art / "weights.header").read_bytes()
+    header = json.loads(head[8:])
+    rng = np.random.default_rng(seed)
+    dtypes = {"F32": np.float32, "F16": np.float16, "U32": np.uint32, "U8": np.uint8,
+              "I64": np.int64, "BF16": np.uint16}  # fmt: skip
+    path = art / "weights.safetensors"
+    with open(path, "wb") as fh:
+        fh.write(head)
+        entries = sorted(
+            ((k, v) for k, v in header.items() if k != "__metadata__"),
+            key=lambda kv: kv[1]["data_offsets"][0],
+        )
+        at = 0
+        for name, e in entries:
+            lo, hi = e["data_offsets"]
+            fh.write(bytes(lo - at))
+            dt, shape = dtypes[e["dtype"]], tuple(e["shape"])
+            if dt == np.uint32:
+                a = rng.integers(0, 2**32, shape, dtype=np.uint32)
+            elif dt == np.uint8:
+                a = rng.integers(0, 4, shape, dtype=np.uint8)
+            elif name.endswith(".scale"):
+                a = (rng.random(shape, dtype=np.float32) * 0.01 + 0.005).astype(dt)
+            elif "norm" in name:
+                a = np.ones(shape, dt)
+            elif dt in (np.float32, np.float16):
+                a = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dt)
+            else:
+                a = np.zeros(shape, dt)
+            assert a.nbytes == hi - lo, name
+            fh.write(a.tobytes())
+            at = hi
+    data_bytes = path.read_bytes()
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["files"]["weights.safetensors"] = {
+        "bytes": len(data_bytes), "sha256": hashlib.sha256(data_bytes).hexdigest()
+    }  # fmt: skip
+    (art / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return time.perf_counter() - t
+
+
 def _reference(out: Path) -> None:
     """The simulated model's logits on the first batches and its accuracy on all of eval."""
     from modec import data
@@ -246,6 +340,11 @@ def prepare(args: argparse.Namespace) -> None:
         ("artifact", "bundled model for CUDA", lambda: _compile_bundled(out, archs)),
         ("reference", "simulated reference", lambda: _reference(out)),
         ("cached", "digits-vlm with a KV cache for CUDA", lambda: _compile_cached(out, archs)),
+        (
+            "paper",
+            "the paper-shaped decoder for CUDA",
+            lambda: _compile_paper(out, archs, Path(args.paper_work)),
+        ),
         ("libs", "runtime libraries and the C++ app", lambda: _copy_libraries(out)),
         ("wheels", "wheels of modec and apache-tvm-ffi", lambda: _wheels(out, args.python)),
     ]
@@ -648,6 +747,43 @@ class Bench:
             out["C++ last line"] = (proc.stdout.strip().splitlines() or [proc.stderr[-300:]])[-1]
         return out
 
+    def decode(self) -> list[dict[str, Any]]:
+        """End-to-end generation on the paper-shaped decoder (random weights filled here):
+        prefill and decode tokens/s at batch 1 and 8, and a batch-1 step's bytes against the
+        HBM bound."""
+        from modec.runtime import load
+
+        from tools.bench_decode import paper_prompts, paper_step_bytes
+
+        rows = []
+        for name in PAPER_VARIANTS:
+            art = self.dir / name
+            if not (art / "weights.header").exists():
+                continue
+            fill_s = _fill_weights(art)
+            sess = load(art, device="cuda")
+            need = paper_step_bytes(art, PAPER_PROMPT + PAPER_NEW / 2)
+            for b in PAPER_BATCHES:
+                feeds = paper_prompts(b, PAPER_PROMPT)
+                sess.generate(feeds, max_new_tokens=4)  # warm-up
+                runs = [sess.generate(feeds, max_new_tokens=PAPER_NEW) for _ in range(3)]
+                pre = float(np.median([g.prefill_seconds for g in runs]))
+                dec = float(np.median([g.decode_seconds for g in runs]))
+                row: dict[str, Any] = {"artifact": name, "batch": b, "prompt tokens": PAPER_PROMPT,
+                       "prefill tok/s": b * PAPER_PROMPT / pre,
+                       "decode tok/s": b * (PAPER_NEW - 1) / dec,
+                       "MiB per step": need["total"] / 2**20,
+                       "weights filled s": fill_s}  # fmt: skip
+                if b == 1:
+                    row["% of bound"] = (
+                        100 * row["decode tok/s"] * need["total"] / (self.bound * 1e9)
+                    )
+                rows.append(row)
+                print(f"  decode {row}", flush=True)
+            del sess
+            (art / "weights.safetensors").unlink()
+        return rows
+
     def run(self, out: Path) -> None:
         sections: list[tuple[str, Callable[[], Any]]] = [
             ("hbm", self.hbm),
@@ -656,6 +792,7 @@ class Bench:
             ("moe", self.moe),
             ("sort", self.sort),
             ("artifact", self.artifact),
+            ("decode", self.decode),
             ("cxx", self.cxx),
             ("generation", self.generation),
         ]
@@ -774,10 +911,20 @@ def render(r: dict[str, Any]) -> str:
         for g in s["sort"]:
             out.append(f"| {g['kernel']} | {g['tokens']} | {1e3 * g['ms']:.1f} |")
         out.append("")
+    if isinstance(s.get("decode"), list) and s["decode"]:
+        out += ["| paper-shaped decoder | batch | prefill tok/s | decode tok/s | MiB per step "
+                "| % of bound |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for g in s["decode"]:
+            share = f"{g['% of bound']:.0f}%" if "% of bound" in g else ""
+            out.append(
+                f"| {g['artifact']} | {g['batch']} | {g['prefill tok/s']:.0f} | "
+                f"{g['decode tok/s']:.1f} | {g['MiB per step']:.1f} | {share} |"
+            )
+        out.append("")
     for name in ("artifact", "cxx", "generation"):
         if name in s:
             out.append(f"{name}: {json.dumps(s[name], default=str)}")
-    for name in ("hbm", "correctness", "gemv", "moe", "sort"):
+    for name in ("hbm", "correctness", "gemv", "moe", "sort", "decode"):
         if isinstance(s.get(name), dict) and "error" in s[name]:
             out.append(f"{name}: {s[name]['error']}")
     return "\n".join(out) + "\n"
@@ -790,8 +937,11 @@ def main() -> None:
     p.add_argument("--dir", default=".gpu")
     p.add_argument("--arch", nargs="+", default=["sm_90"], help="CUDA archs (default sm_90)")
     p.add_argument("--python", default="3.12", help="the GPU machine's Python (wheels)")
+    p.add_argument("--paper-work", default="/tmp/modec-gpu-paper",
+                   help="where the paper checkpoint and its full builds stay (GBs)")  # fmt: skip
     p.add_argument("--steps", nargs="+",
-                   default=["kernels", "artifact", "reference", "cached", "libs", "wheels"],
+                   default=["kernels", "artifact", "reference", "cached", "paper", "libs",
+                            "wheels"],
                    help="the steps to run (default: all)")  # fmt: skip
     r = sub.add_parser("run", help="check and measure on the GPU")
     r.add_argument("--dir", default=".gpu")
