@@ -24,6 +24,25 @@ def wrappers() -> tuple[type[Any], type[Any]]:
     def positions(attention_mask: torch.Tensor) -> torch.Tensor:
         return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
+    def cached(
+        m: torch.nn.Module, layers: int, past: tuple[torch.Tensor, ...],
+        attention_mask: torch.Tensor, **tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """``m`` on the new tokens (``input_ids`` or ``inputs_embeds``) after ``past``, a
+        `DynamicCache` of full layers: ``(logits, *present)``."""
+        from transformers import DynamicCache
+
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)]
+        new = next(iter(tokens.values())).shape[1]
+        out = m(
+            attention_mask=attention_mask, position_ids=positions(attention_mask)[:, -new:],
+            use_cache=True, **{cache_argument(m): DynamicCache(ddp_cache_data=pairs)}, **tokens,
+        )  # fmt: skip
+        present: list[torch.Tensor] = []
+        for layer in returned_cache(out).layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
     class TextLM(torch.nn.Module):
         """``(input_ids, attention_mask, *past) -> (logits, *present)``, ``past`` and
         ``present`` as ``[key 0, value 0, key 1, …]`` of shape [B, kv heads, length, head dim].
@@ -41,19 +60,7 @@ def wrappers() -> tuple[type[Any], type[Any]]:
         def forward(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
         ) -> Any:  # fmt: skip
-            from transformers import DynamicCache
-
-            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
-            new = input_ids.shape[1]
-            out = self.m(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=positions(attention_mask)[:, -new:], use_cache=True,
-                **{cache_argument(self.m): DynamicCache(ddp_cache_data=pairs)},
-            )  # fmt: skip
-            present: list[torch.Tensor] = []
-            for layer in returned_cache(out).layers:
-                present += [layer.keys, layer.values]
-            return (out.logits, *present)
+            return cached(self.m, self.layers, past, attention_mask, input_ids=input_ids)
 
     class ImageTextLM(torch.nn.Module):
         """``(input_ids, attention_mask, pixel_values, *past) -> (logits, *present)``, one
@@ -92,25 +99,13 @@ def wrappers() -> tuple[type[Any], type[Any]]:
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             pixel_values: torch.Tensor, *past: torch.Tensor,
         ) -> Any:  # fmt: skip
-            from transformers import DynamicCache
-
             embeds = self.m.get_input_embeddings()(input_ids)
             feats = self.features(pixel_values.to(embeds.dtype))  # [B, N, D]
             is_image = input_ids == self.image_token_id
             rank = (is_image.to(torch.int64).cumsum(1) - 1).clamp(0, feats.shape[1] - 1)
             index = rank.unsqueeze(-1).expand(-1, -1, feats.shape[-1])
             embeds = torch.where(is_image.unsqueeze(-1), feats.gather(1, index), embeds)
-            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
-            new = input_ids.shape[1]
-            out = self.m(
-                inputs_embeds=embeds, attention_mask=attention_mask,
-                position_ids=positions(attention_mask)[:, -new:], use_cache=True,
-                **{cache_argument(self.m): DynamicCache(ddp_cache_data=pairs)},
-            )  # fmt: skip
-            present: list[torch.Tensor] = []
-            for layer in returned_cache(out).layers:
-                present += [layer.keys, layer.values]
-            return (out.logits, *present)
+            return cached(self.m, self.layers, past, attention_mask, inputs_embeds=embeds)
 
     return TextLM, ImageTextLM
 

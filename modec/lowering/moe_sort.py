@@ -44,6 +44,11 @@ MAX_SORT_THREADS = 256
 _COUNT_BYTES, _SHARED_BYTES = 32 * 1024, 48 * 1024
 
 
+def _threads(extent: int, tag: str, gpu: bool) -> Any:
+    """A loop of ``extent`` iterations: bound to CUDA's ``tag`` with ``gpu``, else serial."""
+    return T.thread_binding(extent, thread=tag) if gpu else T.serial(extent)
+
+
 def sort_threads(num_experts: int) -> int:
     """Threads of the parallel sort for ``num_experts`` experts: the largest power of two
     <= 256 whose count rows (``nt × E`` int32, E padded to a multiple of nt) fit in 32 KiB
@@ -95,9 +100,6 @@ def _serial(num_experts: int, top_k: int, index_dtype: str, gpu: bool) -> tirx.P
     e_count, k = num_experts, top_k
     scope = "local" if gpu else "global"
 
-    def launch(tag: str) -> Any:
-        return T.thread_binding(1, thread=tag) if gpu else T.serial(1)
-
     @T.prim_func(private=True, s_tir=False)
     def moe_sort(
         var_experts: T.handle,
@@ -113,8 +115,8 @@ def _serial(num_experts: int, top_k: int, index_dtype: str, gpu: bool) -> tirx.P
         tok = T.match_buffer(var_tok, (t * k,), "int64")
         eid = T.match_buffer(var_eid, (t * k,), "int64")
         inv = T.match_buffer(var_inv, (t * k,), "int64")
-        for _bx in launch("blockIdx.x"):
-            for _tx in launch("threadIdx.x"):
+        for _bx in _threads(1, "blockIdx.x", gpu):
+            for _tx in _threads(1, "threadIdx.x", gpu):
                 cursor = T.alloc_buffer((e_count,), "int64", scope=scope)
                 for e in T.serial(e_count):
                     cursor[e] = T.int64(0)
@@ -148,11 +150,12 @@ def _parallel(num_experts: int, top_k: int, index_dtype: str, gpu: bool, nt: int
     shared = "shared" if gpu else "global"
     local = "local" if gpu else "global"
 
-    def one(tag: str) -> Any:
-        return T.thread_binding(1, thread=tag) if gpu else T.serial(1)
-
     def lanes() -> Any:
-        return T.thread_binding(nt, thread="threadIdx.x") if gpu else T.serial(nt)
+        return _threads(nt, "threadIdx.x", gpu)
+
+    def expert(experts: Any, p: Any) -> Any:
+        """The (clamped) expert of pair p = token·k + slot."""
+        return T.max(T.min(T.Cast("int64", experts[p // k, p % k]), e_count - 1), 0)
 
     @T.prim_func(private=True, s_tir=False)
     def moe_sort(
@@ -170,7 +173,7 @@ def _parallel(num_experts: int, top_k: int, index_dtype: str, gpu: bool, nt: int
         eid = T.match_buffer(var_eid, (t * k,), "int64")
         inv = T.match_buffer(var_inv, (t * k,), "int64")
         chunk = (t * k + nt - 1) // nt
-        for _bx in one("blockIdx.x"):
+        for _bx in _threads(1, "blockIdx.x", gpu):
             cnt = T.alloc_buffer((nt, padded), "int32", scope=shared)
             total = T.alloc_buffer((padded,), "int32", scope=shared)
             start = T.alloc_buffer((padded,), "int32", scope=shared)
@@ -182,16 +185,7 @@ def _parallel(num_experts: int, top_k: int, index_dtype: str, gpu: bool, nt: int
                     mine[r] = 0
                 for i in T.serial(chunk):
                     if tid * chunk + i < t * k:
-                        ex = T.max(
-                            T.min(
-                                T.Cast(
-                                    "int64",
-                                    experts[(tid * chunk + i) // k, (tid * chunk + i) % k],
-                                ),
-                                e_count - 1,
-                            ),
-                            0,
-                        )
+                        ex = expert(experts, tid * chunk + i)
                         mine[rank[ex]] = mine[rank[ex]] + 1
                 for r in T.serial(padded):
                     cnt[tid, r] = mine[r]
@@ -248,16 +242,7 @@ def _parallel(num_experts: int, top_k: int, index_dtype: str, gpu: bool, nt: int
                     cur[r] = cnt[tid, r] + start[r]
                 for i in T.serial(chunk):
                     if tid * chunk + i < t * k:
-                        ex = T.max(
-                            T.min(
-                                T.Cast(
-                                    "int64",
-                                    experts[(tid * chunk + i) // k, (tid * chunk + i) % k],
-                                ),
-                                e_count - 1,
-                            ),
-                            0,
-                        )
+                        ex = expert(experts, tid * chunk + i)
                         pos = T.Cast("int64", cur[rank[ex]])
                         cur[rank[ex]] = cur[rank[ex]] + 1
                         tok[pos] = (tid * chunk + i) // k
