@@ -13,6 +13,11 @@ is not imported for CUDA either.
 
 ``MODEC_TVM_LIBRARY_PATH`` names a directory holding those libraries, for a deployment that
 installs ``apache-tvm-ffi`` and the runtime libraries without the ~260 MiB compiler package.
+
+Threads: TVM's CPU thread pool takes ``TVM_NUM_THREADS``, else ``OMP_NUM_THREADS``, else half
+the hardware threads, which without SMT (many cloud VMs) is half the cores. Where neither
+variable is set, `default_threads` sets ``TVM_NUM_THREADS`` to the physical cores this
+process may run on (as onnxruntime and llama.cpp count them) before the runtime loads.
 """
 
 from __future__ import annotations
@@ -60,8 +65,34 @@ def _library_dir() -> Path:
     return Path(spec.origin).parent / "lib"
 
 
+def physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int | None:
+    """The physical cores among the CPUs this process may run on: distinct (package, core)
+    pairs of their sysfs topology; None where that cannot be read."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        cores = {
+            tuple((sysfs / f"cpu{c}" / "topology" / f).read_text().strip()
+                  for f in ("physical_package_id", "core_id"))
+            for c in cpus
+        }  # fmt: skip
+    except (OSError, AttributeError):
+        return None
+    return len(cores) or None
+
+
+def default_threads() -> None:
+    """Set ``TVM_NUM_THREADS`` to `physical_cores` unless it or ``OMP_NUM_THREADS`` is set
+    (the user's choice wins; see the module docstring)."""
+    if "TVM_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = physical_cores()
+    if cores:
+        os.environ["TVM_NUM_THREADS"] = str(cores)
+
+
 def load_libraries(device: str) -> None:
     """Make the TVM runtime (and its CUDA module for ``device == "cuda"``) available."""
+    default_threads()
     names = ["libtvm_runtime.so", "libtvm_runtime_extra.so"]
     if device == "cuda":
         names.append("libtvm_runtime_cuda.so")

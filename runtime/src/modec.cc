@@ -1,6 +1,7 @@
 // The modec C API on top of the TVM runtime (tvm_ffi headers only, see DESIGN.md).
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <modec/modec.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -26,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -217,6 +219,31 @@ std::string TvmRuntimeDir() {
   }
   dlclose(h);  // a RTLD_NOLOAD handle: drops the reference it took, the library stays
   return dir;
+}
+
+/*! \brief TVM's CPU thread pool takes TVM_NUM_THREADS, else OMP_NUM_THREADS, else half the
+ * hardware threads: half the cores on a machine without SMT. Where neither variable is set,
+ * set TVM_NUM_THREADS to the physical cores this process may run on (distinct package and core
+ * ids of the allowed CPUs' sysfs topology), as the Python runtime does; once per process,
+ * before the first session creates the pool. Unreadable topology: TVM's default. */
+void DefaultThreads() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (std::getenv("TVM_NUM_THREADS") != nullptr || std::getenv("OMP_NUM_THREADS") != nullptr) return;
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return;
+    std::set<std::pair<std::string, std::string>> cores;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+      if (!CPU_ISSET(cpu, &allowed)) continue;
+      const std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+      std::ifstream package(topo + "physical_package_id"), core(topo + "core_id");
+      std::string p, c;
+      if (!(package >> p) || !(core >> c)) return;
+      cores.emplace(p, c);
+    }
+    if (!cores.empty()) setenv("TVM_NUM_THREADS", std::to_string(cores.size()).c_str(), 0);
+  });
 }
 
 /*! \brief Load TVM's CUDA runtime, libtvm_runtime_cuda.so (the CUDA device API and the loader
@@ -1133,6 +1160,7 @@ modec_status modec_open(const char* dir, const char* device, modec_session** out
     *out = nullptr;
     std::string dev = device ? device : "cpu";
     if (dev != "cpu" && dev != "cuda") modec::Fail(MODEC_ERR_INVALID_ARGUMENT, "device '" + dev + "' is not 'cpu' or 'cuda'");
+    modec::DefaultThreads();
     auto s = std::make_unique<modec_session>();
     s->dir = dir;
     modec::Open(s.get(), dev);
