@@ -97,13 +97,26 @@ def build(work: Path, budget: float) -> dict[str, Path]:
     return paths
 
 
+def random_calib(path: Path) -> Path:
+    """``path``, written once: 16 random prompts of 64 tokens (ids 2..1999), text only, the
+    calibration set of the random-weight benchmark decoders (their speed does not depend on
+    it)."""
+    from modec import data
+
+    if not path.exists():
+        ids = np.random.default_rng(1).integers(2, 2000, (16, 64)).astype(np.int64)
+        data.save(path, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                  modality=np.ones_like(ids, dtype=np.uint8))  # fmt: skip
+    return path
+
+
 def build_paper(
     work: Path, layers: int, budget: float, llama_src: Path | None, gguf_types: list[str],
     dense_bits: Sequence[int] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """The paper-shaped checkpoint, its modec compile and export, and the GGUFs (reused
     when present; see the module docstring)."""
-    from modec import data, hf
+    from modec import hf
     from modec.driver import CompileOptions, compile_model
     from tools import paper_checkpoint
 
@@ -111,11 +124,7 @@ def build_paper(
     d, cache = root / "hf", root / "cache"
     if not (d / "config.json").exists():
         paper_checkpoint.build(d, layers)
-    calib = root / "calib.npz"
-    if not calib.exists():
-        ids = np.random.default_rng(1).integers(2, 2000, (16, 64)).astype(np.int64)
-        data.save(calib, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
-                  modality=np.ones_like(ids, dtype=np.uint8))  # fmt: skip
+    calib = random_calib(root / "calib.npz")
     o = CompileOptions(method="uniform", quantizer="rtn", budget=budget, target="llvm",
                        cache_dir=str(cache))  # fmt: skip
     out = root / f"out-{budget}"
@@ -397,14 +406,18 @@ def bundled_step_bytes(out: Path, mean_len: float) -> dict[str, float]:
     return need
 
 
-def paper_step_bytes(out: Path, mean_len: float) -> dict[str, float]:
-    """`step_bytes` of the paper-shaped model: its cache as the manifest's generation section
-    lists it (float32), the embedding table left out."""
+def paper_step_bytes(
+    out: Path, mean_len: float, share: float | None = None
+) -> dict[str, float]:  # fmt: skip
+    """`step_bytes` of a decoder artifact: its cache as the manifest's generation section
+    lists it (float32), the embedding table left out; ``share`` the experts' top-k over
+    experts (default: the paper decoder's)."""
     from tools.paper_checkpoint import PAPER_DECODER
 
     gen = json.loads((out / "manifest.json").read_text())["sections"]["generation"]
     kv = sum(c["heads"] * c["head_dim"] * 4.0 for c in gen["cache"]) * mean_len
-    share = PAPER_DECODER["num_experts_per_tok"] / PAPER_DECODER["num_experts"]
+    if share is None:
+        share = PAPER_DECODER["num_experts_per_tok"] / PAPER_DECODER["num_experts"]
     return step_bytes(out, share, kv, ("embed_tokens",))
 
 

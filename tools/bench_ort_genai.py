@@ -166,21 +166,12 @@ def ort_step_bytes(path: Path, mean_len: float, layers: int) -> dict[str, float]
     return {"dense": dense, "experts_active": active, "kv": kv, "total": dense + active + kv}
 
 
-def modec_step_bytes(out: Path, mean_len: float) -> dict[str, float]:
-    from tools.bench_decode import step_bytes
-
-    gen = json.loads((out / "manifest.json").read_text())["sections"]["generation"]
-    kv = sum(c["heads"] * c["head_dim"] * 4.0 for c in gen["cache"]) * mean_len
-    share = GPTOSS["num_experts_per_tok"] / GPTOSS["num_local_experts"]
-    return step_bytes(out, share, kv, ("embed_tokens",))
-
-
 def build(work: Path, layers: int) -> dict[str, Path]:
     """Everything of the module docstring, reused when present."""
     import dataclasses
 
-    from modec import data
     from modec.driver import CompileOptions, compile_model
+    from tools.bench_decode import random_calib
 
     hf, hf_ort, ort, out = (work / n for n in ("hf", "hf-ort", "ort-int4", "out"))
     if not (hf / "config.json").exists():
@@ -193,10 +184,7 @@ def build(work: Path, layers: int) -> dict[str, Path]:
                "-c", str(work / "ort-cache")]  # fmt: skip
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     if not (out / "manifest.json").exists():
-        calib = work / "calib.npz"
-        ids = np.random.default_rng(1).integers(2, 2000, (16, 64)).astype(np.int64)
-        data.save(calib, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
-                  modality=np.ones_like(ids, dtype=np.uint8))  # fmt: skip
+        calib = random_calib(work / "calib.npz")
         o = CompileOptions(method="uniform", quantizer="rtn", budget=4.0, target="llvm",
                            cache_dir=str(work / "cache"))  # fmt: skip
         compile_model(hf, calib, out, dataclasses.replace(o, dense_bits=4), force=True)
@@ -215,7 +203,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    from tools.bench_decode import ModecDecoder, copy_bandwidth, paper_prompts
+    from tools.bench_decode import ModecDecoder, copy_bandwidth, paper_prompts, paper_step_bytes
 
     paths = build(Path(args.work), args.layers)
     runners: list[tuple[str, Any]] = [
@@ -235,8 +223,9 @@ def main() -> None:
             rows.append({"runtime": name, "batch": b, "prefill_tok_s": b * args.prompt_tokens / pre,
                          "decode_tok_s": b * (n - 1) / dec})  # fmt: skip
     mean_len = args.prompt_tokens + n / 2
+    share = GPTOSS["num_experts_per_tok"] / GPTOSS["num_local_experts"]
     need = {
-        runners[0][0]: modec_step_bytes(paths["out"], mean_len),
+        runners[0][0]: paper_step_bytes(paths["out"], mean_len, share),
         runners[1][0]: ort_step_bytes(paths["ort"], mean_len, args.layers),
     }
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written)")

@@ -183,17 +183,14 @@ def _compile_paper(out: Path, archs: list[str], work: Path) -> None:
     checkpoint), not the builds."""
     from dataclasses import replace
 
-    from modec import data
     from modec.driver import CompileOptions, compile_model
     from tools import paper_checkpoint
+    from tools.bench_decode import random_calib
 
-    d, calib = work / "hf", work / "calib.npz"
+    d = work / "hf"
     if not (d / "config.json").exists():
         paper_checkpoint.build(d, PAPER_LAYERS)
-    if not calib.exists():
-        ids = np.random.default_rng(1).integers(2, 2000, (16, 64)).astype(np.int64)
-        data.save(calib, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
-                  modality=np.ones_like(ids, dtype=np.uint8))  # fmt: skip
+    calib = random_calib(work / "calib.npz")
     target = json.dumps({"kind": "cuda", "arch": archs})
     o = CompileOptions(method="uniform", quantizer="rtn", budget=3.0, target=target,
                        cache_dir=str(work / "cache"))  # fmt: skip
