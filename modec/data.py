@@ -18,7 +18,10 @@ A dataset is one ``.npz`` file (see ``docs/data-format.md``):
 - ``modality``: int8 [S, T], 0 = padding, 1 = text, 2 = vision. Optional when the header
   gives ``image_token_id`` (then vision = input_ids == image_token_id, padding =
   attention_mask == 0, text = the rest).
-- ``answer``: int64 [S], the answer token id (eval sets; optional for calibration).
+- ``answer``: int64 [S], the answer token id (eval sets; optional for calibration); or
+  int64 [S, A] for multi-token answers: each row's n tokens, then -1 padding. The inputs then
+  end with the answer's first n - 1 tokens (teacher forcing), so answer token j is predicted
+  at position T - n + j and the last one, as always, at the last position.
 - ``family``: int64 [S], index into ``families`` (optional).
 
 Readers get a `Dataset` whose ``inputs`` are decoded to the declared dtypes.
@@ -286,10 +289,57 @@ def load(path: str | os.PathLike[str]) -> Dataset:
             raise DataError(f"{p}: key 'modality' holds values other than 0, 1, 2")
         answer = npz["answer"] if "answer" in files else None
         family = npz["family"] if "family" in files else None
-        for key, arr in (("answer", answer), ("family", family)):
-            if arr is not None and arr.shape != (count,):
-                raise DataError(f"{p}: key {key!r} has shape {arr.shape}; expected ({count},)")
+        if family is not None and family.shape != (count,):
+            raise DataError(f"{p}: key 'family' has shape {family.shape}; expected ({count},)")
+        if answer is not None:
+            _check_answer(p, answer, inputs, count)
     return Dataset(p, inputs, modality.astype(np.int8), answer, family, header)
+
+
+def _check_answer(p: str, answer: np.ndarray, inputs: dict[str, np.ndarray], count: int) -> None:
+    """``answer`` is [S] (one token) or [S, A] (multi-token: each row's tokens, then -1s; the
+    sequence input ``input_ids`` must end with each row's answer but its last token)."""
+    if answer.ndim == 1 and answer.shape == (count,):
+        return
+    if answer.ndim != 2 or answer.shape[0] != count or answer.shape[1] < 1:
+        raise DataError(
+            f"{p}: key 'answer' has shape {answer.shape}; expected ({count},) or ({count}, A)"
+        )
+    lengths = answer_lengths(answer)
+    tokens = np.arange(answer.shape[1]) < lengths[:, None]
+    ok = (lengths > 0) & ((answer >= 0) == tokens).all(axis=1)
+    ok &= ((answer == -1) | tokens).all(axis=1)
+    if not ok.all():
+        bad = int(np.flatnonzero(~ok)[0])
+        raise DataError(
+            f"{p}: key 'answer' row {bad} is {answer[bad].tolist()}; a multi-token answer is "
+            "one or more token ids followed only by -1 padding"
+        )
+    if lengths.max() == 1:
+        return
+    ids = inputs.get("input_ids")
+    if ids is None or ids.ndim != 2:
+        raise DataError(
+            f"{p}: key 'answer' holds multi-token answers but there is no [S, T] input "
+            "'input_ids'; the inputs must end with each answer's tokens but the last "
+            "(teacher forcing)"
+        )
+    for i in np.flatnonzero(lengths > 1):
+        n = int(lengths[i])
+        tail = ids[i, ids.shape[1] - n + 1 :]
+        if n > ids.shape[1] or not np.array_equal(tail, answer[i, : n - 1]):
+            raise DataError(
+                f"{p}: sample {int(i)}: input_ids ends with {ids[i, -(n - 1) :].tolist()} but its "
+                f"answer starts with {answer[i, : n - 1].tolist()}; a multi-token answer's tokens "
+                "but the last must end the input (teacher forcing)"
+            )
+
+
+def answer_lengths(answer: np.ndarray) -> np.ndarray:
+    """Tokens per answer: 1 for a [S] answer array, the non-padding count of a [S, A] one."""
+    if answer.ndim == 1:
+        return np.ones(len(answer), dtype=np.int64)
+    return np.asarray((answer >= 0).sum(axis=1), dtype=np.int64)
 
 
 def with_model_inputs(ds: Dataset, specs: list[InputSpec]) -> Dataset:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from modec import stats
-from modec.data import Dataset
+from modec.data import Dataset, answer_lengths
 from modec.errors import DataError
 from modec.stats import Interval
 
@@ -126,6 +126,11 @@ class EvalResult:
     answer_nll: np.ndarray | None = None
     multimodal_mask: np.ndarray | None = None
     family_masks: dict[str, np.ndarray] = field(default_factory=dict)
+    #: float32 [S, A, V]: log-softmax at each answer token's position (zeros past a
+    #: sample's answer); only with ``evaluate(..., keep_logprobs=True)``.
+    answer_logprobs: np.ndarray | None = None
+    #: int64 [S]: tokens per answer.
+    answer_lengths: np.ndarray | None = None
 
     def groups(self) -> list[Group]:
         mm = self.multimodal_mask
@@ -268,11 +273,14 @@ def evaluate(
     ds: Dataset,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    keep_logprobs: bool = False,
 ) -> EvalResult:
-    """Run every sample and score the argmax at the last position against ``answer``.
+    """Run every sample and score the argmax at the answer positions against ``answer``.
 
-    The answer NLL of a sample is −log softmax(logits)[answer] at the last position (the
-    answer is one token: teacher forcing has nothing more to feed).
+    A one-token answer is read at the last position. A multi-token answer of n tokens
+    (``answer`` [S, A], docs/data-format.md) is read teacher-forced at the last n positions:
+    the sample is right when every one of its tokens is the argmax, and its answer NLL is
+    the mean −log softmax(logits)[token] over its n tokens (nats per answer token).
 
     Args:
         run: runs one batch of inputs, returns logits.
@@ -280,29 +288,56 @@ def evaluate(
         batch_size: samples per batch. Batches are formed in file order after grouping
             multimodal and text-only samples, so text-only batches stay short.
         progress: called with the number of samples done after each batch.
+        keep_logprobs: keep the log-softmax at every answer position (`answer_kl` compares
+            two results by it).
     """
     if ds.answer is None:
         raise DataError(f"{ds.path}: missing key 'answer'; an evaluation set needs answers")
     mm = ds.multimodal
+    answers = ds.answer if ds.answer.ndim == 2 else ds.answer[:, None]
+    lengths = answer_lengths(answers)
+    width = answers.shape[1]
     # Group by modality so that the sequences of one batch have similar length.
     order = np.concatenate([np.flatnonzero(mm), np.flatnonzero(~mm)])
-    preds = np.full(len(ds), -1, dtype=np.int64)
+    preds = np.full(answers.shape, -1, dtype=np.int64)
     nll = np.full(len(ds), np.nan)
     grouped = ds.subset(order)
+    cols = np.arange(width)
+    kept: np.ndarray | None = None
     for idx, feeds in grouped.batches(batch_size):
+        rows = order[idx]
         logits = np.asarray(run(feeds))
-        last = logits[:, -1, :] if logits.ndim == 3 else logits
-        preds[order[idx]] = last.argmax(axis=-1)
-        ans = ds.answer[order[idx]]
-        known = (ans >= 0) & (ans < last.shape[-1])
-        lp = _log_softmax(last[known])
-        nll[order[idx][known]] = -lp[np.arange(len(lp)), ans[known]]
+        if logits.ndim == 2:
+            if lengths[rows].max() > 1:
+                raise DataError(
+                    f"{ds.path}: the model returns only the last position's logits, but the "
+                    "answers have several tokens; evaluate a model with logits at every position"
+                )
+            logits = logits[:, None, :]
+        n = lengths[rows]
+        used = cols[None, :] < n[:, None]  # [B, A]
+        # Answer token j of a sample with n tokens is predicted at position T - n + j.
+        pos = np.where(used, logits.shape[1] - n[:, None] + cols[None, :], logits.shape[1] - 1)
+        at = logits[np.arange(len(idx))[:, None], pos]  # [B, A, V]
+        preds[rows] = np.where(used, at.argmax(axis=-1), -1)
+        ans = answers[rows]
+        known = used & (ans >= 0) & (ans < at.shape[-1])
+        lp = _log_softmax(at)
+        if keep_logprobs:
+            if kept is None:
+                kept = np.zeros((len(ds), width, at.shape[-1]), dtype=np.float32)
+            kept[rows] = np.where(used[..., None], lp, 0.0)
+        tok_nll = -np.take_along_axis(lp, np.where(known, ans, 0)[..., None], axis=-1)[..., 0]
+        whole = (known == used).all(axis=1)
+        nll[rows[whole]] = (np.where(used, tok_nll, 0.0).sum(axis=1) / n)[whole]
         if progress is not None:
             progress(len(idx))
     if np.isnan(nll).any():
-        log.warning("%s: %d answer id(s) outside the model's vocabulary; no answer NLL",
+        log.warning("%s: %d answer(s) with ids outside the model's vocabulary; no answer NLL",
                     ds.path, int(np.isnan(nll).sum()))  # fmt: skip
-    ok = preds == ds.answer
+    ok = (preds == answers).all(axis=1)
+    if ds.answer.ndim == 1:
+        preds = preds[:, 0]
 
     def split(mask: np.ndarray) -> Split:
         return Split(int(mask.sum()), int(ok[mask].sum()))
@@ -325,11 +360,26 @@ def evaluate(
         answer_nll=nll,
         multimodal_mask=mm,
         family_masks=family_masks,
+        answer_logprobs=kept,
+        answer_lengths=lengths,
     )
 
 
-#: The modality splits of `kl_divergence`: every non-pad position, text, vision.
+def answer_kl(reference: EvalResult, model: EvalResult) -> np.ndarray:
+    """Per sample, the mean KL(p_reference ‖ p_model) over its answer tokens' positions,
+    from two results of `evaluate(..., keep_logprobs=True)` on the same data set."""
+    lp, lq = reference.answer_logprobs, model.answer_logprobs
+    if lp is None or lq is None or lp.shape != lq.shape or reference.answer_lengths is None:
+        raise ValueError("answer_kl needs two evaluate(keep_logprobs=True) results of one data set")
+    p = np.exp(lp.astype(np.float64))
+    per_pos = np.maximum((p * (lp.astype(np.float64) - lq)).sum(axis=-1), 0.0)  # [S, A]
+    return np.asarray(per_pos.sum(axis=1) / reference.answer_lengths)
+
+
+#: The modality splits of `kl_divergence`: every non-pad position, text, vision; and, when
+#: the data set has answers, the positions that predict an answer token.
 KL_SPLITS = ("all", "text", "vision")
+KL_ANSWER_SPLIT = "answer"
 
 
 @dataclass(frozen=True)
@@ -453,7 +503,9 @@ def kl_divergence(
     """Mean KL(p_reference ‖ p_model) of the next-token distribution and top-1 agreement.
 
     Every non-pad position of every sample counts once, split by the dataset's modality mask
-    (``all`` = text + vision). No labels are needed. A model that returns only the last
+    (``all`` = text + vision); where the data set has answers, also the ``answer`` split: the
+    positions that predict an answer token (the last n of a sample with an n-token answer).
+    No labels are needed. A model that returns only the last
     position's logits ([B, V]) is compared there. Computed in float64, one sample at a time.
     """
     return kl_divergences(reference, [model], ds, batch_size, progress)[0]
@@ -469,7 +521,9 @@ def kl_divergences(
     """`kl_divergence` of several models against one reference, run once per batch."""
     from modec.data import PAD, TEXT, VISION
 
-    shape = (len(models), len(KL_SPLITS), len(ds))
+    names = KL_SPLITS + ((KL_ANSWER_SPLIT,) if ds.answer is not None else ())
+    lengths = None if ds.answer is None else answer_lengths(ds.answer)
+    shape = (len(models), len(names), len(ds))
     count = np.zeros(shape, dtype=np.int64)
     kl_sum = np.zeros(shape)
     agree_sum = np.zeros(shape, dtype=np.int64)
@@ -502,7 +556,11 @@ def kl_divergences(
                 kl = np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
                 agree = lp.argmax(axis=-1) == lq.argmax(axis=-1)
                 mb = mod[b][keep]
-                for s, sel in enumerate((mb != PAD, mb == TEXT, mb == VISION)):
+                sels = [mb != PAD, mb == TEXT, mb == VISION]
+                if lengths is not None:
+                    last = np.arange(len(keep)) >= len(keep) - lengths[idx[b]]
+                    sels.append(last[keep])
+                for s, sel in enumerate(sels):
                     count[m, s, idx[b]] = int(sel.sum())
                     kl_sum[m, s, idx[b]] = float(kl[sel].sum())
                     agree_sum[m, s, idx[b]] = int(agree[sel].sum())
@@ -513,7 +571,7 @@ def kl_divergences(
             k: Divergence(int(count[m, s].sum()), float(kl_sum[m, s].sum()),
                           int(agree_sum[m, s].sum()), count[m, s], kl_sum[m, s],
                           agree_sum[m, s])
-            for s, k in enumerate(KL_SPLITS)})
+            for s, k in enumerate(names)})
         for m in range(len(models))
     ]  # fmt: skip
 

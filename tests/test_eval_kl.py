@@ -44,6 +44,7 @@ def test_compiled_against_the_original(tiny_vlm, compiled):
     assert kl["all"]["positions"] == int((ds.modality != data.PAD).sum())
     assert kl["vision"]["positions"] == int((ds.modality == data.VISION).sum()) > 0
     assert kl["text"]["positions"] + kl["vision"]["positions"] == kl["all"]["positions"]
+    assert kl["answer"]["positions"] == len(ds)  # one-token answers: the last position
     for split in ("all", "text", "vision"):
         assert 0 < kl[split]["mean_kl"] < 5e-3, kl  # 4-bit experts: small but not zero
         assert kl[split]["top1_agreement"] > 0.9, kl
@@ -52,7 +53,9 @@ def test_compiled_against_the_original(tiny_vlm, compiled):
               str(tiny_vlm["model"]))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "KL(reference ‖ model)" in r.stdout
-    assert [ln.split()[0] for ln in r.stdout.splitlines()[2:]] == ["all", "text", "vision"]
+    # The data set has answers: their positions (the last of each sample) are a split too.
+    assert [ln.split()[0] for ln in r.stdout.splitlines()[2:]] == ["all", "text", "vision",
+                                                                   "answer"]  # fmt: skip
 
 
 def test_against_itself_is_zero(tiny_vlm):
