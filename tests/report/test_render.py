@@ -388,3 +388,20 @@ def test_compile_summary_and_accuracy_in_one_render(tiny_vlm, tmp_path, method):
     assert "plot-key-vision" in c.ids and "plot-sizes" in c.ids and "plot-accuracy" in c.ids
     assert "could not render" not in doc
     assert doc == render_report(json.loads((res.out / "report.json").read_text()))
+
+
+def test_specialization_table_shows_each_experts_text_share():
+    report = split_layout(synthetic_report(layers=2, experts=6))
+    sec = report["sections"]["collect-routing"]
+    doc = render_report(report)
+    check_html(doc)
+    table = doc[doc.index('id="table-specialization"') :]
+    table = table[: table.index("</table>")]
+    for layer in range(2):
+        text, vision = sec["count_text"][layer], sec["count_vision"][layer]
+        cells = [f"{100 * t / (t + v):.0f}" for t, v in zip(text, vision, strict=True)]
+        mix = f"{100 * sum(text) / (sum(text) + sum(vision)):.1f}"
+        row = "".join(f"<td>{c}</td>" for c in [*cells, mix])
+        assert row in table, (row, table)
+        fig = figure_html(doc, f"plot-specialization-layer-{layer}")
+        assert fig.count("<rect") >= 6

@@ -107,8 +107,66 @@ def render(report: Report) -> str:
                 f"Layer {layer}: routing frequency per expert by modality.",
             )
         )
+    out.append(_specialization(sec, n_layers))
     out.append(_coverage(sec, n_layers, legacy))
     out.append(_attention_fallbacks(sec.get("attention_fallbacks")))
+    return "".join(out)
+
+
+def text_shares(sec: dict[str, Any], layer: int) -> tuple[list[float], float] | None:
+    """Per expert, the share of its routed calibration tokens that are text (NaN for an
+    expert no token chose), and the layer's share over all experts; None without counts."""
+    text = floats(layer_value(sec, layer, "count_text"))
+    vision = floats(layer_value(sec, layer, "count_vision"))
+    if not text or len(text) != len(vision):
+        return None
+    shares = [t / (t + v) if t + v > 0 else float("nan") for t, v in zip(text, vision, strict=True)]
+    total = sum(text) + sum(vision)
+    return shares, (sum(text) / total if total > 0 else float("nan"))
+
+
+def _specialization(sec: dict[str, Any], n_layers: int) -> str:
+    """Modality specialization: per expert, the text share of its routed tokens."""
+    out = ["<h3>Modality specialization</h3>"]
+    per_layer = [text_shares(sec, layer) for layer in range(n_layers)]
+    if not any(per_layer):
+        return out[0] + '<p class="muted">no per-expert token counts recorded.</p>'
+    out.append(
+        "<p>Per expert, the share of its routed calibration tokens that are text, in %; the "
+        "last column is the layer's share over all experts. An expert far above it serves "
+        "mostly text, one near 0 mostly vision.</p>"
+    )
+    width = max(len(p[0]) for p in per_layer if p)
+    rows = []
+    for layer, p in enumerate(per_layer):
+        cells = [ncell(layer)]
+        shares, mix = p if p else ([], float("nan"))
+        cells += [f"{100 * v:.0f}" if math.isfinite(v) else "–" for v in shares]
+        cells += ["–"] * (width - len(shares))
+        cells.append(f"{100 * mix:.1f}" if math.isfinite(mix) else "–")
+        rows.append(cells)
+    out.append(table(["layer", *(f"e{e}" for e in range(width)), "layer"], rows,
+                     id="table-specialization"))  # fmt: skip
+    for layer, p in enumerate(per_layer):
+        if not p:
+            continue
+        shares, mix = p
+        out.append(
+            figure(
+                f"plot-specialization-layer-{layer}",
+                grouped_bars(
+                    f"text share of routed tokens, layer {layer}",
+                    [f"e{e}" for e in range(len(shares))],
+                    [("text share", COLOR_TEXT, [100 * v for v in shares])],
+                    ylabel="% text",
+                    ymax=100.0,
+                    fmt=lambda v: f"{v:.0f}",
+                    hline=(100 * mix, "layer") if math.isfinite(mix) else None,
+                ),
+                f"Layer {layer}: share of each expert's routed tokens that are text "
+                f"(line: the layer's share, {100 * mix:.1f}%).",
+            )
+        )
     return "".join(out)
 
 
