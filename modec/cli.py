@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--prompt-ids", metavar="IDS", help="the prompt as token ids (text only)")
     rn.add_argument("--data", metavar="NPZ", help="take the prompt (and image) from a modec "
                     "data set")  # fmt: skip
-    rn.add_argument("--sample", type=int, default=0, help="which sample of --data")
+    rn.add_argument("--sample", type=int, default=0,
+                    help="which sample of --data (its prompt: the tokens of a multi-token "
+                    "answer that the input ends with are left out)")  # fmt: skip
     rn.add_argument("--max-new-tokens", type=int, default=32)
     rn.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     rn.add_argument("--top-k", type=int, default=0, help="0: no limit")

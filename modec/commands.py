@@ -328,7 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not 0 <= args.sample < len(ds):
             raise UsageError(f"--sample {args.sample}: {args.data} has {len(ds)} samples")
         data.check_against(ds, sess.inputs)
-        _, feeds = next(ds.subset(np.asarray([args.sample])).batches(1))
+        feeds = ds.prompt(args.sample)
     elif args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]

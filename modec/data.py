@@ -114,6 +114,19 @@ class Dataset:
                 batch[name] = a[:, first:] if name in seq_axes else a
             yield idx, batch
 
+    def prompt(self, index: int) -> dict[str, np.ndarray]:
+        """Sample ``index``'s inputs as a one-sample batch (trimmed like `batches`), without
+        the answer tokens a multi-token answer's input ends with (teacher forcing): the
+        prompt a generator continues."""
+        _, feeds = next(self.subset(np.asarray([index])).batches(1))
+        if self.answer is None or self.answer.ndim == 1:
+            return feeds
+        cut = int(answer_lengths(self.answer[index : index + 1])[0]) - 1
+        if cut == 0:
+            return feeds
+        seq = _sequence_inputs(self)
+        return {k: (v[:, :-cut] if k in seq else v) for k, v in feeds.items()}
+
     def trimmed_modality(self, idx: np.ndarray) -> np.ndarray:
         """The modality mask of the samples ``idx``, trimmed like `batches` trims inputs."""
         mod = self.modality[idx]

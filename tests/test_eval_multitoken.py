@@ -167,3 +167,14 @@ def test_answer_kl_is_the_mean_kl_over_each_answers_positions(tmp_path: Path) ->
         assert got[i] == pytest.approx(np.mean(kls), rel=1e-5)
     same = evaluate(ra, ds, keep_logprobs=True)
     assert np.array_equal(answer_kl(same, same), np.zeros(len(samples)))
+
+
+def test_prompt_leaves_out_the_answer_tokens(tmp_path: Path) -> None:
+    table, _ = _bigram(12)
+    samples = _samples(np.random.default_rng(13), table, 10)
+    ds = data.load(_save(tmp_path / "p.npz", samples))
+    for i, (tokens, ans) in enumerate(samples):
+        feeds = ds.prompt(i)
+        prompt = tokens[: len(tokens) - (len(ans) - 1)]
+        assert feeds["input_ids"].tolist() == [prompt]
+        assert feeds["attention_mask"].tolist() == [[1] * len(prompt)]
