@@ -42,10 +42,14 @@ def analyze(
     calib_path: str | os.PathLike[str],
     options: CompileOptions,
     progress: Callable[[int, str], ProgressBar] | None = None,
+    sensitivity: bool = True,
 ) -> Analysis:
-    """Run the analysis phases (find-moe … measure-sensitivity) once."""
+    """Run the analysis phases (find-moe … measure-sensitivity) once; without
+    ``sensitivity`` the probes are skipped (enough for the methods that do not read them:
+    uniform, mc-moe, veq-me, mode-no-sens)."""
     model, ctx = load_inputs(model_path, calib_path, options, progress)
-    model, records = Pipeline(analysis_passes(options), name="analysis").run(model, ctx)
+    passes = analysis_passes(options, sensitivity)
+    model, records = Pipeline(passes, name="analysis").run(model, ctx)
     return Analysis(model, ctx, records, options)
 
 
@@ -72,14 +76,33 @@ def quantize(
     return Quantized(model, ctx.facts.get(BitAllocation))
 
 
-def evaluate_model(model: ir.Model, ds: data_mod.Dataset, threads: int = 2) -> Any:
+def quantize_widths(an: Analysis, widths: list[list[int]], label: str = "fixed") -> Quantized:
+    """quantize-experts (GPTQ) at the given widths ``[layer][expert]``, no ILP, on a copy of
+    the model: for studies that choose the widths themselves (tools/pilot_study.py)."""
+    from modec.passes.quantize_experts import QuantizeExpertsPass
+
+    o = an.options
+    flat = [w for layer in widths for w in layer]
+    alloc = BitAllocation(label, tuple(sorted(set(flat))), float(sum(flat) / len(flat)),
+                          o.group_size, tuple(tuple(int(w) for w in layer) for layer in widths),
+                          0.0, "fixed", 0.0, False)  # fmt: skip
+    ctx = an.ctx.fork()
+    ctx.facts.put(alloc)
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(an.model))
+    passes = [QuantizeExpertsPass(group_size=o.group_size, method="gptq")]
+    model, _ = Pipeline(passes, name=label).run(model, ctx)
+    return Quantized(model, alloc)
+
+
+def evaluate_model(model: ir.Model, ds: data_mod.Dataset, threads: int = 2,
+                   keep_logprobs: bool = False) -> Any:  # fmt: skip
     """Accuracy of a canonical (simulated-quantization) model with the executor."""
     from modec.evaluate import evaluate
     from modec.executor import Executor
 
     ex = Executor(copy.copy(model), intra_op_threads=threads)
     out = ex.output_names[0]
-    return evaluate(lambda feeds: ex.run(feeds).outputs[out], ds)
+    return evaluate(lambda feeds: ex.run(feeds).outputs[out], ds, keep_logprobs=keep_logprobs)
 
 
 def parse_budgets(text: str) -> list[float]:

@@ -1,14 +1,18 @@
-"""The accuracy table of MODE against the baselines on the bundled example.
+"""The accuracy table of MODE against the baselines on a bundled example.
 
-    python -m tools.mode_table --out docs/results.md [--seeds 0,1,2] [--budgets 3.0,2.5,2.25]
+    python -m tools.mode_table [--example digits-vlm|facts-vlm] [--models A.onnx,B.onnx]
+        --out docs/results.md [--seeds 0,1,2] [--budgets 3.0,2.5,2.25]
 
-For each calibration seed it builds a calibration set (128 samples from the calibration digit
-pool, mixed like real calibration data), runs the analysis passes once (routing statistics
-and sensitivities), then allocates and quantizes with every method at every budget (same ILP,
-same GPTQ, only the importance signal changes) and evaluates the simulated-quantization model
-on ``eval.npz``. Writes the table (mean ± std over seeds) to ``--out``, the raw rows to
-``<out>.json`` and a plot of accuracy against budget (2.0-4.0, MODE and the baselines) to
-``docs/results_budget.png``.
+For each model (``--models``: exports of the example trained from different seeds; default
+the example's ``model.onnx``) and each calibration seed it builds a calibration set (128
+samples from the calibration digit pool, mixed like real calibration data), runs the
+analysis passes once (routing statistics and sensitivities), then allocates and quantizes
+with every method at every budget (same ILP, same GPTQ, only the importance signal
+changes) and evaluates the simulated-quantization model on the example's ``eval.npz``:
+accuracy, and the KL to that model's fp32 output per answer token. Writes the table (mean ±
+std over models × seeds, and MODE against the best baseline at each budget with a paired
+bootstrap interval) to ``--out``, the raw rows to ``<out>.json`` and a plot of accuracy
+against budget (MODE and the baselines) to ``<out stem>_budget.png``.
 """
 
 from __future__ import annotations
@@ -17,39 +21,24 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modec import data
-from modec.evaluate import evaluate
-from modec.executor import Executor
+from modec import data, stats
+from modec.evaluate import answer_kl, evaluate
 from modec.frontend import OrtRunner
-from modec.method.sensitivity import kl_divergence, log_softmax
 from modec.pipelines import CompileOptions
-from modec.sweep import analyze, quantize
+from modec.sweep import analyze, evaluate_model, quantize
 from tools.digits_vlm import build_data, scenes
 
 METHODS = ["mode", "uniform", "mc-moe", "veq-me", "mode-no-key", "mode-no-sens",
            "mode-sens-only", "mode-redundant"]  # fmt: skip
+#: The methods MODE is compared against (the ablations are MODE's own variants).
+BASELINES = ("uniform", "mc-moe", "veq-me")
 SPLITS = ("overall", "multimodal", "text_only")
-
-
-class Recorder:
-    """Wraps a batch runner and keeps the answer-position logits of every call, in order."""
-
-    def __init__(self, run: Any) -> None:
-        self.run = run
-        self.last: list[np.ndarray] = []
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        out = np.asarray(self.run(feeds))
-        self.last.append(out[:, -1, :].astype(np.float64))
-        return out
-
-    def logits(self) -> np.ndarray:
-        return np.concatenate(self.last)
 
 
 def calibration_set(path: Path, seed: int) -> Path:
@@ -59,43 +48,85 @@ def calibration_set(path: Path, seed: int) -> Path:
     return path
 
 
-def run(model: str, eval_path: str, seeds: list[int], budgets: list[float],
+def calibration_builder(example: str) -> Callable[[Path, int], Path]:
+    """The function that writes a fresh calibration set of ``example`` for a seed."""
+    if example == "facts-vlm":
+        from tools.facts_vlm.build import calibration_set as facts_calibration
+
+        return facts_calibration
+    return calibration_set
+
+
+#: Per-sample correctness of every evaluated row: (model, seed, method, budget) -> bool [S].
+Correct = dict[tuple[int, int, str, float], np.ndarray]
+
+
+def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float],
         curve: list[float], methods: list[str], bits: tuple[int, ...] = (2, 3, 4),
-        ) -> list[dict[str, Any]]:  # fmt: skip
+        example: str = "digits-vlm") -> tuple[list[dict[str, Any]], Correct]:  # fmt: skip
     ds = data.load(eval_path)
     rows: list[dict[str, Any]] = []
-    ref = Recorder(OrtRunner(model))
-    fp32 = evaluate(ref, ds)
-    ref_logp = log_softmax(ref.logits())
-    rows.append({"method": "fp32", "budget": 32.0, "seed": -1, "kl": 0.0,
-                 **{k: getattr(fp32, k).accuracy for k in SPLITS}})  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:
-            calib = calibration_set(Path(tmp) / f"calib{seed}.npz", seed)
-            t0 = time.perf_counter()
-            an = analyze(model, str(calib), CompileOptions(seed=seed, bits=bits))
-            print(f"seed {seed}: analysis {time.perf_counter() - t0:.1f} s", flush=True)
-            wanted = {(m, b) for m in methods for b in budgets} | {("mode", b) for b in curve}
-            for method, budget in sorted(wanted):
-                if method == "uniform" and float(budget) != int(budget):
-                    continue
+    correct: Correct = {}
+    build_calib = calibration_builder(example)
+    for mi, model in enumerate(models):
+        fp32 = evaluate(OrtRunner(model), ds, keep_logprobs=True)
+        assert fp32.correct is not None
+        correct[(mi, -1, "fp32", 32.0)] = fp32.correct
+        rows.append({"method": "fp32", "budget": 32.0, "seed": -1, "model": mi, "kl": 0.0,
+                     **{k: getattr(fp32, k).accuracy for k in SPLITS}})  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in seeds:
+                calib = build_calib(Path(tmp) / f"calib{seed}.npz", seed)
                 t0 = time.perf_counter()
-                sim = quantize(an, method, budget)
-                ex = Executor(sim.model, intra_op_threads=2)
-                rec = Recorder(lambda feeds, ex=ex: ex.run(feeds).outputs[ex.output_names[0]])
-                res = evaluate(rec, ds)
-                kl = float(kl_divergence(ref_logp, rec.logits()).mean())
-                row = {"method": method, "budget": budget, "seed": seed, "kl": kl,
-                       "average_bits": sim.allocation.average,
-                       **{k: getattr(res, k).accuracy for k in SPLITS}}  # fmt: skip
-                rows.append(row)
-                print(f"  {method:>15} @ {budget:.2f}: overall {100 * row['overall']:.2f}% "
-                      f"KL {kl:.2e} ({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
-    return rows
+                an = analyze(model, str(calib), CompileOptions(seed=seed, bits=bits))
+                print(f"model {mi} seed {seed}: analysis {time.perf_counter() - t0:.1f} s",
+                      flush=True)  # fmt: skip
+                wanted = {(m, b) for m in methods for b in budgets} | {("mode", b) for b in curve}
+                for method, budget in sorted(wanted):
+                    if method == "uniform" and float(budget) != int(budget):
+                        continue
+                    t0 = time.perf_counter()
+                    sim = quantize(an, method, budget)
+                    res = evaluate_model(sim.model, ds, keep_logprobs=True)
+                    assert res.correct is not None
+                    correct[(mi, seed, method, float(budget))] = res.correct
+                    kl = float(answer_kl(fp32, res).mean())
+                    row = {"method": method, "budget": budget, "seed": seed, "model": mi,
+                           "kl": kl, "average_bits": sim.allocation.average,
+                           **{k: getattr(res, k).accuracy for k in SPLITS}}  # fmt: skip
+                    rows.append(row)
+                    took = time.perf_counter() - t0
+                    print(f"  {method:>15} @ {budget:.2f}: overall {100 * row['overall']:.2f}% "
+                          f"KL {kl:.2e} ({took:.1f} s)", flush=True)  # fmt: skip
+    return rows, correct
+
+
+def against_best_baseline(rows: list[dict[str, Any]], correct: Correct, budgets: list[float]
+                          ) -> list[dict[str, Any]]:  # fmt: skip
+    """Per budget: the baseline with the best mean overall accuracy, and MODE − it in points
+    with a paired bootstrap interval over evaluation samples (each sample's difference is
+    averaged over the models × seeds first; the spread over those is the table's std)."""
+    out = []
+    for b in budgets:
+        reps = sorted({(r["model"], r["seed"]) for r in rows
+                       if r["method"] == "mode" and r["budget"] == b})  # fmt: skip
+        means = {m: np.mean([r["overall"] for r in rows if r["method"] == m and r["budget"] == b])
+                 for m in BASELINES
+                 if any(r["method"] == m and r["budget"] == b for r in rows)}  # fmt: skip
+        if not reps or not means:
+            continue
+        best = max(means, key=lambda m: means[m])
+        a = np.mean([correct[(mi, s, "mode", float(b))] for mi, s in reps], axis=0)
+        c = np.mean([correct[(mi, s, best, float(b))] for mi, s in reps], axis=0)
+        iv = stats.paired_bootstrap_difference(a, c)
+        out.append({"budget": b, "best_baseline": best, "difference_pp": 100 * iv.estimate,
+                    "ci95_pp": [100 * iv.low, 100 * iv.high]})  # fmt: skip
+    return out
 
 
 def table(rows: list[dict[str, Any]], budgets: list[float], methods: list[str]) -> str:
-    fp = next(r for r in rows if r["method"] == "fp32")
+    fps = [r for r in rows if r["method"] == "fp32"]
+    fp = {k: float(np.mean([r[k] for r in fps])) for k in SPLITS}
     with_kl = all("kl" in r for r in rows)
     kl_head = " KL to fp32 (×1e-3) |" if with_kl else ""
     head = "| method | budget | overall | multimodal | text-only | rel. to fp32 (overall) |"
@@ -128,8 +159,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    fp = next(r for r in rows if r["method"] == "fp32")
-    ax.axhline(100 * fp["overall"], color="k", ls="--", label="fp32")
+    fp = np.mean([r["overall"] for r in rows if r["method"] == "fp32"])
+    ax.axhline(100 * fp, color="k", ls="--", label="fp32")
     for m in sorted({r["method"] for r in rows} - {"fp32"}):
         budgets = sorted({r["budget"] for r in rows if r["method"] == m})
         if len(budgets) < 3:
@@ -148,8 +179,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="examples/digits-vlm/model.onnx")
-    ap.add_argument("--eval", default="examples/digits-vlm/eval.npz")
+    ap.add_argument("--example", default="digits-vlm", choices=["digits-vlm", "facts-vlm"])
+    ap.add_argument("--models", default="",
+                    help="comma-separated ONNX exports of the example (e.g. trained from "
+                    "different seeds); default: examples/EXAMPLE/model.onnx")  # fmt: skip
+    ap.add_argument("--eval", default="", help="default: examples/EXAMPLE/eval.npz")
     ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--budgets", default="3.0,2.5,2.25")
@@ -157,14 +191,19 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--bits", default="2,3,4", help="candidate widths")
     args = ap.parse_args()
+    root = Path("examples") / args.example
+    models = args.models.split(",") if args.models else [str(root / "model.onnx")]
+    eval_path = args.eval or str(root / "eval.npz")
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
     curve = [float(b) for b in args.curve.split(",") if b]
     methods = args.methods.split(",")
     t0 = time.perf_counter()
     bits = tuple(int(b) for b in args.bits.split(","))
-    rows = run(args.model, args.eval, seeds, budgets, curve, methods, bits)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    rows, correct = run(models, eval_path, seeds, budgets, curve, methods, bits, args.example)
+    versus = against_best_baseline(rows, correct, budgets)
+    doc = {"rows": rows, "mode_vs_best_baseline": versus}
+    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     png = args.out.with_name(f"{args.out.stem}_budget.png")
     curves = [
         m
@@ -175,19 +214,35 @@ def main() -> None:
         plot(rows, png)
     image = f"![accuracy against budget]({png.name})\n" if curves else ""
     cmd = "python -m tools.mode_table " + " ".join(
-        f"--{k} {v}" for k, v in (("seeds", args.seeds), ("budgets", args.budgets),
+        f"--{k} {v}" for k, v in (("example", args.example), ("models", args.models),
+                                  ("seeds", args.seeds), ("budgets", args.budgets),
                                   ("curve", args.curve), ("methods", args.methods),
-                                  ("bits", args.bits), ("out", args.out))
+                                  ("bits", args.bits), ("out", args.out)) if v
     )  # fmt: skip
-    body = f"""# MODE on the bundled example: accuracy at equal size
+    vs_lines = "\n".join(
+        f"| {v['budget']:g} | {v['best_baseline']} | {v['difference_pp']:+.2f} "
+        f"[{v['ci95_pp'][0]:+.2f}, {v['ci95_pp'][1]:+.2f}] |"
+        for v in versus
+    )
+    vs_table = (
+        "MODE against the best of {uniform, MC-MoE, VEQ-ME} at each budget (overall accuracy, "
+        "points; 95% paired bootstrap over evaluation samples of the per-sample difference "
+        "averaged over models × seeds):\n\n| budget | best baseline | MODE − it, pp [95% CI] |"
+        "\n|---|---|---|\n" + vs_lines + "\n"
+        if versus
+        else ""
+    )
+    body = f"""# MODE on {args.example}: accuracy at equal size
 
 Made by `{cmd}` in {time.perf_counter() - t0:.0f} s on 2 CPU cores. Mean ± std over
-calibration seeds {args.seeds} (each a fresh 128-sample calibration set); accuracies in %
-on `examples/digits-vlm/eval.npz`, simulated quantization (dequantized weights, modec's
-executor). Candidate widths {args.bits}; group size 128; GPTQ for every method.
+{len(models)} model(s) × calibration seeds {args.seeds} (each a fresh 128-sample calibration
+set); accuracies in % on `{eval_path}`, simulated quantization (dequantized weights, modec's
+executor); KL to the model's fp32 output per answer token. Candidate widths {args.bits};
+group size 128; GPTQ for every method.
 
 {table(rows, budgets, methods)}
 
+{vs_table}
 {image}"""
     # Hand-written analysis below the generated table survives a re-run.
     marker = "\n## Findings"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from modec import data
 from tools.digits_vlm import scenes
@@ -25,8 +26,9 @@ CALIB_COUNTS = {
 EVAL_PER_FAMILY = 250
 
 
-def write_split(path: Path, samples: list[scenes.Sample]) -> None:
-    arrays = scenes.collate(samples, seq_len=scenes.SEQ_LEN)
+def write_split(path: Path, samples: list[Any], task: Any = scenes) -> None:
+    """``samples`` of ``task`` (a scenes module: digits-vlm's by default) as a data set."""
+    arrays = task.collate(samples, seq_len=task.SEQ_LEN)
     inputs = {k: arrays[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     data.save(
         path,
@@ -35,14 +37,14 @@ def write_split(path: Path, samples: list[scenes.Sample]) -> None:
         answer=arrays["answer"],
         family=arrays["family"],
         header={
-            "image_token_id": scenes.IMAGE_ID,
-            "families": scenes.FAMILIES,
-            "multimodal_families": scenes.MULTIMODAL_FAMILIES,
-            "vocab": scenes.VOCAB,
-            "source": "tools/digits_vlm/build_data.py",
+            "image_token_id": task.IMAGE_ID,
+            "families": task.FAMILIES,
+            "multimodal_families": task.MULTIMODAL_FAMILIES,
+            "vocab": task.VOCAB,
+            "source": getattr(task, "DATA_SOURCE", "tools/digits_vlm/build_data.py"),
         },
         encodings={
-            "pixel_values": {"stored": "uint8", "scale": 1.0 / scenes.PIXEL_LEVELS, "offset": 0.0}
+            "pixel_values": {"stored": "uint8", "scale": 1.0 / task.PIXEL_LEVELS, "offset": 0.0}
         },
     )
 

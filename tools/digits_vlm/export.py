@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,13 +39,15 @@ def load_trained(path: str | os.PathLike[str]) -> DigitsVLM:
     return model.eval()
 
 
-def sample_batch(n: int, seed: int, multimodal: bool = True) -> dict[str, np.ndarray]:
-    pools = scenes.digit_pools()
-    fams = scenes.MULTIMODAL_FAMILIES if multimodal else scenes.TEXT_FAMILIES
+def sample_batch(n: int, seed: int, multimodal: bool = True, task: Any = scenes
+                 ) -> dict[str, np.ndarray]:  # fmt: skip
+    """``n`` evaluation-pool samples of ``task`` (a scenes module: digits-vlm's by default)."""
+    pools = task.digit_pools()
+    fams = task.MULTIMODAL_FAMILIES if multimodal else task.TEXT_FAMILIES
     counts = {f: 0 for f in fams}
     for i in range(n):
         counts[fams[i % len(fams)]] += 1
-    arrays = scenes.collate(scenes.make_split(pools["eval"], counts, seed=seed))
+    arrays = task.collate(task.make_split(pools["eval"], counts, seed=seed))
     return {k: arrays[k] for k in INPUT_NAMES}
 
 
@@ -54,10 +57,12 @@ def export(
     form: MoEForm = "stacked",
     exporter: str = "dynamo",
     opset: int = 18,
+    task: Any = scenes,
+    name: str = "digits-vlm",
 ) -> onnx.ModelProto:
     """Export with dynamic batch and sequence axes; returns the saved model."""
     model.set_moe_form(form)
-    example = {k: torch.from_numpy(v) for k, v in sample_batch(3, seed=123).items()}
+    example = {k: torch.from_numpy(v) for k, v in sample_batch(3, seed=123, task=task).items()}
     args = tuple(example[k] for k in INPUT_NAMES)
     if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=1024)
@@ -98,8 +103,8 @@ def export(
         )
         proto = onnx.load_from_string(buf.getvalue())
     model.set_moe_form("train")
-    proto.producer_name = "modec-tools-digits-vlm"
-    proto.doc_string = f"digits-vlm, MoE form {form}, exporter {exporter}"
+    proto.producer_name = f"modec-tools-{name}"
+    proto.doc_string = f"{name}, MoE form {form}, exporter {exporter}"
     onnx.checker.check_model(proto)
     _save(proto, path)
     return proto
@@ -140,8 +145,9 @@ def cache_names(num_layers: int, prefix: str) -> list[str]:
 
 
 def export_cached(
-    model: DigitsVLM, path: str | os.PathLike[str], opset: int = 18, text_only: bool = False
-) -> onnx.ModelProto:
+    model: DigitsVLM, path: str | os.PathLike[str], opset: int = 18, text_only: bool = False,
+    task: Any = scenes, name: str = "digits-vlm",
+) -> onnx.ModelProto:  # fmt: skip
     """Export the decoder-with-cache form (dynamo, stacked experts): inputs ``input_ids``
     [B, T], ``attention_mask`` [B, P + T], ``pixel_values`` and ``past_key_values.{i}.key`` /
     ``.value`` [B, heads, P, head dim]; outputs ``logits`` [B, T, V] and ``present.{i}.key`` /
@@ -149,7 +155,7 @@ def export_cached(
     ``text_only``: no ``pixel_values`` (the decoder of the steps after a prompt)."""
     cfg = model.cfg
     model.set_moe_form("stacked")
-    feeds = sample_batch(3, seed=123)
+    feeds = sample_batch(3, seed=123, task=task)
     b = feeds["input_ids"].shape[0]
     p = 5
     head = cfg.hidden // cfg.num_heads
@@ -178,8 +184,8 @@ def export_cached(
     assert prog is not None
     proto = prog.model_proto
     model.set_moe_form("train")
-    proto.producer_name = "modec-tools-digits-vlm"
-    proto.doc_string = "digits-vlm with a KV cache, MoE form stacked, exporter dynamo"
+    proto.producer_name = f"modec-tools-{name}"
+    proto.doc_string = f"{name} with a KV cache, MoE form stacked, exporter dynamo"
     onnx.checker.check_model(proto)
     _save(proto, path)
     return proto
@@ -196,7 +202,7 @@ def _save(proto: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
 
 
 def trained_from_onnx(
-    path: str | os.PathLike[str], cfg: DigitsVLMConfig | None = None
+    path: str | os.PathLike[str], cfg: DigitsVLMConfig | None = None, task: Any = scenes
 ) -> DigitsVLM:
     """The PyTorch model whose `export` is the ONNX file ``path`` (the bundled
     ``examples/digits-vlm/model.onnx``: its training checkpoint is not shipped).
@@ -216,7 +222,7 @@ def trained_from_onnx(
         for prm in probe.parameters():
             prm.copy_(torch.rand(prm.shape, generator=gen) + 1.0)
     with tempfile.TemporaryDirectory() as tmp:
-        exported = export(probe, Path(tmp) / "probe.onnx")
+        exported = export(probe, Path(tmp) / "probe.onnx", task=task)
     src = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     params = dict(probe.named_parameters())
     state: dict[str, torch.Tensor] = {}
@@ -238,7 +244,7 @@ def trained_from_onnx(
 
 
 def check_against_torch(
-    model: DigitsVLM, path: str | os.PathLike[str], atol: float = 1e-4
+    model: DigitsVLM, path: str | os.PathLike[str], atol: float = 1e-4, task: Any = scenes
 ) -> float:
     """Max |ORT - torch| over batches of other shapes than the export sample."""
     import onnxruntime as ort
@@ -246,7 +252,7 @@ def check_against_torch(
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for n, mm, seed in ((1, True, 7), (5, True, 8), (4, False, 9), (16, True, 10)):
-        feeds = sample_batch(n, seed=seed, multimodal=mm)
+        feeds = sample_batch(n, seed=seed, multimodal=mm, task=task)
         (got,) = sess.run(["logits"], feeds)
         with torch.no_grad():
             want = model(*(torch.from_numpy(feeds[k]) for k in INPUT_NAMES)).numpy()
@@ -256,7 +262,9 @@ def check_against_torch(
     return worst
 
 
-def check_cached(model: DigitsVLM, path: str | os.PathLike[str], atol: float = 1e-4) -> float:
+def check_cached(
+    model: DigitsVLM, path: str | os.PathLike[str], atol: float = 1e-4, task: Any = scenes
+) -> float:
     """Max |ORT - torch| of the cached export over prompts of other shapes than the export
     sample, each run as a prefill of all but its last 3 tokens and 3 one-token steps;
     compared with the full forward pass at the positions the mask keeps."""
@@ -268,7 +276,7 @@ def check_cached(model: DigitsVLM, path: str | os.PathLike[str], atol: float = 1
     past_names = cache_names(cfg.num_layers, "past_key_values")
     worst = 0.0
     for n, mm, seed in ((1, True, 7), (5, True, 8), (4, False, 9)):
-        feeds = sample_batch(n, seed=seed, multimodal=mm)
+        feeds = sample_batch(n, seed=seed, multimodal=mm, task=task)
         with torch.no_grad():
             want = model(*(torch.from_numpy(feeds[k]) for k in INPUT_NAMES)).numpy()
         ids, mask = feeds["input_ids"], feeds["attention_mask"]
@@ -291,6 +299,9 @@ def check_cached(model: DigitsVLM, path: str | os.PathLike[str], atol: float = 1
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--example", choices=["digits-vlm", "facts-vlm"], default="digits-vlm",
+                    help="whose data shapes the export sample (and whose config --from-onnx "
+                    "reads)")  # fmt: skip
     ap.add_argument("--weights", type=Path, default=Path("build/digits-vlm/model.pt"))
     ap.add_argument("--out", type=Path, default=Path("examples/digits-vlm/model.onnx"))
     ap.add_argument("--form", choices=["stacked", "dispatch", "dense"], default="stacked")
@@ -305,15 +316,25 @@ def main() -> None:
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
-    model = trained_from_onnx(args.from_onnx) if args.from_onnx else load_trained(args.weights)
+    task: Any = scenes
+    cfg = None
+    if args.example == "facts-vlm":
+        from tools.facts_vlm import scenes as task
+        from tools.facts_vlm.train import config
+
+        cfg = config()
+    model = (
+        trained_from_onnx(args.from_onnx, cfg, task) if args.from_onnx
+        else load_trained(args.weights)
+    )  # fmt: skip
     if args.cached:
-        export_cached(model, args.out)
-        worst = check_cached(model, args.out)
+        export_cached(model, args.out, task=task, name=args.example)
+        worst = check_cached(model, args.out, task=task)
         size = args.out.stat().st_size
         print(f"wrote {args.out} ({size / 2**20:.1f} MiB); max |ORT - torch| = {worst:.2e}")
         return
-    export(model, args.out, args.form, args.exporter)
-    worst = check_against_torch(model, args.out)
+    export(model, args.out, args.form, args.exporter, task=task, name=args.example)
+    worst = check_against_torch(model, args.out, task=task)
     size = args.out.stat().st_size
     print(f"wrote {args.out} ({size / 2**20:.1f} MiB); max |ORT - torch| = {worst:.2e}")
 

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,22 +22,30 @@ from tqdm import tqdm
 from tools.digits_vlm import scenes
 from tools.digits_vlm.model import DigitsVLM, DigitsVLMConfig, load_balance_loss
 
+#: A task module: ``scenes`` here, ``tools.facts_vlm.scenes`` for facts-vlm (the same
+#: functions: digit_pools, make_dialogue, make_split, collate, FAMILIES).
+Task = Any
 
-def batch_tensors(samples: list[scenes.Sample]) -> dict[str, torch.Tensor]:
-    arrays = scenes.collate(samples)
+
+def batch_tensors(samples: list[Any], task: Task = scenes) -> dict[str, torch.Tensor]:
+    arrays = task.collate(samples)
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 @torch.no_grad()
-def accuracy(model: DigitsVLM, samples: list[scenes.Sample], batch: int = 128) -> dict[str, float]:
-    """Accuracy per family on ``samples``."""
+def accuracy(model: DigitsVLM, samples: list[Any], batch: int = 128,
+             task: Task = scenes) -> dict[str, float]:  # fmt: skip
+    """Accuracy per family on ``samples``: right when every supervised (answer) position's
+    argmax is its target."""
     model.eval()
     hits: dict[str, list[bool]] = {}
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
-        b = batch_tensors(chunk)
-        logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"])[:, -1]
-        ok = (logits.argmax(-1) == b["answer"]).tolist()
+        b = batch_tensors(chunk, task)
+        logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"])
+        tgt = b["targets"]
+        wrong = (logits.argmax(-1) != tgt) & (tgt >= 0)
+        ok = (~wrong.any(dim=1)).tolist()
         for s, good in zip(chunk, ok, strict=True):
             hits.setdefault(s.family, []).append(bool(good))
     model.train()
@@ -51,10 +60,17 @@ def train(
     lr: float,
     cfg: DigitsVLMConfig,
     threads: int = 2,
+    task: Task = scenes,
+    text_every: int = 4,
+    turns: tuple[int, int] = (3, 4),
+    name: str = "digits-vlm",
+    val_per_family: int = 40,
 ) -> dict[str, object]:
+    """Train from ``seed``. Every ``text_every``-th batch is text-only; a multimodal / text
+    dialogue holds ``turns`` questions."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    pools = scenes.digit_pools(seed=0)
+    pools = task.digit_pools(seed=0)
     model = DigitsVLM(cfg)
     # Stage-1 supervision of the vision tower, as real VLMs start from a pretrained encoder:
     # a training-only head predicts the digit under each patch (10 = background) from the
@@ -76,16 +92,16 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     rng = np.random.default_rng(seed + 1)
     # Validation on calibration-pool digits (never on eval digits).
-    val = scenes.make_split(pools["calib"], {f: 40 for f in scenes.FAMILIES}, seed=seed + 3)
+    val = task.make_split(pools["calib"], {f: val_per_family for f in task.FAMILIES}, seed=seed + 3)
     log: list[dict[str, object]] = []
     start = time.time()
-    bar = tqdm(range(steps), desc="train digits-vlm", unit="step")
+    bar = tqdm(range(steps), desc=f"train {name}", unit="step")
     for step in bar:
         # Mostly multimodal batches; every fourth batch is text-only (short sequences).
-        mm = step % 4 != 3
-        turns = 3 if mm else 4
+        mm = step % text_every != text_every - 1
+        n_turns = turns[0] if mm else turns[1]
         b = batch_tensors(
-            [scenes.make_dialogue(mm, pools["train"], rng, turns) for _ in range(batch)]
+            [task.make_dialogue(mm, pools["train"], rng, n_turns) for _ in range(batch)], task
         )
         feats.clear()
         logits = model(b["input_ids"], b["attention_mask"], b["pixel_values"])
@@ -108,7 +124,7 @@ def train(
         if step % 50 == 0:
             bar.set_postfix(ce=f"{ce.item():.3f}", patch=f"{patch_ce.item():.3f}")
         if (step + 1) % 250 == 0 or step + 1 == steps:
-            acc = accuracy(model, val)
+            acc = accuracy(model, val, task=task)
             mean = sum(acc.values()) / len(acc)
             log.append(
                 {
