@@ -68,6 +68,12 @@ def content_key(kind: str, model: ir.Model, data: Dataset, options: dict[str, An
         h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
         h.update(arr.tobytes())
     h.update(np.ascontiguousarray(data.modality).tobytes())
+    if data.answer is not None and data.answer.ndim == 2:
+        # Multi-token answers: the sensitivities are read at their positions (the key of a
+        # set of one-token answers is unchanged).
+        from modec.data import answer_lengths
+
+        h.update(b"answer_lengths:" + answer_lengths(data.answer).tobytes())
     h.update(json.dumps(options, sort_keys=True).encode())
     return h.hexdigest()
 

@@ -10,7 +10,8 @@ Rules:
 2. δ_M(e, b) = mean KL(p_fp32 ‖ p_quant) of the next-token distribution, where only expert e
    of layer l is RTN-quantized to b bits at ``group_size`` and the quantized weights serve
    only the tokens of modality M. KL is read at each sample's answer position (the last
-   one) or, with ``positions=text``, at every text position.
+   one; the last n where the set has n-token answers, docs/data-format.md) or, with
+   ``positions=text``, at every text position.
 3. An expert that no token of modality M reaches in the whole subset gets δ_M = 0 (its
    quantized weights are never used for M); it is listed in the report as unused.
 4. Cache: with a cache directory, results are stored under a content hash of the model, the

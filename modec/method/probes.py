@@ -429,6 +429,7 @@ def probe_batches(subset: Dataset, s: Any) -> list[_Batch]:
     """The subset's probe batches: multimodal and text-only samples apart (left padding is
     trimmed per batch, so text-only batches run at their own, short, length), each with its
     modality mask and KL positions."""
+    from modec.data import answer_lengths
     from modec.method.sensitivity import kl_positions
 
     batches: list[_Batch] = []
@@ -437,7 +438,9 @@ def probe_batches(subset: Dataset, s: Any) -> list[_Batch]:
         if group.size == 0:
             continue
         part = subset.subset(group)
+        lengths = None if part.answer is None else answer_lengths(part.answer)
         for bidx, feeds in part.batches(s.batch_size):
             mod = part.trimmed_modality(bidx)
-            batches.append(_Batch(feeds, mod, kl_positions(mod, s.positions)))
+            n = None if lengths is None else lengths[bidx]
+            batches.append(_Batch(feeds, mod, kl_positions(mod, s.positions, n)))
     return batches

@@ -54,21 +54,27 @@ def kl_divergence(ref_logp: npt.ArrayLike, logits: npt.ArrayLike) -> F64:
     return np.asarray(np.maximum(kl, 0.0))
 
 
-def kl_positions(modality: npt.ArrayLike, positions: Literal["answer", "text"]) -> BoolA:
+def kl_positions(
+    modality: npt.ArrayLike,
+    positions: Literal["answer", "text"],
+    answer_lengths: npt.ArrayLike | None = None,
+) -> BoolA:
     """Where the KL is read, ``[B, T]`` bool.
 
-    ``answer``: the last position of each sample (left padding puts every sample's answer
-    position last); ``text``: every text position (the next-token distribution after each
-    text token).
+    ``answer``: the answer positions of each sample: the last one (left padding puts every
+    sample's answer position last), or the last n of a sample whose answer has n tokens
+    (``answer_lengths``; docs/data-format.md: the input ends with a multi-token answer's
+    tokens but the last); ``text``: every text position (the next-token distribution after
+    each text token).
     """
     mod = np.asarray(modality)
     if positions == "text":
         return np.asarray(mod == TEXT)
     if positions != "answer":
         raise BadInputError(f"positions must be 'answer' or 'text'; got {positions!r}")
-    out = np.zeros(mod.shape, dtype=bool)
-    out[:, -1] = mod[:, -1] != PAD
-    return out
+    t = mod.shape[1]
+    n = np.ones(mod.shape[0], np.int64) if answer_lengths is None else np.asarray(answer_lengths)
+    return np.asarray((np.arange(t)[None, :] >= t - n[:, None]) & (mod != PAD))
 
 
 def choose_subset(multimodal: npt.ArrayLike, samples: int, seed: int) -> npt.NDArray[np.int64]:

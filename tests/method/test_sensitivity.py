@@ -42,3 +42,25 @@ def test_answer_positions_are_last():
                             [False, False, False, False]]  # fmt: skip
     txt = kl_positions(mod, "text")
     np.testing.assert_array_equal(txt, mod == TEXT)
+    # Multi-token answers (n tokens): the last n positions; n = 1 is the default.
+    multi = kl_positions(mod, "answer", np.array([2, 3, 1]))
+    assert multi.tolist() == [[False, False, True, True], [False, True, True, True],
+                              [False, False, False, False]]  # fmt: skip
+    assert (kl_positions(mod, "answer", np.ones(3, np.int64)) == ans).all()
+
+
+def test_sensitivity_cache_key_sees_multi_token_answer_lengths():
+    import onnx_ir as ir
+
+    from modec.cache import content_key
+    from modec.data import Dataset
+
+    ids = np.array([[1, 4, 5, 6]], np.int64)
+    model = ir.Model(ir.Graph([], [], nodes=[], name="g"), ir_version=10)
+    base = Dataset("d", {"input_ids": ids}, np.full((1, 4), TEXT, np.int8))
+    one = Dataset("d", {"input_ids": ids}, base.modality, np.array([7]))
+    two = Dataset("d", {"input_ids": ids}, base.modality, np.array([[6, 7, -1]]))
+    three = Dataset("d", {"input_ids": ids}, base.modality, np.array([[5, 6, 7]]))
+    keys = [content_key("sensitivity", model, d, {}) for d in (base, one, two, three)]
+    assert keys[0] == keys[1]  # one-token answers: the key of old caches is unchanged
+    assert len({keys[1], keys[2], keys[3]}) == 3
