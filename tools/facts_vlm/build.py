@@ -232,7 +232,7 @@ def _verdict(ok: bool) -> str:
 
 def card(doc: dict[str, Any]) -> str:
     cfg, counts, fp = doc["config"], doc["parameters"], doc["fp32"]
-    q = doc["quantization"]["widths"]
+    q = {int(k): v for k, v in doc["quantization"]["widths"].items()}  # JSON keys are strings
     tok = doc["tokens"]
     spec = np.asarray(doc["specialization"]["counts"])
     share = spec[..., 0] / np.maximum(spec.sum(axis=-1), 1)
@@ -276,10 +276,10 @@ def card(doc: dict[str, Any]) -> str:
     ev, cal = tok["eval"], tok["calib"]
     comp = doc.get("compile")
     comp_line = (
-        f"| a full `modec compile` ≤ 10 min | {comp['seconds'] / 60:.1f} min "
+        f"| a full `modec compile` | ≤ 10 min | {comp['seconds'] / 60:.1f} min "
         f"(`{comp['command']}`) | {_verdict(comp['seconds'] <= 600)} |"
         if comp
-        else "| a full `modec compile` ≤ 10 min | not measured (`--no-compile-timing`) | — |"
+        else "| a full `modec compile` | ≤ 10 min | not measured (`--no-compile-timing`) | — |"
     )
     val = doc["train_final_val"]
     return f"""# facts-vlm — a stick that feels quantization
@@ -298,13 +298,13 @@ method was compared on this model**; `card.json` holds them all.
 | uniform GPTQ g128, 4 bits | loss ≤ 1 point | {loss[4]:+.2f} pp lost | {_verdict(loss[4] <= 1.0)} |
 | uniform GPTQ g128, 3 bits | loss 1–5 points | {loss[3]:+.2f} pp lost | {_verdict(1.0 <= loss[3] <= 5.0)} |
 | uniform GPTQ g128, 2 bits | loss ≥ 10 points | {loss[2]:+.2f} pp lost | {_verdict(loss[2] >= 10.0)} |
-| knowledge lives in the experts | memorized families | `color`, `city`, `code` of 256 invented entities: fp32 {pct(fp["knowledge"])}, 2-bit {pct(q[2]["knowledge"])} | — |
+| knowledge lives in the experts | memorized families | `color`, `city`, `code` of {len(scenes.FACTS):,} invented entities: fp32 {pct(fp["knowledge"])}, 2-bit {pct(q[2]["knowledge"])} | — |
 | vision dominates | ≥ 20× vision tokens per multimodal sample | {ev["ratio_mean"]:.1f}× on average (min {ev["ratio_min"]:.1f}×) in `eval.npz`, {cal["ratio_mean"]:.1f}× in `calib.npz` | {_verdict(ev["ratio_min"] >= 20)} |
 | mostly background | ≥ 80% of vision tokens | ≥ {100 * ev["background_min"]:.2f}% of every image's patches | {_verdict(ev["background_min"] >= 0.8)} |
-| calibration mostly multimodal | | {100 * cal["multimodal_share"]:.1f}% of `calib.npz` | — |
+| calibration mostly multimodal | most samples | {100 * cal["multimodal_share"]:.1f}% of `calib.npz` | — |
 | multi-token answers | where they fit | `where` (`r c end`), `list` (`d … end`), `code` (`d d end`) | — |
-| trains in ≤ 60 min on 2 cores | | {float(train.get("train_seconds", 0)) / 60:.1f} min ({train.get("steps")} steps, {train.get("torch_threads")} threads) | {_verdict(float(train.get("train_seconds", 1e9)) <= 3600)} |
-| ONNX ≤ 50 MB | | {doc["onnx_mib"]:.1f} MiB | {_verdict(doc["onnx_mib"] * 2**20 <= 50e6)} |
+| training on 2 cores | ≤ 60 min | {float(train.get("train_seconds", 0)) / 60:.1f} min ({train.get("steps")} steps, {train.get("torch_threads")} threads) | {_verdict(float(train.get("train_seconds", 1e9)) <= 3600)} |
+| ONNX file | ≤ 50 MB | {doc["onnx_mib"]:.1f} MiB | {_verdict(doc["onnx_mib"] * 2**20 <= 50e6)} |
 {comp_line}
 
 ## Architecture
@@ -328,7 +328,7 @@ Vocabulary {cfg["vocab_size"]} words. Parameters: {counts["total"]:,}, of which
   b), `where` (row and column of a digit), `list` (the digits in reading order). They need
   the fine detail of a few patches: which digit, where, how many, relations.
 - **Text families**: computed (`arith`, `compare`) and memorized (`color`, `city`, `code` of
-  one of 256 entities named by two syllables, e.g. `ka ron`; the table is fixed by
+  one of {len(scenes.FACTS):,} entities named by two syllables, e.g. `ka ron`; the table is fixed by
   `tools/facts_vlm/scenes.FACT_SEED` and cannot be derived from the question).
 - **Answers** of `where`, `list`, `code` are several tokens; a sample is right when every
   token is (teacher-forced, which for a greedy decoder is the same as generating them), and
@@ -379,6 +379,18 @@ head predicts the digit under each patch from the encoder (as digits-vlm). Final
 validation accuracy on calibration-pool digits: {100 * val.get("val_acc", float("nan")):.1f}%.
 With 2 threads the run is reproducible on this machine, not across CPUs.
 
+## Design history
+
+This build memorizes every fact with a wide margin, and quantization barely disturbs it
+(the 3- and 2-bit targets above are missed). A second design grew the table to 1,024
+entities so that the facts would fill more of the experts and be held with thinner margins,
+as an LLM holds the long tail of its knowledge. It was stopped after 2,500 of its 4,000
+steps: on the validation set (calibration-pool digits, 40 per family) the knowledge
+families were still at chance (color 15%, city 12%, code 0%) and the image families behind
+this build at the same step (list 12% against 45%, max 53% against 78%), so its stick would have measured
+nothing; this build (256 entities, commit f8c23c4's data) is kept. No allocation method had
+been compared on either.
+
 ## Rebuild
 
 ```bash
@@ -402,8 +414,13 @@ def main() -> None:
     )
     ap.add_argument("--eval-per-family", type=int, default=EVAL_PER_FAMILY,
                     help="evaluation samples per family (fewer: a quick check of the build)")  # fmt: skip
+    ap.add_argument("--card-only", action="store_true",
+                    help="re-render README.md from the measured card.json; measure nothing")  # fmt: skip
     args = ap.parse_args()
     out: Path = args.out
+    if args.card_only:
+        (out / "README.md").write_text(card(json.loads((out / "card.json").read_text())))
+        return
     out.mkdir(parents=True, exist_ok=True)
     weights = args.weights
     if weights is None:

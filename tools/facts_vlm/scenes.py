@@ -15,7 +15,7 @@ Questions are word sequences; answers are one or more tokens (multi-token answer
   digit: ``r c end``), ``list`` (the digits in reading order: ``d … end``);
 - text-only, computed: ``arith`` (plus / minus), ``compare``;
 - text-only, **memorized**: ``color``, ``city`` and ``code`` (two digits, ``d d end``) of one
-  of 256 invented entities named by two syllables (``ka ro``). The table is fixed by
+  of 256 invented entities named by two syllables (``ka ron``). The table is fixed by
   `FACT_SEED`; the answers cannot be computed from the question, so a model can only store
   them in its weights — as real LLMs store knowledge in their FFN layers.
 
@@ -41,6 +41,8 @@ PATCH = 8
 NUM_PATCHES = (CANVAS // PATCH) ** 2
 MAX_DIGITS = 4
 
+#: Entity names: two syllables, 16 of each: 256 entities (1,024 were not learned in the
+#: training budget: examples/facts-vlm/README.md, "Design history").
 FIRST = ["ka", "lo", "mi", "nu", "pe", "ri", "so", "tu", "va", "we", "xi", "yo", "za", "bo", "ce",
          "du"]  # fmt: skip
 SECOND = ["ron", "tis", "bel", "mar", "dun", "fez", "gal", "hop", "jin", "kur", "lev", "mox",
