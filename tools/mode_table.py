@@ -177,6 +177,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_keeping_findings(path: Path, body: str) -> None:
+    """Write a generated page; the hand-written analysis under ``## Findings`` of the page
+    already there survives the re-run."""
+    marker = "\n## Findings"
+    if path.exists() and marker in (old := path.read_text()):
+        body += marker + old.split(marker, 1)[1]
+    path.write_text(body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--example", default="digits-vlm", choices=["digits-vlm", "facts-vlm"])
@@ -244,11 +253,7 @@ group size 128; GPTQ for every method.
 
 {vs_table}
 {image}"""
-    # Hand-written analysis below the generated table survives a re-run.
-    marker = "\n## Findings"
-    if args.out.exists() and marker in (old := args.out.read_text()):
-        body += marker + old.split(marker, 1)[1]
-    args.out.write_text(body)
+    write_keeping_findings(args.out, body)
     print(body)
 
 

@@ -37,7 +37,7 @@ from modec.evaluate import answer_kl
 from modec.facts import KeyVision, RoutingStats
 from modec.pipelines import CompileOptions
 from modec.sweep import Analysis, analyze, evaluate_model, quantize_widths
-from tools.mode_table import calibration_builder
+from tools.mode_table import calibration_builder, write_keeping_findings
 
 SIGNALS = ("global", "text+vision", "text+key", "text+redundant")
 
@@ -240,10 +240,7 @@ counts where the signals differ (not 0 and not all).
 
 ![accuracy and KL against experts promoted]({png.name})
 """
-    marker = "\n## Findings"
-    if args.out.exists() and marker in (old := args.out.read_text()):
-        body += marker + old.split(marker, 1)[1]
-    args.out.write_text(body)
+    write_keeping_findings(args.out, body)
     print(body)
 
 

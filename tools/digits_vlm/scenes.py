@@ -20,7 +20,9 @@ the answer is predicted at the last position. Everything is deterministic from a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -106,18 +108,22 @@ def digit_pools(seed: int = 0) -> dict[str, DigitPool]:
 
 
 def render(
-    pool: DigitPool, rng: np.random.Generator, n_digits: int
-) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
-    """Draw ``n_digits`` random scans into distinct random cells of a noisy canvas."""
-    canvas = rng.uniform(0.0, NOISE, size=(CANVAS, CANVAS)).astype(np.float32)
-    cells = rng.choice(GRID * GRID, size=n_digits, replace=False)
+    pool: DigitPool, rng: np.random.Generator, n_digits: int, size: int = CANVAS,
+    cell: int = CELL, reading_order: bool = False,
+) -> tuple[np.ndarray, dict[tuple[int, int], int]]:  # fmt: skip
+    """Draw ``n_digits`` random scans into distinct random cells of a noisy ``size``²
+    canvas (``cell``-pixel cells; facts-vlm: 128 and 16). ``reading_order``: fill the cells
+    row by row, so the returned dict lists the digits in reading order."""
+    grid = size // cell
+    canvas = rng.uniform(0.0, NOISE, size=(size, size)).astype(np.float32)
+    cells = rng.choice(grid * grid, size=n_digits, replace=False)
     placed: dict[tuple[int, int], int] = {}
-    for c in cells:
+    for c in sorted(int(v) for v in cells) if reading_order else cells:
         k = int(rng.integers(len(pool.labels)))
         big = np.kron(pool.images[k], np.ones((2, 2), dtype=np.float32))
-        r, col = divmod(int(c), GRID)
-        y, x = r * CELL, col * CELL
-        canvas[y : y + CELL, x : x + CELL] = np.maximum(canvas[y : y + CELL, x : x + CELL], big)
+        r, col = divmod(int(c), grid)
+        y, x = r * cell, col * cell
+        canvas[y : y + cell, x : x + cell] = np.maximum(canvas[y : y + cell, x : x + cell], big)
         placed[(r, col)] = int(pool.labels[k])
     # Pixels are k / 255 computed as the dataset reader decodes them (k · float32(1/255)),
     # so the files can store them exactly as uint8.
@@ -182,11 +188,13 @@ class Sample:
     targets: tuple[tuple[int, int], ...] = ()
 
 
-def patch_labels(placed: dict[tuple[int, int], int]) -> np.ndarray:
+def patch_labels(
+    placed: dict[tuple[int, int], int], size: int = CANVAS, cell: int = CELL
+) -> np.ndarray:
     """The digit covering each 8×8 patch (row-major), 10 for background."""
-    side = CANVAS // PATCH
+    side = size // PATCH
     labels = np.full((side, side), 10, dtype=np.int64)
-    per_cell = CELL // PATCH
+    per_cell = cell // PATCH
     for (r, c), d in placed.items():
         labels[r * per_cell : (r + 1) * per_cell, c * per_cell : (c + 1) * per_cell] = d
     return labels.reshape(-1)
@@ -233,45 +241,67 @@ def make_dialogue(multimodal: bool, pool: DigitPool, rng: np.random.Generator,
     return Sample(first, tokens, image, targets[-1][1], labels, tuple(targets))
 
 
-def collate(samples: list[Sample], seq_len: int | None = None) -> dict[str, np.ndarray]:
-    """Left-pad a list of samples into model inputs plus modality / answer / family arrays."""
+def collate(
+    samples: list[Any], seq_len: int | None = None, *, size: int = CANVAS,
+    num_patches: int = NUM_PATCHES, families: list[str] = FAMILIES, image_id: int = IMAGE_ID,
+    pad_id: int = PAD_ID, answer_width: int | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Left-pad a list of samples into model inputs plus modality / answer / family arrays.
+
+    One-token answers (``answer_width`` None) give ``answer`` [S], read at the last
+    position. Otherwise each sample's answer is a tuple of token ids, the input ends with
+    all of them but the last, and ``answer`` is [S, answer_width] right-padded with -1
+    (docs/data-format.md, multi-token answers). The keyword arguments are facts-vlm's
+    shapes and vocabulary where it calls this."""
     t = seq_len or max(len(s.tokens) for s in samples)
     n = len(samples)
-    ids = np.full((n, t), PAD_ID, dtype=np.int64)
+    ids = np.full((n, t), pad_id, dtype=np.int64)
     mask = np.zeros((n, t), dtype=np.int64)
     modality = np.zeros((n, t), dtype=np.int8)
-    pixels = np.zeros((n, 1, CANVAS, CANVAS), dtype=np.float32)
-    patches = np.full((n, NUM_PATCHES), -100, dtype=np.int64)
+    pixels = np.zeros((n, 1, size, size), dtype=np.float32)
+    patches = np.full((n, num_patches), -100, dtype=np.int64)
     targets = np.full((n, t), -100, dtype=np.int64)
+    if answer_width is None:
+        answer = np.array([s.answer for s in samples], dtype=np.int64)
+    else:
+        answer = np.full((n, answer_width), -1, dtype=np.int64)
     for i, s in enumerate(samples):
         L = len(s.tokens)
         ids[i, t - L :] = s.tokens
         mask[i, t - L :] = 1
-        modality[i, t - L :] = np.where(np.asarray(s.tokens) == IMAGE_ID, 2, 1)
+        modality[i, t - L :] = np.where(np.asarray(s.tokens) == image_id, 2, 1)
         if s.image is not None:
             pixels[i, 0] = s.image
         if s.patch_labels is not None:
             patches[i] = s.patch_labels
-        for pos, ans in s.targets or ((L - 1, s.answer),):
-            targets[i, t - L + pos] = ans
+        if answer_width is None:
+            pairs = s.targets or ((L - 1, s.answer),)
+        else:
+            answer[i, : len(s.answer)] = s.answer
+            pairs = s.targets or tuple((L - len(s.answer) + j, a) for j, a in enumerate(s.answer))
+        for pos, tgt in pairs:
+            targets[i, t - L + pos] = tgt
     return {
         "input_ids": ids,
         "attention_mask": mask,
         "pixel_values": pixels,
         "modality": modality,
-        "answer": np.array([s.answer for s in samples], dtype=np.int64),
-        "family": np.array([FAMILIES.index(s.family) for s in samples], dtype=np.int64),
+        "answer": answer,
+        "family": np.array([families.index(s.family) for s in samples], dtype=np.int64),
         "patch_labels": patches,
         "targets": targets,
     }
 
 
 def make_split(
-    pool: DigitPool, families_counts: dict[str, int], seed: int, shuffle: bool = True
-) -> list[Sample]:
-    """Deterministic samples: ``families_counts[f]`` of each family, shuffled with ``seed``."""
+    pool: DigitPool, families_counts: dict[str, int], seed: int, shuffle: bool = True,
+    make: Callable[[str, DigitPool, np.random.Generator], Any] | None = None,
+) -> list[Any]:  # fmt: skip
+    """Deterministic samples: ``families_counts[f]`` of each family, shuffled with ``seed``;
+    ``make`` builds one sample (default: this module's `make_sample`)."""
+    make = make or make_sample
     rng = np.random.default_rng(seed)
-    samples = [make_sample(f, pool, rng) for f, n in families_counts.items() for _ in range(n)]
+    samples = [make(f, pool, rng) for f, n in families_counts.items() for _ in range(n)]
     if shuffle:
         order = rng.permutation(len(samples))
         samples = [samples[i] for i in order]

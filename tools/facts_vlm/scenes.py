@@ -30,10 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.digits_vlm.scenes import NOISE, PIXEL_LEVELS, DigitPool, digit_pools
+from tools.digits_vlm import scenes as digits
+from tools.digits_vlm.scenes import DigitPool, digit_pools
 
 __all__ = ["DigitPool", "digit_pools"]
 
+#: Pixels are multiples of 1/255 (the data sets store them as uint8), as in digits-vlm.
+PIXEL_LEVELS = digits.PIXEL_LEVELS
 CANVAS = 128
 CELL = 16  # an 8×8 grid of 16×16 cells; a digit is upscaled 8×8 → 16×16
 GRID = CANVAS // CELL
@@ -102,29 +105,13 @@ FACTS = fact_table()
 def render(
     pool: DigitPool, rng: np.random.Generator, n_digits: int
 ) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
-    """Draw ``n_digits`` random scans into distinct random cells of a noisy canvas."""
-    canvas = rng.uniform(0.0, NOISE, size=(CANVAS, CANVAS)).astype(np.float32)
-    cells = rng.choice(GRID * GRID, size=n_digits, replace=False)
-    placed: dict[tuple[int, int], int] = {}
-    for c in sorted(int(v) for v in cells):
-        k = int(rng.integers(len(pool.labels)))
-        big = np.kron(pool.images[k], np.ones((2, 2), dtype=np.float32))
-        r, col = divmod(c, GRID)
-        y, x = r * CELL, col * CELL
-        canvas[y : y + CELL, x : x + CELL] = np.maximum(canvas[y : y + CELL, x : x + CELL], big)
-        placed[(r, col)] = int(pool.labels[k])
-    levels = np.round(canvas * PIXEL_LEVELS).astype(np.float32)
-    return levels * np.float32(1.0 / PIXEL_LEVELS), placed
+    """``n_digits`` random scans in distinct cells of the 8×8 grid, in reading order."""
+    return digits.render(pool, rng, n_digits, CANVAS, CELL, reading_order=True)
 
 
 def patch_labels(placed: dict[tuple[int, int], int]) -> np.ndarray:
     """The digit covering each 8×8 patch (row-major), 10 for background."""
-    side = CANVAS // PATCH
-    labels = np.full((side, side), 10, dtype=np.int64)
-    per = CELL // PATCH
-    for (r, c), d in placed.items():
-        labels[r * per : (r + 1) * per, c * per : (c + 1) * per] = d
-    return labels.reshape(-1)
+    return digits.patch_labels(placed, CANVAS, CELL)
 
 
 def _entity(rng: np.random.Generator) -> Entity:
@@ -260,50 +247,16 @@ def make_dialogue(multimodal: bool, pool: DigitPool, rng: np.random.Generator,
 
 
 def collate(samples: list[Sample], seq_len: int | None = None) -> dict[str, np.ndarray]:
-    """Left-pad samples into model inputs plus modality / answer / family / target arrays.
-
-    ``answer`` is [S, MAX_ANSWER], right-padded with -1 (docs/data-format.md)."""
-    t = seq_len or max(len(s.tokens) for s in samples)
-    n = len(samples)
-    ids = np.full((n, t), PAD_ID, dtype=np.int64)
-    mask = np.zeros((n, t), dtype=np.int64)
-    modality = np.zeros((n, t), dtype=np.int8)
-    pixels = np.zeros((n, 1, CANVAS, CANVAS), dtype=np.float32)
-    patches = np.full((n, NUM_PATCHES), -100, dtype=np.int64)
-    targets = np.full((n, t), -100, dtype=np.int64)
-    answer = np.full((n, MAX_ANSWER), -1, dtype=np.int64)
-    for i, s in enumerate(samples):
-        L = len(s.tokens)
-        ids[i, t - L :] = s.tokens
-        mask[i, t - L :] = 1
-        modality[i, t - L :] = np.where(np.asarray(s.tokens) == IMAGE_ID, 2, 1)
-        answer[i, : len(s.answer)] = s.answer
-        if s.image is not None:
-            pixels[i, 0] = s.image
-        if s.patch_labels is not None:
-            patches[i] = s.patch_labels
-        pairs = s.targets or tuple((L - len(s.answer) + j, a) for j, a in enumerate(s.answer))
-        for pos, tgt in pairs:
-            targets[i, t - L + pos] = tgt
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "pixel_values": pixels,
-        "modality": modality,
-        "answer": answer,
-        "family": np.array([FAMILIES.index(s.family) for s in samples], dtype=np.int64),
-        "patch_labels": patches,
-        "targets": targets,
-    }
+    """Left-pad samples into model inputs plus modality / answer / family / target arrays
+    (digits-vlm's `collate`); ``answer`` is [S, MAX_ANSWER], right-padded with -1
+    (docs/data-format.md)."""
+    return digits.collate(samples, seq_len, size=CANVAS, num_patches=NUM_PATCHES,
+                          families=FAMILIES, image_id=IMAGE_ID, pad_id=PAD_ID,
+                          answer_width=MAX_ANSWER)  # fmt: skip
 
 
 def make_split(
     pool: DigitPool, families_counts: dict[str, int], seed: int, shuffle: bool = True
 ) -> list[Sample]:
     """Deterministic samples: ``families_counts[f]`` of each family, shuffled with ``seed``."""
-    rng = np.random.default_rng(seed)
-    samples = [make_sample(f, pool, rng) for f, n in families_counts.items() for _ in range(n)]
-    if shuffle:
-        order = rng.permutation(len(samples))
-        samples = [samples[i] for i in order]
-    return samples
+    return digits.make_split(pool, families_counts, seed, shuffle, make=make_sample)
