@@ -89,8 +89,15 @@ def spliced(an: Analysis, by_width: dict[int, ir.Model], widths: list[list[int]]
     for layer, node in enumerate(n for n in model.graph if is_moe_node(n)):
         w = np.asarray(widths[layer])
         for proj, value in expert_weights(node).items():
-            parts = {b: expert_weights(src[layer])[proj].const_value for b, src in sources.items()}
-            arrays = {b: t.numpy() for b, t in parts.items() if t is not None}
+            arrays = {}
+            for b, src in sources.items():
+                t = expert_weights(src[layer])[proj].const_value
+                if t is None:
+                    raise ValueError(f"layer {layer} {proj}: the {b}-bit model has no weights")
+                arrays[b] = t.numpy()
+            if not set(w.tolist()) <= set(arrays):
+                raise ValueError(f"layer {layer}: widths {sorted(set(w.tolist()))} but models "
+                                 f"quantized at {sorted(arrays)}")  # fmt: skip
             out = np.empty_like(next(iter(arrays.values())))
             for b, arr in arrays.items():
                 out[w == b] = arr[w == b]
