@@ -222,12 +222,12 @@ def main() -> None:
     if curves:  # a curve needs at least three budgets
         plot(rows, png)
     image = f"![accuracy against budget]({png.name})\n" if curves else ""
+    given = (("example", args.example), ("models", args.models), ("seeds", args.seeds),
+             ("budgets", args.budgets), ("curve", args.curve), ("methods", args.methods),
+             ("bits", args.bits), ("out", args.out))  # fmt: skip
     cmd = "python -m tools.mode_table " + " ".join(
-        f"--{k} {v}" for k, v in (("example", args.example), ("models", args.models),
-                                  ("seeds", args.seeds), ("budgets", args.budgets),
-                                  ("curve", args.curve), ("methods", args.methods),
-                                  ("bits", args.bits), ("out", args.out)) if v
-    )  # fmt: skip
+        f"--{k} {v if v != '' else repr(v)}" for k, v in given if v or k != "models"
+    )
     vs_lines = "\n".join(
         f"| {v['budget']:g} | {v['best_baseline']} | {v['difference_pp']:+.2f} "
         f"[{v['ci95_pp'][0]:+.2f}, {v['ci95_pp'][1]:+.2f}] |"
