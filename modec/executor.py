@@ -439,9 +439,11 @@ class Executor:
 
     def apply_step(
         self, step: tuple[str, int], env: dict[str, np.ndarray],
-        replace: Replacement | None = None,
+        replace: Replacement | None = None, params: MoEParams | None = None,
     ) -> None:  # fmt: skip
-        """Run one step of `steps_from` on ``env`` in place (``replace``: for a MoE step)."""
+        """Run one step of `steps_from` on ``env`` in place. For a MoE step, ``replace``
+        swaps one expert on chosen tokens and ``params`` runs the layer with other weights
+        than the model's (e.g. every expert quantized)."""
         kind, i = step
         if kind == "dense":
             st = self.stages[i]
@@ -450,7 +452,8 @@ class Executor:
             env.update(zip(st.outputs, outs, strict=True))
         else:
             node = self.moe[i]
-            r = moe_forward(self.params[i], env[_nm(node.inputs[0])], replacement=replace)
+            p = self.params[i] if params is None else params
+            r = moe_forward(p, env[_nm(node.inputs[0])], replacement=replace)
             env[_nm(node.outputs[0])] = r.output
 
     def cache_at(self, layer: int, env: Mapping[str, np.ndarray]) -> LayerCache:

@@ -118,6 +118,7 @@ def solve_allocation(
     pr: AllocationProblem,
     errs: list[np.ndarray] | None = None,
     engine: Engine | None = None,
+    allowed: tuple[int, ...] | None = None,
 ) -> AllocationResult:
     """Costs per layer from the method's importance signal, then the ILP.
 
@@ -125,7 +126,9 @@ def solve_allocation(
     expert's own output error (`modec.numerics.importance.NEEDS_OUTPUT_ERROR`). The
     per-layer solves (``scope=layer``) are tasks of ``engine`` (default: in this process),
     one per layer, gathered in layer order: one solver thread and a fixed seed each, so the
-    widths do not depend on the engine.
+    widths do not depend on the engine. ``allowed`` (a subset of ``pr.bits``) restricts the
+    widths the ILP may choose (the joint check's candidates, `modec.method.joint`); the
+    costs stay those of every width of ``pr.bits``.
     """
     from modec.numerics import ilp
     from modec.numerics.importance import NEEDS_OUTPUT_ERROR
@@ -137,21 +140,26 @@ def solve_allocation(
     signals = [layer_signals(stats, key, sens, i, errs[i]) for i in range(len(shapes))]
     gamma = veq_gamma(signals) if pr.method == "veq-me" else None
     costs = [layer_cost(pr.method, s, 1.0 if gamma is None else gamma) for s in signals]
+    bits = pr.bits if allowed is None else tuple(allowed)
+    if not set(bits) <= set(pr.bits):
+        raise ValueError(f"allowed widths {list(bits)} are not among {list(pr.bits)}")
+    cols = [pr.bits.index(b) for b in bits]
+    use = [c[:, cols] for c in costs]
     opts = ilp.SolverOptions(seed=pr.seed)
     if pr.budget_bytes > 0:
         nbytes = [
             np.stack(
-                [ilp.expert_nbytes(list(s.projections), pr.bits, pr.group_size)
+                [ilp.expert_nbytes(list(s.projections), bits, pr.group_size)
                  for _ in range(s.num_experts)]
             )
             for s in shapes
         ]  # fmt: skip
-        sols = [ilp.allocate_bytes(costs, pr.bits, nbytes, pr.budget_bytes, options=opts)]
+        sols = [ilp.allocate_bytes(use, bits, nbytes, pr.budget_bytes, options=opts)]
     elif pr.scope == "global":
-        sols = [ilp.allocate_bits_global(costs, pr.bits, pr.budget, sense=pr.sense, options=opts)]
+        sols = [ilp.allocate_bits_global(use, bits, pr.budget, sense=pr.sense, options=opts)]
     else:  # one task per layer, in layer order: the same widths on every engine
         sols = (engine or SerialEngine()).map(
-            _solve_layer, list(enumerate(costs)), pr.bits, pr.budget, pr.sense, opts,
+            _solve_layer, list(enumerate(use)), bits, pr.budget, pr.sense, opts,
             label="ILP per layer",
         )  # fmt: skip
     widths = tuple(tuple(int(w) for w in layer) for s in sols for layer in s.per_layer())

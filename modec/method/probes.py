@@ -156,7 +156,7 @@ def _probe_chunk(ex: Any, job: _Layer, experts: list[int], release: bool) -> dic
     n_pos = sum(int(pos.sum()) for pos in job.positions)
     totals = np.zeros((len(experts), 2, len(job.bits)))
     index = {e: xi for xi, e in enumerate(experts)}
-    keep = _live_after(ex, steps, job.output)
+    keep = live_after(ex, steps, job.output)
 
     def read_kl(vi: int) -> None:  # the logits: read the KL now, hold no variant's logits
         e, j, mi, bi = variants[vi][:4]
@@ -205,7 +205,7 @@ def _replaced_output(p: Any, x: np.ndarray, out: np.ndarray, routing: Any, rep: 
     return flat.reshape(out.shape)
 
 
-def _live_after(ex: Any, steps: list[tuple[str, int]], output: str) -> list[set[str]]:
+def live_after(ex: Any, steps: list[tuple[str, int]], output: str) -> list[set[str]]:
     """Per step, the values a later step (or the KL) still reads: a variant holds only
     those, not every intermediate of the layers it went through."""
     reads: list[set[str]] = []
@@ -261,7 +261,7 @@ def measure_sensitivity(
     n_layers = len(ex.moe)
     n_exp = expert_count(ex)
     t0 = time.perf_counter()
-    batches, caches, routed, ref = _reference(ex, subset, s)
+    batches, caches, routed, ref = reference_run(ex, subset, s)
     ref_seconds = time.perf_counter() - t0
     delta = np.zeros((2, n_layers, n_exp, len(s.bits)))
     used = np.zeros((2, n_layers, n_exp), dtype=bool)
@@ -341,7 +341,7 @@ def _advance(ex: Any, caches: list[Any], layer: int) -> list[Any]:
     return [ex.cache_at(layer + 1, env) for env in envs]
 
 
-def _reference(
+def reference_run(
     ex: Any, subset: Dataset, s: ProbeSettings
 ) -> tuple[list[_Batch], list[Any], list[list[np.ndarray]], list[np.ndarray]]:
     """Batches, layer-0 caches, every layer's routing and the reference log-probabilities
