@@ -70,6 +70,10 @@ class CompileOptions:
     scope: Literal["layer", "global"] = "layer"
     sense: Literal["eq", "le"] = "eq"
     budget_bytes: int = 0
+    #: allocate-bits' joint check: ``select`` keeps the narrowest width range's allocation
+    #: unless a wider range's is significantly closer to fp32 when every expert is quantized
+    #: (`modec.method.joint`); ``off``: the paper's allocation.
+    joint: Literal["off", "select"] = "off"
     key_ratio: float = KEY_RATIO
     sensitivity_samples: int = SENSITIVITY_SAMPLES
     #: how δ is measured: exact probes, the O(L) Fisher estimate, or auto (by model size).
@@ -132,6 +136,8 @@ def decision_passes(o: CompileOptions) -> list[Pass]:
             sense=o.sense,
             budget_bytes=o.budget_bytes,
             group_size=o.group_size,
+            joint=o.joint,
+            quantizer=o.quantizer,
         ),
         QuantizeExpertsPass(group_size=o.group_size, method=o.quantizer),
         *([QuantizeDensePass(width=o.dense_bits, group_size=o.group_size)] if o.dense_bits else []),

@@ -18,12 +18,23 @@ Rules:
 6. With ``scope=layer`` the per-layer solves are tasks of the run's engine (``ctx.engine``:
    in process, or Ray with ``modec compile --workers N``); rule 5 makes the widths the same
    wherever they run.
+7. ``joint=select`` (``modec compile --joint select``) checks what the additive objective
+   cannot see: the ILP is solved over every contiguous range of ``bits`` for which the
+   budget is feasible, each distinct allocation runs on the calibration set (all of it, or
+   ``joint_samples`` samples chosen as measure-sensitivity chooses its subset) with every
+   expert quantized at its width by ``quantizer`` (GPTQ, as quantize-experts will, each
+   half of the samples judged with the other half's Hessians; or RTN), and the KL to fp32
+   is read at ``joint_positions`` (every text position by default; ``answer``: δ's). The
+   narrowest range's allocation (uniform when the budget is a width) is kept unless
+   another is significantly closer to fp32 (95% paired bootstrap over calibration
+   samples); then the closest of those (`modec.method.joint`).
+   ``off`` (the default) keeps the full range's allocation: the paper's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import onnx_ir as ir
 
@@ -57,23 +68,49 @@ class AllocateBitsPass(Pass):
     group_size: int = GROUP_SIZE
     #: calibration batch size of the Hessian run (collect-routing's, for identical sums).
     batch_size: int = 16
+    #: rule 7: ``off`` or ``select``.
+    joint: Literal["off", "select"] = "off"
+    #: rule 7: calibration samples of the joint runs (0: all of them), where the KL is read
+    #: (``answer``: δ's positions; ``text``: every text position), and the quantizer of the
+    #: joint runs (quantize-experts' method: what is deployed).
+    joint_samples: int = 0
+    joint_positions: Literal["answer", "text"] = "text"
+    quantizer: Literal["gptq", "rtn"] = "gptq"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise BadInputError(f"unknown --method {self.method!r}; choose from {list(METHODS)}")
+        if self.joint not in ("off", "select"):
+            raise BadInputError(f"--joint must be off or select; got {self.joint!r}")
+        if self.joint_samples < 0 or self.joint_samples == 1:
+            raise BadInputError(
+                f"joint_samples must be 0 (every calibration sample) or at least 2 (the check "
+                f"judges two halves of them); got {self.joint_samples}"
+            )
+        if self.joint_positions not in ("answer", "text"):
+            raise BadInputError(
+                f"joint_positions must be answer or text; got {self.joint_positions!r}"
+            )
+        if self.quantizer not in ("gptq", "rtn"):
+            raise BadInputError(f"quantizer must be gptq or rtn; got {self.quantizer!r}")
+
+    @property
+    def _joint(self) -> bool:
+        return self.joint == "select" and self.method != "uniform"
 
     @property
     def reads(self) -> tuple[type, ...]:  # type: ignore[override]
         if self.method == "uniform":  # no costs: only the expert counts
             return (CanonicalMoE, RoutingStats)
         base: tuple[type, ...] = (CanonicalMoE, RoutingStats, KeyVision)
-        if self.method in NEEDS_OUTPUT_ERROR:  # the experts' Hessians, from the calibration
+        if self.method in NEEDS_OUTPUT_ERROR or self._joint:  # Hessians, or the joint check
             base = (*base, Calibration)
         return (*base, Sensitivity) if self.method in NEEDS_SENSITIVITY else base
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from modec.method.allocate import (
             AllocationProblem,
+            AllocationResult,
             layer_errors,
             layer_shapes,
             solve_allocation,
@@ -115,7 +152,15 @@ class AllocateBitsPass(Pass):
                     errs.append(layer_errors(p, hs, problem.bits, problem.group_size))
                     del hs, p  # before the next layer's Hessians are built
             shapes, key = layer_shapes(model), ctx.facts.get(KeyVision)
-            res = solve_allocation(shapes, stats, key, sens, problem, errs, ctx.engine)
+
+            def solve(allowed: tuple[int, ...] | None = None) -> AllocationResult:
+                return solve_allocation(shapes, stats, key, sens, problem, errs, ctx.engine,
+                                        allowed)  # fmt: skip
+
+            if self._joint:
+                res, section["joint"] = self._joint_select(model, ctx, solve)
+            else:
+                res = solve()
             alloc = res.allocation
             if res.veq_gamma is not None:
                 section["veq_gamma"] = res.veq_gamma
@@ -138,3 +183,23 @@ class AllocateBitsPass(Pass):
         ctx.stat("average_bits", alloc.average)
         ctx.stat("solve_seconds", alloc.solve_seconds)
         return PassResult(model, modified=False)
+
+    def _joint_select(self, model: ir.Model, ctx: PassContext, solve: Any) -> tuple[Any, Any]:
+        """Rule 7: the narrowest width range's allocation unless another is significantly closer."""
+        from modec.method.joint import JointQuantizer, choose
+        from modec.method.probes import ProbeSettings
+        from modec.method.sensitivity import choose_subset
+
+        calib = ctx.facts.get(Calibration).data
+        judged: Any = calib
+        if self.joint_samples and self.joint_samples < len(calib):
+            judged = choose_subset(calib.multimodal, self.joint_samples, ctx.options.seed)
+        o = ctx.options
+        settings = ProbeSettings(
+            bits=tuple(self.bits), group_size=self.group_size, positions=self.joint_positions,
+            batch_size=32, threads=o.threads, max_memory=o.max_memory,
+        )  # fmt: skip
+        quantizer = JointQuantizer(self.quantizer, calib, self.batch_size, engine=ctx.engine)
+        res, entry = choose(model, judged, settings, solve, self.bits, quantizer)
+        ctx.stat("joint_seconds", entry["seconds"])
+        return res, entry

@@ -30,12 +30,13 @@ import numpy as np
 from modec import data, stats
 from modec.evaluate import answer_kl, evaluate
 from modec.frontend import OrtRunner
-from modec.pipelines import CompileOptions
+from modec.pipelines import PIPELINES, CompileOptions
 from modec.sweep import analyze, evaluate_model, quantize
 from tools.digits_vlm import build_data, scenes
 
+#: ``<method>+joint``: the method with allocate-bits' joint check (``--joint select``).
 METHODS = ["mode", "uniform", "mc-moe", "veq-me", "mode-no-key", "mode-no-sens",
-           "mode-sens-only", "mode-redundant"]  # fmt: skip
+           "mode-sens-only", "mode-redundant", "mode+joint"]  # fmt: skip
 #: The methods MODE is compared against (the ablations are MODE's own variants).
 BASELINES = ("uniform", "mc-moe", "veq-me")
 SPLITS = ("overall", "multimodal", "text_only")
@@ -63,13 +64,14 @@ Correct = dict[tuple[int, int, str, float], np.ndarray]
 
 def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float],
         curve: list[float], methods: list[str], bits: tuple[int, ...] = (2, 3, 4),
-        example: str = "digits-vlm") -> tuple[list[dict[str, Any]], Correct]:  # fmt: skip
+        example: str = "digits-vlm", threads: int = 2,
+        ) -> tuple[list[dict[str, Any]], Correct]:  # fmt: skip
     ds = data.load(eval_path)
     rows: list[dict[str, Any]] = []
     correct: Correct = {}
     build_calib = calibration_builder(example)
     for mi, model in enumerate(models):
-        fp32 = evaluate(OrtRunner(model), ds, keep_logprobs=True)
+        fp32 = evaluate(OrtRunner(model, threads), ds, keep_logprobs=True)
         assert fp32.correct is not None
         correct[(mi, -1, "fp32", 32.0)] = fp32.correct
         rows.append({"method": "fp32", "budget": 32.0, "seed": -1, "model": mi, "kl": 0.0,
@@ -78,7 +80,8 @@ def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float
             for seed in seeds:
                 calib = build_calib(Path(tmp) / f"calib{seed}.npz", seed)
                 t0 = time.perf_counter()
-                an = analyze(model, str(calib), CompileOptions(seed=seed, bits=bits))
+                an = analyze(model, str(calib),
+                             CompileOptions(seed=seed, bits=bits, threads=threads))  # fmt: skip
                 print(f"model {mi} seed {seed}: analysis {time.perf_counter() - t0:.1f} s",
                       flush=True)  # fmt: skip
                 wanted = {(m, b) for m in methods for b in budgets} | {("mode", b) for b in curve}
@@ -86,8 +89,9 @@ def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float
                     if method == "uniform" and float(budget) != int(budget):
                         continue
                     t0 = time.perf_counter()
-                    sim = quantize(an, method, budget)
-                    res = evaluate_model(sim.model, ds, keep_logprobs=True)
+                    base, _, extra = method.partition("+")
+                    sim = quantize(an, base, budget, joint="select" if extra == "joint" else "off")
+                    res = evaluate_model(sim.model, ds, threads, keep_logprobs=True)
                     assert res.correct is not None
                     correct[(mi, seed, method, float(budget))] = res.correct
                     kl = float(answer_kl(fp32, res).mean())
@@ -199,6 +203,8 @@ def main() -> None:
     ap.add_argument("--curve", default="2.0,2.5,3.0,3.5,4.0")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--bits", default="2,3,4", help="candidate widths")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="onnxruntime threads (part of the sensitivity cache key)")  # fmt: skip
     args = ap.parse_args()
     root = Path("examples") / args.example
     models = args.models.split(",") if args.models else [str(root / "model.onnx")]
@@ -207,9 +213,15 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     curve = [float(b) for b in args.curve.split(",") if b]
     methods = args.methods.split(",")
+    for m in methods:
+        base, _, extra = m.partition("+")
+        if base not in PIPELINES or extra not in ("", "joint"):
+            ap.error(f"--methods: unknown {m!r}; give methods of {list(PIPELINES)}, "
+                     "optionally with +joint")  # fmt: skip
     t0 = time.perf_counter()
     bits = tuple(int(b) for b in args.bits.split(","))
-    rows, correct = run(models, eval_path, seeds, budgets, curve, methods, bits, args.example)
+    rows, correct = run(models, eval_path, seeds, budgets, curve, methods, bits, args.example,
+                        args.threads)  # fmt: skip
     versus = against_best_baseline(rows, correct, budgets)
     doc = {"rows": rows, "mode_vs_best_baseline": versus}
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -224,9 +236,11 @@ def main() -> None:
     image = f"![accuracy against budget]({png.name})\n" if curves else ""
     given = (("example", args.example), ("models", args.models), ("seeds", args.seeds),
              ("budgets", args.budgets), ("curve", args.curve), ("methods", args.methods),
-             ("bits", args.bits), ("out", args.out))  # fmt: skip
+             ("bits", args.bits), ("threads", args.threads), ("out", args.out))  # fmt: skip
     cmd = "python -m tools.mode_table " + " ".join(
-        f"--{k} {v if v != '' else repr(v)}" for k, v in given if v or k != "models"
+        f"--{k} {v if v != '' else repr(v)}"
+        for k, v in given
+        if (v or k != "models") and (k != "threads" or v != 2)
     )
     vs_lines = "\n".join(
         f"| {v['budget']:g} | {v['best_baseline']} | {v['difference_pp']:+.2f} "

@@ -405,3 +405,35 @@ def test_specialization_table_shows_each_experts_text_share():
         assert row in table, (row, table)
         fig = figure_html(doc, f"plot-specialization-layer-{layer}")
         assert fig.count("<rect") >= 6
+
+
+def test_joint_check_table_lists_every_range_and_marks_the_chosen_one():
+    report = synthetic_report(layers=2)
+    sec = report["sections"]["allocate-bits"]
+    assert "table-joint" not in render_report(report)  # only with --joint select
+    sec["joint"] = {
+        "candidates": [
+            {"widths": [2, 3, 4], "histogram": {"2": 3, "4": 3}, "objective": 0.5, "kl": 0.25,
+             "kl_multimodal": 0.125, "kl_text_only": 0.5, "same_as": 0,
+             "kl_vs_default": [0.1875, 0.125, 0.25], "better": False},
+            {"widths": [2], "histogram": {"2": 6}, "objective": 0.75, "kl": 0.0625,
+             "kl_multimodal": 0.03125, "kl_text_only": None, "same_as": 1,
+             "kl_vs_default": [0.0, 0.0, 0.0], "better": False},
+            {"widths": [2, 3], "histogram": {"2": 6}, "objective": 0.75, "kl": 0.0625,
+             "kl_multimodal": 0.03125, "kl_text_only": None, "same_as": 1,
+             "kl_vs_default": [0.0, 0.0, 0.0], "better": False},
+        ],
+        "default": 1, "chosen": 1, "infeasible": [[3], [3, 4], [4]], "positions": 40,
+        "samples": 32, "seconds": 1.5, "quantizer": "gptq",
+    }  # fmt: skip
+    doc = render_report(report)
+    check_html(doc)
+    table = doc[doc.index('id="table-joint"') :]
+    table = table[: table.index("</table>")]
+    rows = table.split("<tr>")[2:]
+    assert len(rows) == 3
+    assert "{2, 3, 4}" in rows[0] and "0.25" in rows[0] and "chosen" not in rows[0]
+    assert "+0.188 [+0.125, +0.25]" in rows[0] and "(better)" not in rows[0]
+    assert "{2}" in rows[1] and "0.0625" in rows[1] and "default, <b>chosen</b>" in rows[1]
+    assert "as {2}" in rows[2] and "chosen" not in rows[2]
+    assert "32 calibration samples" in doc and "{3}; {3, 4}; {4}" in doc and "(gptq)" in doc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from modec.report.data import Report, section
 from modec.report.html import esc, figure, kv, ncell, not_run, num, table
 from modec.report.svg import COLOR_QUANT, Scale, grouped_bars, heatmap, swatches
@@ -66,6 +68,9 @@ def render(report: Report) -> str:
             "Average width of each layer's experts; the dashed line is the budget.",
         )
     )
+    joint = sec.get("joint")
+    if isinstance(joint, dict) and isinstance(joint.get("candidates"), list):
+        out.append(_joint(joint))
     solver = sec.get("layers")
     if isinstance(solver, list) and solver:
         rows = []
@@ -101,3 +106,73 @@ def render(report: Report) -> str:
             )
         )
     return "".join(out)
+
+
+def _joint(joint: dict[str, Any]) -> str:
+    """The joint check (``--joint select``): every width range's allocation and its KL."""
+    rows = []
+    chosen, default = joint.get("chosen"), joint.get("default")
+    for i, c in enumerate(joint["candidates"]):
+        hist = c.get("histogram") or {}
+        same = c.get("same_as")
+        vs = c.get("kl_vs_default")
+        diff = (
+            f"{vs[0]:+.3g} [{vs[1]:+.3g}, {vs[2]:+.3g}]"
+            if isinstance(vs, list) and len(vs) == 3 and i != default
+            else ""
+        )
+        mark = ["default"] if i == default else []
+        mark += ["<b>chosen</b>"] if i == chosen else []
+        rows.append(
+            [
+                esc("{" + ", ".join(str(b) for b in c.get("widths", [])) + "}"),
+                esc(", ".join(f"{b}-bit: {n}" for b, n in sorted(hist.items()))),
+                ncell(c.get("objective")),
+                ncell(c.get("kl")),
+                ncell(c.get("kl_multimodal")),
+                ncell(c.get("kl_text_only")),
+                esc(diff) + (" (better)" if c.get("better") else ""),
+                esc(f"as {{{', '.join(str(b) for b in joint['candidates'][same]['widths'])}}}")
+                if isinstance(same, int) and same != i
+                else "",
+                ", ".join(mark),
+            ]
+        )
+    infeasible = joint.get("infeasible") or []
+    note = (
+        f"<p>Every contiguous range of the candidate widths was solved with the method's costs; "
+        f"each distinct allocation ran on {joint.get('samples', '?')} calibration samples "
+        f"({joint.get('positions', '?')} KL positions) with every expert quantized at its "
+        f"width ({esc(str(joint.get('quantizer', '?')))}; GPTQ judges each half of the "
+        f"samples with experts fitted to the other half), in {num(joint.get('seconds'))} s. "
+        f"The narrowest range (the default) is kept unless another range's joint KL to fp32 "
+        f"is lower with a 95% paired bootstrap interval below zero (better); then the lowest "
+        f"of those. The first row is the paper's allocation."
+        + (
+            " Ranges that cannot meet the budget: "
+            + esc("; ".join("{" + ", ".join(map(str, r)) + "}" for r in infeasible))
+            + "."
+            if infeasible
+            else ""
+        )
+        + "</p>"
+    )
+    return (
+        "<h3>Joint check</h3>"
+        + note
+        + table(
+            [
+                "widths allowed",
+                "histogram",
+                "additive objective",
+                "joint KL",
+                "KL multimodal",
+                "KL text-only",
+                "KL − default's [95%]",
+                "allocation",
+                "",
+            ],
+            rows,
+            id="table-joint",
+        )
+    )

@@ -1,0 +1,246 @@
+"""allocate-bits' joint check (``--joint select``, `modec.method.joint`) on the tiny digits-vlm.
+
+The joint KL is checked against an independent computation: the whole model run with
+`Executor.run` after every expert's stack is replaced by its RTN-quantized copy, the KL
+read with the same positions. The selection is checked against its own figures: the
+chosen range has the lowest joint KL, the full range (the paper's allocation) is always a
+candidate, and uniform is one whenever the budget is a width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from modec.executor import Executor
+from modec.facts import BitAllocation, Calibration
+from modec.method.joint import joint_kl, width_ranges
+from modec.method.probes import ProbeSettings, probe_batches
+from modec.method.sensitivity import choose_subset, kl_divergence, log_softmax
+from modec.numerics.quant import quantize_rtn
+from modec.numerics.schemes import QuantScheme
+
+ANALYSIS = "collect-routing,select-key-vision,measure-sensitivity{samples=8,bits=1:2:3:4}"
+SELECT = ANALYSIS + ",allocate-bits{bits=1:2:3:4,budget=2.0,joint=select,joint_samples=8}"
+
+
+def test_width_ranges_are_contiguous_and_start_with_the_full_range() -> None:
+    assert width_ranges((4, 2, 3)) == [(2, 3, 4), (2,), (2, 3), (3,), (3, 4), (4,)]
+    assert width_ranges((3,)) == [(3,)]
+
+
+def test_select_range_needs_a_significant_improvement_over_the_narrowest() -> None:
+    from modec.method.joint import select_range
+
+    rng = np.random.default_rng(0)
+    pos = np.full(200, 2)
+    base = rng.exponential(0.1, 200) * pos
+    ranges = [(1, 2, 3, 4), (1, 2), (1, 2, 3)]
+    # {1,2} is the default; {1,2,3,4} is lower on average but within noise; {1,2,3} is
+    # lower on every sample: chosen
+    noisy = base + rng.normal(-0.005, 0.2, 200) * pos
+    clear = base * 0.5
+    default, chosen, iv = select_range(ranges, np.stack([noisy, base, clear]), pos)
+    assert default == 1 and chosen == 2
+    assert iv[1].estimate == iv[1].low == iv[1].high == 0.0
+    assert iv[0].low < 0 < iv[0].high and iv[2].high < 0
+    # nothing clearly better: the default stays, even with the lowest mean elsewhere
+    default, chosen, _ = select_range(ranges, np.stack([noisy, base, base + 1e-3]), pos)
+    assert chosen == default == 1 and noisy.sum() < base.sum()
+    # two clearly better: the lower mean wins
+    _, chosen, _ = select_range(ranges, np.stack([base * 0.4, base, clear]), pos)
+    assert chosen == 0
+
+
+def _independent_kl(model, subset, settings, widths) -> float:
+    ex = Executor(model, intra_op_threads=1)
+    qex = Executor(model, intra_op_threads=1)
+    for li in range(len(qex.moe)):
+        p = qex.params[li]
+        kw = {}
+        for proj in ("gate", "up", "down"):
+            stack = getattr(p, proj)
+            if stack is not None:
+                kw[proj] = np.stack([
+                    quantize_rtn(stack[e], QuantScheme(int(b), settings.group_size)).dequantize()
+                    for e, b in enumerate(widths[li])
+                ])  # fmt: skip
+        qex.params._cache[li] = replace(p, **kw)
+    out = ex.output_names[0]
+    total, n = 0.0, 0
+    for b in probe_batches(subset, settings):
+        ref = log_softmax(ex.run(b.feeds).outputs[out][b.positions])
+        got = qex.run(b.feeds).outputs[out][b.positions]
+        total += float(kl_divergence(ref, got).sum())
+        n += int(b.positions.sum())
+    return total / n
+
+
+def test_joint_kl_equals_a_full_run_with_every_expert_quantized(analysed) -> None:
+    model, ctx = analysed("collect-routing")
+    ds = ctx.facts.get(Calibration).data
+    subset = ds.subset(choose_subset(ds.multimodal, 8, 0))
+    settings = ProbeSettings(bits=(1, 2, 3, 4), group_size=32, positions="answer",
+                             batch_size=4, threads=1)  # fmt: skip
+    rng = np.random.default_rng(0)
+    cands = [[[2, 2, 2, 2], [2, 2, 2, 2]], rng.integers(1, 5, size=(2, 4)).tolist(),
+             [[4, 4, 4, 4], [4, 4, 4, 4]]]  # fmt: skip
+    got = joint_kl(model, subset, settings, cands)
+    want = [_independent_kl(model, subset, settings, c) for c in cands]
+    np.testing.assert_allclose(got.overall, want, rtol=1e-5)
+    assert got.overall[2] < got.overall[0]  # 4 bits everywhere is closer to fp32 than 2
+    assert got.positions > 0 and np.isfinite(got.multimodal).all()
+    # overall is the position-weighted mean of the two kinds of samples
+    assert got.overall.min() >= min(got.multimodal.min(), got.text_only.min()) - 1e-12
+
+
+def test_gptq_joint_kl_equals_the_quantize_experts_model(analysed) -> None:
+    """With GPTQ the joint runs quantize each expert as quantize-experts does: a candidate's
+    KL equals that of the model the pass builds at the same widths."""
+    from modec.passes.quantize_experts import QuantizeExpertsPass
+
+    from modec.method.joint import JointQuantizer
+    from modec.pipeline import Pipeline
+
+    model, ctx = analysed("collect-routing")
+    ds = ctx.facts.get(Calibration).data
+    settings = ProbeSettings(bits=(2, 3, 4), group_size=128, positions="answer",
+                             batch_size=8, threads=1)  # fmt: skip
+    mixed = [[2, 4, 3, 2], [3, 3, 2, 4]]
+    got = joint_kl(model, ds, settings, [mixed], JointQuantizer("gptq", ds))
+    rtn = joint_kl(model, ds, settings, [mixed])
+    qctx = ctx.fork()
+    widths = tuple(tuple(w) for w in mixed)
+    qctx.facts.put(BitAllocation("fixed", (2, 3, 4), 2.875, 128, widths, 0.0, "fixed", 0.0, False))
+    import onnx_ir as ir
+
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    quantized, _ = Pipeline([QuantizeExpertsPass()], name="q").run(copy, qctx)
+    methods = {e["up"]["method"] for layer in qctx.report["quantize-experts"]["layers"]
+               for e in layer}  # fmt: skip
+    assert "gptq" in methods  # the check below compares GPTQ, not only RTN fallbacks
+    ex, qex = Executor(model, intra_op_threads=1), Executor(quantized, intra_op_threads=1)
+    out = ex.output_names[0]
+    total, n = 0.0, 0
+    for b in probe_batches(ds, settings):
+        ref = log_softmax(ex.run(b.feeds).outputs[out][b.positions])
+        total += float(kl_divergence(ref, qex.run(b.feeds).outputs[out][b.positions]).sum())
+        n += int(b.positions.sum())
+    np.testing.assert_allclose(got.overall, [total / n], rtol=1e-5)
+    assert abs(rtn.overall[0] - got.overall[0]) > 1e-3 * got.overall[0]  # RTN differs
+
+
+def test_cross_fitting_judges_each_fold_with_the_other_folds_hessians(analysed) -> None:
+    """Each calibration sample lands in exactly one fold, the folds split both kinds of
+    sample; a fold's KL is the KL of experts GPTQ'd on every other sample, and the pooled
+    figures are the position-weighted means of the two runs."""
+    from modec.method.joint import JointQuantizer, cross_fitted_kl, folds
+
+    model, ctx = analysed("collect-routing")
+    ds = ctx.facts.get(Calibration).data
+    f0, f1 = folds(ds, np.arange(len(ds)))
+    assert np.intersect1d(f0, f1).size == 0 and np.union1d(f0, f1).size == len(ds)
+    for f in (f0, f1):
+        assert ds.multimodal[f].any() and (~ds.multimodal[f]).any()
+    settings = ProbeSettings(bits=(2, 3, 4), group_size=128, positions="answer",
+                             batch_size=8, threads=1)  # fmt: skip
+    cands = [[[2, 4, 3, 2], [3, 3, 2, 4]], [[3, 3, 3, 3], [3, 3, 3, 3]]]
+    q = JointQuantizer("gptq", ds)
+    got = cross_fitted_kl(model, ds, settings, cands, q)
+    runs = [joint_kl(model, ds.subset(f), settings, cands,
+                     JointQuantizer("gptq", ds.subset(np.setdiff1d(np.arange(len(ds)), f))))
+            for f in (f0, f1)]  # fmt: skip
+    pos = sum(r.positions for r in runs)
+    np.testing.assert_allclose(got.overall, sum(r.overall * r.positions for r in runs) / pos)
+    assert got.positions == pos and got.sample_kl.shape == (2, len(ds))
+    np.testing.assert_allclose(got.sample_kl.sum(axis=1) / got.sample_positions.sum(), got.overall)
+    mm = sum(r.multimodal * r.kind_positions[0] for r in runs) / sum(r.kind_positions[0]
+                                                                    for r in runs)  # fmt: skip
+    np.testing.assert_allclose(got.multimodal, mm)
+    # in-sample GPTQ fits the judged samples: their KL differs from the cross-fitted one
+    inside = joint_kl(model, ds, settings, cands, q)
+    assert not np.allclose(inside.overall, got.overall, rtol=1e-3)
+    # a part of the calibration set is named by its indices
+    with pytest.raises(ValueError, match="indices"):
+        cross_fitted_kl(model, ds.subset(f0), settings, cands, q)
+    part = cross_fitted_kl(model, f0, settings, cands, q)
+    assert part.sample_kl.shape == (2, f0.size)
+
+
+@pytest.fixture(scope="module")
+def selected(analysed):
+    return analysed(SELECT)
+
+
+def test_select_keeps_the_narrowest_range_unless_another_is_significantly_closer(selected):
+    _, ctx = selected
+    sec = ctx.report["allocate-bits"]
+    joint = sec["joint"]
+    rows = joint["candidates"]
+    assert rows[0]["widths"] == [1, 2, 3, 4]  # the paper's allocation is always measured
+    # budget 2.0 is a width: the default is uniform 2-bit (the range {2}), and every range
+    # starting at 2 gives it too, measured once
+    default = joint["default"]
+    assert rows[default]["widths"] == [2] and rows[default]["histogram"] == {"2": 8}
+    uniform = [r for r in rows if r["widths"][0] == 2]
+    assert all(r["histogram"] == {"2": 8} and r["kl_vs_default"] == [0.0, 0.0, 0.0]
+               for r in uniform)  # fmt: skip
+    assert len({r["same_as"] for r in uniform}) == 1
+    for r in rows:  # "better": the whole 95% interval of KL − default's KL is below zero
+        est, lo, hi = r["kl_vs_default"]
+        assert lo <= est <= hi and r["better"] == (hi < 0)
+        assert est == pytest.approx(r["kl"] - rows[default]["kl"], rel=1e-9, abs=1e-15)
+    better = [i for i, r in enumerate(rows) if r["better"]]
+    chosen = joint["chosen"]
+    if better:
+        assert chosen in better and rows[chosen]["kl"] == min(rows[i]["kl"] for i in better)
+    else:
+        assert chosen == default
+    alloc = ctx.facts.get(BitAllocation)
+    assert alloc.average == 2.0
+    assert set(w for layer in alloc.widths for w in layer) <= set(rows[chosen]["widths"])
+    assert sec["widths"] == [list(w) for w in alloc.widths]
+    # ranges that cannot reach 2.0 bits on average are listed, not solved
+    assert [3] in joint["infeasible"] and [3, 4] in joint["infeasible"]
+    assert joint["samples"] == 8 and joint["quantizer"] == "gptq"
+
+
+def test_select_is_deterministic_and_off_keeps_the_full_range(selected, analysed) -> None:
+    _, ctx = selected
+    _, again = analysed(SELECT)
+    assert again.facts.get(BitAllocation).widths == ctx.facts.get(BitAllocation).widths
+    assert again.report["allocate-bits"]["joint"]["candidates"] == \
+        ctx.report["allocate-bits"]["joint"]["candidates"]  # fmt: skip
+    _, off = analysed(ANALYSIS + ",allocate-bits{bits=1:2:3:4,budget=2.0}")
+    full = ctx.report["allocate-bits"]["joint"]["candidates"][0]
+    assert "joint" not in off.report["allocate-bits"]
+    assert off.report["allocate-bits"]["histogram"] == full["histogram"]
+    assert off.report["allocate-bits"]["objective"] == pytest.approx(full["objective"])
+
+
+def test_select_runs_on_every_calibration_sample_by_default(analysed) -> None:
+    """δ's probes use a 32-sample subset; the joint runs take the whole calibration set
+    unless ``joint_samples`` says otherwise (the 8 of `SELECT`)."""
+    _, ctx = analysed(ANALYSIS + ",allocate-bits{bits=1:2:3:4,budget=3.0,joint=select}")
+    joint = ctx.report["allocate-bits"]["joint"]
+    assert joint["samples"] == len(ctx.facts.get(Calibration).data) > 8
+    assert [r["widths"] for r in joint["candidates"]] == [
+        [1, 2, 3, 4], [1, 2, 3], [2, 3], [2, 3, 4], [3], [3, 4]
+    ]  # fmt: skip
+    assert joint["infeasible"] == [[1], [1, 2], [2], [4]]
+    uniform = [r for r in joint["candidates"] if r["widths"][0] == 3]
+    assert uniform and all(r["histogram"] == {"3": 8} for r in uniform)
+
+
+def test_joint_option_is_checked() -> None:
+    from modec.passes.allocate_bits import AllocateBitsPass
+
+    from modec.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="--joint must be off or select"):
+        AllocateBitsPass(joint="maybe")  # type: ignore[arg-type]
+    for n in (-1, 1):  # one sample cannot be split in two halves
+        with pytest.raises(BadInputError, match="joint_samples must be 0"):
+            AllocateBitsPass(joint="select", joint_samples=n)
