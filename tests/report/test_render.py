@@ -436,4 +436,5 @@ def test_joint_check_table_lists_every_range_and_marks_the_chosen_one():
     assert "+0.188 [+0.125, +0.25]" in rows[0] and "(better)" not in rows[0]
     assert "{2}" in rows[1] and "0.0625" in rows[1] and "default, <b>chosen</b>" in rows[1]
     assert "as {2}" in rows[2] and "chosen" not in rows[2]
-    assert "32 calibration samples" in doc and "{3}; {3, 4}; {4}" in doc and "(gptq)" in doc
+    assert "32 calibration samples" in doc and "{3}; {3, 4}; {4}" in doc
+    assert "(gptq; each half of the samples judged by experts fitted to the other half)" in doc

@@ -143,8 +143,13 @@ def _joint(joint: dict[str, Any]) -> str:
         f"<p>Every contiguous range of the candidate widths was solved with the method's costs; "
         f"each distinct allocation ran on {joint.get('samples', '?')} calibration samples "
         f"({joint.get('positions', '?')} KL positions) with every expert quantized at its "
-        f"width ({esc(str(joint.get('quantizer', '?')))}; GPTQ judges each half of the "
-        f"samples with experts fitted to the other half), in {num(joint.get('seconds'))} s. "
+        f"width ({esc(str(joint.get('quantizer', '?')))}"
+        + (
+            "; each half of the samples judged by experts fitted to the other half"
+            if joint.get("quantizer") == "gptq"
+            else ""
+        )
+        + f"), in {num(joint.get('seconds'))} s. "
         f"The narrowest range (the default) is kept unless another range's joint KL to fp32 "
         f"is lower with a 95% paired bootstrap interval below zero (better); then the lowest "
         f"of those. The first row is the paper's allocation."
