@@ -2,9 +2,11 @@
 
 The joint KL is checked against an independent computation: the whole model run with
 `Executor.run` after every expert's stack is replaced by its RTN-quantized copy, the KL
-read with the same positions. The selection is checked against its own figures: the
-chosen range has the lowest joint KL, the full range (the paper's allocation) is always a
-candidate, and uniform is one whenever the budget is a width.
+read with the same positions; with GPTQ, against the model quantize-experts builds; the
+cross-fitted KL against the two half runs it pools. The selection is checked against its
+own figures: the default (narrowest) range is kept unless another's 95% interval of the
+KL difference lies below zero, then the lowest of those; the full range (the paper's
+allocation) is always a candidate, and uniform is one whenever the budget is a width.
 """
 
 from __future__ import annotations
