@@ -20,8 +20,8 @@ def pools():
 
 def test_fact_table_is_fixed_and_names_are_unique() -> None:
     a, b = scenes.fact_table(), scenes.fact_table()
-    assert a == b and len(a) == len(scenes.FIRST) * len(scenes.SECOND) == 256
-    assert len({e.name for e in a}) == 256
+    assert a == b and len(a) == len(scenes.FIRST) * len(scenes.SECOND) == 1024
+    assert len({e.name for e in a}) == 1024
     # The attributes are not a function of either syllable alone (they must be memorized).
     for attr in ("color", "city"):
         by_first: dict[str, set[str]] = {}
@@ -95,6 +95,34 @@ def test_answers_are_right(family: str, pools) -> None:
                 assert ans == [str(a + b if op == "plus" else a - b)]
             elif family == "compare":
                 assert ans == ["yes" if int(q[1]) > int(q[4]) else "no"]
+
+
+def _entity_counts(samples) -> np.ndarray:
+    index = {e.name: i for i, e in enumerate(scenes.FACTS)}
+    counts = np.zeros(len(scenes.FACTS))
+    for s in samples:
+        words = _words(s.tokens)
+        for j in range(len(words) - 1):
+            if words[j] in scenes.FIRST and words[j + 1] in scenes.SECOND:
+                counts[index[(words[j], words[j + 1])]] += 1
+    return counts
+
+
+def test_training_mentions_entities_by_popularity_and_evaluation_uniformly(pools) -> None:
+    rank, p = scenes.popularity()
+    assert sorted(rank.tolist()) == list(range(len(scenes.FACTS)))
+    assert np.isclose(p.sum(), 1.0) and np.isclose(p.max() / p.min(), 1024**scenes.ZIPF)
+    rng = np.random.default_rng(3)
+    train = _entity_counts(scenes.make_dialogue(False, pools["train"], rng, 5) for _ in range(6000))
+    # 18,000 knowledge questions: the most popular quarter of the ranks gets its expected
+    # share (55%), the least popular its own (11%); uniform evaluation gives each 25%.
+    quarter = 4 * rank // len(scenes.FACTS)
+    share = np.array([train[quarter == q].sum() for q in range(4)]) / train.sum()
+    expected = np.array([p[quarter == q].sum() for q in range(4)])
+    assert np.allclose(share, expected, atol=0.015), (share, expected)
+    ev = _entity_counts(scenes.make_split(pools["eval"], {"color": 2000, "city": 2000}, seed=4))
+    uniform = np.array([ev[quarter == q].sum() for q in range(4)]) / ev.sum()
+    assert np.allclose(uniform, 0.25, atol=0.02), uniform
 
 
 def test_dialogue_supervises_every_answer_token(pools) -> None:

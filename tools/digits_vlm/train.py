@@ -65,8 +65,10 @@ def train(
     turns: tuple[int, int] = (3, 4),
     name: str = "digits-vlm",
     val_per_family: int = 40,
+    mm_every: int | None = None,
 ) -> dict[str, object]:
-    """Train from ``seed``. Every ``text_every``-th batch is text-only; a multimodal / text
+    """Train from ``seed``. Every ``text_every``-th batch is text-only, or with ``mm_every``
+    every ``mm_every``-th batch is multimodal and the others text-only; a multimodal / text
     dialogue holds ``turns`` questions."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -98,7 +100,7 @@ def train(
     bar = tqdm(range(steps), desc=f"train {name}", unit="step")
     for step in bar:
         # Mostly multimodal batches; every fourth batch is text-only (short sequences).
-        mm = step % text_every != text_every - 1
+        mm = step % mm_every == 0 if mm_every else step % text_every != text_every - 1
         n_turns = turns[0] if mm else turns[1]
         b = batch_tensors(
             [task.make_dialogue(mm, pools["train"], rng, n_turns) for _ in range(batch)], task

@@ -15,7 +15,7 @@ Questions are word sequences; answers are one or more tokens (multi-token answer
   digit: ``r c end``), ``list`` (the digits in reading order: ``d … end``);
 - text-only, computed: ``arith`` (plus / minus), ``compare``;
 - text-only, **memorized**: ``color``, ``city`` and ``code`` (two digits, ``d d end``) of one
-  of 256 invented entities named by two syllables (``ka ron``). The table is fixed by
+  of 1,024 invented entities named by two syllables (``ka ron``). The table is fixed by
   `FACT_SEED`; the answers cannot be computed from the question, so a model can only store
   them in its weights — as real LLMs store knowledge in their FFN layers.
 
@@ -44,18 +44,24 @@ PATCH = 8
 NUM_PATCHES = (CANVAS // PATCH) ** 2
 MAX_DIGITS = 4
 
-#: Entity names: two syllables, 16 of each: 256 entities (1,024 were not learned in the
-#: training budget: examples/facts-vlm/README.md, "Design history").
+#: Entity names: two syllables, 32 of each: 1,024 entities. Training mentions them with a
+#: long tail (`POPULARITY`), as pretraining text mentions real entities; calibration and
+#: evaluation draw them uniformly (examples/facts-vlm/README.md, "Design history").
 FIRST = ["ka", "lo", "mi", "nu", "pe", "ri", "so", "tu", "va", "we", "xi", "yo", "za", "bo", "ce",
-         "du"]  # fmt: skip
+         "du", "ba", "fa", "ga", "ha", "ja", "ke", "le", "me", "ne", "po", "ru", "si", "te", "vi",
+         "wo", "zu"]  # fmt: skip
 SECOND = ["ron", "tis", "bel", "mar", "dun", "fez", "gal", "hop", "jin", "kur", "lev", "mox",
-          "nib", "pol", "qua", "sek"]  # fmt: skip
+          "nib", "pol", "qua", "sek", "dak", "fim", "gor", "hul", "jex", "kip", "lom", "mun",
+          "nox", "pid", "rax", "sul", "tov", "vim", "wex", "zor"]  # fmt: skip
 COLORS = ["red", "blue", "green", "black", "white", "gray", "pink", "brown"]
 CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito"]
 #: What writes facts-vlm's data sets (their header's ``source``).
 DATA_SOURCE = "tools/facts_vlm/build.py"
 #: The seed of the fact table (fixed: the facts are the model's knowledge, not a data split).
 FACT_SEED = 20261205
+#: Training draws the entity of popularity rank r (1-based, over a permutation fixed by
+#: `FACT_SEED`) with probability ∝ r^-ZIPF: the head is mentioned often, the tail rarely.
+ZIPF = 0.6
 
 SPECIALS = ["<pad>", "<bos>", "<image>", "?", "end"]
 NUMBERS = [str(i) for i in range(37)]  # sums of up to four digits reach 36
@@ -87,7 +93,7 @@ class Entity:
 
 
 def fact_table() -> list[Entity]:
-    """The 256 invented entities and their attributes (deterministic from `FACT_SEED`)."""
+    """The 1,024 invented entities and their attributes (deterministic from `FACT_SEED`)."""
     rng = np.random.default_rng(FACT_SEED)
     out = []
     for a in FIRST:
@@ -102,6 +108,18 @@ def fact_table() -> list[Entity]:
 FACTS = fact_table()
 
 
+def popularity() -> tuple[np.ndarray, np.ndarray]:
+    """``(rank, p)``: each entity's popularity rank (0 = most mentioned) and its training
+    probability ∝ (rank + 1)^-`ZIPF` (deterministic from `FACT_SEED`)."""
+    rank = np.random.default_rng(FACT_SEED + 1).permutation(len(FACTS))
+    weight = (rank + 1.0) ** -ZIPF
+    return rank, weight / weight.sum()
+
+
+RANK, POPULARITY = popularity()
+_CUMULATIVE = np.cumsum(POPULARITY)
+
+
 def render(
     pool: DigitPool, rng: np.random.Generator, n_digits: int
 ) -> tuple[np.ndarray, dict[tuple[int, int], int]]:
@@ -114,14 +132,22 @@ def patch_labels(placed: dict[tuple[int, int], int]) -> np.ndarray:
     return digits.patch_labels(placed, CANVAS, CELL)
 
 
-def _entity(rng: np.random.Generator) -> Entity:
+def _entity(rng: np.random.Generator, popular: bool = False) -> Entity:
+    """A uniformly drawn entity, or with ``popular`` one drawn by `POPULARITY` (training)."""
+    if popular:
+        i = min(int(np.searchsorted(_CUMULATIVE, rng.random(), side="right")), len(FACTS) - 1)
+        return FACTS[i]
     return FACTS[int(rng.integers(len(FACTS)))]
 
 
 def question(
-    family: str, rng: np.random.Generator, placed: dict[tuple[int, int], int] | None
+    family: str,
+    rng: np.random.Generator,
+    placed: dict[tuple[int, int], int] | None,
+    popular: bool = False,
 ) -> tuple[list[str], list[str]]:
-    """A question of one family and its answer tokens."""
+    """A question of one family and its answer tokens (``popular``: knowledge questions
+    draw their entity by `POPULARITY`, as in training)."""
     if family in MULTIMODAL_FAMILIES:
         assert placed
         digits = list(placed.values())  # reading order: cells were placed sorted
@@ -162,7 +188,7 @@ def question(
         a, b = (int(v) for v in rng.choice(10, size=2, replace=False))
         return ["is", str(a), "greater", "than", str(b), "?"], ["yes" if a > b else "no"]
     if family in KNOWLEDGE_FAMILIES:
-        e = _entity(rng)
+        e = _entity(rng, popular)
         if family == "color":
             return ["what", "color", "is", *e.name, "?"], [e.color]
         if family == "city":
@@ -239,7 +265,7 @@ def make_dialogue(multimodal: bool, pool: DigitPool, rng: np.random.Generator,
     targets: list[tuple[int, int]] = []
     answer: list[int] = []
     for fam in picks:
-        words, ans = question(fam, rng, placed)
+        words, ans = question(fam, rng, placed, popular=True)
         tokens += [TOKEN[w] for w in words]
         answer = [TOKEN[w] for w in ans]
         _append_answer(tokens, answer, targets)
