@@ -99,7 +99,7 @@ def train(
     start = time.time()
     bar = tqdm(range(steps), desc=f"train {name}", unit="step")
     for step in bar:
-        # Mostly multimodal batches; every fourth batch is text-only (short sequences).
+        # digits-vlm: mostly multimodal, every text_every-th batch text-only (short sequences).
         mm = step % mm_every == 0 if mm_every else step % text_every != text_every - 1
         n_turns = turns[0] if mm else turns[1]
         b = batch_tensors(

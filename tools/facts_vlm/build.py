@@ -457,8 +457,9 @@ No allocation method had been compared on any of these builds when it was measur
    not.
 4. **This build** takes what those showed: 1,024 entities with the long-tailed mentions (so
    that the tail's facts are held with thin margins), three text batches for each
-   multimodal one (a text batch costs about a third of a multimodal one, and the facts need
-   the presentations the second design lacked), and knowledge as half of the evaluation set
+   multimodal one (a text batch took a fifth of a multimodal one's time at one thread, 0.44
+   against 2.3 s, and the facts need the presentations the second design lacked), and
+   knowledge as half of the evaluation set
    (the image families barely move under quantization in every build). Its image families
    had a quarter of the training batches instead of half: multimodal {pct(fp["multimodal"]["accuracy"])} in fp32
    against the first build's 66.34%.
