@@ -87,6 +87,7 @@ def test_answers_are_right(family: str, pools) -> None:
             if family in ("color", "city", "code"):
                 name = tuple(w for w in q if w in scenes.FIRST or w in scenes.SECOND)
                 e = facts[name]  # type: ignore[index]
+                assert [scenes.FACTS[i] for i in scenes.entities_in(s.tokens)] == [e]
                 want = {"color": [e.color], "city": [e.city],
                         "code": [str(e.code[0]), str(e.code[1]), "end"]}[family]  # fmt: skip
                 assert ans == want
@@ -98,13 +99,10 @@ def test_answers_are_right(family: str, pools) -> None:
 
 
 def _entity_counts(samples) -> np.ndarray:
-    index = {e.name: i for i, e in enumerate(scenes.FACTS)}
     counts = np.zeros(len(scenes.FACTS))
     for s in samples:
-        words = _words(s.tokens)
-        for j in range(len(words) - 1):
-            if words[j] in scenes.FIRST and words[j + 1] in scenes.SECOND:
-                counts[index[(words[j], words[j + 1])]] += 1
+        for i in scenes.entities_in(s.tokens):
+            counts[i] += 1
     return counts
 
 

@@ -91,15 +91,10 @@ def popularity_quarter(ds: data.Dataset) -> np.ndarray:
     """Per sample, the training-popularity quarter (0 = most mentioned) of the entity a
     knowledge question names, -1 for other samples (read from the question's syllables)."""
     ids = ds.inputs["input_ids"]
-    first = {scenes.TOKEN[w]: i for i, w in enumerate(scenes.FIRST)}
-    second = {scenes.TOKEN[w]: i for i, w in enumerate(scenes.SECOND)}
     out = np.full(len(ds), -1, dtype=np.int64)
     for i in np.flatnonzero(knowledge_mask(ds)):
-        row = ids[i].tolist()
-        a = next(first[t] for t in row if t in first)
-        b = next(second[t] for t in row if t in second)
-        rank = int(scenes.RANK[a * len(scenes.SECOND) + b])  # fact_table's order
-        out[i] = 4 * rank // len(scenes.FACTS)
+        (entity,) = scenes.entities_in(ids[i].tolist())
+        out[i] = 4 * int(scenes.RANK[entity]) // len(scenes.FACTS)
     return out
 
 

@@ -118,6 +118,12 @@ def popularity() -> tuple[np.ndarray, np.ndarray]:
 
 RANK, POPULARITY = popularity()
 _CUMULATIVE = np.cumsum(POPULARITY)
+_INDEX = {(TOKEN[e.name[0]], TOKEN[e.name[1]]): i for i, e in enumerate(FACTS)}
+
+
+def entities_in(tokens: list[int]) -> list[int]:
+    """The `FACTS` index of every entity a token sequence names, in order."""
+    return [_INDEX[pair] for pair in zip(tokens, tokens[1:]) if pair in _INDEX]
 
 
 def render(
