@@ -27,6 +27,7 @@ multi-token answers). Everything is deterministic from a seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -123,7 +124,7 @@ _INDEX = {(TOKEN[e.name[0]], TOKEN[e.name[1]]): i for i, e in enumerate(FACTS)}
 
 def entities_in(tokens: list[int]) -> list[int]:
     """The `FACTS` index of every entity a token sequence names, in order."""
-    return [_INDEX[pair] for pair in zip(tokens, tokens[1:]) if pair in _INDEX]
+    return [_INDEX[pair] for pair in pairwise(tokens) if pair in _INDEX]
 
 
 def render(
