@@ -48,3 +48,20 @@ def test_table_rows_are_means_over_models_and_seeds() -> None:
     mode = [100 * r["overall"] for r in rows if r["method"] == "mode"]
     assert f"| mode | 2.5 | {np.mean(mode):.2f} ± {np.std(mode):.2f} |" in text
     assert against_best_baseline(rows, {}, [3.0]) == []  # no rows at that budget
+
+
+def test_row_store_round_trips_rows_by_key(tmp_path) -> None:
+    from tools.mode_table import RowStore
+
+    store = RowStore(tmp_path / "rows")
+    key = {"model": "ab", "eval": "cd", "seed": 0, "method": "mode", "budget": 2.5}
+    row = {"method": "mode", "budget": 2.5, "seed": 0, "model": 3, "overall": 0.75, "kl": 0.1}
+    hits = np.array([True, False, True, True])
+    assert store.get(key) is None
+    store.put(key, row, hits)
+    got_row, got_hits = store.get(key)
+    assert got_row == {k: v for k, v in row.items() if k != "model"}  # the index is the run's
+    assert got_hits.dtype == bool and (got_hits == hits).all()
+    assert store.get({**key, "seed": 1}) is None and store.get({**key, "budget": 3.0}) is None
+    assert [p.name.endswith(".tmp.npz") for p in (tmp_path / "rows").iterdir()] == [False]
+    assert RowStore(None).get(key) is None  # no directory: nothing kept

@@ -13,11 +13,20 @@ accuracy, and the KL to that model's fp32 output per answer token. Writes the ta
 std over models × seeds, and MODE against the best baseline at each budget with a paired
 bootstrap interval) to ``--out``, the raw rows to ``<out>.json`` and a plot of accuracy
 against budget (MODE and the baselines) to ``<out stem>_budget.png``.
+
+``--store DIR`` keeps every evaluated row (its accuracies, KL and per-sample correctness)
+under a key of the model's and the evaluation set's SHA-256, the example, calibration seed,
+method, budget, widths and threads; a later run with the same store evaluates only the rows
+it lacks and runs a seed's analysis only when one of its rows is missing. Runs compose: add
+a training seed (``--models A,B``) or the ablations later, and the table and its paired
+intervals cover all of them. The key does not cover modec's code: start a new store after
+changing the passes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -28,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from modec import data, stats
+from modec.artifact import sha256_file
 from modec.evaluate import answer_kl, evaluate
 from modec.frontend import OrtRunner
 from modec.pipelines import PIPELINES, CompileOptions
@@ -62,46 +72,102 @@ def calibration_builder(example: str) -> Callable[[Path, int], Path]:
 Correct = dict[tuple[int, int, str, float], np.ndarray]
 
 
+class RowStore:
+    """Evaluated rows on disk (``--store``), one ``.npz`` per row: the row without its model
+    index (``row``, JSON) and the per-sample correctness (``correct``). ``None`` directory:
+    nothing is kept."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: dict[str, Any]) -> Path:
+        assert self.root is not None
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return self.root / f"{name}.npz"
+
+    def get(self, key: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray] | None:
+        if self.root is None or not (path := self._path(key)).exists():
+            return None
+        with np.load(path) as z:
+            return json.loads(str(z["row"])), z["correct"].astype(bool)
+
+    def put(self, key: dict[str, Any], row: dict[str, Any], correct: np.ndarray) -> None:
+        if self.root is None:
+            return
+        path = self._path(key)
+        tmp = path.with_suffix(".tmp.npz")
+        kept = {k: v for k, v in row.items() if k != "model"}
+        np.savez(tmp, row=np.array(json.dumps(kept, sort_keys=True)), correct=correct)
+        tmp.replace(path)  # a killed run leaves no half-written row
+
+
 def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float],
         curve: list[float], methods: list[str], bits: tuple[int, ...] = (2, 3, 4),
-        example: str = "digits-vlm", threads: int = 2,
+        example: str = "digits-vlm", threads: int = 2, store: Path | None = None,
         ) -> tuple[list[dict[str, Any]], Correct]:  # fmt: skip
     ds = data.load(eval_path)
     rows: list[dict[str, Any]] = []
     correct: Correct = {}
     build_calib = calibration_builder(example)
+    kept = RowStore(store)
+    eval_sha = sha256_file(eval_path) if store is not None else ""
+    wanted = sorted(
+        (m, b)
+        for m, b in {(m, b) for m in methods for b in budgets} | {("mode", b) for b in curve}
+        if m != "uniform" or float(b) == int(b)
+    )
     for mi, model in enumerate(models):
-        fp32 = evaluate(OrtRunner(model, threads), ds, keep_logprobs=True)
-        assert fp32.correct is not None
-        correct[(mi, -1, "fp32", 32.0)] = fp32.correct
-        rows.append({"method": "fp32", "budget": 32.0, "seed": -1, "model": mi, "kl": 0.0,
-                     **{k: getattr(fp32, k).accuracy for k in SPLITS}})  # fmt: skip
+        model_sha = sha256_file(model) if store is not None else ""
+        fp32_key = {"model": model_sha, "eval": eval_sha, "threads": threads}
+        fp32 = None  # evaluated when a row needs its log-probabilities or it is not kept
+        if (got := kept.get(fp32_key)) is None:
+            fp32 = evaluate(OrtRunner(model, threads), ds, keep_logprobs=True)
+            assert fp32.correct is not None
+            got = ({"method": "fp32", "budget": 32.0, "seed": -1, "kl": 0.0,
+                    **{k: getattr(fp32, k).accuracy for k in SPLITS}}, fp32.correct)  # fmt: skip
+            kept.put(fp32_key, *got)
+        rows.append({**got[0], "model": mi})
+        correct[(mi, -1, "fp32", 32.0)] = got[1]
         with tempfile.TemporaryDirectory() as tmp:
             for seed in seeds:
-                calib = build_calib(Path(tmp) / f"calib{seed}.npz", seed)
-                t0 = time.perf_counter()
-                an = analyze(model, str(calib),
-                             CompileOptions(seed=seed, bits=bits, threads=threads))  # fmt: skip
-                print(f"model {mi} seed {seed}: analysis {time.perf_counter() - t0:.1f} s",
-                      flush=True)  # fmt: skip
-                wanted = {(m, b) for m in methods for b in budgets} | {("mode", b) for b in curve}
-                for method, budget in sorted(wanted):
-                    if method == "uniform" and float(budget) != int(budget):
-                        continue
+                keys = {(m, b): {"model": model_sha, "eval": eval_sha, "example": example,
+                                 "seed": seed, "method": m, "budget": float(b),
+                                 "bits": list(bits), "threads": threads}
+                        for m, b in wanted}  # fmt: skip
+                done = {mb: got for mb, k in keys.items() if (got := kept.get(k)) is not None}
+                missing = [mb for mb in wanted if mb not in done]
+                print(f"model {mi} seed {seed}: {len(done)} rows kept, {len(missing)} to "
+                      "evaluate", flush=True)  # fmt: skip
+                if missing and fp32 is None:
+                    fp32 = evaluate(OrtRunner(model, threads), ds, keep_logprobs=True)
+                if missing:
+                    calib = build_calib(Path(tmp) / f"calib{seed}.npz", seed)
+                    t0 = time.perf_counter()
+                    an = analyze(model, str(calib),
+                                 CompileOptions(seed=seed, bits=bits, threads=threads))  # fmt: skip
+                    print(f"model {mi} seed {seed}: analysis {time.perf_counter() - t0:.1f} s",
+                          flush=True)  # fmt: skip
+                for method, budget in missing:
                     t0 = time.perf_counter()
                     base, _, extra = method.partition("+")
                     sim = quantize(an, base, budget, joint="select" if extra == "joint" else "off")
                     res = evaluate_model(sim.model, ds, threads, keep_logprobs=True)
-                    assert res.correct is not None
-                    correct[(mi, seed, method, float(budget))] = res.correct
+                    assert res.correct is not None and fp32 is not None
                     kl = float(answer_kl(fp32, res).mean())
-                    row = {"method": method, "budget": budget, "seed": seed, "model": mi,
-                           "kl": kl, "average_bits": sim.allocation.average,
+                    row = {"method": method, "budget": budget, "seed": seed, "kl": kl,
+                           "average_bits": sim.allocation.average,
                            **{k: getattr(res, k).accuracy for k in SPLITS}}  # fmt: skip
-                    rows.append(row)
+                    done[(method, budget)] = (row, res.correct)
+                    kept.put(keys[(method, budget)], row, res.correct)
                     took = time.perf_counter() - t0
                     print(f"  {method:>15} @ {budget:.2f}: overall {100 * row['overall']:.2f}% "
                           f"KL {kl:.2e} ({took:.1f} s)", flush=True)  # fmt: skip
+                for method, budget in wanted:  # one order, stored or evaluated
+                    row, hits = done[(method, budget)]
+                    rows.append({**row, "model": mi})
+                    correct[(mi, seed, method, float(budget))] = hits
     return rows, correct
 
 
@@ -205,6 +271,9 @@ def main() -> None:
     ap.add_argument("--bits", default="2,3,4", help="candidate widths")
     ap.add_argument("--threads", type=int, default=2,
                     help="onnxruntime threads (part of the sensitivity cache key)")  # fmt: skip
+    ap.add_argument("--store", type=Path, default=None,
+                    help="directory keeping every evaluated row: a later run with the same "
+                    "store evaluates only the rows it lacks")  # fmt: skip
     args = ap.parse_args()
     root = Path("examples") / args.example
     models = args.models.split(",") if args.models else [str(root / "model.onnx")]
@@ -221,7 +290,7 @@ def main() -> None:
     t0 = time.perf_counter()
     bits = tuple(int(b) for b in args.bits.split(","))
     rows, correct = run(models, eval_path, seeds, budgets, curve, methods, bits, args.example,
-                        args.threads)  # fmt: skip
+                        args.threads, args.store)  # fmt: skip
     versus = against_best_baseline(rows, correct, budgets)
     doc = {"rows": rows, "mode_vs_best_baseline": versus}
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -236,11 +305,12 @@ def main() -> None:
     image = f"![accuracy against budget]({png.name})\n" if curves else ""
     given = (("example", args.example), ("models", args.models), ("seeds", args.seeds),
              ("budgets", args.budgets), ("curve", args.curve), ("methods", args.methods),
-             ("bits", args.bits), ("threads", args.threads), ("out", args.out))  # fmt: skip
+             ("bits", args.bits), ("threads", args.threads), ("out", args.out),
+             ("store", args.store or ""))  # fmt: skip
     cmd = "python -m tools.mode_table " + " ".join(
         f"--{k} {v if v != '' else repr(v)}"
         for k, v in given
-        if (v or k != "models") and (k != "threads" or v != 2)
+        if (v or k not in ("models", "store")) and (k != "threads" or v != 2)
     )
     vs_lines = "\n".join(
         f"| {v['budget']:g} | {v['best_baseline']} | {v['difference_pp']:+.2f} "
@@ -255,9 +325,11 @@ def main() -> None:
         if versus
         else ""
     )
+    stored_note = (" (rows the store already held were read, not evaluated again)"
+                   if args.store else "")  # fmt: skip
     body = f"""# MODE on {args.example}: accuracy at equal size
 
-Made by `{cmd}` in {time.perf_counter() - t0:.0f} s on 2 CPU cores. Mean ± std over
+Made by `{cmd}` in {time.perf_counter() - t0:.0f} s on 2 CPU cores{stored_note}. Mean ± std over
 {len(models)} model(s) × calibration seeds {args.seeds} (each a fresh 128-sample calibration
 set); accuracies in % on `{eval_path}`, simulated quantization (dequantized weights, modec's
 executor); KL to the model's fp32 output per answer token. Candidate widths {args.bits};

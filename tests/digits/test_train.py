@@ -23,7 +23,7 @@ def test_a_few_steps_train_and_log(example: str, tmp_path: Path) -> None:
 
     task = digits_scenes if example == "digits" else facts_scenes
     cfg = DigitsVLMConfig() if example == "digits" else facts_config()
-    log = train(tmp_path, 2, 0, 4, 1e-3, cfg, threads=1, task=task, text_every=2,
+    log = train(tmp_path, 2, 0, 4, 1e-3, cfg, threads=1, task=task, mix=(True, False),
                 val_per_family=2, name=example)  # fmt: skip
     assert log["steps"] == 2 and (tmp_path / "model.pt").exists()
     saved = json.loads((tmp_path / "train_log.json").read_text())

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +62,13 @@ def train(
     cfg: DigitsVLMConfig,
     threads: int = 2,
     task: Task = scenes,
-    text_every: int = 4,
+    mix: Sequence[bool] = (True, True, True, False),
     turns: tuple[int, int] = (3, 4),
     name: str = "digits-vlm",
     val_per_family: int = 40,
-    mm_every: int | None = None,
 ) -> dict[str, object]:
-    """Train from ``seed``. Every ``text_every``-th batch is text-only, or with ``mm_every``
-    every ``mm_every``-th batch is multimodal and the others text-only; a multimodal / text
+    """Train from ``seed``. Batch ``step`` is multimodal when ``mix[step % len(mix)]``, else
+    text-only (digits-vlm: three multimodal batches, then a text one); a multimodal / text
     dialogue holds ``turns`` questions."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -99,8 +99,7 @@ def train(
     start = time.time()
     bar = tqdm(range(steps), desc=f"train {name}", unit="step")
     for step in bar:
-        # digits-vlm: mostly multimodal, every text_every-th batch text-only (short sequences).
-        mm = step % mm_every == 0 if mm_every else step % text_every != text_every - 1
+        mm = mix[step % len(mix)]
         n_turns = turns[0] if mm else turns[1]
         b = batch_tensors(
             [task.make_dialogue(mm, pools["train"], rng, n_turns) for _ in range(batch)], task

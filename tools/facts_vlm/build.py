@@ -170,13 +170,13 @@ def token_stats(ds: data.Dataset) -> dict[str, float]:
 
 
 def quantization(model_path: Path, calib: Path, ds: data.Dataset, fp32: EvalResult,
-                 opts: Resampling) -> dict[str, Any]:  # fmt: skip
+                 opts: Resampling, know: np.ndarray, quarter: np.ndarray,
+                 ) -> dict[str, Any]:  # fmt: skip
     """Uniform GPTQ (group 128) at 4, 3, 2 bits: accuracy per split and the paired
-    difference to fp32 (bootstrap interval, McNemar p)."""
+    difference to fp32 (bootstrap interval, McNemar p). ``know``: `knowledge_mask` of ``ds``;
+    ``quarter``: its `popularity_quarter`."""
     t0 = time.perf_counter()
     an = analyze(str(model_path), str(calib), CompileOptions(seed=0), sensitivity=False)
-    know = knowledge_mask(ds)
-    quarter = popularity_quarter(ds)
     out: dict[str, Any] = {"analysis_seconds": round(time.perf_counter() - t0, 1), "widths": {}}
     for bits in (4, 3, 2):
         t0 = time.perf_counter()
@@ -229,6 +229,7 @@ def measure(out: Path, model: DigitsVLM, train_log: dict[str, Any], ort_diff: fl
     fp32 = evaluate(OrtRunner(out / "model.onnx"), ev)
     eval_seconds = time.perf_counter() - t0
     know = knowledge_mask(ev)
+    quarter = popularity_quarter(ev)
     assert fp32.correct is not None and ev.family is not None
     counts = specialization(model, cal)
     plot_specialization(counts, out / "specialization.png")
@@ -242,7 +243,7 @@ def measure(out: Path, model: DigitsVLM, train_log: dict[str, Any], ort_diff: fl
         "fp32": {
             **fp32.to_json(opts),
             "knowledge": split_accuracy(fp32, know),
-            "knowledge_by_quarter": by_quarter(fp32, popularity_quarter(ev)),
+            "knowledge_by_quarter": by_quarter(fp32, quarter),
             "knowledge_ci95": list(
                 stats.wilson_interval(int(fp32.correct[know].sum()), int(know.sum()))
             )[1:],
@@ -251,7 +252,9 @@ def measure(out: Path, model: DigitsVLM, train_log: dict[str, Any], ort_diff: fl
         "tokens": {"calib": token_stats(cal), "eval": token_stats(ev)},
         "eval_per_family": int(np.bincount(ev.family).min()),
         "specialization": {"counts": counts.tolist()},
-        "quantization": quantization(out / "model.onnx", out / "calib.npz", ev, fp32, opts),
+        "quantization": quantization(
+            out / "model.onnx", out / "calib.npz", ev, fp32, opts, know, quarter
+        ),
     }
     if compile_timing:
         doc["compile"] = time_compile(out / "model.onnx", out / "calib.npz")
@@ -421,7 +424,7 @@ take less than a quarter of it (nearly vision-only).
 
 {train.get("steps")} steps of AdamW (lr {train.get("lr")}, batch {train.get("batch")}, seed
 {train.get("seed")}), {train.get("torch_threads")} torch threads: {float(train.get("train_seconds", 0)) / 60:.1f} min on this
-machine's 2 cores. One batch in {facts_train.MM_EVERY} holds multimodal dialogues (3 questions about one
+machine's 2 cores. One batch in {len(facts_train.MIX)} holds multimodal dialogues (3 questions about one
 image), the others text dialogues (5 questions); every answer token is supervised. Knowledge
 questions in training name the entity of popularity rank r (over a permutation fixed by the
 fact seed) with probability ∝ r^-{scenes.ZIPF:g}, as pretraining text mentions a long tail of

@@ -21,7 +21,8 @@ from tools.facts_vlm import scenes
 STEPS = 5200
 BATCH = 32
 LR = 2e-3
-MM_EVERY = 4
+#: Batch kinds in turn (True: multimodal): one multimodal batch in four.
+MIX = (True, False, False, False)
 TURNS = (3, 5)
 
 
@@ -38,7 +39,7 @@ def config() -> DigitsVLMConfig:
 
 def run(out: Path, steps: int = STEPS, seed: int = 0, threads: int = 2) -> dict[str, object]:
     return train(out, steps, seed, BATCH, LR, config(), threads, task=scenes,
-                 mm_every=MM_EVERY, turns=TURNS, name="facts-vlm")  # fmt: skip
+                 mix=MIX, turns=TURNS, name="facts-vlm")  # fmt: skip
 
 
 def main() -> None:
