@@ -40,6 +40,10 @@ def test_mode_is_compared_with_the_best_baseline_not_an_ablation() -> None:
     assert v["difference_pp"] == pytest.approx(100 * want.estimate)
     assert v["ci95_pp"] == pytest.approx([100 * want.low, 100 * want.high])
     assert v["ci95_pp"][0] > 0  # 0.80 vs 0.75 on 6 × 400 samples
+    each = [100 * (correct[(m, s, "mode", 2.5)].mean() - correct[(m, s, "mc-moe", 2.5)].mean())
+            for m, s in reps]  # fmt: skip
+    assert v["per_replicate_pp"] == pytest.approx(each)
+    assert v["ahead_in"] == sum(d > 0 for d in each) and len(v["replicates"]) == 6
 
 
 def test_table_rows_are_means_over_models_and_seeds() -> None:
