@@ -38,7 +38,7 @@ import numpy as np
 
 from modec import data, stats
 from modec.artifact import sha256_file
-from modec.evaluate import answer_kl, evaluate
+from modec.evaluate import EvalResult, answer_kl, evaluate
 from modec.frontend import OrtRunner
 from modec.pipelines import PIPELINES, CompileOptions
 from modec.sweep import analyze, evaluate_model, quantize
@@ -121,9 +121,13 @@ def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float
     for mi, model in enumerate(models):
         model_sha = sha256_file(model) if store is not None else ""
         fp32_key = {"model": model_sha, "eval": eval_sha, "threads": threads}
+
+        def reference(model: str = model) -> EvalResult:
+            return evaluate(OrtRunner(model, threads), ds, keep_logprobs=True)
+
         fp32 = None  # evaluated when a row needs its log-probabilities or it is not kept
         if (got := kept.get(fp32_key)) is None:
-            fp32 = evaluate(OrtRunner(model, threads), ds, keep_logprobs=True)
+            fp32 = reference()
             assert fp32.correct is not None
             got = ({"method": "fp32", "budget": 32.0, "seed": -1, "kl": 0.0,
                     **{k: getattr(fp32, k).accuracy for k in SPLITS}}, fp32.correct)  # fmt: skip
@@ -141,7 +145,7 @@ def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float
                 print(f"model {mi} seed {seed}: {len(done)} rows kept, {len(missing)} to "
                       "evaluate", flush=True)  # fmt: skip
                 if missing and fp32 is None:
-                    fp32 = evaluate(OrtRunner(model, threads), ds, keep_logprobs=True)
+                    fp32 = reference()
                 if missing:
                     calib = build_calib(Path(tmp) / f"calib{seed}.npz", seed)
                     t0 = time.perf_counter()
