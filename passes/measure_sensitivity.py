@@ -173,6 +173,14 @@ class MeasureSensitivityPass(Pass):
         ctx.stat("resumed_layers", sum(bool(r.get("resumed")) for r in per_layer))
         ctx.stat("sensitivity", mode)
         ctx.section().update(sensitivity=mode, sensitivity_option=self.sensitivity)
+        if self.sensitivity == "auto":
+            from modec.defaults import FISHER_MIN_EXPERT_PARAMS
+            from modec.method.estimate import expert_params
+
+            ctx.section().update(
+                expert_params=expert_params(model),
+                fisher_min_expert_params=FISHER_MIN_EXPERT_PARAMS,
+            )
         if fallback:
             ctx.section().update(sensitivity_fallback=fallback[0])
         ctx.section().update(

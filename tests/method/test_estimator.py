@@ -154,6 +154,13 @@ def test_mode_is_reported_and_keys_the_cache(prepared, tmp_path):
     auto, _ = _run_pass(prepared, "sensitivity=auto", cache_dir=cache)
     assert auto["sensitivity"] == "exact" and auto["sensitivity_option"] == "auto"
     assert auto["cache_hit"] is True and auto["cache_key"] == exact["cache_key"]
+    # The report says how δ was measured and, under auto, why.
+    from modec.report.sections.sensitivity import _how
+
+    model = prepared[0]
+    assert auto["expert_params"] == est.expert_params(model) < auto["fisher_min_expert_params"]
+    assert "measured exactly" in _how(auto) and "expert weights, below" in _how(auto)
+    assert "second-order estimate" in _how(fisher) and "auto" not in _how(fisher)
 
 
 def test_auto_falls_back_to_exact_when_an_op_has_no_rule(prepared, monkeypatch):
@@ -179,7 +186,7 @@ def test_cli_option(capsys):
     parser = build_parser()
     args = parser.parse_args(["compile", "m.onnx", "--sensitivity", "fisher"])
     assert args.sensitivity == "fisher"
-    assert parser.parse_args(["compile", "m.onnx"]).sensitivity == "exact"
+    assert parser.parse_args(["compile", "m.onnx"]).sensitivity == "auto"
     assert parser.parse_args(["compile", "m.onnx", "--sensitivity", "auto"]).sensitivity == "auto"
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["compile", "m.onnx", "--sensitivity", "approximate"])

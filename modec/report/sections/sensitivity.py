@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from modec.report.data import Report, floats, layer_value, num_layers, section
 from modec.report.html import compact, esc, figure, kv, ncell, not_run, table, val
 from modec.report.svg import Scale, colorbar, heatmap
@@ -19,6 +21,7 @@ def render(report: Report) -> str:
         "of one layer share a colour scale; grey cells belong to an expert that no token of "
         "that modality reached in the subset (δ = 0, nothing to measure).</p>"
     )
+    out.append(_how(sec))
     general = [(k, val(v)) for k, v in sorted(sec.items()) if not isinstance(v, list | dict)]
     subset = sec.get("subset")
     if isinstance(subset, dict):
@@ -95,3 +98,23 @@ def render(report: Report) -> str:
                 '<p class="muted">no per-layer timings (the result came from the cache).</p>'
             )
     return "".join(out)
+
+
+def _how(sec: dict[str, Any]) -> str:
+    """One sentence: how δ was measured and, under ``auto``, why that way."""
+    mode, option = sec.get("sensitivity"), sec.get("sensitivity_option")
+    if mode == "fisher":
+        what = ("estimated by the O(L) second-order estimate δ ≈ ½ Δᵀ G Δ (one backward pass "
+                "per Fisher direction; docs/sensitivity_estimator.md)")  # fmt: skip
+    elif mode == "exact":
+        what = "measured exactly: the model re-run behind every probe"
+    else:
+        return ""
+    why = ""
+    n, limit = sec.get("expert_params"), sec.get("fisher_min_expert_params")
+    if option == "auto" and isinstance(n, int) and isinstance(limit, int):
+        side = "at least" if n >= limit else "below"
+        why = f" — <code>--sensitivity auto</code>: {n:,} expert weights, {side} {limit:,}"
+        if sec.get("sensitivity_fallback"):
+            why += f"; the estimate fell back to exact ({esc(str(sec['sensitivity_fallback']))})"
+    return f"<p>δ was {what}{why}.</p>"
