@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "width) unless a wider one is significantly closer to fp32 "
                          "(checks the additive objective; docs/joint.md); off: the "
                          "paper's allocation (default %(default)s)")  # fmt: skip
+    co.add_argument("--joint-weighting", choices=["positions", "balanced"],
+                    default=d.joint_weighting,
+                    help="how --joint select weighs calibration samples: by KL positions, "
+                         "or multimodal and text-only half each (default %(default)s)")  # fmt: skip
     co.add_argument("--budget-bytes", type=int, default=d.budget_bytes,
                     help="byte budget (overrides --budget)")  # fmt: skip
     co.add_argument("--key-ratio", type=float, default=d.key_ratio,
@@ -143,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--sensitivity-samples", type=int, default=d.sensitivity_samples)
     sw.add_argument("--joint", choices=["off", "select"], default=d.joint,
                     help="allocate-bits' joint check (modec compile --help)")  # fmt: skip
+    sw.add_argument("--joint-weighting", choices=["positions", "balanced"],
+                    default=d.joint_weighting, help="(modec compile --help)")  # fmt: skip
     sw.add_argument("--seed", type=int, default=d.seed)
     sw.add_argument("--threads", type=int, default=d.threads)
     sw.add_argument("--eval", help="evaluation data (accuracy per budget)")

@@ -74,6 +74,9 @@ class CompileOptions:
     #: unless a wider range's is significantly closer to fp32 when every expert is quantized
     #: (`modec.method.joint`); ``off``: the paper's allocation.
     joint: Literal["off", "select"] = "off"
+    #: how the joint check weighs calibration samples: by KL positions, or the multimodal
+    #: and the text-only samples half each (``balanced``).
+    joint_weighting: Literal["positions", "balanced"] = "positions"
     key_ratio: float = KEY_RATIO
     sensitivity_samples: int = SENSITIVITY_SAMPLES
     #: how δ is measured: exact probes, the O(L) Fisher estimate, or auto (by model size).
@@ -137,6 +140,7 @@ def decision_passes(o: CompileOptions) -> list[Pass]:
             budget_bytes=o.budget_bytes,
             group_size=o.group_size,
             joint=o.joint,
+            joint_weighting=o.joint_weighting,
             quantizer=o.quantizer,
         ),
         QuantizeExpertsPass(group_size=o.group_size, method=o.quantizer),

@@ -75,6 +75,8 @@ class AllocateBitsPass(Pass):
     #: joint runs (quantize-experts' method: what is deployed).
     joint_samples: int = 0
     joint_positions: Literal["answer", "text"] = "text"
+    #: rule 7: how the calibration samples weigh in the joint KL (`modec.method.joint`).
+    joint_weighting: Literal["positions", "balanced"] = "positions"
     quantizer: Literal["gptq", "rtn"] = "gptq"
 
     def __post_init__(self) -> None:
@@ -90,6 +92,10 @@ class AllocateBitsPass(Pass):
         if self.joint_positions not in ("answer", "text"):
             raise BadInputError(
                 f"joint_positions must be answer or text; got {self.joint_positions!r}"
+            )
+        if self.joint_weighting not in ("positions", "balanced"):
+            raise BadInputError(
+                f"joint_weighting must be positions or balanced; got {self.joint_weighting!r}"
             )
         if self.quantizer not in ("gptq", "rtn"):
             raise BadInputError(f"quantizer must be gptq or rtn; got {self.quantizer!r}")
@@ -200,6 +206,7 @@ class AllocateBitsPass(Pass):
             batch_size=32, threads=o.threads, max_memory=o.max_memory,
         )  # fmt: skip
         quantizer = JointQuantizer(self.quantizer, calib, self.batch_size, engine=ctx.engine)
-        res, entry = choose(model, judged, settings, solve, self.bits, quantizer)
+        res, entry = choose(model, judged, settings, solve, self.bits, quantizer,
+                            self.joint_weighting)  # fmt: skip
         ctx.stat("joint_seconds", entry["seconds"])
         return res, entry

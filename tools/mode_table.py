@@ -40,13 +40,16 @@ from modec import data, stats
 from modec.artifact import sha256_file
 from modec.evaluate import EvalResult, answer_kl, evaluate
 from modec.frontend import OrtRunner
+from modec.method.joint import Weighting
 from modec.pipelines import PIPELINES, CompileOptions
 from modec.sweep import analyze, evaluate_model, quantize
 from tools.digits_vlm import build_data, scenes
 
-#: ``<method>+joint``: the method with allocate-bits' joint check (``--joint select``).
+#: ``<method>+joint``: the method with allocate-bits' joint check (``--joint select``);
+#: ``<method>+joint-balanced``: with ``--joint-weighting balanced``.
+JOINT: dict[str, Weighting] = {"joint": "positions", "joint-balanced": "balanced"}
 METHODS = ["mode", "uniform", "mc-moe", "veq-me", "mode-no-key", "mode-no-sens",
-           "mode-sens-only", "mode-redundant", "mode+joint"]  # fmt: skip
+           "mode-sens-only", "mode-redundant", "mode+joint", "mode+joint-balanced"]  # fmt: skip
 #: The methods MODE is compared against (the ablations are MODE's own variants).
 BASELINES = ("uniform", "mc-moe", "veq-me")
 SPLITS = ("overall", "multimodal", "text_only")
@@ -156,7 +159,8 @@ def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float
                 for method, budget in missing:
                     t0 = time.perf_counter()
                     base, _, extra = method.partition("+")
-                    sim = quantize(an, base, budget, joint="select" if extra == "joint" else "off")
+                    sim = quantize(an, base, budget, joint="select" if extra else "off",
+                                   joint_weighting=JOINT.get(extra))  # fmt: skip
                     res = evaluate_model(sim.model, ds, threads, keep_logprobs=True)
                     assert res.correct is not None and fp32 is not None
                     kl = float(answer_kl(fp32, res).mean())
@@ -293,9 +297,9 @@ def main() -> None:
     methods = args.methods.split(",")
     for m in methods:
         base, _, extra = m.partition("+")
-        if base not in PIPELINES or extra not in ("", "joint"):
+        if base not in PIPELINES or (extra and extra not in JOINT):
             ap.error(f"--methods: unknown {m!r}; give methods of {list(PIPELINES)}, "
-                     "optionally with +joint")  # fmt: skip
+                     f"optionally with +{' or +'.join(JOINT)}")  # fmt: skip
     t0 = time.perf_counter()
     bits = tuple(int(b) for b in args.bits.split(","))
     rows, correct = run(models, eval_path, seeds, budgets, curve, methods, bits, args.example,

@@ -37,7 +37,10 @@ ILP cannot see, and uses it to choose among allocations the ILP itself proposes:
    lies below zero; of those, the lowest joint KL wins. The burden of proof is on spreading
    the widths, because spread is what the additive objective misjudges, and a plain
    "lowest mean KL" within each other's noise picked allocations the evaluation set
-   ranks below uniform (docs/joint.md).
+   ranks below uniform (docs/joint.md). The mean is over every KL position
+   (``weighting=positions``), or with the multimodal and the text-only samples half each
+   (``balanced``: a mostly multimodal calibration set otherwise drowns the text-only
+   samples' damage; `sample_weights`).
 
 Cost: one model run over the calibration set per distinct candidate (layer-streamed: one
 candidate's copy of one MoE layer is held at a time), against δ's probes, which re-run the
@@ -61,6 +64,9 @@ from modec.data import VISION, Dataset
 
 log = logging.getLogger(__name__)
 
+#: How step 3 weighs the calibration samples (`sample_weights`).
+Weighting = Literal["positions", "balanced"]
+
 __all__ = [
     "JointKL",
     "JointQuantizer",
@@ -68,6 +74,7 @@ __all__ = [
     "cross_fitted_kl",
     "folds",
     "joint_kl",
+    "sample_weights",
     "select_range",
     "width_ranges",
 ]
@@ -102,6 +109,8 @@ class JointKL:
     sample_positions: np.ndarray | None = None
     #: KL positions of the multimodal and of the text-only samples.
     kind_positions: tuple[int, int] = (0, 0)
+    #: [S] whether each sample (as ``sample_kl``'s columns) is multimodal.
+    sample_multimodal: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -261,12 +270,14 @@ def joint_kl(
     counts = np.zeros(2)
     sample_kl: list[np.ndarray] = []  # per batch [C, B]
     sample_pos: list[np.ndarray] = []
+    sample_mm: list[np.ndarray] = []
     for bi, batch in enumerate(batches):
         split = 0 if multimodal[bi] else 1
         counts[split] += int(batch.positions.sum())
         rows = np.nonzero(batch.positions)[0]  # the sample of each KL position (row order)
         n_rows = batch.positions.shape[0]
         sample_pos.append(np.bincount(rows, minlength=n_rows))
+        sample_mm.append(np.full(n_rows, multimodal[bi]))
         per = np.zeros((len(candidates), n_rows))
         for c in range(len(candidates)):
             at = envs[c][bi][output][batch.positions]
@@ -279,7 +290,8 @@ def joint_kl(
     overall = sums.sum(axis=1) / max(counts.sum(), 1)
     return JointKL(overall, per_kind[:, 0], per_kind[:, 1], int(counts.sum()),
                    time.perf_counter() - t0, np.concatenate(sample_kl, axis=1),
-                   np.concatenate(sample_pos), (int(counts[0]), int(counts[1])))  # fmt: skip
+                   np.concatenate(sample_pos), (int(counts[0]), int(counts[1])),
+                   np.concatenate(sample_mm))  # fmt: skip
 
 
 def folds(calib: Dataset, index: np.ndarray, k: int = 2) -> list[np.ndarray]:
@@ -355,8 +367,9 @@ def _concat(runs: Sequence[JointKL]) -> JointKL:
                    np.zeros(kls.shape[0]))  # fmt: skip
         kinds.append(sums / n.sum() if n.sum() else np.full(kls.shape[0], np.nan))
     overall = kls.sum(axis=1) / max(float(pos.sum()), 1.0)
+    mm = np.concatenate([_req(r.sample_multimodal) for r in runs])
     return JointKL(overall, kinds[0], kinds[1], int(pos.sum()), sum(r.seconds for r in runs),
-                   kls, pos, (int(counts[:, 0].sum()), int(counts[:, 1].sum())))  # fmt: skip
+                   kls, pos, (int(counts[:, 0].sum()), int(counts[:, 1].sum())), mm)  # fmt: skip
 
 
 def _req(x: np.ndarray | None) -> np.ndarray:
@@ -371,6 +384,7 @@ def choose(
     solve: Any,
     bits: Sequence[int],
     quantizer: JointQuantizer | None = None,
+    weighting: Weighting = "positions",
 ) -> tuple[Any, dict[str, Any]]:
     """Solve over every feasible width range, measure each distinct allocation's joint KL,
     keep the narrowest range's allocation unless another is significantly closer to fp32
@@ -384,6 +398,7 @@ def choose(
         bits: the candidate widths of the run.
         quantizer: how the joint runs quantize the experts (default RTN; the pass gives
             the run's quantizer: GPTQ unless ``--quantizer rtn``).
+        weighting: how the calibration samples weigh in step 3 (`sample_weights`).
 
     Returns:
         The chosen `AllocationResult` and the report's ``joint`` entry: every range with its
@@ -408,8 +423,9 @@ def choose(
                                quantizer)  # fmt: skip
     assert measured.sample_kl is not None and measured.sample_positions is not None
     of = [distinct[res.allocation.widths] for _, res in tried]
+    weights = sample_weights(measured.sample_positions, measured.sample_multimodal, weighting)
     default, best, intervals = select_range(
-        [r for r, _ in tried], measured.sample_kl[of], measured.sample_positions
+        [r for r, _ in tried], measured.sample_kl[of], measured.sample_positions, weights
     )
     rows = []
     for (allowed, res), c, iv in zip(tried, of, intervals, strict=True):
@@ -433,16 +449,40 @@ def choose(
     )  # fmt: skip
     entry = {
         "candidates": rows, "default": default, "chosen": best, "infeasible": skipped,
-        "quantizer": (quantizer or JointQuantizer("rtn")).method,
+        "quantizer": (quantizer or JointQuantizer("rtn")).method, "weighting": weighting,
         "positions": measured.positions, "samples": len(subset),
         "seconds": measured.seconds,
     }  # fmt: skip
     return tried[best][1], entry
 
 
+def sample_weights(positions: np.ndarray, multimodal: np.ndarray | None,
+                   weighting: Weighting = "positions") -> np.ndarray:  # fmt: skip
+    """Each calibration sample's weight in the check's mean KL (step 3).
+
+    ``positions``: its KL positions, so the mean is over positions, and the kind of sample
+    with more positions (multimodal, in a mostly multimodal calibration set) dominates it.
+    ``balanced``: the multimodal and the text-only samples weigh half each (within a kind,
+    still by positions), as MODE's ½ f_text + ½ f_vision weighs the modalities; a set with
+    one kind only is weighted by positions.
+    """
+    w = np.asarray(positions, np.float64).copy()
+    if weighting == "positions" or multimodal is None:
+        return w
+    if weighting != "balanced":
+        raise ValueError(f"unknown weighting {weighting!r}")
+    kind = np.asarray(multimodal, bool)
+    for flag in (True, False):
+        total = w[kind == flag].sum()
+        if total > 0:
+            w[kind == flag] /= total
+    return w
+
+
 def select_range(
-    ranges: Sequence[tuple[int, ...]], sample_kl: np.ndarray, positions: np.ndarray
-) -> tuple[int, int, list[Any]]:
+    ranges: Sequence[tuple[int, ...]], sample_kl: np.ndarray, positions: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> tuple[int, int, list[Any]]:  # fmt: skip
     """Step 3: the default range, the chosen one, and each range's KL difference to the
     default (`modec.stats.Interval`).
 
@@ -450,21 +490,24 @@ def select_range(
         ranges: the feasible width ranges, in `width_ranges` order.
         sample_kl: ``[R, S]`` summed joint KL of each calibration sample under each range's
             allocation.
-        positions: ``[S]`` KL positions of each sample (the bootstrap's weights).
+        positions: ``[S]`` KL positions of each sample.
+        weights: ``[S]`` each sample's weight (`sample_weights`); default its positions.
 
     The default is the narrowest range (fewest widths, then the lowest widths); a range is
-    better when the 95% paired bootstrap interval of its position-weighted mean KL minus the
-    default's lies below zero; the chosen range is the better one with the lowest mean KL
-    (the earlier on a tie), or the default.
+    better when the 95% paired bootstrap interval of its weighted mean per-position KL minus
+    the default's lies below zero; the chosen range is the better one with the lowest
+    weighted mean (the earlier on a tie), or the default. Weighted by positions, the mean is
+    the mean over every KL position.
     """
     from modec import stats
 
-    weight = np.asarray(positions, np.float64)
-    per_sample = np.asarray(sample_kl, np.float64) / np.maximum(weight, 1.0)
+    pos = np.asarray(positions, np.float64)
+    weight = pos if weights is None else np.asarray(weights, np.float64)
+    per_sample = np.asarray(sample_kl, np.float64) / np.maximum(pos, 1.0)
     default = min(range(len(ranges)), key=lambda i: (len(ranges[i]), tuple(ranges[i])))
     intervals = [stats.paired_bootstrap_difference(p, per_sample[default], weight)
                  for p in per_sample]  # fmt: skip
-    mean = np.asarray(sample_kl, np.float64).sum(axis=1) / max(weight.sum(), 1.0)
+    mean = (per_sample * weight).sum(axis=1) / max(weight.sum(), 1e-300)
     better = [i for i, iv in enumerate(intervals) if iv.high < 0]
     best = min(better, key=lambda i: (mean[i], i)) if better else default
     return default, best, intervals

@@ -56,6 +56,37 @@ def test_select_range_needs_a_significant_improvement_over_the_narrowest() -> No
     assert chosen == 0
 
 
+def test_balanced_weighting_gives_each_kind_of_sample_half_the_weight() -> None:
+    """Weighted by positions, the 180 multimodal samples drown the text-only samples'
+    damage and a wider range looks significantly better; balanced, the text-only samples
+    weigh half and the default stays."""
+    from modec.method.joint import sample_weights, select_range
+
+    rng = np.random.default_rng(1)
+    mm = np.r_[np.ones(180, bool), np.zeros(20, bool)]
+    pos = np.where(mm, 8, 6)
+    w = sample_weights(pos, mm, "balanced")
+    assert w[mm].sum() == pytest.approx(1.0) and w[~mm].sum() == pytest.approx(1.0)
+    np.testing.assert_array_equal(w[mm] / w[mm][0], 1.0)  # by positions within a kind
+    np.testing.assert_array_equal(sample_weights(pos, mm, "positions"), pos)
+    one_kind = sample_weights(pos, np.ones(200, bool), "balanced")  # by positions
+    np.testing.assert_allclose(one_kind / one_kind.sum(), pos / pos.sum())
+    with pytest.raises(ValueError, match="weighting"):
+        sample_weights(pos, mm, "tokens")  # type: ignore[arg-type]
+    base = rng.uniform(0.05, 0.15, 200) * pos
+    spread = np.where(mm, base * 0.8, base * 1.6)  # better on images, worse on text
+    ranges = [(2, 3, 4), (3,)]
+    kl = np.stack([spread, base])
+    _, chosen, iv = select_range(ranges, kl, pos)
+    assert chosen == 0 and iv[0].high < 0
+    _, chosen, iv = select_range(ranges, kl, pos, w)
+    assert chosen == 1 and iv[0].estimate > 0
+    per = kl / pos
+    halves = [0.5 * (per[c][mm] @ pos[mm] / pos[mm].sum() + per[c][~mm] @ pos[~mm]
+                     / pos[~mm].sum()) for c in (0, 1)]  # fmt: skip
+    assert iv[0].estimate == pytest.approx(halves[0] - halves[1], rel=1e-9)
+
+
 def _independent_kl(model, subset, settings, widths) -> float:
     ex = Executor(model, intra_op_threads=1)
     qex = Executor(model, intra_op_threads=1)
@@ -161,6 +192,13 @@ def test_cross_fitting_judges_each_fold_with_the_other_folds_hessians(analysed) 
     mm = sum(r.multimodal * r.kind_positions[0] for r in runs) / sum(r.kind_positions[0]
                                                                     for r in runs)  # fmt: skip
     np.testing.assert_allclose(got.multimodal, mm)
+    # each sample's kind comes along: the balanced mean is the mean of the two kinds' means
+    from modec.method.joint import sample_weights
+
+    assert got.sample_multimodal.sum() == ds.multimodal.sum()
+    w = sample_weights(got.sample_positions, got.sample_multimodal, "balanced")
+    per = got.sample_kl / got.sample_positions
+    np.testing.assert_allclose(per @ w / w.sum(), 0.5 * (got.multimodal + got.text_only))
     # in-sample GPTQ fits the judged samples: their KL differs from the cross-fitted one
     inside = joint_kl(model, ds, settings, cands, q)
     assert not np.allclose(inside.overall, got.overall, rtol=1e-3)
@@ -209,6 +247,24 @@ def test_select_keeps_the_narrowest_range_unless_another_is_significantly_closer
     assert joint["samples"] == 8 and joint["quantizer"] == "gptq"
 
 
+def test_balanced_select_judges_by_the_mean_of_the_two_kinds(analysed) -> None:
+    _, ctx = analysed(SELECT.replace("joint=select", "joint=select,joint_weighting=balanced"))
+    joint = ctx.report["allocate-bits"]["joint"]
+    rows, default = joint["candidates"], joint["default"]
+    assert joint["weighting"] == "balanced"
+
+    def half(r):
+        return 0.5 * (r["kl_multimodal"] + r["kl_text_only"])
+
+    for r in rows:
+        est, lo, hi = r["kl_vs_default"]
+        assert lo <= est <= hi and r["better"] == (hi < 0)
+        assert est == pytest.approx(half(r) - half(rows[default]), rel=1e-9, abs=1e-15)
+    better = [i for i, r in enumerate(rows) if r["better"]]
+    want = min(better, key=lambda i: (half(rows[i]), i)) if better else default
+    assert joint["chosen"] == want
+
+
 def test_select_is_deterministic_and_off_keeps_the_full_range(selected, analysed) -> None:
     _, ctx = selected
     _, again = analysed(SELECT)
@@ -243,6 +299,25 @@ def test_joint_option_is_checked() -> None:
 
     with pytest.raises(BadInputError, match="--joint must be off or select"):
         AllocateBitsPass(joint="maybe")  # type: ignore[arg-type]
+    with pytest.raises(BadInputError, match="joint_weighting must be positions or balanced"):
+        AllocateBitsPass(joint="select", joint_weighting="tokens")  # type: ignore[arg-type]
     for n in (-1, 1):  # one sample cannot be split in two halves
         with pytest.raises(BadInputError, match="joint_samples must be 0"):
             AllocateBitsPass(joint="select", joint_samples=n)
+
+
+def test_cli_joint_options_reach_the_pass(capsys) -> None:
+    from modec.cli import build_parser
+    from modec.pipelines import CompileOptions, standard_pipeline
+
+    parser = build_parser()
+    args = parser.parse_args(["compile", "m.onnx", "--joint", "select",
+                              "--joint-weighting", "balanced"])  # fmt: skip
+    assert (args.joint, args.joint_weighting) == ("select", "balanced")
+    assert parser.parse_args(["compile", "m.onnx"]).joint_weighting == "positions"
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["compile", "m.onnx", "--joint-weighting", "tokens"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    text = standard_pipeline(CompileOptions(joint="select", joint_weighting="balanced")).text()
+    assert "joint=select" in text and "joint_weighting=balanced" in text
+    assert "joint_weighting" not in standard_pipeline(CompileOptions()).text()
