@@ -3,7 +3,7 @@
     python -m tools.joint_study [--budget 2.0] [--bits 1,2,3,4] [--seed 0]
                                 [--out docs/joint_study.json]
 
-On digits-vlm at ``--budget`` over ``--bits`` (docs/results.md finding 5: MODE's allocation
+On digits-vlm at ``--budget`` over ``--bits`` (docs/results_digits.md finding 5: MODE's allocation
 loses to uniform 2-bit), the joint KL of MODE's allocation and of uniform is measured every
 way the check could measure it — experts quantized by RTN (as δ's probes) or GPTQ (as
 deployed), KL read at the answer positions (as δ) or at every text position — on the

@@ -1,7 +1,7 @@
 """The accuracy table of MODE against the baselines on a bundled example.
 
     python -m tools.mode_table [--example digits-vlm|facts-vlm] [--models A.onnx,B.onnx]
-        --out docs/results.md [--seeds 0,1,2] [--budgets 3.0,2.5,2.25]
+        [--out docs/results_digits.md] [--seeds 0,1,2] [--budgets 3.0,2.5,2.25]
 
 For each model (``--models``: exports of the example trained from different seeds; default
 the example's ``model.onnx``) and each calibration seed it builds a calibration set (128
@@ -276,7 +276,8 @@ def main() -> None:
                     help="comma-separated ONNX exports of the example (e.g. trained from "
                     "different seeds); default: examples/EXAMPLE/model.onnx")  # fmt: skip
     ap.add_argument("--eval", default="", help="default: examples/EXAMPLE/eval.npz")
-    ap.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    ap.add_argument("--out", type=Path,
+                    help="default: docs/results_digits.md or docs/results_facts.md")  # fmt: skip
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--budgets", default="3.0,2.5,2.25")
     ap.add_argument("--curve", default="2.0,2.5,3.0,3.5,4.0")
@@ -289,6 +290,8 @@ def main() -> None:
                     "store evaluates only the rows it lacks")  # fmt: skip
     args = ap.parse_args()
     root = Path("examples") / args.example
+    if args.out is None:
+        args.out = Path("docs") / f"results_{args.example.split('-')[0]}.md"
     models = args.models.split(",") if args.models else [str(root / "model.onnx")]
     eval_path = args.eval or str(root / "eval.npz")
     seeds = [int(s) for s in args.seeds.split(",")]

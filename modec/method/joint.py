@@ -2,7 +2,7 @@
 
 MODE's ILP prices an allocation as Σ_e cost(e, b_e): each expert's δ is measured with that
 expert alone quantized. Many experts quantized together can hurt more than the sum says —
-docs/results.md finding 5: at 2.0 bits over {1, 2, 3, 4} the ILP trades experts down to
+docs/results_digits.md finding 5: at 2.0 bits over {1, 2, 3, 4} the ILP trades experts down to
 1 bit to buy 3- and 4-bit ones and loses to uniform 2-bit. The check measures what the
 ILP cannot see, and uses it to choose among allocations the ILP itself proposes:
 

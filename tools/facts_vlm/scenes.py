@@ -1,5 +1,5 @@
 """facts-vlm's data: busy digit scenes and a table of invented facts (a harder stick than
-digits-vlm, built to feel quantization; docs/results.md).
+digits-vlm, built to feel quantization; docs/results.md, docs/results_facts.md).
 
 Images are 128×128 canvases holding 1–4 scanned digits (scikit-learn's bundled
 ``load_digits``, split into the same disjoint train / calibration / evaluation pools as
