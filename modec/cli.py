@@ -77,12 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the named pipeline (modec passes lists them)")  # fmt: skip
     co.add_argument("--scope", choices=["layer", "global"], default=d.scope)
     co.add_argument("--sense", choices=["eq", "le"], default=d.sense)
-    co.add_argument("--joint", choices=["off", "select"], default=d.joint,
+    co.add_argument("--joint", choices=["off", "select", "guard"], default=d.joint,
                     help="select: solve the ILP over every contiguous range of --bits, run "
                          "each allocation with all experts quantized on the calibration "
                          "set, keep the narrowest range's (uniform when the budget is a "
                          "width) unless a wider one is significantly closer to fp32 "
-                         "(checks the additive objective; docs/joint.md); off: the "
+                         "(checks the additive objective; docs/joint.md); guard: the same "
+                         "check, keeping uniform where the budget is a width and else the "
+                         "full range's unless another is significantly closer; off: the "
                          "paper's allocation (default %(default)s)")  # fmt: skip
     co.add_argument("--joint-weighting", choices=["positions", "balanced"],
                     default=d.joint_weighting,
@@ -145,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--group-size", type=int, default=d.group_size)
     sw.add_argument("--method", default=d.method, choices=list(PIPELINES))
     sw.add_argument("--sensitivity-samples", type=int, default=d.sensitivity_samples)
-    sw.add_argument("--joint", choices=["off", "select"], default=d.joint,
+    sw.add_argument("--joint", choices=["off", "select", "guard"], default=d.joint,
                     help="allocate-bits' joint check (modec compile --help)")  # fmt: skip
     sw.add_argument("--joint-weighting", choices=["positions", "balanced"],
                     default=d.joint_weighting, help="(modec compile --help)")  # fmt: skip

@@ -72,8 +72,9 @@ class CompileOptions:
     budget_bytes: int = 0
     #: allocate-bits' joint check: ``select`` keeps the narrowest width range's allocation
     #: unless a wider range's is significantly closer to fp32 when every expert is quantized
-    #: (`modec.method.joint`); ``off``: the paper's allocation.
-    joint: Literal["off", "select"] = "off"
+    #: (`modec.method.joint`); ``guard``: the same check standing on uniform where the
+    #: budget is a width, else on MODE's allocation; ``off``: the paper's allocation.
+    joint: Literal["off", "select", "guard"] = "off"
     #: how the joint check weighs calibration samples: by KL positions, or the multimodal
     #: and the text-only samples half each (``balanced``).
     joint_weighting: Literal["positions", "balanced"] = "positions"

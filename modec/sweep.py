@@ -63,7 +63,7 @@ class Quantized:
 
 def quantize(
     an: Analysis, method: str, budget: float, quantizer: Literal["gptq", "rtn"] = "gptq",
-    joint: Literal["off", "select"] | None = None,
+    joint: Literal["off", "select", "guard"] | None = None,
     joint_weighting: Literal["positions", "balanced"] | None = None,
 ) -> Quantized:  # fmt: skip
     """allocate-bits + quantize-experts for one method and budget, on a copy of the model

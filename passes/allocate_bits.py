@@ -27,7 +27,12 @@ Rules:
    is read at ``joint_positions`` (every text position by default; ``answer``: δ's). The
    narrowest range's allocation (uniform when the budget is a width) is kept unless
    another is significantly closer to fp32 (95% paired bootstrap over calibration
-   samples); then the closest of those (`modec.method.joint`).
+   samples); then the closest of those (`modec.method.joint`). ``joint=guard`` (``--joint
+   guard``) measures the same candidates, but what stands unless another is significantly
+   closer is uniform where the budget is one of the widths, else the full range's
+   allocation (the paper's): the check then leaves MODE's allocation alone without
+   evidence. ``joint_weighting=balanced`` weighs the multimodal and the text-only samples
+   half each in that comparison (default: every KL position alike).
    ``off`` (the default) keeps the full range's allocation: the paper's.
 """
 
@@ -69,7 +74,7 @@ class AllocateBitsPass(Pass):
     #: calibration batch size of the Hessian run (collect-routing's, for identical sums).
     batch_size: int = 16
     #: rule 7: ``off`` or ``select``.
-    joint: Literal["off", "select"] = "off"
+    joint: Literal["off", "select", "guard"] = "off"
     #: rule 7: calibration samples of the joint runs (0: all of them), where the KL is read
     #: (``answer``: δ's positions; ``text``: every text position), and the quantizer of the
     #: joint runs (quantize-experts' method: what is deployed).
@@ -82,8 +87,8 @@ class AllocateBitsPass(Pass):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise BadInputError(f"unknown --method {self.method!r}; choose from {list(METHODS)}")
-        if self.joint not in ("off", "select"):
-            raise BadInputError(f"--joint must be off or select; got {self.joint!r}")
+        if self.joint not in ("off", "select", "guard"):
+            raise BadInputError(f"--joint must be off, select or guard; got {self.joint!r}")
         if self.joint_samples < 0 or self.joint_samples == 1:
             raise BadInputError(
                 f"joint_samples must be 0 (every calibration sample) or at least 2 (the check "
@@ -102,7 +107,7 @@ class AllocateBitsPass(Pass):
 
     @property
     def _joint(self) -> bool:
-        return self.joint == "select" and self.method != "uniform"
+        return self.joint != "off" and self.method != "uniform"
 
     @property
     def reads(self) -> tuple[type, ...]:  # type: ignore[override]
@@ -192,7 +197,7 @@ class AllocateBitsPass(Pass):
 
     def _joint_select(self, model: ir.Model, ctx: PassContext, solve: Any) -> tuple[Any, Any]:
         """Rule 7: the narrowest width range's allocation unless another is significantly closer."""
-        from modec.method.joint import JointQuantizer, choose
+        from modec.method.joint import JointQuantizer, Rule, choose
         from modec.method.probes import ProbeSettings
         from modec.method.sensitivity import choose_subset
 
@@ -206,7 +211,8 @@ class AllocateBitsPass(Pass):
             batch_size=32, threads=o.threads, max_memory=o.max_memory,
         )  # fmt: skip
         quantizer = JointQuantizer(self.quantizer, calib, self.batch_size, engine=ctx.engine)
+        rule: Rule = "guard" if self.joint == "guard" else "select"
         res, entry = choose(model, judged, settings, solve, self.bits, quantizer,
-                            self.joint_weighting)  # fmt: skip
+                            self.joint_weighting, rule)  # fmt: skip
         ctx.stat("joint_seconds", entry["seconds"])
         return res, entry

@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -46,10 +46,16 @@ from modec.sweep import analyze, evaluate_model, quantize
 from tools.digits_vlm import build_data, scenes
 
 #: ``<method>+joint``: the method with allocate-bits' joint check (``--joint select``);
-#: ``<method>+joint-balanced``: with ``--joint-weighting balanced``.
-JOINT: dict[str, Weighting] = {"joint": "positions", "joint-balanced": "balanced"}
+#: ``+joint-balanced``: with ``--joint-weighting balanced``; ``+joint-guard``: ``--joint
+#: guard``. Each: (joint, joint_weighting).
+JOINT: dict[str, tuple[Literal["select", "guard"], Weighting]] = {
+    "joint": ("select", "positions"),
+    "joint-balanced": ("select", "balanced"),
+    "joint-guard": ("guard", "positions"),
+}
 METHODS = ["mode", "uniform", "mc-moe", "veq-me", "mode-no-key", "mode-no-sens",
-           "mode-sens-only", "mode-redundant", "mode+joint", "mode+joint-balanced"]  # fmt: skip
+           "mode-sens-only", "mode-redundant", "mode+joint", "mode+joint-balanced",
+           "mode+joint-guard"]  # fmt: skip
 #: The methods MODE is compared against (the ablations are MODE's own variants).
 BASELINES = ("uniform", "mc-moe", "veq-me")
 SPLITS = ("overall", "multimodal", "text_only")
@@ -159,8 +165,11 @@ def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float
                 for method, budget in missing:
                     t0 = time.perf_counter()
                     base, _, extra = method.partition("+")
-                    sim = quantize(an, base, budget, joint="select" if extra else "off",
-                                   joint_weighting=JOINT.get(extra))  # fmt: skip
+                    joint: Literal["off", "select", "guard"] = "off"
+                    weighting: Weighting | None = None
+                    if extra:
+                        joint, weighting = JOINT[extra]
+                    sim = quantize(an, base, budget, joint=joint, joint_weighting=weighting)
                     res = evaluate_model(sim.model, ds, threads, keep_logprobs=True)
                     assert res.correct is not None and fp32 is not None
                     kl = float(answer_kl(fp32, res).mean())

@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 
 #: How step 3 weighs the calibration samples (`sample_weights`).
 Weighting = Literal["positions", "balanced"]
+#: Which allocation stands in step 3 unless another is significantly closer (`choose`).
+Rule = Literal["select", "guard"]
 
 __all__ = [
     "JointKL",
@@ -73,6 +75,7 @@ __all__ = [
     "choose",
     "cross_fitted_kl",
     "folds",
+    "guard_default",
     "joint_kl",
     "sample_weights",
     "select_range",
@@ -385,6 +388,7 @@ def choose(
     bits: Sequence[int],
     quantizer: JointQuantizer | None = None,
     weighting: Weighting = "positions",
+    rule: Rule = "select",
 ) -> tuple[Any, dict[str, Any]]:
     """Solve over every feasible width range, measure each distinct allocation's joint KL,
     keep the narrowest range's allocation unless another is significantly closer to fp32
@@ -399,6 +403,9 @@ def choose(
         quantizer: how the joint runs quantize the experts (default RTN; the pass gives
             the run's quantizer: GPTQ unless ``--quantizer rtn``).
         weighting: how the calibration samples weigh in step 3 (`sample_weights`).
+        rule: which allocation stands unless another is significantly closer to fp32:
+            ``select`` the narrowest range's; ``guard`` uniform's where the budget is one
+            of the widths, else the full range's (MODE's own).
 
     Returns:
         The chosen `AllocationResult` and the report's ``joint`` entry: every range with its
@@ -425,8 +432,9 @@ def choose(
     of = [distinct[res.allocation.widths] for _, res in tried]
     weights = sample_weights(measured.sample_positions, measured.sample_multimodal, weighting)
     default, best, intervals = select_range(
-        [r for r, _ in tried], measured.sample_kl[of], measured.sample_positions, weights
-    )
+        [r for r, _ in tried], measured.sample_kl[of], measured.sample_positions, weights,
+        default=guard_default(tried) if rule == "guard" else None,
+    )  # fmt: skip
     rows = []
     for (allowed, res), c, iv in zip(tried, of, intervals, strict=True):
         rows.append({
@@ -450,6 +458,7 @@ def choose(
     entry = {
         "candidates": rows, "default": default, "chosen": best, "infeasible": skipped,
         "quantizer": (quantizer or JointQuantizer("rtn")).method, "weighting": weighting,
+        "rule": rule,
         "positions": measured.positions, "samples": len(subset),
         "seconds": measured.seconds,
     }  # fmt: skip
@@ -479,9 +488,19 @@ def sample_weights(positions: np.ndarray, multimodal: np.ndarray | None,
     return w
 
 
+def guard_default(tried: Sequence[tuple[tuple[int, ...], Any]]) -> int:
+    """``guard``'s standing allocation among ``(range, AllocationResult)`` in `width_ranges`
+    order: uniform (a one-width range whose allocation averages the budget, i.e. the budget
+    is that width) where there is one, else the full range (index 0: MODE's allocation)."""
+    for i, (allowed, res) in enumerate(tried):
+        if len(allowed) == 1 and abs(res.allocation.average - res.allocation.budget) < 1e-9:
+            return i
+    return 0
+
+
 def select_range(
     ranges: Sequence[tuple[int, ...]], sample_kl: np.ndarray, positions: np.ndarray,
-    weights: np.ndarray | None = None,
+    weights: np.ndarray | None = None, default: int | None = None,
 ) -> tuple[int, int, list[Any]]:  # fmt: skip
     """Step 3: the default range, the chosen one, and each range's KL difference to the
     default (`modec.stats.Interval`).
@@ -492,6 +511,8 @@ def select_range(
             allocation.
         positions: ``[S]`` KL positions of each sample.
         weights: ``[S]`` each sample's weight (`sample_weights`); default its positions.
+        default: the index of the range that stands unless another is significantly closer
+            (`guard_default`); None: the narrowest range.
 
     The default is the narrowest range (fewest widths, then the lowest widths); a range is
     better when the 95% paired bootstrap interval of its weighted mean per-position KL minus
@@ -504,7 +525,8 @@ def select_range(
     pos = np.asarray(positions, np.float64)
     weight = pos if weights is None else np.asarray(weights, np.float64)
     per_sample = np.asarray(sample_kl, np.float64) / np.maximum(pos, 1.0)
-    default = min(range(len(ranges)), key=lambda i: (len(ranges[i]), tuple(ranges[i])))
+    if default is None:
+        default = min(range(len(ranges)), key=lambda i: (len(ranges[i]), tuple(ranges[i])))
     intervals = [stats.paired_bootstrap_difference(p, per_sample[default], weight)
                  for p in per_sample]  # fmt: skip
     mean = (per_sample * weight).sum(axis=1) / max(weight.sum(), 1e-300)

@@ -265,6 +265,48 @@ def test_balanced_select_judges_by_the_mean_of_the_two_kinds(analysed) -> None:
     assert joint["chosen"] == want
 
 
+def test_guard_stands_on_uniform_where_the_budget_is_a_width_else_on_the_full_range() -> None:
+    from types import SimpleNamespace
+
+    from modec.method.joint import guard_default, select_range
+
+    def res(widths, budget):
+        flat = [w for layer in widths for w in layer]
+        return SimpleNamespace(allocation=SimpleNamespace(average=float(np.mean(flat)),
+                                                          budget=budget))  # fmt: skip
+
+    # 3.0 over {2,3,4}: the range {3} gives uniform 3-bit
+    tried = [((2, 3, 4), res([[2, 4]], 3.0)), ((2,), None), ((3,), res([[3, 3]], 3.0))]
+    tried = [t for t in tried if t[1] is not None]
+    assert guard_default(tried) == 1
+    # 2.5 (sense=le): {2} is feasible but is not the budget's width; the full range stands
+    tried = [((2, 3, 4), res([[2, 3]], 2.5)), ((2,), res([[2, 2]], 2.5))]
+    assert guard_default(tried) == 0
+    rng = np.random.default_rng(2)
+    pos = np.full(100, 3)
+    base = rng.uniform(0.1, 0.2, 100) * pos
+    kl = np.stack([base, base * 0.5])  # the narrow range is clearly closer ...
+    assert select_range([(2, 3, 4), (2, 3)], kl, pos)[:2] == (1, 1)
+    default, chosen, iv = select_range([(2, 3, 4), (2, 3)], kl, pos, default=0)
+    assert (default, chosen) == (0, 1) and iv[1].high < 0  # ... and replaces the standing one
+    kl = np.stack([base, base + rng.normal(0, 0.05, 100) * pos])  # within noise: it stays
+    assert select_range([(2, 3, 4), (2, 3)], kl, pos, default=0)[:2] == (0, 0)
+
+
+def test_guard_option_keeps_the_full_range_unless_another_is_significantly_closer(analysed):
+    text = ANALYSIS + ",allocate-bits{bits=1:2:3:4,budget=2.5,joint=guard,joint_samples=8}"
+    _, ctx = analysed(text)
+    joint = ctx.report["allocate-bits"]["joint"]
+    rows = joint["candidates"]
+    assert joint["rule"] == "guard" and joint["default"] == 0 and rows[0]["widths"] == [1, 2, 3, 4]
+    better = [i for i, r in enumerate(rows) if r["better"]]
+    want = min(better, key=lambda i: (rows[i]["kl"], i)) if better else 0
+    assert joint["chosen"] == want
+    for r in rows:
+        assert r["kl_vs_default"][0] == pytest.approx(r["kl"] - rows[0]["kl"], rel=1e-9,
+                                                      abs=1e-15)  # fmt: skip
+
+
 def test_select_is_deterministic_and_off_keeps_the_full_range(selected, analysed) -> None:
     _, ctx = selected
     _, again = analysed(SELECT)
@@ -297,7 +339,7 @@ def test_joint_option_is_checked() -> None:
 
     from modec.errors import BadInputError
 
-    with pytest.raises(BadInputError, match="--joint must be off or select"):
+    with pytest.raises(BadInputError, match="--joint must be off, select or guard"):
         AllocateBitsPass(joint="maybe")  # type: ignore[arg-type]
     with pytest.raises(BadInputError, match="joint_weighting must be positions or balanced"):
         AllocateBitsPass(joint="select", joint_weighting="tokens")  # type: ignore[arg-type]
@@ -315,6 +357,8 @@ def test_cli_joint_options_reach_the_pass(capsys) -> None:
                               "--joint-weighting", "balanced"])  # fmt: skip
     assert (args.joint, args.joint_weighting) == ("select", "balanced")
     assert parser.parse_args(["compile", "m.onnx"]).joint_weighting == "positions"
+    assert parser.parse_args(["compile", "m.onnx", "--joint", "guard"]).joint == "guard"
+    assert "joint=guard" in standard_pipeline(CompileOptions(joint="guard")).text()
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["compile", "m.onnx", "--joint-weighting", "tokens"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
