@@ -51,6 +51,12 @@ KNOWLEDGE_WEIGHT = 3
 LOSS_TARGETS = {4: (None, 1.0), 3: (1.0, 5.0), 2: (10.0, None)}
 
 
+def _mix_sentence(mix: tuple[bool, ...]) -> str:
+    """'One batch in 4 holds' (or '2 batches in 4 hold') for a training mix."""
+    n = sum(mix)
+    return f"One batch in {len(mix)} holds" if n == 1 else f"{n} batches in {len(mix)} hold"
+
+
 def eval_counts(per_family: int = EVAL_PER_FAMILY) -> dict[str, int]:
     """Samples per family of ``eval.npz``: ``per_family``, knowledge families
     `KNOWLEDGE_WEIGHT` times that."""
@@ -424,7 +430,7 @@ take less than a quarter of it (nearly vision-only).
 
 {train.get("steps")} steps of AdamW (lr {train.get("lr")}, batch {train.get("batch")}, seed
 {train.get("seed")}), {train.get("torch_threads")} torch threads: {float(train.get("train_seconds", 0)) / 60:.1f} min on this
-machine's 2 cores. One batch in {len(facts_train.MIX)} holds multimodal dialogues (3 questions about one
+machine's 2 cores. {_mix_sentence(facts_train.MIX)} multimodal dialogues (3 questions about one
 image), the others text dialogues (5 questions); every answer token is supervised. Knowledge
 questions in training name the entity of popularity rank r (over a permutation fixed by the
 fact seed) with probability ∝ r^-{scenes.ZIPF:g}, as pretraining text mentions a long tail of
