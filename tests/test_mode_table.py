@@ -69,3 +69,18 @@ def test_row_store_round_trips_rows_by_key(tmp_path) -> None:
     assert store.get({**key, "seed": 1}) is None and store.get({**key, "budget": 3.0}) is None
     assert [p.name.endswith(".tmp.npz") for p in (tmp_path / "rows").iterdir()] == [False]
     assert RowStore(None).get(key) is None  # no directory: nothing kept
+
+
+def test_variants_are_compared_with_mode_on_the_same_measures() -> None:
+    from tools.mode_table import against_mode
+
+    rows, correct = _rows_and_correct()
+    (v,) = against_mode(rows, correct, [2.5], ["mode", "uniform", "mc-moe", "mode-no-key"])
+    assert v["method"] == "mode-no-key"  # the baselines are against_best_baseline's
+    reps = [(m, s) for m in (0, 1) for s in (0, 1, 2)]
+    a = np.mean([correct[(m, s, "mode-no-key", 2.5)] for m, s in reps], axis=0)
+    b = np.mean([correct[(m, s, "mode", 2.5)] for m, s in reps], axis=0)
+    want = stats.paired_bootstrap_difference(a, b)
+    assert v["difference_pp"] == pytest.approx(100 * want.estimate) and v["ci95_pp"][0] > 0
+    assert v["ahead_in"] == sum(d > 0 for d in v["per_replicate_pp"]) and len(reps) == 6
+    assert against_mode(rows, correct, [3.0], ["mode-no-key"]) == []  # no rows at that budget

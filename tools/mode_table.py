@@ -188,6 +188,27 @@ def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float
     return rows, correct
 
 
+def _paired(rows: list[dict[str, Any]], correct: Correct, b: float, a: str, c: str
+            ) -> dict[str, Any] | None:  # fmt: skip
+    """``a`` − ``c`` at budget ``b`` in points: a paired bootstrap interval over evaluation
+    samples (each sample's difference averaged over the models × seeds both have first),
+    and the difference per model × seed; None when either has no row there."""
+    reps = sorted({(r["model"], r["seed"]) for r in rows if r["method"] == a and r["budget"] == b}
+                  & {(r["model"], r["seed"]) for r in rows
+                     if r["method"] == c and r["budget"] == b})  # fmt: skip
+    if not reps:
+        return None
+    x = np.mean([correct[(mi, s, a, float(b))] for mi, s in reps], axis=0)
+    y = np.mean([correct[(mi, s, c, float(b))] for mi, s in reps], axis=0)
+    iv = stats.paired_bootstrap_difference(x, y)
+    each = [100 * float(correct[(mi, s, a, float(b))].mean() - correct[(mi, s, c, float(b))].mean())
+            for mi, s in reps]  # fmt: skip
+    return {"budget": b, "difference_pp": 100 * iv.estimate,
+            "ci95_pp": [100 * iv.low, 100 * iv.high],
+            "replicates": [f"model {mi} seed {s}" for mi, s in reps],
+            "per_replicate_pp": each, "ahead_in": sum(d > 0 for d in each)}  # fmt: skip
+
+
 def against_best_baseline(rows: list[dict[str, Any]], correct: Correct, budgets: list[float]
                           ) -> list[dict[str, Any]]:  # fmt: skip
     """Per budget: the baseline with the best mean overall accuracy, and MODE − it in points
@@ -195,24 +216,30 @@ def against_best_baseline(rows: list[dict[str, Any]], correct: Correct, budgets:
     averaged over the models × seeds first; the spread over those is the table's std)."""
     out = []
     for b in budgets:
-        reps = sorted({(r["model"], r["seed"]) for r in rows
-                       if r["method"] == "mode" and r["budget"] == b})  # fmt: skip
         means = {m: np.mean([r["overall"] for r in rows if r["method"] == m and r["budget"] == b])
                  for m in BASELINES
                  if any(r["method"] == m and r["budget"] == b for r in rows)}  # fmt: skip
-        if not reps or not means:
+        if not means:
             continue
         best = max(means, key=lambda m: means[m])
-        a = np.mean([correct[(mi, s, "mode", float(b))] for mi, s in reps], axis=0)
-        c = np.mean([correct[(mi, s, best, float(b))] for mi, s in reps], axis=0)
-        iv = stats.paired_bootstrap_difference(a, c)
-        each = [100 * float(correct[(mi, s, "mode", float(b))].mean()
-                            - correct[(mi, s, best, float(b))].mean())
-                for mi, s in reps]  # fmt: skip
-        out.append({"budget": b, "best_baseline": best, "difference_pp": 100 * iv.estimate,
-                    "ci95_pp": [100 * iv.low, 100 * iv.high],
-                    "replicates": [f"model {mi} seed {s}" for mi, s in reps],
-                    "per_replicate_pp": each, "ahead_in": sum(d > 0 for d in each)})  # fmt: skip
+        got = _paired(rows, correct, b, "mode", best)
+        if got is not None:
+            out.append({"budget": b, "best_baseline": best, **got})
+    return out
+
+
+def against_mode(rows: list[dict[str, Any]], correct: Correct, budgets: list[float],
+                 methods: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+    """Per budget and per MODE variant (ablations, ``+joint`` …) with rows: it − MODE in
+    points, as `against_best_baseline` measures it."""
+    out = []
+    for b in budgets:
+        for m in methods:
+            if m in ("mode", "fp32") or m in BASELINES:
+                continue
+            got = _paired(rows, correct, b, m, "mode")
+            if got is not None:
+                out.append({"method": m, **got})
     return out
 
 
@@ -317,7 +344,8 @@ def main() -> None:
     rows, correct = run(models, eval_path, seeds, budgets, curve, methods, bits, args.example,
                         args.threads, args.store)  # fmt: skip
     versus = against_best_baseline(rows, correct, budgets)
-    doc = {"rows": rows, "mode_vs_best_baseline": versus}
+    variants = against_mode(rows, correct, budgets, methods)
+    doc = {"rows": rows, "mode_vs_best_baseline": versus, "variants_vs_mode": variants}
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     png = args.out.with_name(f"{args.out.stem}_budget.png")
     curves = [
@@ -353,6 +381,19 @@ def main() -> None:
         if versus
         else ""
     )
+    var_lines = "\n".join(
+        f"| {v['budget']:g} | {v['method']} | {v['difference_pp']:+.2f} "
+        f"[{v['ci95_pp'][0]:+.2f}, {v['ci95_pp'][1]:+.2f}] | {v['ahead_in']} of "
+        f"{len(v['per_replicate_pp'])} | {' / '.join(f'{d:+.2f}' for d in v['per_replicate_pp'])} |"
+        for v in variants
+    )
+    var_table = (
+        "MODE's variants against MODE (the same measures):\n\n"
+        "| budget | variant | it − MODE, pp [95% CI] | ahead of MODE in | per model × seed, pp |\n"
+        "|---|---|---|---|---|\n" + var_lines + "\n"
+        if variants
+        else ""
+    )
     stored_note = (" (rows the store already held were read, not evaluated again)"
                    if args.store else "")  # fmt: skip
     body = f"""# MODE on {args.example}: accuracy at equal size
@@ -366,6 +407,7 @@ group size 128; GPTQ for every method.
 {table(rows, budgets, methods)}
 
 {vs_table}
+{var_table}
 {image}"""
     write_keeping_findings(args.out, body)
     print(body)
