@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "paper's allocation (default %(default)s)")  # fmt: skip
     co.add_argument("--joint-weighting", choices=["positions", "balanced"],
                     default=d.joint_weighting,
-                    help="how --joint select weighs calibration samples: by KL positions, "
+                    help="how --joint weighs calibration samples: by KL positions, "
                          "or multimodal and text-only half each (default %(default)s)")  # fmt: skip
     co.add_argument("--budget-bytes", type=int, default=d.budget_bytes,
                     help="byte budget (overrides --budget)")  # fmt: skip

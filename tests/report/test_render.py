@@ -438,3 +438,9 @@ def test_joint_check_table_lists_every_range_and_marks_the_chosen_one():
     assert "as {2}" in rows[2] and "chosen" not in rows[2]
     assert "32 calibration samples" in doc and "{3}; {3, 4}; {4}" in doc
     assert "(gptq; each half of the samples judged by experts fitted to the other half)" in doc
+    assert "The narrowest range (the default) is kept" in doc and "half each" not in doc
+    sec["joint"].update(rule="guard", weighting="balanced", default=0)
+    doc = render_report(report)
+    check_html(doc)
+    assert "else the paper's allocation (the default; guard rule) is kept" in doc
+    assert "the multimodal and the text-only samples weighing half each" in doc

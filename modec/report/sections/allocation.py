@@ -150,9 +150,20 @@ def _joint(joint: dict[str, Any]) -> str:
             else ""
         )
         + f"), in {num(joint.get('seconds'))} s. "
-        f"The narrowest range (the default) is kept unless another range's joint KL to fp32 "
-        f"is lower with a 95% paired bootstrap interval below zero (better); then the lowest "
-        f"of those. The first row is the paper's allocation."
+        + (
+            "Uniform where the budget is one of the widths, else the paper's allocation (the "
+            "default; guard rule)"
+            if joint.get("rule") == "guard"
+            else "The narrowest range (the default)"
+        )
+        + " is kept unless another range's joint KL to fp32 is lower with a 95% paired "
+        "bootstrap interval below zero (better); then the lowest of those"
+        + (
+            ", the multimodal and the text-only samples weighing half each"
+            if joint.get("weighting") == "balanced"
+            else ""
+        )
+        + ". The first row is the paper's allocation."
         + (
             " Ranges that cannot meet the budget: "
             + esc("; ".join("{" + ", ".join(map(str, r)) + "}" for r in infeasible))
