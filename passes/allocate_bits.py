@@ -73,7 +73,7 @@ class AllocateBitsPass(Pass):
     group_size: int = GROUP_SIZE
     #: calibration batch size of the Hessian run (collect-routing's, for identical sums).
     batch_size: int = 16
-    #: rule 7: ``off`` or ``select``.
+    #: rule 7: ``off``, ``select`` or ``guard``.
     joint: Literal["off", "select", "guard"] = "off"
     #: rule 7: calibration samples of the joint runs (0: all of them), where the KL is read
     #: (``answer``: δ's positions; ``text``: every text position), and the quantizer of the
@@ -196,7 +196,8 @@ class AllocateBitsPass(Pass):
         return PassResult(model, modified=False)
 
     def _joint_select(self, model: ir.Model, ctx: PassContext, solve: Any) -> tuple[Any, Any]:
-        """Rule 7: the narrowest width range's allocation unless another is significantly closer."""
+        """Rule 7: the standing allocation (the narrowest range's; under ``guard`` uniform or
+        the full range's) unless another is significantly closer."""
         from modec.method.joint import JointQuantizer, Rule, choose
         from modec.method.probes import ProbeSettings
         from modec.method.sensitivity import choose_subset
