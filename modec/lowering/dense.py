@@ -16,6 +16,9 @@ The flow, in numbered phases:
    A projection whose weight is ``astype(w, "float32")`` of a 16-bit weight (a model stored
    in fp16/bf16, `import_onnx` with ``upcast``) takes ``w`` itself: its kernel converts each
    weight vector in registers, and no float32 copy of the weight is made per call.
+   Attention's scores ``q · permute(k)`` read the keys as stored (`matmul_nt_primfunc`,
+   counter ``matmul_keys_as_stored``; a static, even head dimension): no transposed copy
+   of the key cache is made at each decode step.
    Softmax, LayerNorm and element-wise ops stay with the default legalization; at these
    sizes they are not the bottleneck (see docs/artifact.md, "Performance").
 4. `compile_module`: `tvm.compile` with the default Relax pipeline.
@@ -40,7 +43,7 @@ from tvm.relax import expr_functor
 
 from modec.errors import InternalError
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
-from modec.lowering.matmul_kernels import matmul_primfunc
+from modec.lowering.matmul_kernels import matmul_nt_primfunc, matmul_primfunc
 from modec.lowering.onnx_import import DenseModule, OpConverter, import_onnx, static_extent
 from modec.moe.lazy import LazyArray
 
@@ -97,6 +100,42 @@ class _MatmulRewriter(relax.PyExprMutator):
             )
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
+
+    def _nt_kernel(self, m: int | None, n: int | None, k: int) -> Any:
+        """The ``A · Bᵀ`` kernel (`matmul_nt_primfunc`): scores on keys as stored."""
+        key = ("nt", m, n, k)
+        if key not in self.kernels:
+            dims = "_".join(
+                f"{c}{v if v is not None else 'x'}" for c, v in zip("mnk", key[1:], strict=True)
+            )
+            name = f"modec_bmmnt_{dims}"
+            func = (
+                matmul_nt_primfunc(m, n, k)
+                .with_attr("global_symbol", name)
+                .with_attr("op_pattern", 8)  # kOpaque, as the other kernels
+            )
+            self.kernels[key] = self.builder_.add_func(func, name)
+        return self.kernels[key]
+
+    def _transposed(self, b: Any, sa: Sequence[Any]) -> Any:
+        """``x`` when ``b`` is ``permute_dims(x)`` swapping the last two axes of a float32
+        tensor with ``a``'s batch dims and a static, even reduction length: ``a · b`` is
+        ``a · xᵀ`` on ``x`` as stored. Else None."""
+        swap = self._binding(b, "relax.permute_dims")
+        if swap is None or swap.attrs.axes is None:
+            return None
+        x = swap.args[0]
+        tx = x.ty
+        if not isinstance(tx, relax.TensorType) or tx.shape is None or tx.dtype != "float32":
+            return None
+        sx = list(tx.shape.values)
+        nd = len(sx)
+        if nd < 3 or [int(v) for v in swap.attrs.axes] != [*range(nd - 2), nd - 1, nd - 2]:
+            return None
+        kd = static_extent(sx[-1])
+        if kd is None or kd % 2 or len(sa) != nd or not self._equal(sa[:-2], sx[:-2]):
+            return None
+        return x
 
     def _stored_weight(self, b: Any) -> Any:
         """The 16-bit tensor ``w`` when ``b`` is bound to ``astype(w, "float32")``, else None."""
@@ -174,6 +213,18 @@ class _MatmulRewriter(relax.PyExprMutator):
         s_len = sa[2]
         groups = bsz * heads
         rows = r * s_len
+        d_static = static_extent(d)
+        if keys and d_static is not None and d_static % 2 == 0:  # kᵀ read as k is stored
+            a3 = bld.emit(memory_view(a, [groups, rows, d]))
+            b3 = bld.emit(memory_view(kv, [groups, t, d]))
+            gv = self._nt_kernel(static_extent(rows), static_extent(t), d_static)
+            y = bld.emit(
+                relax.call_tir(gv, [a3, b3], relax.TensorType([groups, rows, t], "float32"))
+            )
+            self.counts["matmul_batched"] += 1
+            self.counts["matmul_keys_as_stored"] += 1
+            self.counts["attention_kv_heads"] += 1
+            return memory_view(y, [bsz, heads * r, s_len, t])
         if keys:  # a = q [B, H·r, S, D]; b = repeat_kv(k)ᵀ
             a3 = bld.emit(memory_view(a, [groups, rows, d]))
             kt = bld.emit(relax.op.permute_dims(kv, [0, 1, 3, 2]))
@@ -239,6 +290,21 @@ class _MatmulRewriter(relax.PyExprMutator):
         gqa = self._grouped_query(a, b, sa)
         if gqa is not None:
             return gqa
+        x = self._transposed(b, sa)
+        if x is not None:  # a · xᵀ (attention's scores): the keys as stored, no transpose
+            sx = list(x.ty.shape.values)
+            batch = sa[:-2]
+            md, kd, nd = sa[-2], sa[-1], sx[-2]
+            bt = _prod(batch)
+            a3 = a if len(sa) == 3 else bld.emit(memory_view(a, [bt, md, kd]))
+            x3 = x if len(sx) == 3 else bld.emit(memory_view(x, [bt, nd, kd]))
+            k_static = static_extent(sx[-1])
+            assert k_static is not None  # `_transposed` checked it
+            gv = self._nt_kernel(static_extent(md), static_extent(nd), k_static)
+            y = bld.emit(relax.call_tir(gv, [a3, x3], relax.TensorType([bt, md, nd], "float32")))
+            self.counts["matmul_batched"] += 1
+            self.counts["matmul_keys_as_stored"] += 1
+            return y if len(sa) == 3 else memory_view(y, [*batch, md, nd])
         if len(sa) == len(sb) >= 3 and self._equal(sa[:-2], sb[:-2]):
             batch = sa[:-2]
             md, kd, nd = sa[-2], sa[-1], sb[-1]
@@ -431,7 +497,8 @@ def schedule_dense_ops(dm: DenseModule) -> DenseModule:
     """Replace the dense matmuls of every Relax function by scheduled CPU kernels.
 
     Reads and writes `DenseModule.mod`; adds the counters ``matmul_dense``,
-    ``matmul_batched``, ``matmul_default`` (left to the default legalization),
+    ``matmul_batched``, ``matmul_keys_as_stored`` (batched ones that read the keys as
+    stored), ``matmul_default`` (left to the default legalization),
     ``matmul_stored_weight`` (projections that read a 16-bit weight as stored; absent when
     none) and ``kernels`` (distinct PrimFuncs) to `DenseModule.stats`.
     """

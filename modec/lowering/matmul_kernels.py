@@ -6,6 +6,9 @@ One TE compute, one `tvm.s_tir.Schedule` schedule, two forms:
 * batched: ``Y[b, M, N] = A[b, M, K] · B[b, K, N]`` (attention's QKᵀ and PV, batch and heads
   flattened into ``b``).
 
+And one more for attention's scores on keys as stored: ``Y[b, M, N] = A[b, M, K] · B[b, N,
+K]ᵀ`` (`matmul_nt_primfunc`), so that the key cache is not transposed at every decode step.
+
 Any of M, N, K (and ``b``) may be symbolic. The reduction runs over an ``MT x (NV*VL)``
 register tile (``MT`` rows of X, ``NV`` vectors of ``VL`` fp32 lanes); the tile loops are
 padded up to whole tiles and the padded rows/columns read a clamped (valid) index, so the
@@ -22,6 +25,7 @@ PrimFunc arguments (destination-passing, for Relax `call_tir`): ``(A, B, Y)``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import tvm
@@ -39,6 +43,18 @@ def _ceil_to(x: Any, q: int) -> Any:
     if isinstance(x, int):
         return -(-x // q) * q
     return tirx.floordiv(x + (q - 1), q) * q
+
+
+def _padded(x: Any, tile: int) -> tuple[Any, Callable[[Any], Any]]:
+    """An extent padded up to whole tiles, and the index map that clamps a padded index to
+    the last valid one (the identity where no padding is needed): the hot loop then carries
+    no bounds predicate."""
+    clamp = not (isinstance(x, int) and x % tile == 0)
+
+    def index(i: Any) -> Any:
+        return tirx.min(i, x - 1) if clamp else i
+
+    return _ceil_to(x, tile), index
 
 
 def _nv_for(n: int | None) -> int:
@@ -73,17 +89,8 @@ def matmul_primfunc(
     nn: Any = n if n is not None else tirx.Var("n", "int64")
     kk: Any = k if k is not None else tirx.Var("k", "int64")
     nv = _nv_for(n)
-    tile_n = nv * VL
-    m_pad, n_pad = _ceil_to(mm, MT), _ceil_to(nn, tile_n)
-    clamp_m = not (isinstance(mm, int) and mm % MT == 0)
-    clamp_n = not (isinstance(nn, int) and nn % tile_n == 0)
-
-    def row(i: Any) -> Any:
-        return tirx.min(i, mm - 1) if clamp_m else i
-
-    def col(j: Any) -> Any:
-        return tirx.min(j, nn - 1) if clamp_n else j
-
+    m_pad, row = _padded(mm, MT)
+    n_pad, col = _padded(nn, nv * VL)
     wt = b_dtype or dtype
 
     def conv(x: Any) -> Any:  # float32 B: the expression as before, no cast node
@@ -133,4 +140,83 @@ def _schedule(func: tirx.PrimFunc, batched: bool, nv: int) -> tirx.PrimFunc:
     ycol = sch.get_loops(y)[-1]
     _, yv = sch.split(ycol, [None, VL])
     sch.vectorize(yv)
+    return sch.mod["main"]
+
+
+#: Rows of B (keys) per register tile of `matmul_nt_primfunc`.
+NT_ROWS = 4
+
+
+@functools.lru_cache(maxsize=64)
+def matmul_nt_primfunc(
+    m: int | None, n: int | None, k: int, dtype: str = "float32"
+) -> tirx.PrimFunc:
+    """``Y[b, M, N] = A[b, M, K] · B[b, N, K]ᵀ``: attention's scores ``q · kᵀ`` reading the
+    keys ``[b, N, K]`` as the cache stores them (no transposed copy per call).
+
+    Each output is a dot product along K: the reduction runs over ``K / L`` vectors of L
+    lanes (L = `VL`, or the largest power of two below it that divides K) into an ``MT x
+    NT_ROWS`` tile of vector accumulators (rows of A x rows of B, both loaded contiguously),
+    whose lanes are summed at the end. M and N may be symbolic (padded to whole tiles with
+    clamped reads, as `matmul_primfunc`); K is static and even (a head dimension).
+
+    Args:
+        m: static row count of A, or None.
+        n: static row count of B (the keys), or None.
+        k: the reduction length (static, even).
+        dtype: element type of A, B and Y.
+
+    Returns:
+        A scheduled PrimFunc ``(A, B, Y)`` (attribute ``global_symbol`` unset).
+    """
+    if k < 2 or k % 2:
+        raise ValueError(f"matmul_nt_primfunc needs an even K; got {k}")
+    vl = next(v for v in (VL, 8, 4, 2) if k % v == 0)
+    mm: Any = m if m is not None else tirx.Var("m", "int64")
+    nn: Any = n if n is not None else tirx.Var("n", "int64")
+    m_pad, row = _padded(mm, MT)
+    n_pad, col = _padded(nn, NT_ROWS)
+    bb = tirx.Var("b", "int64")
+    a = te.placeholder((bb, mm, k), dtype, name="A")
+    w = te.placeholder((bb, nn, k), dtype, name="B")
+    if k > vl:
+        ko = te.reduce_axis((0, k // vl), name="ko")
+        lanes = te.compute(
+            (bb, m_pad, n_pad, vl),
+            lambda b, i, j, v: te.sum(
+                a[b, row(i), ko * vl + v] * w[b, col(j), ko * vl + v], axis=ko
+            ),
+            name="acc",
+        )
+    else:  # one vector: products, no reduction block (vectorize refuses a 1-step one)
+        lanes = te.compute(
+            (bb, m_pad, n_pad, vl), lambda b, i, j, v: a[b, row(i), v] * w[b, col(j), v],
+            name="acc",
+        )  # fmt: skip
+
+    def lane_sum(b: Any, i: Any, j: Any) -> Any:  # a plain expression, not a reduction block
+        return functools.reduce(lambda x, v: x + lanes[b, i, j, v], range(1, vl),
+                                lanes[b, i, j, 0])  # fmt: skip
+
+    y = te.compute((bb, mm, nn), lane_sum, name="Y")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, w, y]))
+    yb = sch.get_sblock("Y")
+    b, i, j = sch.get_loops(yb)
+    io, ii = sch.split(i, [None, MT])
+    jo, ji = sch.split(j, [None, NT_ROWS])
+    sch.reorder(b, io, jo, ii, ji)
+    acc = sch.get_sblock("acc")
+    sch.compute_at(acc, jo)
+    if k > vl:  # compute_at made (i, j, lane, ko): ko goes outside the tile
+        ai, aj, av, ar = sch.get_loops(acc)[-4:]
+        sch.reorder(ar, ai, aj, av)
+    else:
+        ai, aj, av = sch.get_loops(acc)[-3:]
+    sch.set_scope(acc, 0, "local")
+    sch.unroll(ai)
+    sch.unroll(aj)
+    sch.vectorize(av)
+    # The accumulators' zeroing stays in the block (``if ko == 0``): decompose_reduction
+    # cannot split it off once Y's loop nest shares the tile loop.
+    sch.parallel(sch.fuse(b, io, jo))
     return sch.mod["main"]

@@ -18,7 +18,7 @@ from modec.lowering.dense import (  # noqa: E402
     import_onnx,
     lower_dense,
 )
-from modec.lowering.matmul_kernels import matmul_primfunc  # noqa: E402
+from modec.lowering.matmul_kernels import matmul_nt_primfunc, matmul_primfunc  # noqa: E402
 from modec.lowering.tiny_model import TinyConfig, build_tiny_decoder, tiny_inputs  # noqa: E402
 
 CFG = TinyConfig()
@@ -63,6 +63,39 @@ def test_matmul_kernel_matches_numpy(
     y = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype=np.float32))
     ex(tvm.runtime.tensor(a), tvm.runtime.tensor(w), y)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "shape"),
+    [
+        (None, None, 32, (6, 11, 13)),  # symbolic M and N, two vectors of K
+        (8, None, 128, (4, 8, 257)),  # a decode step of grouped-query attention
+        (1, None, 64, (3, 1, 5)),  # one query row, fewer keys than a tile
+        (None, 7, 16, (2, 5, 7)),  # static N not a multiple of the tile, one vector of K
+        (None, None, 8, (4, 3, 9)),  # a head dimension of 8: vectors of 8 lanes
+        (None, None, 24, (2, 3, 6)),  # 24 = 3 vectors of 8
+        (2, None, 6, (2, 2, 5)),  # vectors of 2 lanes
+    ],
+)
+def test_keys_as_stored_kernel_matches_numpy(
+    m: int | None, n: int | None, k: int, shape: tuple[int, int, int]
+) -> None:
+    """``A · Bᵀ`` on B as stored (attention's scores without a transposed key copy)."""
+    rng = np.random.default_rng(0)
+    func = matmul_nt_primfunc(m, n, k).with_attr("global_symbol", "main")
+    ex = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    b, mm, nn = shape
+    a = rng.standard_normal((b, mm, k), dtype=np.float32)
+    w = rng.standard_normal((b, nn, k), dtype=np.float32)
+    ref = a @ w.transpose(0, 2, 1)
+    y = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype=np.float32))
+    ex(tvm.runtime.tensor(a), tvm.runtime.tensor(w), y)
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_as_stored_kernel_refuses_an_odd_k() -> None:
+    with pytest.raises(ValueError, match="even K"):
+        matmul_nt_primfunc(None, None, 3)
 
 
 def test_all_matmuls_scheduled(lowered: tuple[DenseModule, object]) -> None:
@@ -234,6 +267,7 @@ def test_grouped_query_attention_reads_the_kv_heads(tmp_path: object) -> None:
     manifest = build_artifact(str(onnx_path), d / "out")
     stats = manifest.sections["lowering"]["stats"]
     assert stats["attention_kv_heads"] == 4  # two layers, keys and values
+    assert stats["matmul_keys_as_stored"] == 2  # the scores: no transposed key copy
     sess, ref = load(d / "out"), ort.InferenceSession(str(onnx_path))
     past = [i for i in ref.get_inputs() if i.name.startswith("past_key_values.")]
     rng = np.random.default_rng(0)
