@@ -68,13 +68,13 @@ def test_matmul_kernel_matches_numpy(
 @pytest.mark.parametrize(
     ("m", "n", "k", "shape"),
     [
-        (None, None, 32, (6, 11, 13)),  # symbolic M and N, two vectors of K
+        (None, None, 32, (6, 11, 13)),  # symbolic M and N, 8 vectors of K
         (8, None, 128, (4, 8, 257)),  # a decode step of grouped-query attention
         (1, None, 64, (3, 1, 5)),  # one query row, fewer keys than a tile
-        (None, 7, 16, (2, 5, 7)),  # static N not a multiple of the tile, one vector of K
-        (None, None, 8, (4, 3, 9)),  # a head dimension of 8: vectors of 8 lanes
-        (None, None, 24, (2, 3, 6)),  # 24 = 3 vectors of 8
-        (2, None, 6, (2, 2, 5)),  # vectors of 2 lanes
+        (None, 7, 16, (2, 5, 7)),  # static N not a multiple of the tile
+        (None, None, 4, (4, 3, 9)),  # one vector of K: products, no reduction loop
+        (None, None, 24, (2, 3, 6)),  # 24 = 6 vectors of 4
+        (2, None, 6, (2, 2, 5)),  # K not a multiple of 4: vectors of 2 lanes
     ],
 )
 def test_keys_as_stored_kernel_matches_numpy(
