@@ -43,7 +43,7 @@ from tvm.relax import expr_functor
 
 from modec.errors import InternalError
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
-from modec.lowering.matmul_kernels import matmul_nt_primfunc, matmul_primfunc
+from modec.lowering.matmul_kernels import matmul_nt_primfunc, matmul_primfunc, nt_supported
 from modec.lowering.onnx_import import DenseModule, OpConverter, import_onnx, static_extent
 from modec.moe.lazy import LazyArray
 
@@ -86,41 +86,41 @@ class _MatmulRewriter(relax.PyExprMutator):
         self, batched: bool, m: int | None, n: int | None, k: int | None,
         b_dtype: str = "float32",
     ) -> Any:  # fmt: skip
-        key = (batched, m, n, k, b_dtype)
+        suffix = "" if b_dtype == "float32" else f"_{_SHORT[b_dtype]}"
+        name = f"modec_{'bmm' if batched else 'dense'}_{_dims(m, n, k)}{suffix}"
+        return self._added((batched, m, n, k, b_dtype), name,
+                           lambda: matmul_primfunc(batched, m, n, k, b_dtype=b_dtype))  # fmt: skip
+
+    def _nt_kernel(self, m: int | None, n: int | None, k: int) -> Any:
+        """The ``A · Bᵀ`` kernel (`matmul_nt_primfunc`): scores on keys as stored."""
+        return self._added(("nt", m, n, k), f"modec_bmmnt_{_dims(m, n, k)}",
+                           lambda: matmul_nt_primfunc(m, n, k))  # fmt: skip
+
+    def _added(self, key: tuple[Any, ...], name: str, make: Callable[[], Any]) -> Any:
+        """The kernel of ``key``, added to the module as ``name`` the first time."""
         if key not in self.kernels:
-            dims = "_".join(
-                f"{c}{v if v is not None else 'x'}" for c, v in zip("mnk", key[1:4], strict=True)
-            )
-            suffix = "" if b_dtype == "float32" else f"_{_SHORT[b_dtype]}"
-            name = f"modec_{'bmm' if batched else 'dense'}_{dims}{suffix}"
             func = (
-                matmul_primfunc(batched, m, n, k, b_dtype=b_dtype)
+                make()
                 .with_attr("global_symbol", name)
                 .with_attr("op_pattern", 8)  # kOpaque: FuseOps must not merge into it
             )
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
 
-    def _nt_kernel(self, m: int | None, n: int | None, k: int) -> Any:
-        """The ``A · Bᵀ`` kernel (`matmul_nt_primfunc`): scores on keys as stored."""
-        key = ("nt", m, n, k)
-        if key not in self.kernels:
-            dims = "_".join(
-                f"{c}{v if v is not None else 'x'}" for c, v in zip("mnk", key[1:], strict=True)
-            )
-            name = f"modec_bmmnt_{dims}"
-            func = (
-                matmul_nt_primfunc(m, n, k)
-                .with_attr("global_symbol", name)
-                .with_attr("op_pattern", 8)  # kOpaque, as the other kernels
-            )
-            self.kernels[key] = self.builder_.add_func(func, name)
-        return self.kernels[key]
+    def _scores(self, a3: Any, b3: Any, shape: Sequence[Any], k: int) -> Any:
+        """``a3 · b3ᵀ`` [g, m, n] on keys ``b3`` [g, n, k] as stored (`_nt_kernel`)."""
+        g, m, n = shape
+        gv = self._nt_kernel(static_extent(m), static_extent(n), k)
+        self.counts["matmul_batched"] += 1
+        self.counts["matmul_keys_as_stored"] += 1
+        return self.builder_.emit(
+            relax.call_tir(gv, [a3, b3], relax.TensorType([g, m, n], "float32"))
+        )
 
-    def _transposed(self, b: Any, sa: Sequence[Any]) -> Any:
-        """``x`` when ``b`` is ``permute_dims(x)`` swapping the last two axes of a float32
-        tensor with ``a``'s batch dims and a static, even reduction length: ``a · b`` is
-        ``a · xᵀ`` on ``x`` as stored. Else None."""
+    def _transposed(self, b: Any, sa: Sequence[Any]) -> tuple[Any, int] | None:
+        """``(x, K)`` when ``b`` is ``permute_dims(x)`` swapping the last two axes of a
+        float32 tensor with ``a``'s batch dims and a static reduction length K the
+        keys-as-stored kernel takes: ``a · b`` is ``a · xᵀ`` on ``x`` as stored. Else None."""
         swap = self._binding(b, "relax.permute_dims")
         if swap is None or swap.attrs.axes is None:
             return None
@@ -133,9 +133,10 @@ class _MatmulRewriter(relax.PyExprMutator):
         if nd < 3 or [int(v) for v in swap.attrs.axes] != [*range(nd - 2), nd - 1, nd - 2]:
             return None
         kd = static_extent(sx[-1])
-        if kd is None or kd % 2 or len(sa) != nd or not self._equal(sa[:-2], sx[:-2]):
+        if not nt_supported(kd) or len(sa) != nd or not self._equal(sa[:-2], sx[:-2]):
             return None
-        return x
+        assert kd is not None
+        return x, kd
 
     def _stored_weight(self, b: Any) -> Any:
         """The 16-bit tensor ``w`` when ``b`` is bound to ``astype(w, "float32")``, else None."""
@@ -214,15 +215,10 @@ class _MatmulRewriter(relax.PyExprMutator):
         groups = bsz * heads
         rows = r * s_len
         d_static = static_extent(d)
-        if keys and d_static is not None and d_static % 2 == 0:  # kᵀ read as k is stored
+        if keys and d_static is not None and nt_supported(d_static):  # k as stored
             a3 = bld.emit(memory_view(a, [groups, rows, d]))
             b3 = bld.emit(memory_view(kv, [groups, t, d]))
-            gv = self._nt_kernel(static_extent(rows), static_extent(t), d_static)
-            y = bld.emit(
-                relax.call_tir(gv, [a3, b3], relax.TensorType([groups, rows, t], "float32"))
-            )
-            self.counts["matmul_batched"] += 1
-            self.counts["matmul_keys_as_stored"] += 1
+            y = self._scores(a3, b3, [groups, rows, t], d_static)
             self.counts["attention_kv_heads"] += 1
             return memory_view(y, [bsz, heads * r, s_len, t])
         if keys:  # a = q [B, H·r, S, D]; b = repeat_kv(k)ᵀ
@@ -290,20 +286,15 @@ class _MatmulRewriter(relax.PyExprMutator):
         gqa = self._grouped_query(a, b, sa)
         if gqa is not None:
             return gqa
-        x = self._transposed(b, sa)
-        if x is not None:  # a · xᵀ (attention's scores): the keys as stored, no transpose
-            sx = list(x.ty.shape.values)
+        found = self._transposed(b, sa)
+        if found is not None:  # a · xᵀ (attention's scores): the keys as stored, no transpose
+            x, k_static = found
             batch = sa[:-2]
-            md, kd, nd = sa[-2], sa[-1], sx[-2]
+            md, kd, nd = sa[-2], sa[-1], x.ty.shape.values[-2]
             bt = _prod(batch)
             a3 = a if len(sa) == 3 else bld.emit(memory_view(a, [bt, md, kd]))
-            x3 = x if len(sx) == 3 else bld.emit(memory_view(x, [bt, nd, kd]))
-            k_static = static_extent(sx[-1])
-            assert k_static is not None  # `_transposed` checked it
-            gv = self._nt_kernel(static_extent(md), static_extent(nd), k_static)
-            y = bld.emit(relax.call_tir(gv, [a3, x3], relax.TensorType([bt, md, nd], "float32")))
-            self.counts["matmul_batched"] += 1
-            self.counts["matmul_keys_as_stored"] += 1
+            x3 = x if len(sa) == 3 else bld.emit(memory_view(x, [bt, nd, k_static]))
+            y = self._scores(a3, x3, [bt, md, nd], k_static)
             return y if len(sa) == 3 else memory_view(y, [*batch, md, nd])
         if len(sa) == len(sb) >= 3 and self._equal(sa[:-2], sb[:-2]):
             batch = sa[:-2]
@@ -317,6 +308,12 @@ class _MatmulRewriter(relax.PyExprMutator):
             return y if len(sa) == 3 else memory_view(y, [*batch, md, nd])
         self.counts["matmul_default"] += 1
         return call
+
+
+def _dims(m: int | None, n: int | None, k: int | None) -> str:
+    """A kernel name's sizes: ``m4_nx_k128`` (``x``: symbolic)."""
+    return "_".join(f"{c}{v if v is not None else 'x'}" for c, v in zip("mnk", (m, n, k),
+                                                                         strict=True))  # fmt: skip
 
 
 def memory_view(x: Any, shape: Sequence[Any]) -> Any:

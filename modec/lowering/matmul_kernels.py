@@ -151,6 +151,11 @@ NT_ROWS = 4
 NT_LANES = 4
 
 
+def nt_supported(k: int | None) -> bool:
+    """Whether `matmul_nt_primfunc` takes a reduction length ``k`` (static and even)."""
+    return k is not None and k >= 2 and k % 2 == 0
+
+
 @functools.lru_cache(maxsize=64)
 def matmul_nt_primfunc(
     m: int | None, n: int | None, k: int, dtype: str = "float32"
@@ -173,7 +178,7 @@ def matmul_nt_primfunc(
     Returns:
         A scheduled PrimFunc ``(A, B, Y)`` (attribute ``global_symbol`` unset).
     """
-    if k < 2 or k % 2:
+    if not nt_supported(k):
         raise ValueError(f"matmul_nt_primfunc needs an even K; got {k}")
     vl = next(v for v in (NT_LANES, 2) if k % v == 0)
     mm: Any = m if m is not None else tirx.Var("m", "int64")
