@@ -451,9 +451,11 @@ def profile_step(out: Path, prompt_tokens: int, repeats: int) -> list[dict[str, 
     the call with the VM's instrument hook (TVM 0.27's Python VM has no profiler), medians
     over ``repeats`` steps. Kernels: ``modec_dense_*`` the dense projections and the head,
     ``modec_moe_*`` the experts, ``modec_bmm_*`` attention's batched matmuls, the rest
-    Relax's fused element-wise, norm, softmax and cache-concat kernels and the VM's
-    builtins. Returns one row per callee name, slowest first."""
+    Relax's fused element-wise, norm and softmax kernels, the cache's appends
+    (``modec_kv_append_*``; cache-concat kernels where the cache is not updated in place) and
+    the VM's builtins. Returns one row per callee name, slowest first."""
     import tvm
+    import tvm_ffi
     from modec.runtime import _generation, _map_weights
     from tvm import relax
 
@@ -472,9 +474,12 @@ def profile_step(out: Path, prompt_tokens: int, repeats: int) -> list[dict[str, 
     mask = np.ones((1, prompt_tokens), np.int64)
     res = vm["main"](tvm.runtime.tensor(ids), tvm.runtime.tensor(mask),
                      *(tvm.runtime.tensor(e) for e in empty), *params)  # fmt: skip
-    cache = list(res)[1:]
+    cache: list[Any] = list(res)[1:]
     step = [tvm.runtime.tensor(np.array([[7]], np.int64)),
             tvm.runtime.tensor(np.ones((1, prompt_tokens + 1), np.int64))]  # fmt: skip
+    if gen.cache_in_place:  # buffers with room for the step, and the positions they hold
+        room = [np.pad(c.numpy(), [(0, 0), (0, 0), (0, 1), (0, 0)]) for c in cache]
+        cache = [tvm.runtime.tensor(c) for c in room] + [tvm_ffi.Shape((prompt_tokens,))]
     entry = vm[gen.decode_entry]
     entry(*step, *cache, *params)  # warm-up
     totals: dict[str, float] = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tvm
 import tvm_ffi
@@ -32,6 +32,9 @@ from tvm.relax import expr_functor
 from modec import kv_cache
 from modec.artifact import TensorSpec
 from modec.lowering.onnx_import import DenseModule
+
+if TYPE_CHECKING:
+    from modec.lowering.kv_in_place import InPlace
 
 logger = logging.getLogger(__name__)
 
@@ -162,20 +165,30 @@ def add_decode_entry(dm: DenseModule) -> tuple[DenseModule, DecodeEntry | None]:
     return replace(dm, mod=mod), DecodeEntry(kept, sorted(prompt))
 
 
-def generation_section(dm: DenseModule, entry: DecodeEntry | None) -> dict[str, Any] | None:
-    """The manifest's ``generation`` section of a model with a KV cache (docs/artifact.md),
-    None for a model without one."""
+def generation_section(
+    dm: DenseModule, entry: DecodeEntry | None, in_place: InPlace | None = None
+) -> dict[str, Any] | None:
+    """The manifest's ``generation`` section of a model with a KV cache (docs/generation.md),
+    None for a model without one. ``in_place``: what `modec.lowering.kv_in_place` made of the
+    decode entry (None: not tried, as for CUDA)."""
     sig = kv_cache.find(dm.inputs, dm.outputs)
     if sig is None:
         return None
     names = {s.name for s in dm.inputs}
     tokens = next((n for n in ("input_ids", "inputs_embeds") if n in names), None)
     decode: dict[str, Any]
-    if entry is not None and entry.made:
+    if in_place is not None and in_place.made:
+        decode = {"entry": DECODE, "inputs": [s.to_json() for s in in_place.inputs]}
+    elif entry is not None and entry.made:
         decode = {"entry": DECODE, "inputs": [s.to_json() for s in entry.inputs]}
     else:
-        reason = entry.reason if entry is not None else "no prompt-only inputs"
-        decode = {"entry": "main", "inputs": [s.to_json() for s in dm.inputs], "reason": reason}
+        decode = {"entry": "main", "inputs": [s.to_json() for s in dm.inputs]}
+    if decode["entry"] == "main" or (entry is not None and not entry.made):
+        # main at every step, or a decode entry that runs the vision tower at every step
+        decode["reason"] = entry.reason if entry is not None else "no prompt-only inputs"
+    decode["cache_in_place"] = in_place is not None and in_place.made
+    if in_place is not None and not in_place.made:
+        decode["cache_in_place_reason"] = in_place.reason
     cache = [
         {"layer": e.layer, "kind": e.kind, "past": e.past, "present": e.present,
          "dtype": e.dtype, "heads": e.heads, "head_dim": e.head_dim}

@@ -43,6 +43,7 @@ from tvm.relax import expr_functor
 
 from modec.errors import InternalError
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
+from modec.lowering.kv_in_place import KV_APPEND
 from modec.lowering.matmul_kernels import matmul_nt_primfunc, matmul_primfunc, nt_supported
 from modec.lowering.onnx_import import DenseModule, OpConverter, import_onnx, static_extent
 from modec.moe.lazy import LazyArray
@@ -84,17 +85,20 @@ class _MatmulRewriter(relax.PyExprMutator):
 
     def _kernel(
         self, batched: bool, m: int | None, n: int | None, k: int | None,
-        b_dtype: str = "float32",
+        b_dtype: str = "float32", prefix: bool = False,
     ) -> Any:  # fmt: skip
         suffix = "" if b_dtype == "float32" else f"_{_SHORT[b_dtype]}"
+        suffix += "_prefix" if prefix else ""
         name = f"modec_{'bmm' if batched else 'dense'}_{_dims(m, n, k)}{suffix}"
-        return self._added((batched, m, n, k, b_dtype), name,
-                           lambda: matmul_primfunc(batched, m, n, k, b_dtype=b_dtype))  # fmt: skip
+        return self._added((batched, m, n, k, b_dtype, prefix), name,
+                           lambda: matmul_primfunc(batched, m, n, k, b_dtype=b_dtype,
+                                                   prefix=prefix))  # fmt: skip
 
-    def _nt_kernel(self, m: int | None, n: int | None, k: int) -> Any:
+    def _nt_kernel(self, m: int | None, n: int | None, k: int, prefix: bool = False) -> Any:
         """The ``A · Bᵀ`` kernel (`matmul_nt_primfunc`): scores on keys as stored."""
-        return self._added(("nt", m, n, k), f"modec_bmmnt_{_dims(m, n, k)}",
-                           lambda: matmul_nt_primfunc(m, n, k))  # fmt: skip
+        name = f"modec_bmmnt_{_dims(m, n, k)}{'_prefix' if prefix else ''}"
+        return self._added(("nt", m, n, k, prefix), name,
+                           lambda: matmul_nt_primfunc(m, n, k, prefix=prefix))  # fmt: skip
 
     def _added(self, key: tuple[Any, ...], name: str, make: Callable[[], Any]) -> Any:
         """The kernel of ``key``, added to the module as ``name`` the first time."""
@@ -107,15 +111,39 @@ class _MatmulRewriter(relax.PyExprMutator):
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
 
-    def _scores(self, a3: Any, b3: Any, shape: Sequence[Any], k: int) -> Any:
-        """``a3 · b3ᵀ`` [g, m, n] on keys ``b3`` [g, n, k] as stored (`_nt_kernel`)."""
+    def _scores(self, a3: Any, b3: Any, shape: Sequence[Any], k: int, prefix: bool) -> Any:
+        """``a3 · b3ᵀ`` [g, m, n] on keys ``b3`` [g, n, k] as stored (`_nt_kernel`; with
+        ``prefix``, b3 is [g, C, k] of which the first n rows are read)."""
         g, m, n = shape
-        gv = self._nt_kernel(static_extent(m), static_extent(n), k)
+        gv = self._nt_kernel(static_extent(m), static_extent(n), k, prefix)
         self.counts["matmul_batched"] += 1
         self.counts["matmul_keys_as_stored"] += 1
+        self.counts["matmul_cache_in_place"] += int(prefix)
         return self.builder_.emit(
             relax.call_tir(gv, [a3, b3], relax.TensorType([g, m, n], "float32"))
         )
+
+    def _cache_view(self, x: Any) -> Any:
+        """The buffer ``[B, H, C, D]`` when ``x`` is the first positions of a KV cache updated
+        in place (`modec.lowering.kv_in_place`: a slice of the appended buffer), else None."""
+        view = self._binding(x, "relax.strided_slice")
+        if view is None or not bool(view.attrs.assume_inbound):
+            return None
+        buf = view.args[0]
+        append = self._binding(buf, "relax.call_tir_inplace")
+        if append is None or not append.args[0].name_hint.startswith(KV_APPEND):
+            return None
+        return buf
+
+    def _rows3(self, x: Any, lead: Any, last: Any) -> tuple[Any, bool]:
+        """``x`` [..., n, last] seen as [lead, n, last]; a cache view in place as its buffer
+        [lead, C, last] (no copy), with True."""
+        buf = self._cache_view(x)
+        if buf is not None:
+            cap = buf.ty.shape.values[2]
+            return self.builder_.emit(memory_view(buf, [lead, cap, last])), True
+        rows = x.ty.shape.values[-2]
+        return self.builder_.emit(memory_view(x, [lead, rows, last])), False
 
     def _transposed(self, b: Any, sa: Sequence[Any]) -> tuple[Any, int] | None:
         """``(x, K)`` when ``b`` is ``permute_dims(x)`` swapping the last two axes of a
@@ -217,8 +245,8 @@ class _MatmulRewriter(relax.PyExprMutator):
         d_static = static_extent(d)
         if keys and d_static is not None and nt_supported(d_static):  # k as stored
             a3 = bld.emit(memory_view(a, [groups, rows, d]))
-            b3 = bld.emit(memory_view(kv, [groups, t, d]))
-            y = self._scores(a3, b3, [groups, rows, t], d_static)
+            b3, prefix = self._rows3(kv, groups, d)
+            y = self._scores(a3, b3, [groups, rows, t], d_static, prefix)
             self.counts["attention_kv_heads"] += 1
             return memory_view(y, [bsz, heads * r, s_len, t])
         if keys:  # a = q [B, H·r, S, D]; b = repeat_kv(k)ᵀ
@@ -226,13 +254,16 @@ class _MatmulRewriter(relax.PyExprMutator):
             kt = bld.emit(relax.op.permute_dims(kv, [0, 1, 3, 2]))
             b3 = bld.emit(memory_view(kt, [groups, d, t]))
             kd, nd = d, t
+            prefix = False
         else:  # a = p [B, H·r, S, T]; b = repeat_kv(v)
             a3 = bld.emit(memory_view(a, [groups, rows, t]))
-            b3 = bld.emit(memory_view(kv, [groups, t, d]))
+            b3, prefix = self._rows3(kv, groups, d)
             kd, nd = t, d
-        gv = self._kernel(True, static_extent(rows), static_extent(nd), static_extent(kd))
+        gv = self._kernel(True, static_extent(rows), static_extent(nd), static_extent(kd),
+                          prefix=prefix)  # fmt: skip
         y = bld.emit(relax.call_tir(gv, [a3, b3], relax.TensorType([groups, rows, nd], "float32")))
         self.counts["matmul_batched"] += 1
+        self.counts["matmul_cache_in_place"] += int(prefix)
         self.counts["attention_kv_heads"] += 1
         return memory_view(y, [bsz, heads * r, s_len, nd])
 
@@ -293,18 +324,20 @@ class _MatmulRewriter(relax.PyExprMutator):
             md, kd, nd = sa[-2], sa[-1], x.ty.shape.values[-2]
             bt = _prod(batch)
             a3 = a if len(sa) == 3 else bld.emit(memory_view(a, [bt, md, kd]))
-            x3 = x if len(sa) == 3 else bld.emit(memory_view(x, [bt, nd, k_static]))
-            y = self._scores(a3, x3, [bt, md, nd], k_static)
+            x3, prefix = self._rows3(x, bt, k_static)
+            y = self._scores(a3, x3, [bt, md, nd], k_static, prefix)
             return y if len(sa) == 3 else memory_view(y, [*batch, md, nd])
         if len(sa) == len(sb) >= 3 and self._equal(sa[:-2], sb[:-2]):
             batch = sa[:-2]
             md, kd, nd = sa[-2], sa[-1], sb[-1]
             bt = _prod(batch)
             a3 = a if len(sa) == 3 else bld.emit(memory_view(a, [bt, md, kd]))
-            b3 = b if len(sb) == 3 else bld.emit(memory_view(b, [bt, kd, nd]))
-            gv = self._kernel(True, static_extent(md), static_extent(nd), static_extent(kd))
+            b3, prefix = self._rows3(b, bt, nd)
+            gv = self._kernel(True, static_extent(md), static_extent(nd), static_extent(kd),
+                              prefix=prefix)  # fmt: skip
             y = bld.emit(relax.call_tir(gv, [a3, b3], relax.TensorType([bt, md, nd], "float32")))
             self.counts["matmul_batched"] += 1
+            self.counts["matmul_cache_in_place"] += int(prefix)
             return y if len(sa) == 3 else memory_view(y, [*batch, md, nd])
         self.counts["matmul_default"] += 1
         return call

@@ -39,10 +39,11 @@ import onnx_ir as ir
 
 from modec.artifact import Manifest
 from modec.facts import QuantizedDense, QuantizedExperts
-from modec.kernels.target import check_target
+from modec.kernels.target import check_target, is_cuda, resolve_target
 from modec.lowering.build import build_artifact
 from modec.lowering.decode_entry import add_decode_entry, generation_section
 from modec.lowering.dense import DenseModule
+from modec.lowering.kv_in_place import cache_in_place
 from modec.lowering.moe import MoELowering
 from modec.lowering.moe_plan import moe_section, plan_layers
 from modec.moe import lazy
@@ -228,7 +229,10 @@ def lower_model(
         # After the MoE kernels are in main, so that decode calls the same ones. Sections are
         # written after the hooks: the generation section goes in here (cache models only).
         dm, entry = add_decode_entry(dm)
-        section = generation_section(dm, entry)
+        in_place = None
+        if not is_cuda(resolve_target(target)):  # CUDA: the concatenating decode (kv_in_place)
+            dm, in_place = cache_in_place(dm, entry)
+        section = generation_section(dm, entry, in_place)
         if section is not None:
             sections["generation"] = section
         return dm

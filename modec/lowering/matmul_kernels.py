@@ -67,7 +67,7 @@ def _nv_for(n: int | None) -> int:
 @functools.lru_cache(maxsize=256)
 def matmul_primfunc(
     batched: bool, m: int | None, n: int | None, k: int | None, dtype: str = "float32",
-    b_dtype: str | None = None,
+    b_dtype: str | None = None, prefix: bool = False,
 ) -> tirx.PrimFunc:  # fmt: skip
     """The scheduled matmul PrimFunc for one combination of static / symbolic sizes.
 
@@ -81,10 +81,14 @@ def matmul_primfunc(
         b_dtype: element type of B when it differs (a weight stored in ``float16`` or
             ``bfloat16``): each vector of B is converted to ``dtype`` as it is loaded into
             registers. None: ``dtype``.
+        prefix: (batched only) B holds ``C >= K`` rows, ``B[b, C, N]``, of which the first K
+            are read: the values of a preallocated KV cache, read in place (C symbolic).
 
     Returns:
         A scheduled PrimFunc (attribute ``global_symbol`` unset; the caller names it).
     """
+    if prefix and not batched:
+        raise ValueError("matmul_primfunc: reading a prefix of B is for the batched form only")
     mm: Any = m if m is not None else tirx.Var("m", "int64")
     nn: Any = n if n is not None else tirx.Var("n", "int64")
     kk: Any = k if k is not None else tirx.Var("k", "int64")
@@ -100,7 +104,7 @@ def matmul_primfunc(
     if batched:
         bb = tirx.Var("b", "int64")
         a = te.placeholder((bb, mm, kk), dtype, name="A")
-        w = te.placeholder((bb, kk, nn), wt, name="B")
+        w = te.placeholder((bb, _rows(kk, prefix), nn), wt, name="B")
         acc = te.compute(
             (bb, m_pad, n_pad),
             lambda b, i, j: te.sum(a[b, row(i), red] * conv(w[b, red, col(j)]), axis=red),
@@ -156,9 +160,15 @@ def nt_supported(k: int | None) -> bool:
     return k is not None and k >= 2 and k % 2 == 0
 
 
+def _rows(extent: Any, prefix: bool) -> Any:
+    """The row extent of a B operand: ``extent``, or with ``prefix`` a symbolic ``C`` (a
+    preallocated cache buffer of which the first ``extent`` rows are read)."""
+    return tirx.Var("c", "int64") if prefix else extent
+
+
 @functools.lru_cache(maxsize=64)
 def matmul_nt_primfunc(
-    m: int | None, n: int | None, k: int, dtype: str = "float32"
+    m: int | None, n: int | None, k: int, dtype: str = "float32", prefix: bool = False
 ) -> tirx.PrimFunc:
     """``Y[b, M, N] = A[b, M, K] · B[b, N, K]ᵀ``: attention's scores ``q · kᵀ`` reading the
     keys ``[b, N, K]`` as the cache stores them (no transposed copy per call).
@@ -174,6 +184,8 @@ def matmul_nt_primfunc(
         n: static row count of B (the keys), or None.
         k: the reduction length (static, even).
         dtype: element type of A, B and Y.
+        prefix: B holds ``C >= N`` rows, ``B[b, C, K]``, of which the first N are read: the
+            keys of a preallocated KV cache, read in place (C symbolic).
 
     Returns:
         A scheduled PrimFunc ``(A, B, Y)`` (attribute ``global_symbol`` unset).
@@ -187,7 +199,7 @@ def matmul_nt_primfunc(
     n_pad, col = _padded(nn, NT_ROWS)
     bb = tirx.Var("b", "int64")
     a = te.placeholder((bb, mm, k), dtype, name="A")
-    w = te.placeholder((bb, nn, k), dtype, name="B")
+    w = te.placeholder((bb, _rows(nn, prefix), k), dtype, name="B")
     if k > vl:
         ko = te.reduce_axis((0, k // vl), name="ko")
         lanes = te.compute(

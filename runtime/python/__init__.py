@@ -185,32 +185,73 @@ class Session:
             out.append(a if isinstance(a, Held) else np.ascontiguousarray(a))
         return out
 
-    def run(self, inputs: Mapping[str, np.ndarray], entry: str = "main") -> dict[str, np.ndarray]:
+    def _past_length(self, inputs: Mapping[str, Any], past_length: int | None) -> int:
+        """``past_length`` checked against the in-place decode entry's inputs: the new
+        positions must fit in the buffers, the mask must cover the old and the new ones."""
+        gen = self.generation
+        assert gen is not None
+        if past_length is None:
+            raise BadInputError(f"entry {gen.decode_entry!r} updates the KV cache in place: pass "
+                                "past_length, the positions the cache holds")  # fmt: skip
+        new = int(inputs[gen.tokens].shape[1])
+        capacity = int(inputs[gen.cache[0].past].shape[2])
+        if not 0 <= past_length <= capacity - new:
+            raise BadInputError(
+                f"past_length {past_length} + {new} new position(s) do not fit the cache's "
+                f"{capacity}; pass 0 <= past_length <= {capacity - new} (or larger buffers)"
+            )
+        if gen.attention_mask is not None:
+            total = int(inputs[gen.attention_mask].shape[1])
+            if total != past_length + new:
+                raise BadInputError(
+                    f"{gen.attention_mask!r} covers {total} positions; past_length {past_length} "
+                    f"+ {new} new ones need {past_length + new}"
+                )
+        return past_length
+
+    def run(
+        self, inputs: Mapping[str, np.ndarray], entry: str = "main", past_length: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Run the model.
 
         Args:
             inputs: one array per input of the entry, by ONNX input name.
             entry: ``main`` (every model input), or the ``decode`` entry of a model with a KV
                 cache (``Session.generation.decode_entry``; docs/generation.md).
+            past_length: for a decode entry that updates the cache in place
+                (``Session.generation.cache_in_place``): the positions the cache buffers
+                hold; the step's keys and values are written after them, into the arrays
+                given (a numpy array is copied in: read the updated cache from the outputs).
 
         Returns:
             One array per model output, by ONNX output name.
 
         Raises:
-            BadInputError: wrong names, dtype, rank or dims, or an unknown entry.
+            BadInputError: wrong names, dtype, rank or dims, an unknown entry, or a
+                ``past_length`` missing, not wanted or not fitting the cache.
         """
-        results = self._invoke(entry, inputs)
+        results = self._invoke(entry, inputs, past_length)
         return {spec.name: self._rt.numpy(r) for spec, r in zip(self.outputs, results, strict=True)}
 
-    def _invoke(self, entry: str, inputs: Mapping[str, Any]) -> list[Any]:
+    def _invoke(
+        self, entry: str, inputs: Mapping[str, Any], past_length: int | None = None
+    ) -> list[Any]:
         """Call an entry; ``inputs`` are arrays (checked against the entry's specs) or, for
-        the cache, tensors a previous call returned (passed as they are). Returns the VM's
-        output tensors, checked against the manifest's outputs."""
+        the cache, tensors a previous call returned (passed as they are); ``past_length``:
+        the positions the cache holds, for a decode entry that updates it in place. Returns
+        the VM's output tensors, checked against the manifest's outputs."""
         if entry not in self._entries:
             raise BadInputError(f"entry {entry!r} is not one of {sorted(self._entries)}")
         func, specs = self._entries[entry]
         checked = self._check(inputs, specs)
         args = [a.tensor if isinstance(a, Held) else self._rt.tensor(a) for a in checked]
+        gen = self.generation
+        if gen is not None and gen.cache_in_place and entry == gen.decode_entry:
+            given = {spec.name: a for spec, a in zip(specs, checked, strict=True)}
+            args.append(self._rt.shape([self._past_length(given, past_length)]))
+        elif past_length is not None:
+            raise BadInputError(f"past_length is for a decode entry that updates the KV cache in "
+                                f"place; entry {entry!r} does not")  # fmt: skip
         try:
             res: Any = func(*args, *self._params)
         # The inputs passed the manifest's checks: whatever TVM raises (ValueError, TypeError,

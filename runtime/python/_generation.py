@@ -40,6 +40,9 @@ class GenerationSpec:
     prompt_only: tuple[str, ...]
     decode_entry: str
     decode_inputs: list[TensorSpec]
+    #: the decode entry writes the step into buffers [batch, heads, capacity, head dim] and
+    #: takes the positions they hold, [P], after its inputs (docs/generation.md)
+    cache_in_place: bool = False
 
 
 def read_section(manifest: Manifest, path: Path) -> GenerationSpec | None:
@@ -66,6 +69,11 @@ def read_section(manifest: Manifest, path: Path) -> GenerationSpec | None:
             for c in sec["cache"]
         )
         decode = sec["decode"]
+        if not isinstance(decode, dict):
+            raise TypeError(f"decode is {type(decode).__name__}, not an object")
+        in_place = decode.get("cache_in_place", False)
+        if not isinstance(in_place, bool):
+            raise TypeError(f"decode.cache_in_place is {in_place!r}, not a boolean")
         spec = GenerationSpec(
             cache=cache,
             tokens=str(sec["tokens"]),
@@ -75,6 +83,7 @@ def read_section(manifest: Manifest, path: Path) -> GenerationSpec | None:
             prompt_only=tuple(str(n) for n in sec["prompt_only"]),
             decode_entry=str(decode["entry"]),
             decode_inputs=[TensorSpec.from_json(t) for t in decode["inputs"]],
+            cache_in_place=in_place,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{where} is malformed ({exc!r}); rebuild the artifact") from exc
@@ -228,6 +237,13 @@ def generate(
     finished = np.zeros(batch, dtype=bool)
     last = np.zeros(batch, dtype=np.int64)
     decode_inputs = {s.name for s in spec.decode_inputs}
+    filled = int(ids.shape[1])  # positions in the cache
+    if spec.cache_in_place and settings.max_new_tokens > 1:
+        # Room for every decode step (one per token but the last), allocated once: the
+        # prefill's concatenated cache is copied into buffers the steps write in place.
+        room = filled + settings.max_new_tokens - 1
+        for c in spec.cache:
+            by_name[c.present] = session._rt.grown(by_name[c.present], room, filled)
     t1 = time.perf_counter()
     step = 0
     while True:
@@ -256,8 +272,10 @@ def generate(
             feeds[c.past] = Held(by_name[c.present])
         for name in decode_inputs - set(feeds):
             feeds[name] = given[name]  # the prompt-only inputs, when decode is main
-        results = session._invoke(spec.decode_entry, feeds)
+        length = filled if spec.cache_in_place else None
+        results = session._invoke(spec.decode_entry, feeds, past_length=length)
         by_name = dict(zip(names, results, strict=True))
+        filled += 1
         out.steps += 1
     out.decode_seconds = time.perf_counter() - t1
     return out

@@ -210,6 +210,18 @@ class Runtime:
             return t, True
         return self.tensor(a), False
 
+    def shape(self, dims: list[int]) -> Any:
+        """A shape value (a Relax ``R.Shape`` argument)."""
+        return self._ffi.Shape(tuple(dims))
+
+    def grown(self, t: Any, capacity: int, filled: int) -> Any:
+        """A new tensor ``[B, H, capacity, D]`` holding the first ``filled`` positions of the
+        cache tensor ``t`` (``[B, H, C, D]``), the rest zero."""
+        a = self.numpy(t)
+        out = np.zeros((*a.shape[:2], capacity, *a.shape[3:]), a.dtype)
+        out[:, :, :filled] = a[:, :, :filled]
+        return self.tensor(out)
+
     def numpy(self, t: Any) -> np.ndarray:
         """A numpy copy of a tensor the VM returned."""
         out = np.empty(tuple(int(d) for d in t.shape), dtype=numpy_dtype(str(t.dtype)))

@@ -86,6 +86,7 @@ Generation ParseGeneration(const Json& g, const Manifest& m, std::string* unusab
   const Json& decode = g.at("decode");
   out.decode_entry = decode.at("entry").str();
   for (const Json& j : decode.at("inputs").array()) out.decode_inputs.push_back(ParseSpec(j, "decode input"));
+  if (const Json* in_place = decode.find("cache_in_place")) out.cache_in_place = in_place->boolean();
   if (!unknown.empty() || out.cache.empty()) {
     Fail(MODEC_ERR_MANIFEST, unknown.empty() ? "the cache list is empty"
                                              : "'" + unknown.front() + "' is not an input or output of the model");

@@ -68,6 +68,10 @@ struct Generation {
   // Its inputs in calling order: the step inputs above, the cache's past inputs, and inputs
   // of the prompt (read again at every step: the decode entry "main" takes them all).
   std::vector<Spec> decode_inputs;
+  // decode.cache_in_place (docs/generation.md, "The cache in place"): the decode entry's past
+  // inputs are buffers [batch, heads, capacity, head dim] it writes the step's positions into,
+  // and it takes a shape argument [P] (the positions they hold) after its inputs.
+  bool cache_in_place = false;
 };
 
 struct Manifest {

@@ -343,6 +343,7 @@ struct modec_generation {
   modec_session* s = nullptr;
   int64_t batch = 0;
   int64_t total = 0;                          // P + T: positions in the cache after the last call
+  int64_t capacity = 0;                       // positions the cache tensors hold (>= total)
   std::vector<ffi::Tensor> cache;             // in generation.cache order
   std::vector<int64_t> mask;                  // [batch, total], when the model has a mask
   std::map<std::string, ffi::Tensor> prompt;  // prompt-only inputs the decode entry takes
@@ -583,6 +584,9 @@ void Open(modec_session* s, const std::string& device) {
       auto decode = name == "main" ? main : (*s->vm)->GetFunction(name);
       if (!decode.has_value()) Fail(MODEC_ERR_RUNTIME, "the VM has no function '" + name + "' (the decode entry)");
       s->decode = *decode;
+      if (s->generation.cache_in_place && s->dev.device_type != kDLCPU) {
+        s->generation_error = "its decode entry updates the cache in place, which this runtime does on CPU artifacts only";
+      }
     }
   } catch (const ffi::Error& e) {
     Fail(MODEC_ERR_RUNTIME, std::string("TVM cannot load model.so: ") + e.message());
@@ -678,9 +682,10 @@ std::vector<ffi::Tensor> TakeInputs(const std::vector<Spec>& specs, const modec_
 
 /*! \brief Call a VM function with `args` then the params. */
 ffi::Any Call(const modec_session* s, const ffi::Function& f, const std::vector<ffi::Tensor>& args,
-              const std::string& what) {
+              const std::string& what, const ffi::Shape* length = nullptr) {
   std::vector<ffi::AnyView> views;
   for (const auto& a : args) views.emplace_back(a);
+  if (length != nullptr) views.emplace_back(*length);
   for (const auto& w : s->weights) views.emplace_back(w);
   ffi::Any ret;
   try {
@@ -818,9 +823,9 @@ std::vector<float> LastLogits(const ffi::Tensor& logits, int64_t batch, int64_t 
 }
 
 /*! \brief Take the outputs of a prefill or decode call into the generation: the present
- * tensors become the cache (checked: [batch, heads, total, head dim]), logits[b, -1, :] the
- * next-token logits. */
-void Absorb(modec_generation* g, const std::vector<ffi::Tensor>& outs, int64_t total) {
+ * tensors become the cache (checked: [batch, heads, capacity, head dim], capacity = total but
+ * for a cache updated in place), logits[b, -1, :] the next-token logits. */
+void Absorb(modec_generation* g, const std::vector<ffi::Tensor>& outs, int64_t total, int64_t capacity) {
   const modec_session* s = g->s;
   const artifact::Generation& gen = s->generation;
   const ffi::Tensor& logits = outs[OutputIndex(s, gen.logits)];
@@ -833,9 +838,9 @@ void Absorb(modec_generation* g, const std::vector<ffi::Tensor>& outs, int64_t t
   std::vector<ffi::Tensor> cache;
   for (const artifact::CacheSpec& c : gen.cache) {
     const ffi::Tensor& t = outs[OutputIndex(s, c.present)];
-    if (t.shape()[0] != g->batch || t.shape()[2] != total) {
+    if (t.shape()[0] != g->batch || t.shape()[2] != capacity) {
       Fail(MODEC_ERR_RUNTIME, "output '" + c.present + "' holds " + std::to_string(t.shape()[2]) +
-                                  " positions, expected " + std::to_string(total) + "; rebuild the artifact");
+                                  " positions, expected " + std::to_string(capacity) + "; rebuild the artifact");
     }
     cache.push_back(t);
   }
@@ -845,6 +850,29 @@ void Absorb(modec_generation* g, const std::vector<ffi::Tensor>& outs, int64_t t
   g->logits = std::move(next);
   g->vocab = vocab;
   g->total = total;
+  g->capacity = capacity;
+}
+
+/*! \brief A cache updated in place (docs/generation.md, "The cache in place"): make each of
+ * its tensors hold at least `capacity` positions, copying the `total` it holds into a new one
+ * where it is smaller (on the host: the in-place decode entry exists on CPU artifacts only). */
+void Reserve(modec_generation* g, int64_t capacity) {
+  if (capacity <= g->capacity) return;
+  std::vector<ffi::Tensor> grown;
+  for (const ffi::Tensor& t : g->cache) {
+    ffi::ShapeView sh = t.shape();
+    const std::vector<int64_t> shape = {sh[0], sh[1], capacity, sh[3]};
+    ffi::Tensor n = Upload(ffi::ShapeView(shape.data(), shape.size()), t.dtype(), nullptr, 0, t.device());
+    const size_t row = static_cast<size_t>(sh[3]) * ((t.dtype().bits * t.dtype().lanes + 7) / 8);
+    const char* src = static_cast<const char*>(DataOf(t));
+    char* dst = static_cast<char*>(n.data_ptr());
+    for (int64_t bh = 0; bh < sh[0] * sh[1]; ++bh) {
+      std::memcpy(dst + bh * capacity * row, src + bh * g->capacity * row, static_cast<size_t>(g->total) * row);
+    }
+    grown.push_back(n);
+  }
+  g->cache = std::move(grown);
+  g->capacity = capacity;
 }
 
 std::unique_ptr<modec_generation> Prefill(modec_session* s, const modec_tensor* in, size_t n_in) {
@@ -940,7 +968,7 @@ std::unique_ptr<modec_generation> Prefill(modec_session* s, const modec_tensor* 
     const bool step = sp.name == gen.tokens || sp.name == gen.attention_mask || sp.name == gen.position_ids;
     if (!step && !artifact::IsPast(sp.name)) g->prompt.emplace(sp.name, by_name(sp.name));
   }
-  Absorb(g.get(), Outputs(s, Call(s, *s->main, args, "prefill (model run)")), seq);
+  Absorb(g.get(), Outputs(s, Call(s, *s->main, args, "prefill (model run)")), seq, seq);
   return g;
 }
 
@@ -952,6 +980,9 @@ void DecodeStep(modec_generation* g, const int64_t* tokens, size_t batch) {
                                          std::to_string(g->batch) + " rows");
   }
   const int64_t total = g->total + 1;
+  // In place: room for the new position (doubling, so that a caller stepping on its own
+  // copies the cache O(log n) times; modec_generate reserves all it needs at once).
+  if (gen.cache_in_place && total > g->capacity) Reserve(g, std::max(total, 2 * g->capacity));
   std::vector<int64_t> mask;
   if (!gen.attention_mask.empty()) {
     mask.resize(static_cast<size_t>(g->batch * total));
@@ -983,7 +1014,13 @@ void DecodeStep(modec_generation* g, const int64_t* tokens, size_t batch) {
       args.push_back(g->prompt.at(sp.name));
     }
   }
-  Absorb(g, Outputs(s, Call(s, *s->decode, args, "decode step (" + gen.decode_entry + ")")), total);
+  const std::string what = "decode step (" + gen.decode_entry + ")";
+  if (gen.cache_in_place) {  // the cache's buffers, then the positions they hold: [P]
+    const ffi::Shape length({g->total});
+    Absorb(g, Outputs(s, Call(s, *s->decode, args, what, &length)), total, g->capacity);
+  } else {
+    Absorb(g, Outputs(s, Call(s, *s->decode, args, what)), total, total);
+  }
   g->mask = std::move(mask);
 }
 
@@ -1097,6 +1134,8 @@ void GenerateFrom(modec_generation* g, const modec_generation_config& c, modec_t
   std::vector<uint8_t> finished(batch, max_new == 0);
   std::vector<int64_t> tokens(batch, 0);
   uint64_t state = c.seed;
+  // Every decode step this loop may run (one per token but the last), in one allocation.
+  if (g->s->generation.cache_in_place && max_new > 1) Reserve(g, g->total + static_cast<int64_t>(max_new) - 1);
   for (size_t step = 0; step < max_new; ++step) {
     Pick(g->logits.data(), batch, static_cast<size_t>(g->vocab), c, &state, finished.data(), tokens.data());
     bool all = true;

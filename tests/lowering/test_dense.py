@@ -93,6 +93,29 @@ def test_keys_as_stored_kernel_matches_numpy(
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 5, 13])
+def test_kernels_read_a_prefix_of_the_cache(n: int) -> None:
+    """Attention's two kernels on a cache updated in place (``prefix``): B holds C = 16
+    positions, of which the first n are read; the rest is NaN and must not reach Y."""
+    rng = np.random.default_rng(n)
+    b, m, k, cap = 6, 3, 8, 16
+    cache = np.full((b, cap, k), np.nan, dtype=np.float32)
+    cache[:, :n] = rng.standard_normal((b, n, k), dtype=np.float32)
+    q = rng.standard_normal((b, m, k), dtype=np.float32)
+    p = rng.standard_normal((b, m, n), dtype=np.float32)
+    cases = [
+        (matmul_nt_primfunc(None, None, k, prefix=True), q, q @ cache[:, :n].transpose(0, 2, 1)),
+        (matmul_primfunc(True, None, k, None, prefix=True), p, p @ cache[:, :n]),
+    ]
+    for func, a, ref in cases:
+        ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), "llvm")
+        y = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype=np.float32))
+        ex(tvm.runtime.tensor(a), tvm.runtime.tensor(cache), y)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batched"):
+        matmul_primfunc(False, None, k, None, prefix=True)
+
+
 def test_keys_as_stored_kernel_refuses_an_odd_k() -> None:
     with pytest.raises(ValueError, match="even K"):
         matmul_nt_primfunc(None, None, 3)

@@ -153,7 +153,9 @@ MODEC_API modec_status modec_prefill(modec_session* s, const modec_tensor* input
 
 /* Feed one token per row (batch must be the prompt's): the decode entry runs on the cache,
  * whose length grows by one; the logits become the next ones. On failure the generation is
- * left as it was. */
+ * left as it was. A cache updated in place (docs/generation.md) lives in buffers with room
+ * for more positions, doubled when a step does not fit (modec_generate reserves its
+ * max_new_tokens at once). */
 MODEC_API modec_status modec_decode_step(modec_generation* g, const int64_t* tokens, size_t batch);
 
 /* The next-token logits of every row, float32 [batch, vocab] row-major (logits[b, -1, :] of
