@@ -82,9 +82,7 @@ def test_a_past_read_elsewhere_keeps_the_concat(exported: Path) -> None:
     """A model that reads a past input other than through the concat (here: returns it as
     an extra output) keeps the concatenating form, with the reason."""
     model = onnx.load(str(exported))
-    model.graph.node.append(
-        onnx.helper.make_node("Identity", ["past_key_values.0.key"], ["echo"])
-    )
+    model.graph.node.append(onnx.helper.make_node("Identity", ["past_key_values.0.key"], ["echo"]))
     model.graph.output.append(onnx.helper.make_tensor_value_info("echo", onnx.TensorProto.FLOAT,
                                                                  None))  # fmt: skip
     dm = import_onnx(model)
