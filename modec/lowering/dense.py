@@ -142,6 +142,8 @@ class _MatmulRewriter(relax.PyExprMutator):
         if buf is not None:
             cap = buf.ty.shape.values[2]
             return self.builder_.emit(memory_view(buf, [lead, cap, last])), True
+        if x.ty.ndim == 3:
+            return x, False
         rows = x.ty.shape.values[-2]
         return self.builder_.emit(memory_view(x, [lead, rows, last])), False
 
