@@ -141,9 +141,10 @@ def _schedule(func: tirx.PrimFunc, batched: bool, nv: int) -> tirx.PrimFunc:
     sch.unroll(ji)
     sch.vectorize(jv)
     sch.decompose_reduction(acc, r)
-    ycol = sch.get_loops(y)[-1]
-    _, yv = sch.split(ycol, [None, VL])
-    sch.vectorize(yv)
+    ylo = sch.get_loops(y)
+    if len(ylo) > 1:  # Y's own loops below the fused tile loop (none for a static 1 x 1 Y)
+        _, yv = sch.split(ylo[-1], [None, VL])
+        sch.vectorize(yv)
     return sch.mod["main"]
 
 

@@ -41,6 +41,7 @@ def lowered(tiny: onnx.ModelProto) -> tuple[DenseModule, object]:
         (False, None, 64, 64, (33, 64, 64)),  # symbolic M, tail of 1 row
         (False, None, 20, 7, (1, 7, 20)),  # N not a multiple of 16, M = 1
         (False, 5, 96, 64, (5, 64, 96)),  # all static, M not a multiple of 4
+        (False, 1, 1, 32, (1, 32, 1)),  # static 1 x 1 output (a gate of one row): no Y loop
         (True, None, None, 16, (6, 11, 16, 13)),  # QKᵀ: symbolic M and N
         (True, None, 16, None, (6, 11, 13, 16)),  # PV: symbolic M and K
     ],
