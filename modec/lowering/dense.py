@@ -118,7 +118,6 @@ class _MatmulRewriter(relax.PyExprMutator):
         gv = self._nt_kernel(static_extent(m), static_extent(n), k, prefix)
         self.counts["matmul_batched"] += 1
         self.counts["matmul_keys_as_stored"] += 1
-        self.counts["matmul_cache_in_place"] += int(prefix)
         return self.builder_.emit(
             relax.call_tir(gv, [a3, b3], relax.TensorType([g, m, n], "float32"))
         )
@@ -137,9 +136,10 @@ class _MatmulRewriter(relax.PyExprMutator):
 
     def _rows3(self, x: Any, lead: Any, last: Any) -> tuple[Any, bool]:
         """``x`` [..., n, last] seen as [lead, n, last]; a cache view in place as its buffer
-        [lead, C, last] (no copy), with True."""
+        [lead, C, last] (no copy), with True (counted: ``matmul_cache_in_place``)."""
         buf = self._cache_view(x)
         if buf is not None:
+            self.counts["matmul_cache_in_place"] += 1
             cap = buf.ty.shape.values[2]
             return self.builder_.emit(memory_view(buf, [lead, cap, last])), True
         if x.ty.ndim == 3:
@@ -265,7 +265,6 @@ class _MatmulRewriter(relax.PyExprMutator):
                           prefix=prefix)  # fmt: skip
         y = bld.emit(relax.call_tir(gv, [a3, b3], relax.TensorType([groups, rows, nd], "float32")))
         self.counts["matmul_batched"] += 1
-        self.counts["matmul_cache_in_place"] += int(prefix)
         self.counts["attention_kv_heads"] += 1
         return memory_view(y, [bsz, heads * r, s_len, nd])
 
@@ -339,7 +338,6 @@ class _MatmulRewriter(relax.PyExprMutator):
                               prefix=prefix)  # fmt: skip
             y = bld.emit(relax.call_tir(gv, [a3, b3], relax.TensorType([bt, md, nd], "float32")))
             self.counts["matmul_batched"] += 1
-            self.counts["matmul_cache_in_place"] += int(prefix)
             return y if len(sa) == 3 else memory_view(y, [*batch, md, nd])
         self.counts["matmul_default"] += 1
         return call

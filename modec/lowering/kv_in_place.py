@@ -27,7 +27,7 @@ the concatenating ``decode`` (its kernels do not read a prefix yet).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -83,7 +83,7 @@ def _append(dtype: str) -> tirx.PrimFunc:
     return append
 
 
-def _concat_of_past(value: Any, past: Mapping[Any, int]) -> tuple[Any, Any] | None:
+def _concat_of_past(value: Any, past: Container[Any]) -> tuple[Any, Any] | None:
     """``(past var, new)`` when ``value`` is ``concat([past, new], axis=2)`` of a rank-4 cache."""
     if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.concat")):
         return None
@@ -180,7 +180,8 @@ def cache_in_place(
         func = relax.utils.copy_with_new_vars(mod["main"].with_attr("global_symbol", DECODE))
     n_in = int(func.attrs["num_input"])
     names = {p: s.name for p, s in zip(func.params[:n_in], specs, strict=True)}
-    past = {p: i for i, p in enumerate(func.params[:n_in]) if kv_cache.is_past(names[p])}
+    # An ordered set (hashed: relax vars compare by identity here, never by ``==``).
+    past = dict.fromkeys(p for p in func.params[:n_in] if kv_cache.is_past(names[p]))
     reads = _Reads()
     reads.visit_expr(func.body)
     concats = 0
