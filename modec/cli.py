@@ -15,6 +15,7 @@ from modec import __version__, commands
 from modec.defaults import DENSE_BITS
 from modec.errors import EXIT_INTERNAL, EXIT_USAGE, ModecError
 from modec.interrupt import catch_sigint
+from modec.numerics.activations import ACT_BITS
 
 log = logging.getLogger("modec")
 
@@ -105,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also quantize the text decoder's dense matmul weights (attention, "
                          "output head) at this width, RTN, outside MODE's expert allocation; "
                          "default: they stay as stored (docs/dense_quantization.md)")  # fmt: skip
+    co.add_argument("--expert-act-bits", type=int, choices=ACT_BITS, default=None,
+                    help="the routed experts take their inputs as int8 per weight group "
+                         "(AVX-512 VNNI kernels, as llama.cpp's K-quants do), in the artifact "
+                         "and the simulated model; default: float32 "
+                         "(docs/expert_activations.md)")  # fmt: skip
     co.add_argument("--target", default=d.target,
                     help="TVM target of the compiled artifact: llvm (default, this CPU), "
                          "cuda (sm_90; built here, runs on a GPU machine) or none (simulated "

@@ -119,6 +119,14 @@ def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
         from modec.kernels.target import check_target
 
         check_target(o.target)
+        if o.expert_act_bits:
+            from modec.errors import ModecError, UsageError
+            from modec.kernels.grouped_moe_a8 import check_target as check_int8
+
+            try:
+                check_int8(o.target)
+            except ModecError as exc:
+                raise UsageError(str(exc)) from exc
     return experts
 
 

@@ -85,6 +85,9 @@ class CompileOptions:
     quantizer: Literal["gptq", "rtn"] = "gptq"
     #: width of the text decoder's dense matmul weights (quantize-dense), 0: left as stored
     dense_bits: int = 0
+    #: 8: the routed experts take int8 activations per group (``--expert-act-bits``;
+    #: `modec.numerics.activations`), 0: float32.
+    expert_act_bits: int = 0
     #: TVM target of the compiled artifact ("llvm", "cuda"), or "none" for no lowering.
     target: str = "llvm"
     seed: int = 0
@@ -144,7 +147,9 @@ def decision_passes(o: CompileOptions) -> list[Pass]:
             joint_weighting=o.joint_weighting,
             quantizer=o.quantizer,
         ),
-        QuantizeExpertsPass(group_size=o.group_size, method=o.quantizer),
+        QuantizeExpertsPass(
+            group_size=o.group_size, method=o.quantizer, act_bits=o.expert_act_bits
+        ),
         *([QuantizeDensePass(width=o.dense_bits, group_size=o.group_size)] if o.dense_bits else []),
     ]
 

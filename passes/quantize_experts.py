@@ -18,6 +18,10 @@ Rules:
    factorised, falls back to round-to-nearest; each fallback is logged and listed in the
    report with its reason. ``method=rtn`` quantizes every expert with RTN.
 4. The router, biases, shared expert and vision tower are never quantized.
+5. ``act_bits=8`` (``--expert-act-bits 8``): every MoE node gets the attributes
+   ``act_bits`` and ``act_group_size`` (the weights' group size), and its routed experts
+   then take their inputs as int8 per group, in the simulated model
+   (`modec.moe.reference.expert_input`) and in the kernels (`modec.kernels.grouped_moe_a8`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import onnx_ir as ir
 from modec.defaults import GROUP_SIZE
 from modec.errors import BadInputError
 from modec.facts import BitAllocation, Calibration, CanonicalMoE, QuantizedExperts
+from modec.numerics.activations import ACT_BITS
 from modec.numerics.quant import QuantizedWeight
 from modec.pipeline import Pass, PassContext, PassResult, register
 
@@ -53,6 +58,15 @@ class QuantizeExpertsPass(Pass):
     blocksize: int = 128
     #: calibration batch size of the Hessian run (collect-routing's, for identical sums).
     batch_size: int = 16
+    #: 8: the routed experts take int8 activations (rule 5); 0: float32.
+    act_bits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.act_bits not in (0, *ACT_BITS):
+            raise BadInputError(
+                f"quantize-experts act_bits={self.act_bits}; the expert kernels take 8 (int8) "
+                "or 0 (float32) activations"
+            )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from modec.method.hessians import layer_hessians
@@ -126,6 +140,11 @@ class QuantizeExpertsPass(Pass):
                     if any(isinstance(v, dict) and v.get("method") == "rtn" for v in row.values()):
                         fallbacks += self.method != "rtn"
                     row["expert"] = e
+                if self.act_bits:
+                    node.attributes["act_bits"] = ir.AttrInt64("act_bits", self.act_bits)
+                    node.attributes["act_group_size"] = ir.AttrInt64(
+                        "act_group_size", self.group_size
+                    )
                 result.layers.append(per_proj)
                 experts_report.append(rows)
                 del hs, params  # before the next layer's Hessians are built
@@ -134,6 +153,6 @@ class QuantizeExpertsPass(Pass):
         ctx.stat("rtn_fallbacks", fallbacks)
         ctx.section().update(
             method=self.method, group_size=self.group_size, layers=experts_report,
-            fallbacks=fallbacks,
+            fallbacks=fallbacks, act_bits=self.act_bits,
         )  # fmt: skip
         return PassResult(model, modified=True)

@@ -51,7 +51,7 @@ import tvm
 from tvm import relax, tirx
 
 from modec.errors import InternalError, ModelError
-from modec.kernels import grouped_moe
+from modec.kernels import grouped_moe, grouped_moe_a8
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.lowering.dense import DenseModule
 from modec.lowering.moe_plan import LayerPlan, PackedStack, moe_section, plan_layers
@@ -169,6 +169,31 @@ class MoELowering:
             return grouped_moe.primfunc(s, pw.n, pw.k, e_w, self._target, "int64")["main"]
 
         return self._func(bb, key, make, name)
+
+    def _grouped_a8(self, bb: relax.BlockBuilder, pw: PackedStack, e_w: int) -> Any:
+        s = pw.scheme
+        key = ("grouped_a8", s.bits, s.group_size, pw.n, pw.k, e_w)
+        name = f"modec_moe_a8_{s.name}_n{pw.n}_k{pw.k}_e{e_w}"
+
+        def make() -> tirx.PrimFunc:
+            return grouped_moe_a8.primfunc(s, pw.n, pw.k, e_w, self._target)["main"]
+
+        return self._func(bb, key, make, name)
+
+    def _quantize_rows(self, bb: relax.BlockBuilder, x: Any, rows: Any, k: int, gs: int) -> Any:
+        """(XQ, D, XS) of the expert input ``x [rows, k]``: int8 per group of ``gs``."""
+        name = f"modec_moe_a8_quant_k{k}_g{gs}"
+        gv = self._func(bb, ("a8_quant", k, gs), lambda: grouped_moe_a8.quant_primfunc(k, gs), name)
+        groups = -(-k // gs)
+        res = bb.emit(
+            relax.call_tir(
+                gv, [x],
+                [relax.TensorType([rows, groups * gs], "int8"),
+                 relax.TensorType([rows, groups], "float32"),
+                 relax.TensorType([rows, groups], "float32")],
+            )
+        )  # fmt: skip
+        return [bb.emit(relax.TupleGetItem(res, i)) for i in range(3)]
 
     # ------------------------------------------------------------------ converter
 
@@ -304,8 +329,13 @@ class MoELowering:
         ]
         launches: list[tuple[str, int, int]] = []
 
-        # The CUDA kernels take and return fp16 (fp32 accumulation); the CPU kernels fp32.
+        # The CUDA kernels take and return fp16 (fp32 accumulation); the CPU kernels fp32,
+        # or int8 per group (`grouped_moe_a8`) where the node says so.
         act = "float16" if self._gpu else "float32"
+        int8 = bool(p.act_bits)
+        if int8:
+            grouped_moe_a8.check_target(self._target)
+        quantized: dict[tuple[int, int], list[Any]] = {}  # (id of input, group) -> XQ, D, XS
 
         def project(proj: str, inp: Any, n: int) -> Any:
             y: Any = None
@@ -315,16 +345,29 @@ class MoELowering:
             for g, ip in zip(plan.groups, indptr, strict=True):
                 pw = g.packed[proj]
                 base = f"{pre}.{proj}.w{g.bits}"
-                args = [
-                    inp, ip, self.new_param(f"{base}.codes", pw.codes),
+                weights_ = [
+                    ip, self.new_param(f"{base}.codes", pw.codes),
                     self.new_param(f"{base}.scale", pw.scale),
                     self.new_param(f"{base}.zero", pw.zero),
                 ]  # fmt: skip
-                gv = self._grouped(bb, pw, len(g.experts))
+                if int8:
+                    gs = pw.scheme.group_size
+                    if gs != p.act_group_size:
+                        raise ModelError(
+                            f"MoE layer {plan.layer}: act_group_size={p.act_group_size} but its "
+                            f"experts are packed in groups of {gs}; quantize-experts sets both"
+                        )
+                    if (id(inp), gs) not in quantized:  # up and gate share their input
+                        quantized[id(inp), gs] = self._quantize_rows(bb, inp, rows, pw.k, gs)
+                    args = [*quantized[id(inp), gs], *weights_]
+                    gv = self._grouped_a8(bb, pw, len(g.experts))
+                else:
+                    args = [inp, *weights_]
+                    gv = self._grouped(bb, pw, len(g.experts))
                 if y is None:
                     y = bb.emit(relax.call_tir(gv, args, out_ty))
                 else:
-                    y = bb.emit(relax.call_tir_inplace(gv, [*args, y], 5, out_ty))
+                    y = bb.emit(relax.call_tir_inplace(gv, [*args, y], len(args), out_ty))
                 launches.append((proj, g.bits, len(g.experts)))
             if act != "float32":
                 y = bb.emit(relax.op.astype(y, "float32"))

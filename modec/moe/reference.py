@@ -43,6 +43,10 @@ class MoEParams:
     alpha: float = 0.0
     limit: float = 0.0
     shared_activation: str = "silu"
+    #: 8: the routed experts' inputs are int8 per group of ``act_group_size`` along K
+    #: (``--expert-act-bits 8``, `modec.numerics.activations`); 0: float32.
+    act_bits: int = 0
+    act_group_size: int = 0
     router_bias: np.ndarray | None = None
     gate: np.ndarray | None = None
     gate_bias: np.ndarray | None = None
@@ -88,6 +92,7 @@ class MoEParams:
             activation=str(a.get("activation", "silu")), alpha=float(a.get("alpha", 0.0)),
             limit=float(a.get("limit", 0.0)),
             shared_activation=str(a.get("shared_activation", "silu")),
+            act_bits=int(a.get("act_bits", 0)), act_group_size=int(a.get("act_group_size", 0)),
             **arrays,  # type: ignore[arg-type]
         )  # fmt: skip
 
@@ -218,11 +223,23 @@ def _act(kind: str, g: np.ndarray | None, u: np.ndarray, alpha: float, limit: fl
     return np.asarray(a if g is None else a * u)
 
 
+def expert_input(p: MoEParams, x: np.ndarray) -> np.ndarray:
+    """Rows entering an expert matmul: as they are, or their int8 approximation where the
+    layer's experts take int8 activations (``p.act_bits``)."""
+    if not p.act_bits:
+        return x
+    from modec.numerics.activations import fake_quantize
+
+    return fake_quantize(x, p.act_group_size)
+
+
 def expert_activation(
     p: MoEParams, e: int, x: np.ndarray, weights: MoEParams | None = None
 ) -> np.ndarray:
-    """The input of expert ``e``'s down projection, ``act(x·gateᵀ)·(x·upᵀ)``, rows ``[n, I]``."""
+    """The input of expert ``e``'s down projection, ``act(x·gateᵀ)·(x·upᵀ)``, rows ``[n, I]``
+    (``x`` as the kernels take it: int8 per group where ``p.act_bits``)."""
     w = weights or p
+    x = expert_input(p, x)
     u = x @ w.up[e].T
     if w.up_bias is not None:
         u = u + w.up_bias[e]
@@ -237,7 +254,7 @@ def expert_activation(
 def expert_mlp(p: MoEParams, e: int, x: np.ndarray, weights: MoEParams | None = None) -> np.ndarray:
     """Expert ``e`` applied to rows ``x [n, H]`` (weights from ``weights`` if given)."""
     w = weights or p
-    y = expert_activation(p, e, x, weights) @ w.down[e].T
+    y = expert_input(p, expert_activation(p, e, x, weights)) @ w.down[e].T
     if w.down_bias is not None:
         y = y + w.down_bias[e]
     return np.asarray(y.astype(np.float32))

@@ -23,6 +23,10 @@ def render(report: Report) -> str:
                 ("quantizer", esc(sec.get("method", "?"))),
                 ("group size", num(sec.get("group_size"))),
                 ("RTN fallbacks (experts)", num(sec.get("fallbacks"))),
+                (
+                    "expert inputs",
+                    "int8 per group (--expert-act-bits 8)" if sec.get("act_bits") else "float32",
+                ),
             ]
         )
     )

@@ -1,0 +1,296 @@
+"""The grouped MoE matmul with int8 activations (``--expert-act-bits 8``), CPU.
+
+Two PrimFuncs per layer shape:
+
+- `quant_primfunc` quantizes the rows of an expert input per group of K
+  (`modec.numerics.activations`: ``d = max|x| / 127``, ``q = rint(x / d)``) into int8 codes
+  ``XQ [T, K_pad]``, steps ``D [T, G]`` and code sums ``XS [T, G]``;
+- `primfunc` multiplies them by the packed weights of E experts of one width, as
+  `modec.kernels.grouped_moe` does with float activations (same arguments but X, same
+  ``indptr`` ranges, same layout ``n16k32``):
+
+      Y[t, n] = Σ_g scale[n, g] · D[t, g] · (Σ_k code[n, k] · XQ[t, k] − zero[n, g] · XS[t, g])
+
+The inner products are integers, computed exactly with AVX-512 VNNI (``vpdpbusd``: 64
+unsigned-code x signed-activation byte products per instruction, summed in 32-bit lanes).
+The codes are unpacked from the bitstream in place with AVX-512 VBMI (``vpmultishiftqb``
+picks the 4 codes of a lane into its 4 bytes; a 4-code group that straddles two words is
+first funnel-shifted out of them) and one AND: 3 instructions per 64 weights, where the
+float kernel spends 3 per 16 (mask, convert, FMA). Each group's integer sum is then scaled
+in float32. Tokens are taken ``MT`` at a time (each unpacked vector serves MT tokens); an
+expert with fewer than MT tokens (decode) takes them one at a time. Both paths compute the
+same integers and the same epilogue, so a token's row does not depend on how many tokens
+its expert got.
+
+Needs a CPU with AVX-512 VNNI and VBMI (`supports`); `check_target` says so in one line.
+
+PrimFunc arguments of the matmul, in this order (destination-passing):
+
+======= ========================================= =========================================
+name    shape                                     dtype
+======= ========================================= =========================================
+XQ      [T, K_pad]                                int8
+D       [T, groups]                               float32
+XS      [T, groups]                               float32
+indptr  [E + 1]                                   int64
+codes   [E, N_pad/16, K_pad/32, bits, 16]          uint32
+scale   [E, N_pad/16, groups, 16]                 float16
+zero    [E, N_pad/16, groups, 16]                 uint8
+Y       [T, N]                                    float32
+======= ========================================= =========================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from modec.errors import BadInputError
+from modec.kernels.target import TargetLike, is_cuda, resolve_target
+from modec.numerics.activations import QMAX
+from modec.numerics.packing import BLOCK, LANES, padded_k, padded_n
+from modec.numerics.schemes import QuantScheme
+
+#: The instruction sets the kernel is written in (LLVM feature names).
+FEATURES = ("avx512vnni", "avx512vbmi")
+#: Row blocks of 16 per thread tile.
+NI = 4
+#: Tokens per register tile when an expert has at least that many.
+MT = 4
+#: Codes per 32-bit lane of one `vpdpbusd`.
+QUAD = 4
+
+
+def supports(target: TargetLike) -> bool:
+    """Whether the kernels can be built for ``target`` (a CPU with VNNI and VBMI)."""
+    tgt = resolve_target(target)
+    if is_cuda(tgt):
+        return False
+    return bool(tvm.target.codegen.target_has_features(list(FEATURES), tgt))
+
+
+def check_target(target: TargetLike) -> None:
+    """Refuse a target without the kernels' instructions, naming the fix."""
+    tgt = resolve_target(target)
+    if is_cuda(tgt):
+        raise BadInputError(
+            "--expert-act-bits 8 is for CPU targets (int8 VNNI kernels); drop it for CUDA"
+        )
+    if not supports(tgt):
+        raise BadInputError(
+            f"--expert-act-bits 8 needs a CPU with AVX-512 VNNI and VBMI; target "
+            f"{tgt.attrs.get('mcpu', str(tgt))} has not both, drop the flag"
+        )
+
+
+def quant_primfunc(k: int, group_size: int) -> tirx.PrimFunc:
+    """(X [T, K] float32) -> (XQ int8 [T, K_pad], D [T, G], XS [T, G]) in place of its last three
+    arguments; see `modec.numerics.activations.quantize_rows`, which it matches exactly."""
+    groups = -(-k // group_size)
+    kp = groups * group_size
+    short = kp != k
+
+    def xval(x: Any, r: Any, kk: Any) -> Any:
+        if short:
+            return tirx.if_then_else(kk < k, x[r, tirx.min(kk, k - 1)], tirx.const(0.0, "float32"))
+        return x[r, kk]
+
+    def code(v: Any, step: Any) -> Any:
+        """rint(v / step) as int8, clamped to ±QMAX; 0 where the group's step is 0."""
+        c = tirx.Cast("int32", tirx.nearbyint(v / step))
+        c = tirx.max(tirx.min(c, QMAX), -QMAX)
+        return tirx.Cast("int8", tirx.if_then_else(step > tirx.const(0.0, "float32"), c, 0))
+
+    # A root block (s_tir): Relax's reshape detection reads one-input PrimFuncs as blocks.
+    @T.prim_func(private=True, s_tir=True)
+    def quant(var_x: T.handle, var_q: T.handle, var_d: T.handle, var_s: T.handle) -> None:
+        T.func_attr({"tirx.noalias": True})
+        t = T.int64()
+        x = T.match_buffer(var_x, (t, k), "float32")
+        q = T.match_buffer(var_q, (t, kp), "int8")
+        d = T.match_buffer(var_d, (t, groups), "float32")
+        s = T.match_buffer(var_s, (t, groups), "float32")
+        with T.sblock("root"):
+            for r in T.parallel(t):
+                amax = T.alloc_buffer((1,), "float32", scope="local")
+                total = T.alloc_buffer((1,), "int32", scope="local")
+                for g in T.serial(groups):
+                    amax[0] = T.float32(0)
+                    for kk in T.serial(group_size):
+                        amax[0] = T.max(amax[0], T.abs(xval(x, r, g * group_size + kk)))
+                    d[r, g] = amax[0] / T.float32(QMAX)
+                    total[0] = 0
+                    for kk in T.serial(group_size):
+                        q[r, g * group_size + kk] = code(xval(x, r, g * group_size + kk), d[r, g])
+                        total[0] = total[0] + T.Cast("int32", q[r, g * group_size + kk])
+                    s[r, g] = T.Cast("float32", total[0])
+
+    return quant
+
+
+def _select(i: Any, values: list[Any]) -> Any:
+    """``values[i]`` for a loop variable ``i`` that unrolling makes constant."""
+    out = values[-1]
+    for j in range(len(values) - 2, -1, -1):
+        out = tirx.Select(i == j, values[j], out)
+    return out
+
+
+def _unpacker(bits: int) -> Any:
+    """``unpack(codes, e, b, kblk, quad)``: the 4 codes ``4·quad .. 4·quad + 3`` of each lane of
+    block ``codes[e, b, kblk]`` (32 codes a lane) in the lane's 4 bytes, as uint32x16."""
+    plan = []
+    for quad in range(BLOCK // QUAD):
+        w, off = divmod(QUAD * quad * bits, 32)
+        plan.append((w, off, off + QUAD * bits > 32))
+
+    def control(off: int) -> int:
+        # vpmultishiftqb: byte j of a qword takes 8 bits of that qword from bit ctrl[j]; the
+        # low dword (even lane) reads its codes at off + i·bits, the odd lane 32 bits higher.
+        v = 0
+        for i in range(QUAD):
+            v |= (off + i * bits) << (8 * i)
+            v |= (32 + off + i * bits) << (8 * (QUAD + i))
+        return v
+
+    mask = T.Broadcast(T.uint32(((1 << bits) - 1) * 0x01010101), LANES)
+
+    def unpack(codes: Any, e: Any, b: Any, kblk: Any, quad: Any) -> Any:
+        def word(w: int) -> Any:
+            return codes[e, b, kblk, w, T.Ramp(0, 1, LANES)]
+
+        srcs, ctrls = [], []
+        for w, off, straddles in plan:
+            if straddles:  # the group's bits start in word w and end in word w + 1
+                lo = word(w) >> T.Broadcast(T.uint32(off), LANES)
+                srcs.append(lo | (word(w + 1) << T.Broadcast(T.uint32(32 - off), LANES)))
+                ctrls.append(T.uint64(control(0)))
+            else:
+                srcs.append(word(w))
+                ctrls.append(T.uint64(control(off)))
+        ctrl = T.reinterpret("uint8x64", T.Broadcast(_select(quad, ctrls), 8))
+        src = T.reinterpret("uint8x64", _select(quad, srcs))
+        picked = T.call_llvm_pure_intrin(
+            "uint8x64", "llvm.x86.avx512.pmultishift.qb.512", ctrl, src
+        )
+        return T.reinterpret("uint32x16", picked) & mask
+
+    return unpack
+
+
+def _dpbusd(acc: Any, codes_u32: Any, x_i32: Any) -> Any:
+    """acc (int32x16) + Σ of 4 byte products per lane: unsigned codes x signed activations."""
+    return T.call_llvm_pure_intrin(
+        "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+        T.reinterpret("uint8x64", codes_u32),
+        T.reinterpret("int8x64", T.Broadcast(x_i32, LANES)),
+    )  # fmt: skip
+
+
+def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int) -> tirx.PrimFunc:
+    bits, gs = scheme.bits, scheme.group_size
+    groups = scheme.num_groups(k)
+    np_, kp = padded_n(n), padded_k(k, scheme)
+    nb, kb = np_ // LANES, kp // BLOCK
+    ni = min(NI, nb)
+    n_tiles = (nb + ni - 1) // ni
+    kblocks = gs // BLOCK
+    quads = BLOCK // QUAD
+    e_count = num_experts
+    unpack = _unpacker(bits)
+
+    @T.macro
+    def tokens(
+        mt: int, tb: Any, e: Any, t0: Any, cnt: Any, acc: Any, isum: Any, codes: Any, xq: Any,
+        d: Any, xs: Any, scale: Any, zero: Any, y: Any,
+    ) -> None:  # fmt: skip
+        # Tokens t0 + tt·mt + mi of expert e (the last one repeated to fill a tile; only the
+        # real ones are written) against row blocks tb·ni .. tb·ni + ni - 1.
+        for tt in T.serial((cnt + (mt - 1)) // mt):
+            for mi, ri, lane in T.grid(mt, ni, LANES):
+                acc[mi, ri * LANES + lane] = T.float32(0)
+            for g in T.serial(groups):
+                for mi, ri in T.grid(mt, ni):
+                    isum[mi, T.Ramp(ri * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+                for blk in T.serial(kblocks):
+                    for quad in T.unroll(quads):
+                        for ri in T.unroll(ni):
+                            for mi in T.unroll(mt):
+                                isum[mi, T.Ramp(ri * LANES, 1, LANES)] = _dpbusd(
+                                    isum[mi, T.Ramp(ri * LANES, 1, LANES)],
+                                    unpack(
+                                        codes,
+                                        e,
+                                        T.min(tb * ni + ri, nb - 1),
+                                        g * kblocks + blk,
+                                        quad,
+                                    ),
+                                    T.reinterpret(
+                                        "int32",
+                                        xq[
+                                            t0 + T.min(tt * mt + mi, cnt - 1),
+                                            T.Ramp(
+                                                (g * kblocks + blk) * BLOCK + quad * QUAD, 1, QUAD
+                                            ),
+                                        ],
+                                    ),
+                                )
+                for mi, ri in T.grid(mt, ni):
+                    for lane in T.vectorized(LANES):
+                        acc[mi, ri * LANES + lane] = acc[mi, ri * LANES + lane] + (
+                            T.Cast("float32", isum[mi, ri * LANES + lane])
+                            - T.Cast("float32", zero[e, T.min(tb * ni + ri, nb - 1), g, lane])
+                            * xs[t0 + T.min(tt * mt + mi, cnt - 1), g]
+                        ) * (
+                            T.Cast("float32", scale[e, T.min(tb * ni + ri, nb - 1), g, lane])
+                            * d[t0 + T.min(tt * mt + mi, cnt - 1), g]
+                        )
+            for mi, ri, lane in T.grid(mt, ni, LANES):
+                if tt * mt + mi < cnt:  # noqa: SIM102 (TVMScript keeps nested ifs)
+                    if (tb * ni + ri) * LANES + lane < n:
+                        y[t0 + tt * mt + mi, (tb * ni + ri) * LANES + lane] = acc[
+                            mi, ri * LANES + lane
+                        ]
+
+    @T.prim_func(private=True, s_tir=False)
+    def grouped(
+        var_xq: T.handle,
+        var_d: T.handle,
+        var_xs: T.handle,
+        indptr: T.Buffer((e_count + 1,), "int64"),  # type: ignore[valid-type]
+        codes: T.Buffer((e_count, nb, kb, bits, LANES), "uint32"),  # type: ignore[valid-type]
+        scale: T.Buffer((e_count, nb, groups, LANES), "float16"),  # type: ignore[valid-type]
+        zero: T.Buffer((e_count, nb, groups, LANES), "uint8"),  # type: ignore[valid-type]
+        var_y: T.handle,
+    ) -> None:
+        T.func_attr({"tirx.noalias": True})
+        t = T.int64()
+        xq = T.match_buffer(var_xq, (t, kp), "int8")
+        d = T.match_buffer(var_d, (t, groups), "float32")
+        xs = T.match_buffer(var_xs, (t, groups), "float32")
+        y = T.match_buffer(var_y, (t, n), "float32")
+        for tb in T.parallel(n_tiles):
+            acc = T.alloc_buffer((MT, ni * LANES), "float32", scope="local")
+            isum = T.alloc_buffer((MT, ni * LANES), "int32", scope="local")
+            for e in T.serial(e_count):
+                t0 = indptr[e]
+                cnt = indptr[e + 1] - t0
+                if cnt >= MT:
+                    tokens(MT, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+                else:
+                    tokens(1, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+
+    return grouped
+
+
+def primfunc(
+    scheme: QuantScheme, n: int, k: int, num_experts: int, target: TargetLike = "llvm"
+) -> tvm.IRModule:
+    """The int8-activation grouped MoE kernel for `num_experts` experts of one width, as
+    IRModule `main` (arguments in the module docstring)."""
+    check_target(target)
+    func = _cpu_primfunc(scheme, n, k, num_experts)
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
