@@ -3,7 +3,7 @@
     python -m tools.bench_decode [--model bundled|paper] [--work /tmp/modec-bench-decode]
         [--batches 1 8] [--new-tokens 16] [--repeats 5] [--budget 3.0] [--threads 2]
         [--layers 2] [--prompt-tokens 256] [--llama-cpp-src DIR] [--profile | --profile-only]
-        [--json PATH]
+        [--act8] [--no-ort] [--json PATH]
 
 ``--model bundled`` (default), on the bundled digits-vlm (trained weights, its KV-cache
 export, `tools.digits_vlm.export`):
@@ -51,6 +51,12 @@ WORK/paper-L{layers}/:
 3. prompts of ``--prompt-tokens`` random tokens; the bound as above, the embedding table
    left out (a step reads one row of it), for modec and for each GGUF (its tensors' sizes,
    `gguf_step_bytes`; llama.cpp keeps its cache in float16).
+
+The repeats go round robin (repeat r of every runtime before repeat r + 1 of any), after
+one warm-up each, so that the speed drifts of a shared machine reach every runtime alike.
+``--act8`` adds, for each ``--dense-bits`` compile, the same with ``--expert-act-bits 8``
+(int8 expert inputs, docs/expert_activations.md); ``--no-ort`` leaves onnxruntime fp32 out
+(its paper-model prompts, gathered experts in pieces of 16 rows, take minutes).
 
 ``--profile`` adds, and ``--profile-only`` prints alone, where one batch-1 decode step of
 each modec artifact spends its time, per kernel (`profile_step`).
@@ -112,10 +118,11 @@ def random_calib(path: Path) -> Path:
 
 def build_paper(
     work: Path, layers: int, budget: float, llama_src: Path | None, gguf_types: list[str],
-    dense_bits: Sequence[int] = (),
+    dense_bits: Sequence[int] = (), act8: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """The paper-shaped checkpoint, its modec compile and export, and the GGUFs (reused
-    when present; see the module docstring)."""
+    when present; see the module docstring). ``act8``: each dense-bits compile also with
+    ``--expert-act-bits 8``."""
     from modec import hf
     from modec.driver import CompileOptions, compile_model
     from tools import paper_checkpoint
@@ -145,6 +152,12 @@ def build_paper(
         if not (outd / "manifest.json").exists():
             compile_model(d, calib, outd, replace(o, dense_bits=bits), force=True)
         paths[f"out_dense{bits}"] = outd
+        if act8:  # the experts' inputs as int8 too (VNNI kernels), as llama.cpp's Q8_K
+            out8 = root / f"out-{budget}-dense{bits}-act8"
+            if not (out8 / "manifest.json").exists():
+                compile_model(d, calib, out8, replace(o, dense_bits=bits, expert_act_bits=8),
+                              force=True)  # fmt: skip
+            paths[f"out_dense{bits}_act8"] = out8
     paths["onnx"] = paths["text"] = hf.cached_export(d, cache)
     if llama_src is not None:
         f16 = root / "model-f16.gguf"
@@ -514,7 +527,8 @@ def _modec_variants(paths: dict[str, Any]) -> list[tuple[str, str]]:
     if "out_bf16" in paths:
         out.append(("modec, bf16 checkpoint", "out_bf16"))
     for key in sorted(k for k in paths if k.startswith("out_dense")):
-        out.append((f"modec, dense {key[len('out_dense') :]}-bit", key))
+        bits, _, act8 = key[len("out_dense") :].partition("_")
+        out.append((f"modec, dense {bits}-bit" + (", int8 expert inputs" if act8 else ""), key))
     return out
 
 
@@ -563,6 +577,11 @@ def main() -> None:
     ap.add_argument("--dense-bits", type=int, nargs="*", default=[4],
                     help="paper: also a modec compile with --dense-bits B for each B "
                          "(attention and head quantized; default 4)")  # fmt: skip
+    ap.add_argument("--no-ort", action="store_true",
+                    help="leave onnxruntime fp32 out (its paper prompts take minutes)")  # fmt: skip
+    ap.add_argument("--act8", action="store_true",
+                    help="paper: each --dense-bits compile also with --expert-act-bits 8 "
+                         "(int8 expert inputs, VNNI kernels)")  # fmt: skip
     ap.add_argument(
         "--profile",
         action="store_true",
@@ -575,7 +594,7 @@ def main() -> None:
     n = args.new_tokens
     if args.model == "paper":
         paths = build_paper(args.work, args.layers, args.budget, args.llama_cpp_src,
-                            args.gguf_types, args.dense_bits)  # fmt: skip
+                            args.gguf_types, args.dense_bits, args.act8)  # fmt: skip
         make = lambda b: paper_prompts(b, args.prompt_tokens)  # noqa: E731
         chunk: int | None = 16
     else:
@@ -588,7 +607,8 @@ def main() -> None:
     runners: list[tuple[str, Any]] = [
         (name, ModecDecoder(paths[key])) for name, key in _modec_variants(paths)
     ]
-    runners.append(("onnxruntime fp32", OrtDecoder(paths, args.threads, chunk)))
+    if not args.no_ort:
+        runners.append(("onnxruntime fp32", OrtDecoder(paths, args.threads, chunk)))
     ctx = args.prompt_tokens + n + 8
     for kind, gguf in paths.get("ggufs", {}).items():
         runners.append(
@@ -599,9 +619,16 @@ def main() -> None:
     for b in args.batches:
         feeds = make(b)
         prompt_tokens = int(feeds["attention_mask"].sum())
-        for name, fn in runners:
+        for _, fn in runners:
             fn(feeds, n)  # warm-up
-            runs = [fn(feeds, n) for _ in range(args.repeats)]
+        # Round robin: repeat r of every runtime before repeat r + 1 of any, so that a drift
+        # of this shared machine's speed reaches all of them alike.
+        timed: dict[str, list[Any]] = {name: [] for name, _ in runners}
+        for _ in range(args.repeats):
+            for name, fn in runners:
+                timed[name].append(fn(feeds, n))
+        for name, _ in runners:
+            runs = timed[name]
             pre = statistics.median(r[0] for r in runs)
             dec = statistics.median(r[1] for r in runs)
             rows.append({
@@ -634,13 +661,14 @@ def main() -> None:
         print(f"| {r['runtime']} | {r['batch']} | {r['prompt_tokens']} | {r['prefill_tok_s']:.0f}"
               f" | {r['decode_tok_s']:.1f} | {read} | {share} |")  # fmt: skip
     for b in args.batches:
-        m = next(r for r in rows if r["runtime"] == "modec" and r["batch"] == b)
-        for o in (r for r in rows if not r["runtime"].startswith("modec") and r["batch"] == b):
-            same = sum(x == y for x, y in zip(m["tokens"], o["tokens"], strict=True))
-            pre = m["prefill_tok_s"] / o["prefill_tok_s"]
-            dec = m["decode_tok_s"] / o["decode_tok_s"]
-            print(f"batch {b}: modec / {o['runtime']}: prefill {pre:.2f}x, decode {dec:.2f}x; "
-                  f"rows with equal tokens {same}/{b}")  # fmt: skip
+        ours = [r for r in rows if r["runtime"].startswith("modec") and r["batch"] == b]
+        for m in ours:
+            for o in (r for r in rows if not r["runtime"].startswith("modec") and r["batch"] == b):
+                same = sum(x == y for x, y in zip(m["tokens"], o["tokens"], strict=True))
+                pre = m["prefill_tok_s"] / o["prefill_tok_s"]
+                dec = m["decode_tok_s"] / o["decode_tok_s"]
+                print(f"batch {b}: {m['runtime']} / {o['runtime']}: prefill {pre:.2f}x, decode "
+                      f"{dec:.2f}x; rows with equal tokens {same}/{b}")  # fmt: skip
     profiles = (
         print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats)
         if (args.profile)
