@@ -82,7 +82,7 @@ def check_target(target: TargetLike) -> None:
     if not supports(tgt):
         raise BadInputError(
             f"--expert-act-bits 8 needs a CPU with AVX-512 VNNI and VBMI; target "
-            f"{tgt.attrs.get('mcpu', str(tgt))} has not both, drop the flag"
+            f"{tgt.attrs.get('mcpu', str(tgt))} lacks one or both, drop the flag"
         )
 
 
