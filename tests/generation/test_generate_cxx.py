@@ -385,3 +385,24 @@ def test_hf_family_generates_the_same_in_cxx(
     assert rows == session.generate(feeds, max_new_tokens=8).tokens
     assert rows == _recomputed(session, feeds, 8)
     assert _streamed(steps, 2) == rows
+
+
+def test_int8_expert_inputs_generate_alike(
+    cxx: dict[str, Path], cached_vlm: dict[str, Path], prompts: dict[int, dict[str, np.ndarray]],
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The cached model compiled with ``--expert-act-bits 8`` (the VNNI kernels, the KV cache
+    in place): both runtimes pick the same greedy tokens, for 4 rows of different lengths."""
+    from modec.driver import CompileOptions, compile_model
+    from modec.kernels import grouped_moe_a8
+
+    if not grouped_moe_a8.supports("llvm"):
+        pytest.skip("this CPU has no AVX-512 VNNI and VBMI")
+    out = tmp_path_factory.mktemp("act8") / "out"
+    o = CompileOptions(method="uniform", quantizer="rtn", budget=4.0, target="llvm",
+                       cache_dir=None, expert_act_bits=8)  # fmt: skip
+    compile_model(cached_vlm["onnx"], cached_vlm["calib"], out, o)
+    feeds = prompts[4]
+    rows, _, _ = _generate_cxx(cxx["modec_run"], out, tmp_path, feeds, N)
+    assert rows == rt.load(out).generate(feeds, max_new_tokens=N).tokens
+    assert [len(r) for r in rows] == [N] * 4
