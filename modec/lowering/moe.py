@@ -333,9 +333,7 @@ class MoELowering:
         # or int8 per group (`grouped_moe_a8`) where the node says so.
         act = "float16" if self._gpu else "float32"
         int8 = bool(p.act_bits)
-        if int8:
-            grouped_moe_a8.check_target(self._target)
-        quantized: dict[tuple[int, int], list[Any]] = {}  # (id of input, group) -> XQ, D, XS
+        quantized: dict[int, list[Any]] = {}  # id of an expert input -> its XQ, D, XS
 
         def project(proj: str, inp: Any, n: int) -> Any:
             y: Any = None
@@ -357,9 +355,9 @@ class MoELowering:
                             f"MoE layer {plan.layer}: act_group_size={p.act_group_size} but its "
                             f"experts are packed in groups of {gs}; quantize-experts sets both"
                         )
-                    if (id(inp), gs) not in quantized:  # up and gate share their input
-                        quantized[id(inp), gs] = self._quantize_rows(bb, inp, rows, pw.k, gs)
-                    args = [*quantized[id(inp), gs], *weights_]
+                    if id(inp) not in quantized:  # up and gate share their input
+                        quantized[id(inp)] = self._quantize_rows(bb, inp, rows, pw.k, gs)
+                    args = [*quantized[id(inp)], *weights_]
                     gv = self._grouped_a8(bb, pw, len(g.experts))
                 else:
                     args = [inp, *weights_]

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modec.errors import ModelError
+from modec.numerics.activations import fake_quantize
 
 #: Input slots of the canonical node, in order.
 INPUT_NAMES = (
@@ -226,11 +227,7 @@ def _act(kind: str, g: np.ndarray | None, u: np.ndarray, alpha: float, limit: fl
 def expert_input(p: MoEParams, x: np.ndarray) -> np.ndarray:
     """Rows entering an expert matmul: as they are, or their int8 approximation where the
     layer's experts take int8 activations (``p.act_bits``)."""
-    if not p.act_bits:
-        return x
-    from modec.numerics.activations import fake_quantize
-
-    return fake_quantize(x, p.act_group_size)
+    return fake_quantize(x, p.act_group_size) if p.act_bits else x
 
 
 def expert_activation(

@@ -17,7 +17,7 @@ tvm = pytest.importorskip("tvm")
 
 from modec.kernels import grouped_moe_a8  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
+needs_vnni = pytest.mark.skipif(
     not grouped_moe_a8.supports("llvm"), reason="this CPU has no AVX-512 VNNI and VBMI"
 )
 
@@ -67,6 +67,7 @@ def test_quantization_kernel_is_the_numpy_reference_exactly(k: int) -> None:
     assert (err <= step / 2 * (1 + 1e-6)).all()
 
 
+@needs_vnni
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 def test_matches_the_simulated_product(bits: int) -> None:
     """Every width, an odd shape (N and K padded), empty experts, one-token and multi-token
@@ -84,6 +85,7 @@ def test_matches_the_simulated_product(bits: int) -> None:
     assert 0 < np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
 
 
+@needs_vnni
 def test_a_row_does_not_depend_on_its_experts_token_count() -> None:
     """The one-token path (decode) and the tiles of 4 compute the same integers and the same
     epilogue: a row is bit-identical whether its expert got 1 token or 5."""
