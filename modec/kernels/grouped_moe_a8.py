@@ -7,7 +7,9 @@ Two PrimFuncs per layer shape:
   ``XQ [T, K_pad]``, steps ``D [T, G]`` and code sums ``XS [T, G]``;
 - `primfunc` multiplies them by the packed weights of E experts of one width, as
   `modec.kernels.grouped_moe` does with float activations (same arguments but X, same
-  ``indptr`` ranges, same layout ``n16k32``):
+  ``indptr`` ranges, same layout ``n16k32``); `dense_primfunc` by one weight
+  (``--dense-act-bits 8``: a quantized dense matmul, `modec.kernels.dequant_matmul`'s
+  arguments but X), every row of XQ against it:
 
       Y[t, n] = Σ_g scale[n, g] · D[t, g] · (Σ_k code[n, k] · XQ[t, k] − zero[n, g] · XS[t, g])
 
@@ -38,6 +40,8 @@ scale   [E, N_pad/16, groups, 16]                 float16
 zero    [E, N_pad/16, groups, 16]                 uint8
 Y       [T, N]                                    float32
 ======= ========================================= =========================================
+
+`dense_primfunc` has no ``indptr`` and no E axis (codes [N_pad/16, K_pad/32, bits, 16], ...).
 """
 
 from __future__ import annotations
@@ -72,23 +76,23 @@ def supports(target: TargetLike) -> bool:
     return bool(tvm.target.codegen.target_has_features(list(FEATURES), tgt))
 
 
-def check_target(target: TargetLike) -> None:
-    """Refuse a target without the kernels' instructions, naming the fix."""
+def check_target(target: TargetLike, flag: str = "--expert-act-bits 8") -> None:
+    """Refuse a target without the kernels' instructions, naming the fix (``flag``: the
+    option that asked for them)."""
     tgt = resolve_target(target)
     if is_cuda(tgt):
-        raise BadInputError(
-            "--expert-act-bits 8 is for CPU targets (int8 VNNI kernels); drop it for CUDA"
-        )
+        raise BadInputError(f"{flag} is for CPU targets (int8 VNNI kernels); drop it for CUDA")
     if not supports(tgt):
         raise BadInputError(
-            f"--expert-act-bits 8 needs a CPU with AVX-512 VNNI and VBMI; target "
+            f"{flag} needs a CPU with AVX-512 VNNI and VBMI; target "
             f"{tgt.attrs.get('mcpu', str(tgt))} lacks one or both, drop the flag"
         )
 
 
 def quant_primfunc(k: int, group_size: int) -> tirx.PrimFunc:
     """(X [T, K] float32) -> (XQ int8 [T, K_pad], D [T, G], XS [T, G]) in place of its last three
-    arguments; see `modec.numerics.activations.quantize_rows`, which it matches exactly."""
+    arguments; see `modec.numerics.activations.quantize_rows`, which it matches exactly. In
+    vectors of 16 where K is a whole number of groups of a multiple of 16, else per value."""
     groups = -(-k // group_size)
     kp = groups * group_size
     short = kp != k
@@ -128,7 +132,60 @@ def quant_primfunc(k: int, group_size: int) -> tirx.PrimFunc:
                         total[0] = total[0] + T.Cast("int32", q[r, g * group_size + kk])
                     s[r, g] = T.Cast("float32", total[0])
 
-    return quant
+    if short or group_size % LANES:
+        return quant
+    v = LANES
+
+    def vcode(xv: Any, step: Any) -> Any:
+        """`code` of LANES values of a group whose step is > 0."""
+        c = tirx.Cast(f"int32x{v}", tirx.nearbyint(xv / T.Broadcast(step, v)))
+        c = tirx.max(tirx.min(c, T.Broadcast(T.int32(QMAX), v)), T.Broadcast(T.int32(-QMAX), v))
+        return tirx.Cast(f"int8x{v}", c)
+
+    # The same, LANES values at a time (K a whole number of groups of a multiple of LANES):
+    # max, division and rounding are exact per lane, so the result is the scalar one's.
+    @T.prim_func(private=True, s_tir=True)
+    def quant_vec(var_x: T.handle, var_q: T.handle, var_d: T.handle, var_s: T.handle) -> None:
+        T.func_attr({"tirx.noalias": True})
+        t = T.int64()
+        x = T.match_buffer(var_x, (t, k), "float32")
+        q = T.match_buffer(var_q, (t, kp), "int8")
+        d = T.match_buffer(var_d, (t, groups), "float32")
+        s = T.match_buffer(var_s, (t, groups), "float32")
+        with T.sblock("root"):
+            for r in T.parallel(t):
+                vmax = T.alloc_buffer((v,), "float32", scope="local")
+                vsum = T.alloc_buffer((v,), "int32", scope="local")
+                amax = T.alloc_buffer((1,), "float32", scope="local")
+                total = T.alloc_buffer((1,), "int32", scope="local")
+                for g in T.serial(groups):
+                    vmax[T.Ramp(0, 1, v)] = T.Broadcast(T.float32(0), v)
+                    for c in T.serial(group_size // v):
+                        vmax[T.Ramp(0, 1, v)] = T.max(
+                            vmax[T.Ramp(0, 1, v)], T.abs(x[r, T.Ramp(g * group_size + c * v, 1, v)])
+                        )
+                    amax[0] = T.float32(0)
+                    for lane in T.unroll(v):
+                        amax[0] = T.max(amax[0], vmax[lane])
+                    d[r, g] = amax[0] / T.float32(QMAX)
+                    total[0] = 0
+                    if d[r, g] > T.float32(0):
+                        vsum[T.Ramp(0, 1, v)] = T.Broadcast(T.int32(0), v)
+                        for c in T.serial(group_size // v):
+                            q[r, T.Ramp(g * group_size + c * v, 1, v)] = vcode(
+                                x[r, T.Ramp(g * group_size + c * v, 1, v)], d[r, g]
+                            )
+                            vsum[T.Ramp(0, 1, v)] = vsum[T.Ramp(0, 1, v)] + T.Cast(
+                                f"int32x{v}", q[r, T.Ramp(g * group_size + c * v, 1, v)]
+                            )
+                        for lane in T.unroll(v):
+                            total[0] = total[0] + vsum[lane]
+                    else:
+                        for c in T.serial(group_size // v):
+                            q[r, T.Ramp(g * group_size + c * v, 1, v)] = T.Broadcast(T.int8(0), v)
+                    s[r, g] = T.Cast("float32", total[0])
+
+    return quant_vec
 
 
 def _select(i: Any, values: list[Any]) -> Any:
@@ -137,6 +194,12 @@ def _select(i: Any, values: list[Any]) -> Any:
     for j in range(len(values) - 2, -1, -1):
         out = tirx.Select(i == j, values[j], out)
     return out
+
+
+def _at(buf: Any, e: Any, *index: Any) -> Any:
+    """``buf[e, *index]``, or ``buf[*index]`` for a buffer without the experts' axis (one
+    dense weight): the macro below serves both kernels."""
+    return buf[(e, *index)] if len(buf.shape) == len(index) + 1 else buf[index]
 
 
 def _unpacker(bits: int) -> Any:
@@ -160,7 +223,7 @@ def _unpacker(bits: int) -> Any:
 
     def unpack(codes: Any, e: Any, b: Any, kblk: Any, quad: Any) -> Any:
         def word(w: int) -> Any:
-            return codes[e, b, kblk, w, T.Ramp(0, 1, LANES)]
+            return _at(codes, e, b, kblk, w, T.Ramp(0, 1, LANES))
 
         srcs, ctrls = [], []
         for w, off, straddles in plan:
@@ -190,7 +253,8 @@ def _dpbusd(acc: Any, codes_u32: Any, x_i32: Any) -> Any:
     )  # fmt: skip
 
 
-def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int) -> tirx.PrimFunc:
+def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) -> tirx.PrimFunc:
+    """The grouped kernel for ``num_experts`` experts, or the dense one for None."""
     bits, gs = scheme.bits, scheme.group_size
     groups = scheme.num_groups(k)
     np_, kp = padded_n(n), padded_k(k, scheme)
@@ -199,7 +263,7 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int) -> tirx
     n_tiles = (nb + ni - 1) // ni
     kblocks = gs // BLOCK
     quads = BLOCK // QUAD
-    e_count = num_experts
+    e_count = num_experts or 1
     unpack = _unpacker(bits)
 
     @T.macro
@@ -242,10 +306,10 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int) -> tirx
                     for lane in T.vectorized(LANES):
                         acc[mi, ri * LANES + lane] = acc[mi, ri * LANES + lane] + (
                             T.Cast("float32", isum[mi, ri * LANES + lane])
-                            - T.Cast("float32", zero[e, T.min(tb * ni + ri, nb - 1), g, lane])
+                            - T.Cast("float32", _at(zero, e, T.min(tb * ni + ri, nb - 1), g, lane))
                             * xs[t0 + T.min(tt * mt + mi, cnt - 1), g]
                         ) * (
-                            T.Cast("float32", scale[e, T.min(tb * ni + ri, nb - 1), g, lane])
+                            T.Cast("float32", _at(scale, e, T.min(tb * ni + ri, nb - 1), g, lane))
                             * d[t0 + T.min(tt * mt + mi, cnt - 1), g]
                         )
             for mi, ri, lane in T.grid(mt, ni, LANES):
@@ -283,7 +347,31 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int) -> tirx
                 else:
                     tokens(1, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
 
-    return grouped
+    @T.prim_func(private=True, s_tir=False)
+    def dense(
+        var_xq: T.handle,
+        var_d: T.handle,
+        var_xs: T.handle,
+        codes: T.Buffer((nb, kb, bits, LANES), "uint32"),  # type: ignore[valid-type]
+        scale: T.Buffer((nb, groups, LANES), "float16"),  # type: ignore[valid-type]
+        zero: T.Buffer((nb, groups, LANES), "uint8"),  # type: ignore[valid-type]
+        var_y: T.handle,
+    ) -> None:
+        T.func_attr({"tirx.noalias": True})
+        t = T.int64()
+        xq = T.match_buffer(var_xq, (t, kp), "int8")
+        d = T.match_buffer(var_d, (t, groups), "float32")
+        xs = T.match_buffer(var_xs, (t, groups), "float32")
+        y = T.match_buffer(var_y, (t, n), "float32")
+        for tb in T.parallel(n_tiles):
+            acc = T.alloc_buffer((MT, ni * LANES), "float32", scope="local")
+            isum = T.alloc_buffer((MT, ni * LANES), "int32", scope="local")
+            if t >= MT:
+                tokens(MT, tb, 0, 0, t, acc, isum, codes, xq, d, xs, scale, zero, y)
+            else:
+                tokens(1, tb, 0, 0, t, acc, isum, codes, xq, d, xs, scale, zero, y)
+
+    return grouped if num_experts is not None else dense
 
 
 def primfunc(
@@ -293,4 +381,14 @@ def primfunc(
     IRModule `main` (arguments in the module docstring)."""
     check_target(target)
     func = _cpu_primfunc(scheme, n, k, num_experts)
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def dense_primfunc(
+    scheme: QuantScheme, n: int, k: int, target: TargetLike = "llvm"
+) -> tvm.IRModule:
+    """The int8-activation matmul by one packed weight [N, K] (``--dense-act-bits 8``), as
+    IRModule `main`: ``Y = X · dequant(W)ᵀ`` for quantized rows X (module docstring)."""
+    check_target(target, "--dense-act-bits 8")
+    func = _cpu_primfunc(scheme, n, k, None)
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})

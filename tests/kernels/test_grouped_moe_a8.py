@@ -9,7 +9,7 @@ import pytest
 
 from modec.errors import BadInputError
 from modec.numerics.activations import fake_quantize, quantize_rows
-from modec.numerics.packing import PackedWeight, reference_grouped_matmul
+from modec.numerics.packing import PackedWeight, reference_grouped_matmul, reference_matmul
 from modec.numerics.schemes import QuantScheme
 from tests.kernels.conftest import assert_close, random_packed
 
@@ -98,8 +98,40 @@ def test_a_row_does_not_depend_on_its_experts_token_count() -> None:
         np.testing.assert_array_equal(one[0], many[i])
 
 
+def _dense(x: np.ndarray, pw: PackedWeight) -> np.ndarray:
+    run = _compile(grouped_moe_a8.dense_primfunc(pw.scheme, pw.n, pw.k)["main"])
+    y = tvm.runtime.tensor(np.zeros((x.shape[0], pw.n), np.float32))
+    weights = [tvm.runtime.tensor(a) for a in (pw.codes, pw.scale, pw.zero)]
+    run(*_quantize(x, pw.scheme.group_size), *weights, y)
+    return np.asarray(y.numpy())
+
+
+@needs_vnni
+@pytest.mark.parametrize(
+    ("bits", "n", "k", "group"),
+    [(4, 100, 200, 64), (3, 64, 256, 128), (2, 48, 128, 32), (8, 33, 96, 32)],
+)
+def test_the_dense_kernel_matches_the_simulated_product(
+    bits: int, n: int, k: int, group: int
+) -> None:
+    """``--dense-act-bits 8``: one weight (no experts' axis, no ranges), rows 1 at a time
+    and in tiles of 4 with a partial one; a row is bit-identical whatever the row count."""
+    scheme = QuantScheme(bits, group)
+    pw = random_packed(bits + n, scheme, n, k)
+    x = np.random.default_rng(n).standard_normal((7, k)).astype(np.float32)
+    got = _dense(x, pw)
+    assert_close(got, reference_matmul(fake_quantize(x, group), pw))
+    exact = reference_matmul(x, pw)
+    assert 0 < np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
+    np.testing.assert_array_equal(_dense(x[2:3], pw)[0], got[2])
+
+
 def test_targets_without_the_instructions_are_refused() -> None:
     with pytest.raises(BadInputError, match="CPU targets"):
         grouped_moe_a8.check_target({"kind": "cuda", "arch": "sm_90"})
     with pytest.raises(BadInputError, match="VNNI and VBMI"):
         grouped_moe_a8.check_target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    with pytest.raises(BadInputError, match=r"^--dense-act-bits 8 needs"):
+        grouped_moe_a8.dense_primfunc(
+            QuantScheme(4, 128), 16, 128, {"kind": "llvm", "mcpu": "skylake-avx512"}
+        )
