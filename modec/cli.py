@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(AVX-512 VNNI kernels, as llama.cpp's K-quants do), in the artifact "
                          "and the simulated model; default: float32 "
                          "(docs/expert_activations.md)")  # fmt: skip
+    co.add_argument("--dense-act-bits", type=int, choices=ACT_BITS, default=None,
+                    help="with --dense-bits: the quantized dense matmuls (attention, head) "
+                         "take their inputs as int8 per weight group too (AVX-512 VNNI "
+                         "kernels); default: float32 (docs/expert_activations.md)")  # fmt: skip
     co.add_argument("--target", default=d.target,
                     help="TVM target of the compiled artifact: llvm (default, this CPU), "
                          "cuda (sm_90; built here, runs on a GPU machine) or none (simulated "

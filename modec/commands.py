@@ -196,6 +196,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         sensitivity_samples=args.sensitivity_samples, sensitivity=args.sensitivity,
         quantizer=args.quantizer, seed=args.seed, threads=args.threads, target=args.target,
         dense_bits=args.dense_bits or 0, expert_act_bits=args.expert_act_bits or 0,
+        dense_act_bits=args.dense_act_bits or 0,
         cache_dir=None if args.no_cache else args.cache_dir or driver.default_cache_dir(),
         max_memory=parse_memory(args.max_memory) if args.max_memory else 0,
     )  # fmt: skip

@@ -107,6 +107,14 @@ def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
     """Cheap checks before the expensive passes: experts per layer, budget feasibility."""
     from modec.moe.discover import find_moe
 
+    if o.dense_act_bits and not o.dense_bits:
+        from modec.errors import UsageError
+
+        raise UsageError(
+            f"--dense-act-bits {o.dense_act_bits} rounds the inputs of the quantized dense "
+            "matmuls; add --dense-bits B (e.g. 4), or drop it"
+        )
+
     regions = find_moe(model)
     if not regions:
         raise ModelError(
@@ -119,14 +127,16 @@ def preflight(model: ir.Model, o: CompileOptions) -> list[int]:
         from modec.kernels.target import check_target
 
         check_target(o.target)
-        if o.expert_act_bits:
-            from modec.errors import ModecError, UsageError
-            from modec.kernels.grouped_moe_a8 import check_target as check_int8
+        from modec.errors import ModecError, UsageError
+        from modec.kernels.grouped_moe_a8 import check_target as check_int8
 
-            try:
-                check_int8(o.target)
-            except ModecError as exc:
-                raise UsageError(str(exc)) from exc
+        for flag, bits in (("--expert-act-bits", o.expert_act_bits),
+                           ("--dense-act-bits", o.dense_act_bits)):  # fmt: skip
+            if bits:
+                try:
+                    check_int8(o.target, f"{flag} {bits}")
+                except ModecError as exc:
+                    raise UsageError(str(exc)) from exc
     return experts
 
 

@@ -295,6 +295,14 @@ class QuantizedDense:
     group_size: int
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     transposed: dict[str, bool] = field(default_factory=dict)
+    #: 8: the matmuls' activations are rounded to int8 per group (``--dense-act-bits``),
+    #: 0: float32.
+    act_bits: int = 0
+    #: With ``act_bits``: the rounded value a quantized MatMul reads -> the value rounded
+    #: (`modec.method.dense.int8_rows`), and the names of the nodes that round it (the
+    #: lowering replaces them by its own kernels).
+    act_inputs: dict[str, str] = field(default_factory=dict)
+    act_nodes: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, eq=False)

@@ -88,6 +88,9 @@ class CompileOptions:
     #: 8: the routed experts take int8 activations per group (``--expert-act-bits``;
     #: `modec.numerics.activations`), 0: float32.
     expert_act_bits: int = 0
+    #: 8: the quantized dense matmuls take int8 activations per group (``--dense-act-bits``;
+    #: needs ``dense_bits``), 0: float32.
+    dense_act_bits: int = 0
     #: TVM target of the compiled artifact ("llvm", "cuda"), or "none" for no lowering.
     target: str = "llvm"
     seed: int = 0
@@ -134,7 +137,7 @@ def analysis_passes(o: CompileOptions, sensitivity: bool = True) -> list[Pass]:
 
 def decision_passes(o: CompileOptions) -> list[Pass]:
     """Phase 3: the bit allocation and the quantization (steps 4–5)."""
-    return [
+    passes: list[Pass] = [
         AllocateBitsPass(
             budget=o.budget,
             bits=tuple(o.bits),
@@ -150,8 +153,14 @@ def decision_passes(o: CompileOptions) -> list[Pass]:
         QuantizeExpertsPass(
             group_size=o.group_size, method=o.quantizer, act_bits=o.expert_act_bits
         ),
-        *([QuantizeDensePass(width=o.dense_bits, group_size=o.group_size)] if o.dense_bits else []),
     ]
+    if o.dense_bits:
+        passes.append(
+            QuantizeDensePass(
+                width=o.dense_bits, group_size=o.group_size, act_bits=o.dense_act_bits
+            )
+        )
+    return passes
 
 
 def standard_pipeline(o: CompileOptions) -> Pipeline:

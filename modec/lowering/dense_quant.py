@@ -12,6 +12,13 @@
    step) and the GEMM otherwise (two subroutines and a dispatcher, built with
    `modec.kernels.subroutine.TIR_PIPELINE`); fp16 on CUDA (cast around the call, as the
    experts).
+
+With int8 activations (``--dense-act-bits 8``, ``QuantizedDense.act_bits``) the simulated
+graph rounds each matmul's activation in ONNX operators (`modec.method.dense.int8_rows`).
+Step 1 drops those nodes and gives ``DenseQ`` the activation before rounding and the
+attribute ``act_bits``; step 2 then emits the rounding as a kernel
+(`modec.kernels.grouped_moe_a8.quant_primfunc`, once per activation: the query, key and
+value projections share it) and the matmul as the int8 one (`dense_primfunc`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from tvm import relax, tirx
 
 from modec.errors import InternalError
 from modec.facts import QuantizedDense
-from modec.kernels import dequant_matmul
+from modec.kernels import dequant_matmul, grouped_moe_a8
 from modec.kernels.target import is_cuda, resolve_target
 from modec.lowering.dense import memory_view
 from modec.moe.lazy import LazyArray
@@ -46,6 +53,12 @@ def replace_matmuls(
         for name in node.input:
             users.setdefault(name, []).append(node)
     dead: set[int] = set()
+    rounding = [n for n in g.node if n.name in dense.act_nodes]
+    if len(rounding) != len(dense.act_nodes):
+        raise InternalError(
+            f"lower-tvm: {len(dense.act_nodes)} int8 rounding nodes recorded by quantize-dense, "
+            f"{len(rounding)} in the graph"
+        )
     for name in dense.weights:
         chain, stack = [], [name]
         matmuls: list[onnx.NodeProto] = []
@@ -66,16 +79,29 @@ def replace_matmuls(
             raise InternalError(f"lower-tvm: quantized weight {name} reaches no MatMul")
         for node in matmuls:
             x = node.input[0]
+            act_bits = 0
+            if x in dense.act_inputs:  # the rounding becomes the kernels' (docstring)
+                x, act_bits = dense.act_inputs[x], dense.act_bits
+            elif dense.act_bits:
+                raise InternalError(
+                    f"lower-tvm: quantized matmul {node.name} reads {x}, not a rounded input"
+                )
             del node.input[:]
             node.input.append(x)
             node.op_type, node.domain = OP, "ai.modec"
             node.attribute.append(onnx.helper.make_attribute("weight", name))
+            node.attribute.append(onnx.helper.make_attribute("act_bits", act_bits))
         dead.update(id(n) for n in chain)
         weights.pop(name, None)
+    dead.update(id(n) for n in rounding)
     kept = [n for n in g.node if id(n) not in dead]
     del g.node[:]
     g.node.extend(kept)
-    inits = [t for t in g.initializer if t.name not in dense.weights]
+    read = {i for n in kept for i in n.input}
+    unread = {i for n in rounding for i in n.input} - read  # the rounding's constants
+    for i in unread:
+        weights.pop(i, None)
+    inits = [t for t in g.initializer if t.name not in dense.weights and t.name not in unread]
     dropped = len(g.initializer) - len(inits)
     del g.initializer[:]
     g.initializer.extend(inits)
@@ -98,7 +124,9 @@ class DenseQLowering:
         self._target = resolve_target(target)
         self._gpu = is_cuda(self._target)
         self._vars: dict[str, tuple[relax.Var, relax.Var, relax.Var]] = {}
-        self._funcs: dict[tuple[int, int, int, int], Any] = {}
+        self._funcs: dict[tuple[Any, ...], Any] = {}
+        #: an activation (the importer's expression) -> its int8 rows (XQ, D, XS)
+        self._rounded: dict[Any, list[Any]] = {}
 
     def _weight(self, name: str) -> tuple[Any, relax.Var, relax.Var, relax.Var]:
         qw = self.dense.weights.get(name)
@@ -132,6 +160,38 @@ class DenseQLowering:
             self._funcs[key] = bb.add_func(func, name)
         return self._funcs[key]
 
+    def _kernel_a8(self, bb: relax.BlockBuilder, qw: Any) -> Any:
+        s = qw.scheme
+        n, k = (int(d) for d in qw.q.shape)
+        key = ("a8", s.bits, s.group_size, n, k)
+        if key not in self._funcs:
+            func = grouped_moe_a8.dense_primfunc(s, n, k, self._target)["main"]
+            name = f"modec_dq_a8_{s.name}_n{n}_k{k}"
+            func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+            self._funcs[key] = bb.add_func(func, name)
+        return self._funcs[key]
+
+    def _int8_rows(self, bb: relax.BlockBuilder, x: Any, x2: Any, m: Any, k: int) -> list[Any]:
+        """(XQ, D, XS) of the activation ``x`` (seen as ``x2 [m, k]``), computed once."""
+        if x not in self._rounded:
+            gs = self.dense.group_size
+            key = ("a8_quant", k, gs)
+            if key not in self._funcs:
+                func = grouped_moe_a8.quant_primfunc(k, gs)
+                name = f"modec_dq_a8_quant_k{k}_g{gs}"
+                self._funcs[key] = bb.add_func(func.with_attr("global_symbol", name), name)
+            groups = -(-k // gs)
+            res = bb.emit(
+                relax.call_tir(
+                    self._funcs[key], [x2],
+                    [relax.TensorType([m, groups * gs], "int8"),
+                     relax.TensorType([m, groups], "float32"),
+                     relax.TensorType([m, groups], "float32")],
+                )
+            )  # fmt: skip
+            self._rounded[x] = [bb.emit(relax.TupleGetItem(res, i)) for i in range(3)]
+        return self._rounded[x]
+
     def convert(self, bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]) -> Any:
         """The Relax expression of one ``DenseQ`` node: ``x · dequant(W)ᵀ``."""
         name = attrs["weight"]
@@ -147,6 +207,17 @@ class DenseQLowering:
             m = m * d
         m = tvm.sym.Analyzer().simplify(m)
         x2 = bb.emit(memory_view(x, [m, k]))
+        if int(attrs.get("act_bits", 0)):
+            if self._gpu:
+                raise InternalError("lower-tvm: int8 dense activations on CUDA (refused earlier)")
+            rows = self._int8_rows(bb, x, x2, m, k)
+            y = bb.emit(
+                relax.call_tir(
+                    self._kernel_a8(bb, qw), [*rows, codes, scale, zero],
+                    relax.TensorType([m, n], "float32"),
+                )
+            )  # fmt: skip
+            return memory_view(y, [*shape[:-1], n])
         act = "float16" if self._gpu else "float32"
         if self._gpu:
             x2 = bb.emit(relax.op.astype(x2, act))

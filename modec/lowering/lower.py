@@ -136,7 +136,7 @@ def dense_section(dense: QuantizedDense) -> dict[str, Any]:
         n, k = (int(d) for d in qw.q.shape)
         weights[name] = {"n": n, "k": k, "bytes": sum(qw.scheme.nbytes(n, k).values())}
     return {"bits": dense.bits, "group_size": dense.group_size, "layout": "n16k32",
-            "weights": weights}  # fmt: skip
+            "act_bits": dense.act_bits, "weights": weights}  # fmt: skip
 
 
 def _read_when_written(src: ir.TensorProtocol) -> LazyArray:

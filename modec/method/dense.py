@@ -15,6 +15,10 @@ A weight qualifies when:
    only the pixels, stays in full precision, as do the router (inside the canonical MoE
    node), the embedding table (read by a ``Gather``) and everything that is not a matmul
    weight.
+
+With ``--dense-act-bits 8`` the activation of each quantized matmul is rounded to int8 per
+group as well (`int8_rows`), in standard ONNX operators, so that the simulated model
+computes what the artifact's int8 kernels compute.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from modec.numerics.activations import QMAX
 from modec.numerics.quant import QuantizedWeight
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -107,6 +112,75 @@ def dense_weights(model: ir.Model) -> list[DenseWeight]:
         if all(m.inputs[0] is not None and m.inputs[0].producer() in text for m in matmuls):
             out.append(DenseWeight(v, transposed, tuple(matmuls)))
     return out
+
+
+def _const(name: str, array: np.ndarray) -> ir.Value:
+    return ir.Value(name=name, const_value=ir.tensor(array, name=name))
+
+
+def int8_rows(
+    graph: ir.Graph, x: ir.Value, k: int, group_size: int, opset: int
+) -> tuple[ir.Value, list[ir.Node]]:
+    """The nodes that replace ``x [..., k]`` by its int8 approximation per group of
+    ``group_size`` along the last axis (`modec.numerics.activations.fake_quantize`, bit for
+    bit: ``d = max|x| / 127``, ``q · d`` with ``q = Round(x / d)``, 0 for an all-zero group;
+    the last axis padded with zeros to whole groups and cut back), inserted after ``x``'s
+    producer (at the top of the graph for a graph input). Returns the new value and the
+    nodes; the constants they read become initializers of ``graph``."""
+    g = group_size
+    kp = -(-k // g) * g
+    pre = f"modec.int8/{x.name}"
+    nodes: list[ir.Node] = []
+
+    def const(tag: str, array: np.ndarray) -> ir.Value:
+        v = _const(f"{pre}/{tag}", array)
+        graph.register_initializer(v)
+        return v
+
+    def op(tag: str, op_type: str, inputs: list[ir.Value], dtype: ir.DataType,
+           **attrs: int | list[int]) -> ir.Value:  # fmt: skip
+        node = ir.node(op_type, inputs, attrs, name=f"{pre}/{tag}")
+        out = node.outputs[0]
+        out.name, out.dtype = f"{pre}/{tag}", dtype
+        nodes.append(node)
+        return out
+
+    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+    shape = op("shape", "Shape", [x], i64)
+    rows = op("rows", "Reshape", [x, const("rows_shape", np.array([-1, k], np.int64))], f32)
+    if kp != k:
+        pads = const("pads", np.array([0, 0, 0, kp - k], np.int64))
+        rows = op("pad", "Pad", [rows, pads], f32)
+    groups = op(
+        "groups", "Reshape", [rows, const("groups_shape", np.array([-1, g], np.int64))], f32
+    )
+    mag = op("abs", "Abs", [groups], f32)
+    if opset >= 18:
+        amax = op("amax", "ReduceMax", [mag, const("axes", np.array([1], np.int64))], f32,
+                  keepdims=1)  # fmt: skip
+    else:
+        amax = op("amax", "ReduceMax", [mag], f32, axes=[1], keepdims=1)
+    step = op("step", "Div", [amax, const("qmax", np.array(QMAX, np.float32))], f32)
+    codes = op("codes", "Round", [op("scaled", "Div", [groups, step], f32)], f32)
+    approx = op("approx", "Mul", [codes, step], f32)
+    zero = const("zero", np.array(0.0, np.float32))
+    nonzero = op("nonzero", "Greater", [step, zero], ir.DataType.BOOL)
+    kept = op("kept", "Where", [nonzero, approx, zero], f32)
+    back = op("back", "Reshape", [kept, const("back_shape", np.array([-1, kp], np.int64))], f32)
+    if kp != k:
+        back = op("cut", "Slice", [back, const("starts", np.array([0], np.int64)),
+                                   const("ends", np.array([k], np.int64)),
+                                   const("cut_axes", np.array([1], np.int64))], f32)  # fmt: skip
+    out = op("out", "Reshape", [back, shape], f32)
+    out.shape = x.shape
+    producer = x.producer()
+    if producer is not None:
+        graph.insert_after(producer, nodes)
+    elif len(graph):
+        graph.insert_before(graph[0], nodes)
+    else:
+        graph.extend(nodes)
+    return out, nodes
 
 
 def weight_rows(value: ir.Value, transposed: bool) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from modec import data
-from modec.artifact import MANIFEST
+from modec.artifact import MANIFEST, read_manifest
 from modec.errors import BadInputError
 from modec.lowering.tiny_model import TinyConfig, tiny_inputs
 from tools.cxx import build_c_api_test
@@ -387,12 +387,14 @@ def test_hf_family_generates_the_same_in_cxx(
     assert _streamed(steps, 2) == rows
 
 
-def test_int8_expert_inputs_generate_alike(
+def test_int8_inputs_generate_alike(
     cxx: dict[str, Path], cached_vlm: dict[str, Path], prompts: dict[int, dict[str, np.ndarray]],
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
 ) -> None:  # fmt: skip
-    """The cached model compiled with ``--expert-act-bits 8`` (the VNNI kernels, the KV cache
-    in place): both runtimes pick the same greedy tokens, for 4 rows of different lengths."""
+    """The cached model compiled with ``--expert-act-bits 8 --dense-bits 4 --dense-act-bits
+    8`` (the VNNI kernels of the experts and of the attention projections and head, the KV
+    cache in place): both runtimes pick the same greedy tokens, for 4 rows of different
+    lengths."""
     from modec.driver import CompileOptions, compile_model
     from modec.kernels import grouped_moe_a8
 
@@ -400,8 +402,10 @@ def test_int8_expert_inputs_generate_alike(
         pytest.skip("this CPU has no AVX-512 VNNI and VBMI")
     out = tmp_path_factory.mktemp("act8") / "out"
     o = CompileOptions(method="uniform", quantizer="rtn", budget=4.0, target="llvm",
-                       cache_dir=None, expert_act_bits=8)  # fmt: skip
+                       cache_dir=None, expert_act_bits=8, dense_bits=4,
+                       dense_act_bits=8)  # fmt: skip
     compile_model(cached_vlm["onnx"], cached_vlm["calib"], out, o)
+    assert read_manifest(out).sections["dense"]["act_bits"] == 8
     feeds = prompts[4]
     rows, _, _ = _generate_cxx(cxx["modec_run"], out, tmp_path, feeds, N)
     assert rows == rt.load(out).generate(feeds, max_new_tokens=N).tokens

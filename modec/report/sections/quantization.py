@@ -17,19 +17,24 @@ def render(report: Report) -> str:
     if not sec or not isinstance(sec.get("layers"), list):
         return out[0] + not_run("quantize-experts", "per-expert quantization record")
     layers: list[list[dict[str, Any]]] = sec["layers"]
-    out.append(
-        kv(
-            [
-                ("quantizer", esc(sec.get("method", "?"))),
-                ("group size", num(sec.get("group_size"))),
-                ("RTN fallbacks (experts)", num(sec.get("fallbacks"))),
-                (
-                    "expert inputs",
-                    "int8 per group (--expert-act-bits 8)" if sec.get("act_bits") else "float32",
-                ),
-            ]
-        )
-    )
+    rows = [
+        ("quantizer", esc(sec.get("method", "?"))),
+        ("group size", num(sec.get("group_size"))),
+        ("RTN fallbacks (experts)", num(sec.get("fallbacks"))),
+        (
+            "expert inputs",
+            "int8 per group (--expert-act-bits 8)" if sec.get("act_bits") else "float32",
+        ),
+    ]
+    dense = section(report, "quantize-dense")
+    if dense and isinstance(dense.get("weights"), list):  # --dense-bits
+        rows += [
+            ("dense weights",
+             f"{len(dense['weights'])} at {num(dense.get('bits'))} bits, RTN (--dense-bits)"),
+            ("dense inputs",
+             "int8 per group (--dense-act-bits 8)" if dense.get("act_bits") else "float32"),
+        ]  # fmt: skip
+    out.append(kv(rows))
     n_exp = max((len(r) for r in layers), default=0)
     loss: list[list[float | None]] = []
     marks: set[tuple[int, int]] = set()
