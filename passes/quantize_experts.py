@@ -111,7 +111,7 @@ class QuantizeExpertsPass(Pass):
             )  # fmt: skip
         else:
             hessians = ((layer, None, None) for layer in range(len(nodes)))
-        with ctx.bar(steps, "GPTQ expert projections") as bar:
+        with ctx.bar(steps, f"{self.method.upper()} expert projections") as bar:
             for layer, hs, params in hessians:
                 node = nodes[layer]
                 per_proj: dict[str, list[QuantizedWeight]] = {}
