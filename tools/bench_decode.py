@@ -3,7 +3,7 @@
     python -m tools.bench_decode [--model bundled|paper] [--work /tmp/modec-bench-decode]
         [--batches 1 8] [--new-tokens 16] [--repeats 5] [--budget 3.0] [--threads 2]
         [--layers 2] [--prompt-tokens 256] [--llama-cpp-src DIR] [--profile | --profile-only]
-        [--act8] [--no-ort] [--json PATH]
+        [--act8] [--no-ort] [--dense-only] [--json PATH]
 
 ``--model bundled`` (default), on the bundled digits-vlm (trained weights, its KV-cache
 export, `tools.digits_vlm.export`):
@@ -55,8 +55,11 @@ WORK/paper-L{layers}/:
 The repeats go round robin (repeat r of every runtime before repeat r + 1 of any), after
 one warm-up each, so that the speed drifts of a shared machine reach every runtime alike.
 ``--act8`` adds, for each ``--dense-bits`` compile, the same with ``--expert-act-bits 8``
-(int8 expert inputs, docs/expert_activations.md); ``--no-ort`` leaves onnxruntime fp32 out
-(its paper-model prompts, gathered experts in pieces of 16 rows, take minutes).
+(int8 expert inputs, docs/expert_activations.md) and with ``--expert-act-bits 8
+--dense-act-bits 8`` (int8 inputs of every quantized matmul); ``--no-ort`` leaves
+onnxruntime fp32 out (its paper-model prompts, gathered experts in pieces of 16 rows, take
+minutes); ``--dense-only`` leaves modec's fp32 and bf16 checkpoint rows out (most of a run's
+time), so that more repeats of the rest fit.
 
 ``--profile`` adds, and ``--profile-only`` prints alone, where one batch-1 decode step of
 each modec artifact spends its time, per kernel (`profile_step`).
@@ -122,7 +125,7 @@ def build_paper(
 ) -> dict[str, Any]:  # fmt: skip
     """The paper-shaped checkpoint, its modec compile and export, and the GGUFs (reused
     when present; see the module docstring). ``act8``: each dense-bits compile also with
-    ``--expert-act-bits 8``."""
+    ``--expert-act-bits 8``, and with it and ``--dense-act-bits 8``."""
     from modec import hf
     from modec.driver import CompileOptions, compile_model
     from tools import paper_checkpoint
@@ -158,6 +161,11 @@ def build_paper(
                 compile_model(d, calib, out8, replace(o, dense_bits=bits, expert_act_bits=8),
                               force=True)  # fmt: skip
             paths[f"out_dense{bits}_act8"] = out8
+            out88 = root / f"out-{budget}-dense{bits}-all8"  # and the dense matmuls' inputs
+            if not (out88 / "manifest.json").exists():
+                compile_model(d, calib, out88, replace(o, dense_bits=bits, expert_act_bits=8,
+                                                       dense_act_bits=8), force=True)  # fmt: skip
+            paths[f"out_dense{bits}_all8"] = out88
     paths["onnx"] = paths["text"] = hf.cached_export(d, cache)
     if llama_src is not None:
         f16 = root / "model-f16.gguf"
@@ -521,22 +529,26 @@ def profile_step(out: Path, prompt_tokens: int, repeats: int) -> list[dict[str, 
     return sorted(rows, key=lambda r: -r["us"])
 
 
-def _modec_variants(paths: dict[str, Any]) -> list[tuple[str, str]]:
-    """(row name, key in ``paths``) of every modec artifact built."""
-    out = [("modec", "out")]
-    if "out_bf16" in paths:
+def _modec_variants(paths: dict[str, Any], dense_only: bool = False) -> list[tuple[str, str]]:
+    """(row name, key in ``paths``) of every modec artifact built (``dense_only``: the
+    ``--dense-bits`` ones only)."""
+    out = [] if dense_only else [("modec", "out")]
+    if "out_bf16" in paths and not dense_only:
         out.append(("modec, bf16 checkpoint", "out_bf16"))
     for key in sorted(k for k in paths if k.startswith("out_dense")):
         bits, _, act8 = key[len("out_dense") :].partition("_")
-        out.append((f"modec, dense {bits}-bit" + (", int8 expert inputs" if act8 else ""), key))
+        inputs = {"": "", "act8": ", int8 expert inputs", "all8": ", int8 inputs"}[act8]
+        out.append((f"modec, dense {bits}-bit{inputs}", key))
     return out
 
 
-def print_profiles(paths: dict[str, Any], prompt: int, repeats: int) -> dict[str, Any]:
+def print_profiles(
+    paths: dict[str, Any], prompt: int, repeats: int, dense_only: bool = False
+) -> dict[str, Any]:
     """`profile_step` of each modec artifact in ``paths``, printed: time per kernel group
     and the 8 slowest kernels."""
     profiles: dict[str, Any] = {}
-    for name, key in _modec_variants(paths):
+    for name, key in _modec_variants(paths, dense_only):
         prof = profiles[name] = profile_step(paths[key], prompt, repeats)
         total = sum(r["us"] for r in prof)
         groups: dict[str, float] = {}
@@ -581,13 +593,17 @@ def main() -> None:
                     help="leave onnxruntime fp32 out (its paper prompts take minutes)")  # fmt: skip
     ap.add_argument("--act8", action="store_true",
                     help="paper: each --dense-bits compile also with --expert-act-bits 8 "
-                         "(int8 expert inputs, VNNI kernels)")  # fmt: skip
+                         "(int8 expert inputs, VNNI kernels), and with --dense-act-bits 8 "
+                         "as well")  # fmt: skip
     ap.add_argument(
         "--profile",
         action="store_true",
         help="also profile one batch-1 decode step of each modec artifact, per kernel",
     )
     ap.add_argument("--profile-only", action="store_true", help="only the profile, no timing")
+    ap.add_argument("--dense-only", action="store_true",
+                    help="paper: of modec's builds time only the --dense-bits ones (the fp32 "
+                         "and bf16 checkpoint rows take most of a run)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -601,12 +617,13 @@ def main() -> None:
         chunk = None
         paths = build(args.work, args.budget)
         make = prompts
+    variants = _modec_variants(paths, args.dense_only)
+    if not variants:
+        raise SystemExit("--dense-only: no --dense-bits build (paper model, --dense-bits B)")
     if args.profile_only:
-        print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats)
+        print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats, args.dense_only)
         return
-    runners: list[tuple[str, Any]] = [
-        (name, ModecDecoder(paths[key])) for name, key in _modec_variants(paths)
-    ]
+    runners: list[tuple[str, Any]] = [(name, ModecDecoder(paths[key])) for name, key in variants]
     if not args.no_ort:
         runners.append(("onnxruntime fp32", OrtDecoder(paths, args.threads, chunk)))
     ctx = args.prompt_tokens + n + 8
@@ -637,14 +654,9 @@ def main() -> None:
                 "decode_s": dec, "decode_tok_s": b * (n - 1) / dec, "tokens": runs[0][2],
             })  # fmt: skip
     mean_len = float(make(1)["attention_mask"].sum()) + n / 2
-    if args.model == "paper":
-        need = paper_step_bytes(paths["out"], mean_len)
-    else:
-        need = bundled_step_bytes(paths["out"], mean_len)
-    bound = bw / need["total"]
-    own = {"modec": need}
-    for name, key in _modec_variants(paths)[1:]:
-        own[name] = paper_step_bytes(paths[key], mean_len)
+    step_bytes = paper_step_bytes if args.model == "paper" else bundled_step_bytes
+    own = {name: step_bytes(paths[key], mean_len) for name, key in variants}
+    bound = bw / own[variants[0][0]]["total"]
     for kind, gguf in paths.get("ggufs", {}).items():
         own[f"llama.cpp {kind}"] = gguf_step_bytes(gguf, mean_len)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written)")
@@ -670,7 +682,7 @@ def main() -> None:
                 print(f"batch {b}: {m['runtime']} / {o['runtime']}: prefill {pre:.2f}x, decode "
                       f"{dec:.2f}x; rows with equal tokens {same}/{b}")  # fmt: skip
     profiles = (
-        print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats)
+        print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats, args.dense_only)
         if (args.profile)
         else {}
     )

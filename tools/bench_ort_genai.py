@@ -3,7 +3,7 @@
     pip install onnxruntime-genai==0.18.0     # its model builder and runtime; not a dependency
     python -m tools.bench_ort_genai [--work /tmp/modec-bench-ortgenai] [--layers 2]
         [--prompt-tokens 256] [--new-tokens 32] [--batches 1 8] [--repeats 3] [--threads 2]
-        [--json PATH]
+        [--act8] [--json PATH]
 
 onnxruntime's 4-bit path for MoE models is its ``QMoE`` op (experts) with ``MatMulNBits``
 (the other matmuls), as onnxruntime-genai's model builder writes them. That builder has no
@@ -23,11 +23,16 @@ sliding window 128 on even layers, ``--layers`` layers, vocabulary 8192. In WORK
    ``intra_op_num_threads = --threads``;
 4. ``out/``: ``modec compile hf/ --method uniform --quantizer rtn --budget 4.0
    --dense-bits 4`` (every expert and every dense projection and the head at 4 bits, group
-   128), run with ``TVM_NUM_THREADS = --threads``.
+   128), run with ``TVM_NUM_THREADS = --threads``;
+5. with ``--act8``, ``out-int8/``: the same with ``--expert-act-bits 8 --dense-act-bits 8``
+   (every quantized matmul takes int8 inputs, AVX-512 VNNI kernels; the builder's CPU
+   default gives onnxruntime's ``MatMulNBits`` int8 inputs as well: ``accuracy_level`` 4).
 
 Both generate greedily from the same ``--prompt-tokens`` random prompts at each batch size:
 prefill tokens/s (prompt tokens / the prompt's time) and decode tokens/s (the tokens after
-the first / their time), medians of ``--repeats`` after a warm-up. The bound of a batch-1
+the first / their time), medians of ``--repeats`` after a warm-up each; the repeats go round
+robin (repeat r of every runtime before repeat r + 1 of any), so that this machine's drifts
+reach every runtime alike. The bound of a batch-1
 step: the bytes it reads (top-8 of 128 experts' packed bytes, every other weight but the
 token embedding, the KV cache at the mean length: modec float32, onnxruntime-genai float32
 too) over the copy bandwidth measured in the same run (`tools.bench_decode.copy_bandwidth`).
@@ -166,7 +171,7 @@ def ort_step_bytes(path: Path, mean_len: float, layers: int) -> dict[str, float]
     return {"dense": dense, "experts_active": active, "kv": kv, "total": dense + active + kv}
 
 
-def build(work: Path, layers: int) -> dict[str, Path]:
+def build(work: Path, layers: int, act8: bool = False) -> dict[str, Path]:
     """Everything of the module docstring, reused when present."""
     import dataclasses
 
@@ -188,7 +193,17 @@ def build(work: Path, layers: int) -> dict[str, Path]:
         o = CompileOptions(method="uniform", quantizer="rtn", budget=4.0, target="llvm",
                            cache_dir=str(work / "cache"))  # fmt: skip
         compile_model(hf, calib, out, dataclasses.replace(o, dense_bits=4), force=True)
-    return {"hf": hf, "ort": ort, "out": out}
+    paths = {"hf": hf, "ort": ort, "out": out}
+    if act8:
+        out8 = work / "out-int8"
+        if not (out8 / "manifest.json").exists():
+            calib = random_calib(work / "calib.npz")
+            o = CompileOptions(method="uniform", quantizer="rtn", budget=4.0, target="llvm",
+                               cache_dir=str(work / "cache"), dense_bits=4, expert_act_bits=8,
+                               dense_act_bits=8)  # fmt: skip
+            compile_model(hf, calib, out8, o, force=True)
+        paths["out_int8"] = out8
+    return paths
 
 
 def main() -> None:
@@ -200,34 +215,42 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--act8", action="store_true",
+                    help="also modec with --expert-act-bits 8 --dense-act-bits 8")  # fmt: skip
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     from tools.bench_decode import ModecDecoder, copy_bandwidth, paper_prompts, paper_step_bytes
 
-    paths = build(Path(args.work), args.layers)
+    paths = build(Path(args.work), args.layers, args.act8)
+    ours = [("modec (4-bit experts, --dense-bits 4)", "out")]
+    if args.act8:
+        ours.append(("modec (the same, int8 inputs)", "out_int8"))
+    ort_name = "onnxruntime-genai int4 (QMoE, MatMulNBits)"
     runners: list[tuple[str, Any]] = [
-        ("modec (4-bit experts, --dense-bits 4)", ModecDecoder(paths["out"])),
-        ("onnxruntime-genai int4 (QMoE, MatMulNBits)", OrtGenaiDecoder(paths["ort"], args.threads)),
-    ]  # fmt: skip
+        *((name, ModecDecoder(paths[key])) for name, key in ours),
+        (ort_name, OrtGenaiDecoder(paths["ort"], args.threads)),
+    ]
     bw = copy_bandwidth(args.repeats, args.threads)
     n = args.new_tokens
     rows: list[dict[str, Any]] = []
     for b in args.batches:
         feeds = paper_prompts(b, args.prompt_tokens)
-        for name, fn in runners:
+        for _, fn in runners:
             fn(feeds, 4)  # warm-up
-            runs = [fn(feeds, n) for _ in range(args.repeats)]
-            pre = statistics.median(r[0] for r in runs)
-            dec = statistics.median(r[1] for r in runs)
+        timed: dict[str, list[Any]] = {name: [] for name, _ in runners}
+        for _ in range(args.repeats):  # round robin
+            for name, fn in runners:
+                timed[name].append(fn(feeds, n))
+        for name, _ in runners:
+            pre = statistics.median(r[0] for r in timed[name])
+            dec = statistics.median(r[1] for r in timed[name])
             rows.append({"runtime": name, "batch": b, "prefill_tok_s": b * args.prompt_tokens / pre,
                          "decode_tok_s": b * (n - 1) / dec})  # fmt: skip
     mean_len = args.prompt_tokens + n / 2
     share = GPTOSS["num_experts_per_tok"] / GPTOSS["num_local_experts"]
-    need = {
-        runners[0][0]: paper_step_bytes(paths["out"], mean_len, share),
-        runners[1][0]: ort_step_bytes(paths["ort"], mean_len, args.layers),
-    }
+    need = {name: paper_step_bytes(paths[key], mean_len, share) for name, key in ours}
+    need[ort_name] = ort_step_bytes(paths["ort"], mean_len, args.layers)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written)")
     print("\n| runtime | batch | prefill tokens/s | decode tokens/s | MiB read per step | "
           "decode / its bound |\n|---|---|---|---|---|---|")  # fmt: skip
@@ -237,11 +260,12 @@ def main() -> None:
         print(f"| {r['runtime']} | {r['batch']} | {r['prefill_tok_s']:.0f} | "
               f"{r['decode_tok_s']:.1f} | {nb / 2**20:.1f} | {share} |")  # fmt: skip
     for b in args.batches:
-        m, o = (next(r for r in rows if r["runtime"] == name and r["batch"] == b)
-                for name, _ in runners)  # fmt: skip
-        print(f"batch {b}: modec / onnxruntime-genai int4: prefill "
-              f"{m['prefill_tok_s'] / o['prefill_tok_s']:.2f}x, decode "
-              f"{m['decode_tok_s'] / o['decode_tok_s']:.2f}x")  # fmt: skip
+        o = next(r for r in rows if r["runtime"] == ort_name and r["batch"] == b)
+        for name, _ in ours:
+            m = next(r for r in rows if r["runtime"] == name and r["batch"] == b)
+            print(f"batch {b}: {name} / onnxruntime-genai int4: prefill "
+                  f"{m['prefill_tok_s'] / o['prefill_tok_s']:.2f}x, decode "
+                  f"{m['decode_tok_s'] / o['decode_tok_s']:.2f}x")  # fmt: skip
     if args.json:
         doc = {"bandwidth_bytes_s": bw, "step_bytes": need, "rows": rows, "args": vars(args)}
         Path(args.json).write_text(json.dumps(doc, indent=1))
