@@ -319,6 +319,17 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
                             mi, ri * LANES + lane
                         ]
 
+    @T.macro
+    def span(
+        tb: Any, e: Any, t0: Any, cnt: Any, acc: Any, isum: Any, codes: Any, xq: Any, d: Any,
+        xs: Any, scale: Any, zero: Any, y: Any,
+    ) -> None:  # fmt: skip
+        # Rows t0 .. t0 + cnt - 1 against expert e: in tiles of MT, or one at a time below.
+        if cnt >= MT:
+            tokens(MT, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+        else:
+            tokens(1, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+
     @T.prim_func(private=True, s_tir=False)
     def grouped(
         var_xq: T.handle,
@@ -341,11 +352,7 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
             isum = T.alloc_buffer((MT, ni * LANES), "int32", scope="local")
             for e in T.serial(e_count):
                 t0 = indptr[e]
-                cnt = indptr[e + 1] - t0
-                if cnt >= MT:
-                    tokens(MT, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
-                else:
-                    tokens(1, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+                span(tb, e, t0, indptr[e + 1] - t0, acc, isum, codes, xq, d, xs, scale, zero, y)
 
     @T.prim_func(private=True, s_tir=False)
     def dense(
@@ -366,10 +373,7 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
         for tb in T.parallel(n_tiles):
             acc = T.alloc_buffer((MT, ni * LANES), "float32", scope="local")
             isum = T.alloc_buffer((MT, ni * LANES), "int32", scope="local")
-            if t >= MT:
-                tokens(MT, tb, 0, 0, t, acc, isum, codes, xq, d, xs, scale, zero, y)
-            else:
-                tokens(1, tb, 0, 0, t, acc, isum, codes, xq, d, xs, scale, zero, y)
+            span(tb, 0, 0, t, acc, isum, codes, xq, d, xs, scale, zero, y)
 
     return grouped if num_experts is not None else dense
 
