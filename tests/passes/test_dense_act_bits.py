@@ -149,6 +149,23 @@ def test_a_cpu_without_the_instructions_is_a_usage_error(tiny_vlm: dict[str, Pat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pipeline_text_asking_for_it_on_cuda_is_refused(
+    tiny_vlm: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--pipeline`` bypasses the options' preflight: the lowering refuses in one line."""
+    from modec.driver import compile_model
+
+    o = _options()
+    o = type(o)(**{**o.__dict__, "dense_bits": 0, "target": "cuda"})
+    text = ("find-moe,canonicalize-moe,find-attention,collect-routing,"
+            "allocate-bits{budget=3.0,method=uniform},"
+            "quantize-experts{method=rtn},quantize-dense{width=4,act_bits=8},"
+            "lower-tvm{target=cuda,quantized_dense=true}")  # fmt: skip
+    with pytest.raises(BadInputError, match=r"^lower-tvm: --dense-act-bits 8 is for CPU targets"):
+        compile_model(tiny_vlm["model"], tiny_vlm["calib"], tmp_path / "out", o, pipeline=text)
+    assert not (tmp_path / "out").exists()
+
+
 def test_other_widths_are_refused() -> None:
     from modec.passes.quantize_dense import QuantizeDensePass
 
