@@ -123,8 +123,6 @@ class DenseQLowering:
         self._param = new_param
         self._target = resolve_target(target)
         self._gpu = is_cuda(self._target)
-        if dense.act_bits:  # a pipeline text can ask for it anywhere: refused in one line
-            grouped_moe_a8.check_target(self._target, "--dense-act-bits 8")
         self._vars: dict[str, tuple[relax.Var, relax.Var, relax.Var]] = {}
         self._funcs: dict[tuple[Any, ...], Any] = {}
         #: an activation (the importer's expression) -> its int8 rows (XQ, D, XS)

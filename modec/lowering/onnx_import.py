@@ -82,7 +82,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from modec import kv_cache
 from modec.artifact import TensorSpec
-from modec.errors import InternalError, ModelError
+from modec.errors import InternalError, ModecError, ModelError
 from modec.frontend import ONNX_DTYPES as _ONNX_DTYPES
 from modec.lowering.shape_eval import ShapeEvaluator
 from modec.lowering.shape_ops import convert_shape_op
@@ -642,7 +642,7 @@ def import_onnx(
             # underscores; the manifest keeps the ONNX names, so the rename is not news.
             warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
             mod = importer.from_onnx(prepared.graph, _opset(prepared))
-    except ModelError:
+    except ModecError:  # a converter's own error already says what is wrong
         raise
     except Exception as exc:
         failed = importer.current
