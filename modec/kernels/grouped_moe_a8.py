@@ -93,6 +93,12 @@ def quant_primfunc(k: int, group_size: int) -> tirx.PrimFunc:
     """(X [T, K] float32) -> (XQ int8 [T, K_pad], D [T, G], XS [T, G]) in place of its last three
     arguments; see `modec.numerics.activations.quantize_rows`, which it matches exactly. In
     vectors of 16 where K is a whole number of groups of a multiple of 16, else per value."""
+    if k % group_size == 0 and group_size % LANES == 0:
+        return _quant_vectors(k, group_size)
+    return _quant_values(k, group_size)
+
+
+def _quant_values(k: int, group_size: int) -> tirx.PrimFunc:
     groups = -(-k // group_size)
     kp = groups * group_size
     short = kp != k
@@ -132,9 +138,11 @@ def quant_primfunc(k: int, group_size: int) -> tirx.PrimFunc:
                         total[0] = total[0] + T.Cast("int32", q[r, g * group_size + kk])
                     s[r, g] = T.Cast("float32", total[0])
 
-    if short or group_size % LANES:
-        return quant
-    v = LANES
+    return quant
+
+
+def _quant_vectors(k: int, group_size: int) -> tirx.PrimFunc:
+    groups, kp, v = k // group_size, k, LANES
 
     def vcode(xv: Any, step: Any) -> Any:
         """`code` of LANES values of a group whose step is > 0."""
