@@ -16,6 +16,7 @@ from modec.numerics.activations import fake_quantize
 pytest.importorskip("tvm")
 
 from modec.kernels import grouped_moe_a8
+from tests.passes.conftest import compile_int8_pair, int8_agreement
 
 needs_vnni = pytest.mark.skipif(
     not grouped_moe_a8.supports("llvm"), reason="this CPU has no AVX-512 VNNI and VBMI"
@@ -77,18 +78,11 @@ def _options(**kw: Any) -> Any:
 @pytest.fixture(scope="module")
 def outputs(tiny_vlm: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """The same dense 4-bit compile with float32 and with int8 dense inputs."""
-    from modec.driver import compile_model
-
     if not grouped_moe_a8.supports("llvm"):
         pytest.skip("this CPU has no AVX-512 VNNI and VBMI")
-    root = tmp_path_factory.mktemp("dense8")
-    outs = {}
-    for bits in (0, 8):
-        outs[bits] = root / f"act{bits}"
-        compile_model(
-            tiny_vlm["model"], tiny_vlm["calib"], outs[bits], _options(dense_act_bits=bits)
-        )
-    return outs
+    return compile_int8_pair(
+        tiny_vlm, tmp_path_factory.mktemp("dense8"), "dense_act_bits", dense_bits=4
+    )
 
 
 @needs_vnni
@@ -102,20 +96,10 @@ def test_compiled_equals_simulated_and_differs_from_float_inputs(
     within float noise of a half step can round to neighbouring codes in the artifact and in
     onnxruntime, so most samples, not every one, agree to float precision; a wrong kernel or
     a missing rounding would move them all."""
-    from modec import data
-    from modec.runners import CompiledRunner, SimulatedRunner
-
-    ds = data.load(tiny_vlm["eval"])
-    _, feeds = next(iter(ds.batches(16)))
-    a8, sim8 = CompiledRunner(outputs[8])(feeds), SimulatedRunner(outputs[8])(feeds)
-    sim32 = SimulatedRunner(outputs[0])(feeds)
-    real = feeds["attention_mask"].astype(bool)[..., None]
-    gap = np.where(real, np.abs(a8 - sim8), 0.0).max(axis=(1, 2))
-    per_sample = gap / np.where(real, np.abs(sim8), 0.0).max(axis=(1, 2))
+    per_sample, diff = int8_agreement(outputs, tiny_vlm["eval"])
     assert np.median(per_sample) <= 1e-5 and (per_sample <= 1e-5).mean() >= 0.75
     assert per_sample.max() <= 0.05
-    diff = float(np.abs(sim8 - sim32).mean())
-    assert 1e-5 * float(np.abs(sim32).mean()) < diff <= 0.05 * float(np.abs(sim32).mean())
+    assert 1e-5 < diff <= 0.05
     manifest = json.loads((outputs[8] / "manifest.json").read_text())
     manifest0 = json.loads((outputs[0] / "manifest.json").read_text())
     assert {p["name"] for p in manifest["params"]} == {p["name"] for p in manifest0["params"]}
