@@ -471,7 +471,8 @@ def profile_step(out: Path, prompt_tokens: int, repeats: int) -> list[dict[str, 
     makes in one step after a ``prompt_tokens`` prompt (the ``decode`` entry), timed around
     the call with the VM's instrument hook (TVM 0.27's Python VM has no profiler), medians
     over ``repeats`` steps. Kernels: ``modec_dense_*`` the dense projections and the head,
-    ``modec_moe_*`` the experts, ``modec_bmm_*`` attention's batched matmuls, the rest
+    ``modec_moe_*`` the experts, ``modec_bmm_*`` attention's batched matmuls,
+    ``modec_a8_quant_*`` the int8 rounding of matmul inputs, the rest
     Relax's fused element-wise, norm and softmax kernels, the cache's appends
     (``modec_kv_append_*``; cache-concat kernels where the cache is not updated in place) and
     the VM's builtins. Returns one row per callee name, slowest first."""
@@ -553,7 +554,7 @@ def print_profiles(
         total = sum(r["us"] for r in prof)
         groups: dict[str, float] = {}
         for r in prof:
-            g = next((k for k in ("modec_dense", "modec_dq", "modec_moe", "modec_bmm")
+            g = next((k for k in ("modec_dense", "modec_dq", "modec_moe", "modec_bmm", "modec_a8")
                       if r["name"].startswith(k)), "other")  # fmt: skip
             groups[g] = groups.get(g, 0.0) + r["us"]
         print(

@@ -46,6 +46,7 @@ Y       [T, N]                                    float32
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import tvm
@@ -89,6 +90,7 @@ def check_target(target: TargetLike, flag: str = "--expert-act-bits 8") -> None:
         )
 
 
+@functools.lru_cache(maxsize=64)
 def quant_primfunc(k: int, group_size: int) -> tirx.PrimFunc:
     """(X [T, K] float32) -> (XQ int8 [T, K_pad], D [T, G], XS [T, G]) in place of its last three
     arguments; see `modec.numerics.activations.quantize_rows`, which it matches exactly. In

@@ -36,6 +36,7 @@ from modec.facts import QuantizedDense
 from modec.kernels import dequant_matmul, grouped_moe_a8
 from modec.kernels.target import is_cuda, resolve_target
 from modec.lowering.dense import memory_view
+from modec.lowering.moe import int8_rows
 from modec.moe.lazy import LazyArray
 from modec.numerics.packing import pack
 
@@ -171,27 +172,6 @@ class DenseQLowering:
             self._funcs[key] = bb.add_func(func, name)
         return self._funcs[key]
 
-    def _int8_rows(self, bb: relax.BlockBuilder, x: Any, x2: Any, m: Any, k: int) -> list[Any]:
-        """(XQ, D, XS) of the activation ``x`` (seen as ``x2 [m, k]``), computed once."""
-        if x not in self._rounded:
-            gs = self.dense.group_size
-            key = ("a8_quant", k, gs)
-            if key not in self._funcs:
-                func = grouped_moe_a8.quant_primfunc(k, gs)
-                name = f"modec_dq_a8_quant_k{k}_g{gs}"
-                self._funcs[key] = bb.add_func(func.with_attr("global_symbol", name), name)
-            groups = -(-k // gs)
-            res = bb.emit(
-                relax.call_tir(
-                    self._funcs[key], [x2],
-                    [relax.TensorType([m, groups * gs], "int8"),
-                     relax.TensorType([m, groups], "float32"),
-                     relax.TensorType([m, groups], "float32")],
-                )
-            )  # fmt: skip
-            self._rounded[x] = [bb.emit(relax.TupleGetItem(res, i)) for i in range(3)]
-        return self._rounded[x]
-
     def convert(self, bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]) -> Any:
         """The Relax expression of one ``DenseQ`` node: ``x · dequant(W)ᵀ``."""
         name = attrs["weight"]
@@ -208,7 +188,9 @@ class DenseQLowering:
         m = tvm.sym.Analyzer().simplify(m)
         x2 = bb.emit(memory_view(x, [m, k]))
         if int(attrs.get("act_bits", 0)):
-            rows = self._int8_rows(bb, x, x2, m, k)
+            if x not in self._rounded:  # once per activation: q, k and v share theirs
+                self._rounded[x] = int8_rows(bb, x2, m, k, self.dense.group_size)
+            rows = self._rounded[x]
             y = bb.emit(
                 relax.call_tir(
                     self._kernel_a8(bb, qw), [*rows, codes, scale, zero],

@@ -180,21 +180,6 @@ class MoELowering:
 
         return self._func(bb, key, make, name)
 
-    def _quantize_rows(self, bb: relax.BlockBuilder, x: Any, rows: Any, k: int, gs: int) -> Any:
-        """(XQ, D, XS) of the expert input ``x [rows, k]``: int8 per group of ``gs``."""
-        name = f"modec_moe_a8_quant_k{k}_g{gs}"
-        gv = self._func(bb, ("a8_quant", k, gs), lambda: grouped_moe_a8.quant_primfunc(k, gs), name)
-        groups = -(-k // gs)
-        res = bb.emit(
-            relax.call_tir(
-                gv, [x],
-                [relax.TensorType([rows, groups * gs], "int8"),
-                 relax.TensorType([rows, groups], "float32"),
-                 relax.TensorType([rows, groups], "float32")],
-            )
-        )  # fmt: skip
-        return [bb.emit(relax.TupleGetItem(res, i)) for i in range(3)]
-
     # ------------------------------------------------------------------ converter
 
     def convert(self, bb: relax.BlockBuilder, inputs: list[Any], attrs: dict[str, Any]) -> Any:
@@ -356,7 +341,7 @@ class MoELowering:
                             f"experts are packed in groups of {gs}; quantize-experts sets both"
                         )
                     if id(inp) not in quantized:  # up and gate share their input
-                        quantized[id(inp)] = self._quantize_rows(bb, inp, rows, pw.k, gs)
+                        quantized[id(inp)] = int8_rows(bb, inp, rows, pw.k, gs)
                     args = [*quantized[id(inp)], *weights_]
                     gv = self._grouped_a8(bb, pw, len(g.experts))
                 else:
@@ -402,6 +387,26 @@ class MoELowering:
             gate = linear("expert_gate", p.shared_expert_gate)
             s = bb.emit(relax.op.multiply(s, relax.op.sigmoid(gate)))
         return s
+
+
+def int8_rows(bb: relax.BlockBuilder, x: Any, rows: Any, k: int, gs: int) -> list[Any]:
+    """(XQ, D, XS) of ``x [rows, k]``: int8 per group of ``gs``
+    (`modec.kernels.grouped_moe_a8.quant_primfunc`), for the expert inputs and the dense
+    matmuls' (`modec.lowering.dense_quant`) alike: one kernel per (k, gs) in the module, as
+    the block builder returns the GlobalVar of a structurally equal function."""
+    name = f"modec_a8_quant_k{k}_g{gs}"
+    func = grouped_moe_a8.quant_primfunc(k, gs)
+    func = func.with_attr("global_symbol", name).with_attr("op_pattern", 8)
+    groups = -(-k // gs)
+    res = bb.emit(
+        relax.call_tir(
+            bb.add_func(func, name), [x],
+            [relax.TensorType([rows, groups * gs], "int8"),
+             relax.TensorType([rows, groups], "float32"),
+             relax.TensorType([rows, groups], "float32")],
+        )
+    )  # fmt: skip
+    return [bb.emit(relax.TupleGetItem(res, i)) for i in range(3)]
 
 
 def _activation(
