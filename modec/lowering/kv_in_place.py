@@ -125,7 +125,8 @@ class _InPlace(relax.PyExprMutator):
     def _kernel(self, dtype: str) -> Any:
         if dtype not in self.kernels:
             name = f"{KV_APPEND}_{dtype}"
-            func = _append(dtype).with_attr("global_symbol", name)
+            # kOpaque: FuseOps must not fuse the in-place append with its producers
+            func = _append(dtype).with_attr("global_symbol", name).with_attr("op_pattern", 8)
             self.kernels[dtype] = self.builder_.add_func(func, name)
         return self.kernels[dtype]
 

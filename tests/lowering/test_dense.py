@@ -134,6 +134,62 @@ def test_all_matmuls_scheduled(lowered: tuple[DenseModule, object]) -> None:
     assert dm.outputs[0].shape == ("B", "T", CFG.vocab)
 
 
+def _kernel_calls(ex: object) -> list[str]:
+    """The callees of ``main``'s VM code that are kernels (not VM builtins)."""
+    text = relax.VMExecutable(ex).as_text()
+    body = text.split("@main:", 1)[1].split("\n@", 1)[0]
+    calls = [line.split()[1] for line in body.splitlines() if line.strip().startswith("call ")]
+    return [c for c in calls if not c.startswith(("vm.builtin.", "runtime."))]
+
+
+def test_cpu_pipeline_fuses_element_wise_chains(lowered: tuple[DenseModule, object]) -> None:
+    # TVM's CPU pipeline (FuseOps/FuseTIR): each LayerNorm is one kernel, not its five
+    # element-wise and reduction steps; modec's own kernels stay as they are.
+    dm, ex = lowered
+    kernels = _kernel_calls(ex)
+    fused = [k for k in kernels if k.startswith("fused_")]
+    assert fused, kernels
+    assert sum(k.startswith("modec_dense_") for k in kernels) == 2 * 6 + 1
+    assert not any(k.startswith("fused_") and "modec_" in k for k in kernels)
+    plain = relax.get_pipeline("default")  # TVM's pipeline without fusion, for the count
+    with tvm.target.Target("llvm"):
+        unfused = tvm.compile(dm.mod, target="llvm", relax_pipeline=plain)
+    assert len(kernels) < len(_kernel_calls(unfused))
+
+
+def test_prim_value_callees_stay_out_of_fusion() -> None:
+    # A call_tir passing a Relax scalar: FuseTIR (TVM 0.27) fails on such a group, so its
+    # callee is marked opaque; a callee of tensors only is left to FuseOps.
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+    from tvm.script import tirx as T
+
+    from modec.lowering.dense import opaque_prim_value_callees
+
+    @I.ir_module
+    class Mod:
+        @T.prim_func(private=True)
+        def fill(p: T.int64, out: T.Buffer((T.int64(4),), "int64")) -> None:
+            for i in range(T.int64(4)):
+                out[i] = p + i
+
+        @T.prim_func(private=True)
+        def twice(x: T.Buffer((T.int64(4),), "int64"), out: T.Buffer((T.int64(4),), "int64")):
+            for i in range(T.int64(4)):
+                out[i] = x[i] * T.int64(2)
+
+        @R.function
+        def main(p: R.Prim("int64")) -> R.Tensor((4,), "int64"):
+            cls = Mod
+            a = R.call_tir(cls.fill, (p,), out_ty=R.Tensor((4,), "int64"))
+            b = R.call_tir(cls.twice, (a,), out_ty=R.Tensor((4,), "int64"))
+            return b
+
+    out = opaque_prim_value_callees(relax.transform.AnnotateTIROpPattern()(Mod))
+    assert int(out["fill"].attrs["op_pattern"]) == 8
+    assert int(out["twice"].attrs["op_pattern"]) != 8
+
+
 @pytest.mark.parametrize(("batch", "seq"), [(1, 1), (2, 5), (3, 17), (1, 64)])
 def test_vm_matches_onnxruntime(
     tiny: onnx.ModelProto, lowered: tuple[DenseModule, object], batch: int, seq: int
