@@ -19,9 +19,11 @@ The flow, in numbered phases:
    Attention's scores ``q · permute(k)`` read the keys as stored (`matmul_nt_primfunc`,
    counter ``matmul_keys_as_stored``; a static, even head dimension): no transposed copy
    of the key cache is made at each decode step.
-   Softmax, LayerNorm and element-wise ops stay with the default legalization; at these
-   sizes they are not the bottleneck (see docs/artifact.md, "Performance").
-4. `compile_module`: `tvm.compile` with the default Relax pipeline.
+   Softmax, LayerNorm and element-wise ops stay with the default legalization, fused into
+   one kernel per chain by FuseOps/FuseTIR at compile time; at these sizes they are not
+   the bottleneck (see docs/artifact.md, "Performance").
+4. `compile_module`: `tvm.compile` with the target's default Relax pipeline (on CPU
+   TVM's ``cpu_generic`` one, which fuses; `_relax_pipeline`).
 
 The calling convention of the compiled ``main`` is ``main(*inputs, *params)``: the model
 inputs in ONNX order, then the weights in `DenseModule.params` order.
@@ -588,6 +590,7 @@ def _check_params(dm: DenseModule, after: str) -> None:
 def compile_module(dm: DenseModule, target: TargetLike = "llvm") -> Any:
     """Phase 4: compile the module with `tvm.compile`; returns the VM executable.
 
+    On CPU the Relax pipeline is TVM's CPU one with operator fusion (`_relax_pipeline`).
     For a CUDA target TVM's CUDA pipeline dispatches sort/top-k to its GPU kernels, then
     legalizes and gives every PrimFunc not marked ``tirx.is_scheduled`` dlight's GPU default
     schedule (build only: there is no GPU on the build machine).
@@ -658,8 +661,9 @@ def opaque_prim_value_callees(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
             _Find().visit_expr(func)
+    out = mod.clone()  # the input module is left as it is
     for gv in callees:
         func = mod[gv]
         if isinstance(func, tvm.tirx.PrimFunc):
-            mod[gv] = func.with_attr("op_pattern", 8)  # kOpaque
-    return mod
+            out[gv] = func.with_attr("op_pattern", 8)  # kOpaque
+    return out

@@ -185,9 +185,11 @@ def test_prim_value_callees_stay_out_of_fusion() -> None:
             b = R.call_tir(cls.twice, (a,), out_ty=R.Tensor((4,), "int64"))
             return b
 
-    out = opaque_prim_value_callees(relax.transform.AnnotateTIROpPattern()(Mod))
+    annotated = relax.transform.AnnotateTIROpPattern()(Mod)
+    out = opaque_prim_value_callees(annotated)
     assert int(out["fill"].attrs["op_pattern"]) == 8
     assert int(out["twice"].attrs["op_pattern"]) != 8
+    assert int(annotated["fill"].attrs["op_pattern"]) != 8  # the input module unchanged
 
 
 @pytest.mark.parametrize(("batch", "seq"), [(1, 1), (2, 5), (3, 17), (1, 64)])
