@@ -617,6 +617,8 @@ def _relax_pipeline(tgt: Any) -> Any:
     TVM emits the VM shape function in hash-map order, which varies between processes; the
     extra pass makes the library bytes depend on the model only (`modec.lowering.determinism`).
     """
+    from modec.lowering.cpu_schedule import parallel_rows
+    from modec.lowering.decode_entry import DECODE
     from modec.lowering.determinism import canonical_shape_funcs
 
     if not is_cuda(tgt):
@@ -627,6 +629,7 @@ def _relax_pipeline(tgt: Any) -> Any:
         passes = (
             cpu.library_dispatch_passes(tgt)
             + legalize[:fuse_at] + [opaque_prim_value_callees] + legalize[fuse_at:]
+            + [parallel_rows(serial_in=(DECODE,))]
             + cpu.dataflow_lower_passes(tgt)
             + cpu.finalize_passes(tgt)
         )  # fmt: skip
