@@ -65,6 +65,11 @@ FEATURES = ("avx512vnni", "avx512vbmi")
 NI = 4
 #: Tokens per register tile when an expert has at least that many.
 MT = 4
+#: Row blocks per register tile of MT tokens (the tile loops over a thread's NI blocks).
+#: One: MT x 16 lanes of int32 sums and as many float32 accumulators stay in registers.
+#: Four, the thread tile, took 1.4-1.6x longer in the grouped kernel at a 256-token
+#: prefill (docs/performance.md); the one-token path keeps NI blocks per step.
+NT = 1
 #: Codes per 32-bit lane of one `vpdpbusd`.
 QUAD = 4
 
@@ -278,27 +283,28 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
 
     @T.macro
     def tokens(
-        mt: int, tb: Any, e: Any, t0: Any, cnt: Any, acc: Any, isum: Any, codes: Any, xq: Any,
-        d: Any, xs: Any, scale: Any, zero: Any, y: Any,
+        mt: int, nt: int, tb: Any, e: Any, t0: Any, cnt: Any, acc: Any, isum: Any, codes: Any,
+        xq: Any, d: Any, xs: Any, scale: Any, zero: Any, y: Any,
     ) -> None:  # fmt: skip
         # Tokens t0 + tt·mt + mi of expert e (the last one repeated to fill a tile; only the
-        # real ones are written) against row blocks tb·ni .. tb·ni + ni - 1.
-        for tt in T.serial((cnt + (mt - 1)) // mt):
-            for mi, ri, lane in T.grid(mt, ni, LANES):
+        # real ones are written) against row blocks tb·ni .. tb·ni + ni - 1, nt at a time:
+        # all token tiles against one group of nt row blocks, then the next group.
+        for rs, tt in T.grid(ni // nt, (cnt + (mt - 1)) // mt):
+            for mi, ri, lane in T.grid(mt, nt, LANES):
                 acc[mi, ri * LANES + lane] = T.float32(0)
             for g in T.serial(groups):
-                for mi, ri in T.grid(mt, ni):
+                for mi, ri in T.grid(mt, nt):
                     isum[mi, T.Ramp(ri * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
                 for blk in T.serial(kblocks):
                     for quad in T.unroll(quads):
-                        for ri in T.unroll(ni):
+                        for ri in T.unroll(nt):
                             for mi in T.unroll(mt):
                                 isum[mi, T.Ramp(ri * LANES, 1, LANES)] = _dpbusd(
                                     isum[mi, T.Ramp(ri * LANES, 1, LANES)],
                                     unpack(
                                         codes,
                                         e,
-                                        T.min(tb * ni + ri, nb - 1),
+                                        T.min(tb * ni + rs * nt + ri, nb - 1),
                                         g * kblocks + blk,
                                         quad,
                                     ),
@@ -312,20 +318,26 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
                                         ],
                                     ),
                                 )
-                for mi, ri in T.grid(mt, ni):
+                for mi, ri in T.grid(mt, nt):
                     for lane in T.vectorized(LANES):
                         acc[mi, ri * LANES + lane] = acc[mi, ri * LANES + lane] + (
                             T.Cast("float32", isum[mi, ri * LANES + lane])
-                            - T.Cast("float32", _at(zero, e, T.min(tb * ni + ri, nb - 1), g, lane))
+                            - T.Cast(
+                                "float32",
+                                _at(zero, e, T.min(tb * ni + rs * nt + ri, nb - 1), g, lane),
+                            )
                             * xs[t0 + T.min(tt * mt + mi, cnt - 1), g]
                         ) * (
-                            T.Cast("float32", _at(scale, e, T.min(tb * ni + ri, nb - 1), g, lane))
+                            T.Cast(
+                                "float32",
+                                _at(scale, e, T.min(tb * ni + rs * nt + ri, nb - 1), g, lane),
+                            )
                             * d[t0 + T.min(tt * mt + mi, cnt - 1), g]
                         )
-            for mi, ri, lane in T.grid(mt, ni, LANES):
+            for mi, ri, lane in T.grid(mt, nt, LANES):
                 if tt * mt + mi < cnt:  # noqa: SIM102 (TVMScript keeps nested ifs)
-                    if (tb * ni + ri) * LANES + lane < n:
-                        y[t0 + tt * mt + mi, (tb * ni + ri) * LANES + lane] = acc[
+                    if (tb * ni + rs * nt + ri) * LANES + lane < n:
+                        y[t0 + tt * mt + mi, (tb * ni + rs * nt + ri) * LANES + lane] = acc[
                             mi, ri * LANES + lane
                         ]
 
@@ -336,9 +348,9 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
     ) -> None:  # fmt: skip
         # Rows t0 .. t0 + cnt - 1 against expert e: in tiles of MT, or one at a time below.
         if cnt >= MT:
-            tokens(MT, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+            tokens(MT, NT, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
         else:
-            tokens(1, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+            tokens(1, ni, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
 
     @T.prim_func(private=True, s_tir=False)
     def grouped(
