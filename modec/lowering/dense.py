@@ -46,7 +46,12 @@ from tvm.relax import expr_functor
 from modec.errors import InternalError
 from modec.kernels.target import TargetLike, is_cuda, resolve_target
 from modec.lowering.kv_in_place import KV_APPEND
-from modec.lowering.matmul_kernels import matmul_nt_primfunc, matmul_primfunc, nt_supported
+from modec.lowering.matmul_kernels import (
+    matmul_nt_packed_primfunc,
+    matmul_nt_primfunc,
+    matmul_primfunc,
+    nt_supported,
+)
 from modec.lowering.onnx_import import DenseModule, OpConverter, import_onnx, static_extent
 from modec.moe.lazy import LazyArray
 
@@ -97,10 +102,16 @@ class _MatmulRewriter(relax.PyExprMutator):
                                                    prefix=prefix))  # fmt: skip
 
     def _nt_kernel(self, m: int | None, n: int | None, k: int, prefix: bool = False) -> Any:
-        """The ``A · Bᵀ`` kernel (`matmul_nt_primfunc`): scores on keys as stored."""
-        name = f"modec_bmmnt_{_dims(m, n, k)}{'_prefix' if prefix else ''}"
+        """The ``A · Bᵀ`` kernel: scores on keys as stored. On a cache read in place (a
+        decode step's few query rows) `matmul_nt_primfunc`; on the keys of the call (a
+        prompt's scores, every query row) `matmul_nt_packed_primfunc`."""
+        if prefix:
+            name = f"modec_bmmnt_{_dims(m, n, k)}_prefix"
+            return self._added(("nt", m, n, k, prefix), name,
+                               lambda: matmul_nt_primfunc(m, n, k, prefix=True))  # fmt: skip
+        name = f"modec_bmmnt_{_dims(m, n, k)}"
         return self._added(("nt", m, n, k, prefix), name,
-                           lambda: matmul_nt_primfunc(m, n, k, prefix=prefix))  # fmt: skip
+                           lambda: matmul_nt_packed_primfunc(m, n, k))  # fmt: skip
 
     def _added(self, key: tuple[Any, ...], name: str, make: Callable[[], Any]) -> Any:
         """The kernel of ``key``, added to the module as ``name`` the first time."""

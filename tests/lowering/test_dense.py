@@ -18,7 +18,11 @@ from modec.lowering.dense import (  # noqa: E402
     import_onnx,
     lower_dense,
 )
-from modec.lowering.matmul_kernels import matmul_nt_primfunc, matmul_primfunc  # noqa: E402
+from modec.lowering.matmul_kernels import (  # noqa: E402
+    matmul_nt_packed_primfunc,
+    matmul_nt_primfunc,
+    matmul_primfunc,
+)
 from modec.lowering.tiny_model import TinyConfig, build_tiny_decoder, tiny_inputs  # noqa: E402
 
 CFG = TinyConfig()
@@ -76,22 +80,31 @@ def test_matmul_kernel_matches_numpy(
         (None, None, 4, (4, 3, 9)),  # one vector of K: products, no reduction loop
         (None, None, 24, (2, 3, 6)),  # 24 = 6 vectors of 4
         (2, None, 6, (2, 2, 5)),  # K not a multiple of 4: vectors of 2 lanes
+        (None, None, 128, (2, 37, 70)),  # a prompt: row and key tiles with partial ends
+        (None, 40, 16, (2, 9, 40)),  # static N of 2.5 vectors (3 per key block)
     ],
 )
+@pytest.mark.parametrize("packed", [False, True])
 def test_keys_as_stored_kernel_matches_numpy(
-    m: int | None, n: int | None, k: int, shape: tuple[int, int, int]
+    m: int | None, n: int | None, k: int, shape: tuple[int, int, int], packed: bool
 ) -> None:
-    """``A · Bᵀ`` on B as stored (attention's scores without a transposed key copy)."""
+    """``A · Bᵀ`` on B as stored (attention's scores without a transposed key copy): the
+    decode kernel (vectors along K) and the prompt's (key blocks copied transposed), which
+    gives the decode kernel's bytes."""
     rng = np.random.default_rng(0)
-    func = matmul_nt_primfunc(m, n, k).with_attr("global_symbol", "main")
-    ex = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
     b, mm, nn = shape
     a = rng.standard_normal((b, mm, k), dtype=np.float32)
     w = rng.standard_normal((b, nn, k), dtype=np.float32)
     ref = a @ w.transpose(0, 2, 1)
-    y = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype=np.float32))
-    ex(tvm.runtime.tensor(a), tvm.runtime.tensor(w), y)
-    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+    outs = []
+    for make in (matmul_nt_primfunc, matmul_nt_packed_primfunc)[: 1 + packed]:
+        func = make(m, n, k).with_attr("global_symbol", "main")
+        ex = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+        y = tvm.runtime.tensor(np.full(ref.shape, np.nan, dtype=np.float32))
+        ex(tvm.runtime.tensor(a), tvm.runtime.tensor(w), y)
+        outs.append(y.numpy())
+    np.testing.assert_allclose(outs[-1], ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(outs[-1], outs[0])
 
 
 @pytest.mark.parametrize("n", [1, 5, 13])
@@ -118,8 +131,9 @@ def test_kernels_read_a_prefix_of_the_cache(n: int) -> None:
 
 
 def test_keys_as_stored_kernel_refuses_an_odd_k() -> None:
-    with pytest.raises(ValueError, match="even K"):
-        matmul_nt_primfunc(None, None, 3)
+    for make in (matmul_nt_primfunc, matmul_nt_packed_primfunc):
+        with pytest.raises(ValueError, match="even K"):
+            make(None, None, 3)
 
 
 def test_all_matmuls_scheduled(lowered: tuple[DenseModule, object]) -> None:
