@@ -3,7 +3,7 @@
 TVM 0.27's CPU pipeline (``relax.backend.cpu_generic``) legalizes and fuses these operators
 but schedules none of them: each is a serial loop nest on one core, whatever the machine
 has. In a 256-token prefill of the paper-shaped decoder the attention softmax alone took
-~20 ms a layer, a serial ``expf`` over 2 M scores (docs/performance.md). modec's own
+~15 ms a layer, a serial ``expf`` over 2 M scores (docs/performance.md). modec's own
 kernels (matmuls, experts, attention products) are parallel already and are left alone.
 
 `parallel_rows` (a module pass after FuseTIR, `modec.lowering.dense._relax_pipeline`)
@@ -19,7 +19,9 @@ gives each such PrimFunc rows over the cores:
 Each element is computed by the same expression in the same order as before (a reduction
 stays serial along its row), so the outputs are bit-identical; only the rows are spread.
 A kernel the schedule cannot normalize (dlight's `normalize_prim_func`: extern calls,
-opaque blocks) is left as it was.
+opaque blocks) is left as it was. The Relax functions named in ``serial_in`` (the decode
+entry) call serial copies: a decode step's kernels are a row or a few, smaller than what a
+launch on the thread pool costs.
 """
 
 from __future__ import annotations

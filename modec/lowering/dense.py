@@ -19,11 +19,14 @@ The flow, in numbered phases:
    Attention's scores ``q · permute(k)`` read the keys as stored (`matmul_nt_primfunc`,
    counter ``matmul_keys_as_stored``; a static, even head dimension): no transposed copy
    of the key cache is made at each decode step.
+   A prompt's scores (keys passed in, not read from a cache) use
+   `matmul_nt_packed_primfunc`, bit-identical and faster over many query rows.
    Softmax, LayerNorm and element-wise ops stay with the default legalization, fused into
-   one kernel per chain by FuseOps/FuseTIR at compile time; at these sizes they are not
-   the bottleneck (see docs/artifact.md, "Performance").
+   one kernel per chain by FuseOps/FuseTIR at compile time, their rows then run in
+   parallel (`modec.lowering.cpu_schedule`; serial in the decode entry).
 4. `compile_module`: `tvm.compile` with the target's default Relax pipeline (on CPU
-   TVM's ``cpu_generic`` one, which fuses; `_relax_pipeline`).
+   TVM's ``cpu_generic`` one, which fuses, with `parallel_rows` after FuseTIR;
+   `_relax_pipeline`).
 
 The calling convention of the compiled ``main`` is ``main(*inputs, *params)``: the model
 inputs in ONNX order, then the weights in `DenseModule.params` order.
@@ -621,7 +624,9 @@ def _relax_pipeline(tgt: Any) -> Any:
 
     On CPU that is TVM's CPU pipeline (``relax.backend.cpu_generic``: legalize, then fuse
     the element-wise, norm and softmax chains into one kernel each with FuseOps/FuseTIR,
-    then lower to the VM) with `opaque_prim_value_callees` before the fusion. Without
+    then lower to the VM) with `opaque_prim_value_callees` before the fusion and
+    `modec.lowering.cpu_schedule.parallel_rows` after it (the decode entry keeps serial
+    copies of the kernels it schedules). Without
     fusion (the plain ``default`` pipeline) a decode step of a 2-layer model makes ~200
     kernel calls and ~1,200 VM builtin calls instead of ~100 and ~750.
 
