@@ -167,6 +167,45 @@ def _rows(extent: Any, prefix: bool) -> Any:
     return tirx.Var("c", "int64") if prefix else extent
 
 
+def _nt_operands(
+    who: str, m: int | None, n: int | None, k: int, dtype: str, tiles: tuple[int, int],
+    prefix: bool,
+) -> tuple[int, tuple[Any, Any, Any], tuple[Any, Any, Any], Any, Any, Any]:  # fmt: skip
+    """What both ``A · Bᵀ`` kernels start from: the lanes L of the reduction along K, the
+    row and key extents (each with its padded extent and clamping index map, for
+    ``tiles``), the batch variable and the placeholders A and B.
+
+    Raises:
+        ValueError: an odd K (``who`` names the kernel).
+    """
+    if not nt_supported(k):
+        raise ValueError(f"{who} needs an even K; got {k}")
+    vl = next(v for v in (NT_LANES, 2) if k % v == 0)
+    mm: Any = m if m is not None else tirx.Var("m", "int64")
+    nn: Any = n if n is not None else tirx.Var("n", "int64")
+    bb = tirx.Var("b", "int64")
+    a = te.placeholder((bb, mm, k), dtype, name="A")
+    w = te.placeholder((bb, _rows(nn, prefix), k), dtype, name="B")
+    return vl, (mm, *_padded(mm, tiles[0])), (nn, *_padded(nn, tiles[1])), bb, a, w
+
+
+def _register_tile(sch: Any, at: Any, reduces: bool) -> None:
+    """Block ``acc`` of an ``A · Bᵀ`` kernel computed at loop ``at`` as a register tile: its
+    three spatial loops there (made by compute_at) unrolled, unrolled and vectorized, the
+    reduction over K (where ``reduces``) outside them."""
+    acc = sch.get_sblock("acc")
+    sch.compute_at(acc, at)
+    if reduces:
+        *tile, red = sch.get_loops(acc)[-4:]
+        sch.reorder(red, *tile)
+    else:
+        tile = sch.get_loops(acc)[-3:]
+    sch.set_scope(acc, 0, "local")
+    sch.unroll(tile[0])
+    sch.unroll(tile[1])
+    sch.vectorize(tile[2])
+
+
 @functools.lru_cache(maxsize=64)
 def matmul_nt_primfunc(
     m: int | None, n: int | None, k: int, dtype: str = "float32", prefix: bool = False
@@ -191,16 +230,9 @@ def matmul_nt_primfunc(
     Returns:
         A scheduled PrimFunc ``(A, B, Y)`` (attribute ``global_symbol`` unset).
     """
-    if not nt_supported(k):
-        raise ValueError(f"matmul_nt_primfunc needs an even K; got {k}")
-    vl = next(v for v in (NT_LANES, 2) if k % v == 0)
-    mm: Any = m if m is not None else tirx.Var("m", "int64")
-    nn: Any = n if n is not None else tirx.Var("n", "int64")
-    m_pad, row = _padded(mm, MT)
-    n_pad, col = _padded(nn, NT_ROWS)
-    bb = tirx.Var("b", "int64")
-    a = te.placeholder((bb, mm, k), dtype, name="A")
-    w = te.placeholder((bb, _rows(nn, prefix), k), dtype, name="B")
+    vl, (mm, m_pad, row), (nn, n_pad, col), bb, a, w = _nt_operands(
+        "matmul_nt_primfunc", m, n, k, dtype, (MT, NT_ROWS), prefix
+    )
     if k > vl:
         ko = te.reduce_axis((0, k // vl), name="ko")
         lanes = te.compute(
@@ -227,17 +259,7 @@ def matmul_nt_primfunc(
     io, ii = sch.split(i, [None, MT])
     jo, ji = sch.split(j, [None, NT_ROWS])
     sch.reorder(b, io, jo, ii, ji)
-    acc = sch.get_sblock("acc")
-    sch.compute_at(acc, jo)
-    if k > vl:  # compute_at made (i, j, lane, ko): ko goes outside the tile
-        ai, aj, av, ar = sch.get_loops(acc)[-4:]
-        sch.reorder(ar, ai, aj, av)
-    else:
-        ai, aj, av = sch.get_loops(acc)[-3:]
-    sch.set_scope(acc, 0, "local")
-    sch.unroll(ai)
-    sch.unroll(aj)
-    sch.vectorize(av)
+    _register_tile(sch, jo, k > vl)  # (i, j, lane): the lanes in a vector
     # The accumulators' zeroing stays in the block (``if ko == 0``): decompose_reduction
     # cannot split it off once Y's loop nest shares the tile loop.
     sch.parallel(sch.fuse(b, io, jo))
@@ -273,16 +295,9 @@ def matmul_nt_packed_primfunc(
     each, so a tile is copied once. M and N may be symbolic (padded with clamped reads, as
     in `matmul_primfunc`); K is static and even.
     """
-    if not nt_supported(k):
-        raise ValueError(f"matmul_nt_packed_primfunc needs an even K; got {k}")
-    vl = next(v for v in (NT_LANES, 2) if k % v == 0)
-    mm: Any = m if m is not None else tirx.Var("m", "int64")
-    nn: Any = n if n is not None else tirx.Var("n", "int64")
-    m_pad, row = _padded(mm, PACKED_MT)
-    n_pad, col = _padded(nn, VL)
-    bb = tirx.Var("b", "int64")
-    a = te.placeholder((bb, mm, k), dtype, name="A")
-    w = te.placeholder((bb, nn, k), dtype, name="B")
+    vl, (mm, m_pad, row), (nn, n_pad, col), bb, a, w = _nt_operands(
+        "matmul_nt_packed_primfunc", m, n, k, dtype, (PACKED_MT, VL), False
+    )
     wt = te.compute((bb, k, n_pad), lambda b, r, j: w[b, col(j), r], name="BT")
     # Partial sums [b, i, lane, j]: the keys innermost, one vector per (row, lane).
     if k > vl:
@@ -308,17 +323,7 @@ def matmul_nt_packed_primfunc(
     io, ii = sch.split(i, [None, PACKED_MT])
     jo, ji = sch.split(j, [None, VL])
     sch.reorder(b, jo, io, ii, ji)  # key blocks outside the rows: one copy each
-    acc = sch.get_sblock("acc")
-    sch.compute_at(acc, io)
-    if k > vl:  # (i, lane, j, ko): ko outside the tile
-        ai, av, aj, ar = sch.get_loops(acc)[-4:]
-        sch.reorder(ar, ai, av, aj)
-    else:
-        ai, av, aj = sch.get_loops(acc)[-3:]
-    sch.set_scope(acc, 0, "local")
-    sch.unroll(ai)
-    sch.unroll(av)
-    sch.vectorize(aj)
+    _register_tile(sch, io, k > vl)  # (i, lane, j): the keys in a vector
     packed = sch.get_sblock("BT")
     sch.compute_at(packed, jo)
     sch.set_scope(packed, 0, "local")
