@@ -279,6 +279,7 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
     kblocks = gs // BLOCK
     quads = BLOCK // QUAD
     e_count = num_experts or 1
+    nt = NT if ni % NT == 0 else 1  # whole groups of row blocks per thread tile
     unpack = _unpacker(bits)
 
     @T.macro
@@ -348,7 +349,7 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
     ) -> None:  # fmt: skip
         # Rows t0 .. t0 + cnt - 1 against expert e: in tiles of MT, or one at a time below.
         if cnt >= MT:
-            tokens(MT, NT, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+            tokens(MT, nt, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
         else:
             tokens(1, ni, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
 
