@@ -81,7 +81,7 @@ def test_matmul_kernel_matches_numpy(
         (None, None, 24, (2, 3, 6)),  # 24 = 6 vectors of 4
         (2, None, 6, (2, 2, 5)),  # K not a multiple of 4: vectors of 2 lanes
         (None, None, 128, (2, 37, 70)),  # a prompt: row and key tiles with partial ends
-        (None, 40, 16, (2, 9, 40)),  # static N of 2.5 vectors (3 per key block)
+        (None, 40, 16, (2, 9, 40)),  # static N of 2.5 vectors: a partial last key block
     ],
 )
 @pytest.mark.parametrize("packed", [False, True])
