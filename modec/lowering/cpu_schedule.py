@@ -45,21 +45,24 @@ def _has_parallel_loop(sch: s_tir.Schedule, infos: list[Any]) -> bool:
     )
 
 
-def _lead(info: Any) -> list[Any]:
-    """The block's leading spatial iterations that make its rows: every spatial one before
-    the first reduction, or all but the innermost where the block has no reduction."""
+def _spatial_prefix(info: Any, keep_innermost: bool) -> list[Any]:
+    """The block's spatial iterations before its first reduction (without one: all of
+    them, or all but the innermost unless ``keep_innermost``); none where an iteration
+    among them is not spatial."""
     kinds = [it.kind for it in info.iters]
-    n = kinds.index("R") if "R" in kinds else len(kinds) - 1
-    if any(k != "S" for k in kinds[:n]):
-        n = 0
-    return list(info.iters[:n])
+    n = kinds.index("R") if "R" in kinds else len(kinds) - (0 if keep_innermost else 1)
+    return list(info.iters[:n]) if all(k == "S" for k in kinds[:n]) else []
+
+
+def _lead(info: Any) -> list[Any]:
+    """The block's iterations that make its rows: every spatial one before the first
+    reduction, or all but the innermost where the block has no reduction."""
+    return _spatial_prefix(info, keep_innermost=False)
 
 
 def _spatial(info: Any) -> list[Any]:
     """The block's spatial iterations before its first reduction."""
-    kinds = [it.kind for it in info.iters]
-    n = kinds.index("R") if "R" in kinds else len(kinds)
-    return list(info.iters[:n]) if all(k == "S" for k in kinds[:n]) else []
+    return _spatial_prefix(info, keep_innermost=True)
 
 
 def _same_extents(a: list[Any], b: list[Any]) -> bool:

@@ -108,13 +108,13 @@ class _MatmulRewriter(relax.PyExprMutator):
         """The ``A · Bᵀ`` kernel: scores on keys as stored. On a cache read in place (a
         decode step's few query rows) `matmul_nt_primfunc`; on the keys of the call (a
         prompt's scores, every query row) `matmul_nt_packed_primfunc`."""
-        if prefix:
-            name = f"modec_bmmnt_{_dims(m, n, k)}_prefix"
-            return self._added(("nt", m, n, k, prefix), name,
-                               lambda: matmul_nt_primfunc(m, n, k, prefix=True))  # fmt: skip
-        name = f"modec_bmmnt_{_dims(m, n, k)}"
-        return self._added(("nt", m, n, k, prefix), name,
-                           lambda: matmul_nt_packed_primfunc(m, n, k))  # fmt: skip
+        name = f"modec_bmmnt_{_dims(m, n, k)}{'_prefix' if prefix else ''}"
+        make = (
+            (lambda: matmul_nt_primfunc(m, n, k, prefix=True))
+            if prefix
+            else (lambda: matmul_nt_packed_primfunc(m, n, k))
+        )
+        return self._added(("nt", m, n, k, prefix), name, make)
 
     def _added(self, key: tuple[Any, ...], name: str, make: Callable[[], Any]) -> Any:
         """The kernel of ``key``, added to the module as ``name`` the first time."""
@@ -626,9 +626,9 @@ def _relax_pipeline(tgt: Any) -> Any:
     the element-wise, norm and softmax chains into one kernel each with FuseOps/FuseTIR,
     then lower to the VM) with `opaque_prim_value_callees` before the fusion and
     `modec.lowering.cpu_schedule.parallel_rows` after it (the decode entry keeps serial
-    copies of the kernels it schedules). Without
-    fusion (the plain ``default`` pipeline) a decode step of a 2-layer model makes ~200
-    kernel calls and ~1,200 VM builtin calls instead of ~100 and ~750.
+    copies of the kernels it schedules). Without fusion (the plain ``default`` pipeline) a
+    decode step of a 2-layer model makes ~200 kernel calls and ~1,200 VM builtin calls
+    instead of ~100 and ~750.
 
     TVM emits the VM shape function in hash-map order, which varies between processes; the
     extra pass makes the library bytes depend on the model only (`modec.lowering.determinism`).
