@@ -581,12 +581,15 @@ def lower_dense(
     Returns:
         The lowered module, ready for `compile_module`.
     """
-    dm = import_onnx(model, op_converters, weights=weights, upcast=upcast)
-    for hook in hooks:
-        dm = hook(dm)
-        _check_params(dm, getattr(hook, "__name__", repr(hook)))
-    if not is_cuda(resolve_target(target)):
-        dm = schedule_dense_ops(fold_weight_transposes(dm))
+    from modec.lowering.determinism import canonical_te_calls
+
+    with canonical_te_calls():  # the importer and the hooks emit TE kernels too
+        dm = import_onnx(model, op_converters, weights=weights, upcast=upcast)
+        for hook in hooks:
+            dm = hook(dm)
+            _check_params(dm, getattr(hook, "__name__", repr(hook)))
+        if not is_cuda(resolve_target(target)):
+            dm = schedule_dense_ops(fold_weight_transposes(dm))
     return dm
 
 
@@ -610,10 +613,11 @@ def compile_module(dm: DenseModule, target: TargetLike = "llvm") -> Any:
     schedule (build only: there is no GPU on the build machine).
     """
     from modec.kernels.subroutine import TIR_PIPELINE
+    from modec.lowering.determinism import canonical_te_calls
 
     tgt = resolve_target(target)
     tir = "default" if is_cuda(tgt) else TIR_PIPELINE  # CPU kernels may call subroutines
-    with tgt:
+    with tgt, canonical_te_calls():
         return tvm.compile(
             dm.mod, target=tgt, relax_pipeline=_relax_pipeline(tgt), tir_pipeline=tir
         )
@@ -630,8 +634,10 @@ def _relax_pipeline(tgt: Any) -> Any:
     decode step of a 2-layer model makes ~200 kernel calls and ~1,200 VM builtin calls
     instead of ~100 and ~750.
 
-    TVM emits the VM shape function in hash-map order, which varies between processes; the
-    extra pass makes the library bytes depend on the model only (`modec.lowering.determinism`).
+    TVM emits the VM shape function in hash-map order, and legalization orders a kernel's
+    symbolic-shape parameters by object address, both of which vary between processes; the
+    extra pass and `compile_module`'s `canonical_te_calls` make the library bytes depend on
+    the model only (`modec.lowering.determinism`).
     """
     from modec.lowering.cpu_schedule import parallel_rows
     from modec.lowering.decode_entry import DECODE

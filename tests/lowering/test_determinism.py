@@ -1,12 +1,23 @@
-"""Byte-identical artifacts: the canonical shape-function order, and two real builds."""
+"""Byte-identical artifacts: the canonical shape-function order, the canonical order of a TE
+kernel's shape parameters, two builds in one process and two builds in two processes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import tvm
+from tvm import relax, tirx, topi
 from tvm.script import tirx as T
 
 from modec.driver import CompileOptions, compile_model
-from modec.lowering.determinism import canonical_store_order
+from modec.lowering.determinism import (
+    canonical_call_tir_inputs,
+    canonical_store_order,
+    canonical_te_calls,
+)
 
 
 @T.prim_func(s_tir=True)
@@ -62,4 +73,81 @@ def test_two_builds_are_byte_identical(tiny_vlm, tmp_path):
     assert all(total == done for total, done in bars.values()), bars
     for name in ("model.so", "weights.safetensors", "manifest.json", "experts.safetensors",
                  "allocation.json", "model.sim.onnx"):  # fmt: skip
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def _cumsum_inputs():  # type: ignore[no-untyped-def]
+    """A cumsum over ``[batch, past + new_]``: `batch` is read off the buffer, `past` and
+    `new_` are not, so TVM appends them as scalar parameters in hash-set order."""
+    batch, past, new = (tirx.Var(n, "int64") for n in ("batch", "past", "new_"))
+    x = relax.Var("x", relax.TensorType((batch, past + new), "int64"))
+    return relax.utils.gen_call_tir_inputs(topi.cumsum, x, 1, "int64", 0)
+
+
+def _names(items) -> list[str]:  # type: ignore[no-untyped-def]
+    return [str(i.name) for i in items]
+
+
+def test_scalar_parameters_sorted_with_their_arguments():
+    func, args, _ = _cumsum_inputs()
+    p = list(func.params)
+    swapped = tirx.PrimFunc([p[0], p[2], p[1], p[3]], func.body, func.ret_type, func.attrs)
+    results = [
+        canonical_call_tir_inputs(func, list(args)),
+        canonical_call_tir_inputs(swapped, [args[0], args[2], args[1]]),
+    ]
+    for f, a in results:
+        assert _names(f.params) == ["x", "new_", "past", "out_buf"]
+        assert _names(a) == ["x", "new_", "past"]  # each argument at its parameter's place
+    # Either order gives one function, so BlockBuilder.add_func keeps one copy.
+    tvm.ir.assert_structural_equal(results[0][0], results[1][0])
+
+
+def test_canonical_te_calls_wraps_and_restores():
+    original = relax.utils.gen_call_tir_inputs
+    with canonical_te_calls():
+        wrapped = relax.block_builder.gen_call_tir_inputs
+        assert wrapped is not original
+        with canonical_te_calls():  # nested: the outer wrapper stays
+            assert relax.block_builder.gen_call_tir_inputs is wrapped
+        assert relax.utils.gen_call_tir_inputs is wrapped
+        func, args, _ = _cumsum_inputs()
+        assert _names(func.params) == ["x", "new_", "past", "out_buf"]
+        assert _names(args) == ["x", "new_", "past"]
+    assert relax.utils.gen_call_tir_inputs is original
+    assert relax.block_builder.gen_call_tir_inputs is original
+
+
+@pytest.mark.slow  # ~1 min on two cores: two compiles side by side
+def test_builds_in_two_processes_are_byte_identical(tmp_path: Path) -> None:
+    """Each process has its own object addresses and string hash seed: what one process's
+    builds share by chance (a hash-map order) differs here. The tiny Qwen3-MoE family, with
+    a KV cache (symbolic ``past + new_`` shapes) and the int8 dense and expert kernels."""
+    from tests.test_hf import SENTENCES, modec, write_jsonl
+    from tests.test_hf_families import _build_dir
+
+    d = _build_dir("qwen3moe", tmp_path / "qwen3moe")
+    calib = tmp_path / "calib.npz"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", SENTENCES)
+    r = modec("calib", "build", "--model", str(d), "--prompts", str(prompts), "-o", str(calib))
+    assert r.returncode == 0, r.stderr
+    outs = [tmp_path / "a", tmp_path / "b"]
+
+    def compile_to(out: Path) -> subprocess.Popen[str]:
+        args = ["compile", str(d), "--calib", str(calib), "--target", "llvm", "--method",
+                "uniform", "--quantizer", "rtn", "--dense-bits", "4", "--expert-act-bits", "8",
+                "--dense-act-bits", "8", "--cache-dir", str(tmp_path / f"cache-{out.name}"),
+                "-o", str(out)]  # fmt: skip
+        cmd = [sys.executable, "-m", "modec.cli", *args]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [compile_to(out) for out in outs]  # side by side
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    names = sorted(f.name for f in outs[0].iterdir() if not f.name.startswith("report."))
+    assert "model.so" in names and names == sorted(
+        f.name for f in outs[1].iterdir() if not f.name.startswith("report.")
+    )
+    for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
