@@ -64,3 +64,33 @@ def test_compiles_in_fresh_processes_are_byte_identical(tiny_vlm, tmp_path):
         assert set(other) == names, f"run {i} wrote other files"
         differ = sorted(n for n in names - TIMED if files[0][n] != other[n])
         assert not differ, f"run {i} ({'warm' if i == 2 else 'cold'} cache) differs in {differ}"
+
+
+@pytest.mark.slow  # ~1 min on two cores: two compiles side by side
+def test_hf_family_compiles_in_fresh_processes_are_byte_identical(tmp_path):
+    """The tiny Qwen3-MoE family: a KV cache (kernels over ``past + new_`` shapes, whose
+    scalar parameters TVM orders by object address; `modec.lowering.determinism`) and the
+    int8 dense and expert kernels."""
+    from tests.test_hf import SENTENCES, modec, write_jsonl
+    from tests.test_hf_families import _build_dir
+
+    d = _build_dir("qwen3moe", tmp_path / "qwen3moe")
+    calib = tmp_path / "calib.npz"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", SENTENCES)
+    r = modec("calib", "build", "--model", str(d), "--prompts", str(prompts), "-o", str(calib))
+    assert r.returncode == 0, r.stderr
+    runs = [(tmp_path / f"out{i}", tmp_path / f"cache{i}") for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "modec.cli", "-q", "compile", str(d), "--calib", str(calib),
+             "--target", "llvm", "--method", "uniform", "--quantizer", "rtn", "--dense-bits",
+             "4", "--expert-act-bits", "8", "--dense-act-bits", "8", "--cache-dir", str(cache),
+             "-o", str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        )
+        for out, cache in runs
+    ]  # fmt: skip
+    files = [_finish(proc, out) for proc, (out, _) in zip(procs, runs, strict=True)]
+    assert set(files[0]) == set(files[1]) >= {"model.so", "manifest.json"} | TIMED
+    differ = sorted(n for n in set(files[0]) - TIMED if files[0][n] != files[1][n])
+    assert not differ, f"the second process's build differs in {differ}"

@@ -240,6 +240,15 @@ class Session:
         the cache, tensors a previous call returned (passed as they are); ``past_length``:
         the positions the cache holds, for a decode entry that updates it in place. Returns
         the VM's output tensors, checked against the manifest's outputs."""
+        func, args = self._arguments(entry, inputs, past_length)
+        return self._checked_outputs(self._call(func, args))
+
+    def _arguments(
+        self, entry: str, inputs: Mapping[str, Any], past_length: int | None = None
+    ) -> tuple[Any, list[Any]]:
+        """`_invoke`'s checks: the entry's VM function and its argument list (the weights
+        not included: `_call` appends them). For the in-place decode entry the list ends
+        with the past length (a shape value)."""
         if entry not in self._entries:
             raise BadInputError(f"entry {entry!r} is not one of {sorted(self._entries)}")
         func, specs = self._entries[entry]
@@ -252,6 +261,11 @@ class Session:
         elif past_length is not None:
             raise BadInputError(f"past_length is for a decode entry that updates the KV cache in "
                                 f"place; entry {entry!r} does not")  # fmt: skip
+        return func, args
+
+    def _call(self, func: Any, args: list[Any]) -> list[Any]:
+        """The VM call: ``args`` (from `_arguments`, or a list of the same tensors' kinds and
+        shapes) then the weights. Returns the output tensors, unchecked."""
         try:
             res: Any = func(*args, *self._params)
         # The inputs passed the manifest's checks: whatever TVM raises (ValueError, TypeError,
@@ -261,7 +275,10 @@ class Session:
                 f"{self.path / LIBRARY} failed to run ({_last_line(exc)}); its manifest does not "
                 "match it, rebuild the artifact"
             ) from exc
-        results = [res] if hasattr(res, "shape") else list(res)
+        return [res] if hasattr(res, "shape") else list(res)
+
+    def _checked_outputs(self, results: list[Any]) -> list[Any]:
+        """``results`` after checking them against the manifest's outputs."""
         if len(results) != len(self.outputs):
             raise ModelError(
                 f"{self.path / LIBRARY} returned {len(results)} outputs, the manifest lists "

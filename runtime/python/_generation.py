@@ -246,9 +246,15 @@ def generate(
             by_name[c.present] = session._rt.grown(by_name[c.present], room, filled)
     t1 = time.perf_counter()
     step = 0
+    # The first decode step goes through every input and output check. The later ones call
+    # the same function with the same argument list, in which only the new token, the mask,
+    # the positions, the cache tensors and the past length change: all made here, of the
+    # kinds and shapes the first step checked (~0.15 ms a step in Python otherwise).
+    at = {s.name: i for i, s in enumerate(session._entries[spec.decode_entry][1])}
+    call: tuple[Any, list[Any]] | None = None
     while True:
-        logits = session._rt.numpy(by_name[spec.logits])[:, -1, :]
-        if np.isnan(logits[~finished]).any():
+        logits = session._rt.last_position(by_name[spec.logits])
+        if np.isnan(logits.max(axis=-1)[~finished]).any():  # max is NaN where a logit is
             raise ModelError(f"{session.path}: the model returned NaN logits; no token can be "
                              "picked")  # fmt: skip
         for b in range(batch):
@@ -268,12 +274,23 @@ def generate(
             feeds[spec.attention_mask] = mask
             if spec.position_ids is not None:
                 feeds[spec.position_ids] = _positions(mask, 1).astype(dtypes[spec.position_ids])
-        for c in spec.cache:
-            feeds[c.past] = Held(by_name[c.present])
-        for name in decode_inputs - set(feeds):
-            feeds[name] = given[name]  # the prompt-only inputs, when decode is main
         length = filled if spec.cache_in_place else None
-        results = session._invoke(spec.decode_entry, feeds, past_length=length)
+        if call is None:
+            for c in spec.cache:
+                feeds[c.past] = Held(by_name[c.present])
+            for name in decode_inputs - set(feeds):
+                feeds[name] = given[name]  # the prompt-only inputs, when decode is main
+            call = session._arguments(spec.decode_entry, feeds, past_length=length)
+            results = session._checked_outputs(session._call(*call))
+        else:
+            func, args = call
+            for name, a in feeds.items():
+                args[at[name]] = session._rt.tensor(a)
+            for c in spec.cache:
+                args[at[c.past]] = by_name[c.present]
+            if length is not None:
+                args[-1] = session._rt.shape([length])
+            results = session._call(func, args)
         by_name = dict(zip(names, results, strict=True))
         filled += 1
         out.steps += 1

@@ -1,11 +1,8 @@
 """Byte-identical artifacts: the canonical shape-function order, the canonical order of a TE
-kernel's shape parameters, two builds in one process and two builds in two processes."""
+kernel's shape parameters, and two builds in one process (tests/test_compile_determinism.py
+builds in separate processes)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import tvm
@@ -116,38 +113,3 @@ def test_canonical_te_calls_wraps_and_restores():
         assert _names(args) == ["x", "new_", "past"]
     assert relax.utils.gen_call_tir_inputs is original
     assert relax.block_builder.gen_call_tir_inputs is original
-
-
-@pytest.mark.slow  # ~1 min on two cores: two compiles side by side
-def test_builds_in_two_processes_are_byte_identical(tmp_path: Path) -> None:
-    """Each process has its own object addresses and string hash seed: what one process's
-    builds share by chance (a hash-map order) differs here. The tiny Qwen3-MoE family, with
-    a KV cache (symbolic ``past + new_`` shapes) and the int8 dense and expert kernels."""
-    from tests.test_hf import SENTENCES, modec, write_jsonl
-    from tests.test_hf_families import _build_dir
-
-    d = _build_dir("qwen3moe", tmp_path / "qwen3moe")
-    calib = tmp_path / "calib.npz"
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", SENTENCES)
-    r = modec("calib", "build", "--model", str(d), "--prompts", str(prompts), "-o", str(calib))
-    assert r.returncode == 0, r.stderr
-    outs = [tmp_path / "a", tmp_path / "b"]
-
-    def compile_to(out: Path) -> subprocess.Popen[str]:
-        args = ["compile", str(d), "--calib", str(calib), "--target", "llvm", "--method",
-                "uniform", "--quantizer", "rtn", "--dense-bits", "4", "--expert-act-bits", "8",
-                "--dense-act-bits", "8", "--cache-dir", str(tmp_path / f"cache-{out.name}"),
-                "-o", str(out)]  # fmt: skip
-        cmd = [sys.executable, "-m", "modec.cli", *args]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    procs = [compile_to(out) for out in outs]  # side by side
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err
-    names = sorted(f.name for f in outs[0].iterdir() if not f.name.startswith("report."))
-    assert "model.so" in names and names == sorted(
-        f.name for f in outs[1].iterdir() if not f.name.startswith("report.")
-    )
-    for name in names:
-        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
