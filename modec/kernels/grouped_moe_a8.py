@@ -70,6 +70,13 @@ MT = 4
 #: Four, the thread tile, took 1.4-1.6x longer in the grouped kernel at a 256-token
 #: prefill (docs/performance.md); the one-token path keeps NI blocks per step.
 NT = 1
+#: Row blocks per thread tile of the dense kernel (`dense_primfunc`) for fewer than MT rows
+#: (decode), up to K = DECODE_NI_MAX_K; NI above. One block streams its codes faster at
+#: K = 2048 (a 4-bit one-token matmul from memory, 2 threads, ad-hoc: N = 4,096 1.13-1.18x,
+#: N = 8,192 1.13-1.32x; N = 512 level), four at K = 4096 (N = 2,048: 1.06-1.12x). The
+#: grouped kernel keeps NI: one block per tile read its experts 1.3-1.4x slower.
+DECODE_NI = 1
+DECODE_NI_MAX_K = 2048
 #: Codes per 32-bit lane of one `vpdpbusd`.
 QUAD = 4
 
@@ -280,17 +287,19 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
     quads = BLOCK // QUAD
     e_count = num_experts or 1
     nt = NT if ni % NT == 0 else 1  # whole groups of row blocks per thread tile
+    one_ni = min(DECODE_NI, nb) if k <= DECODE_NI_MAX_K else ni
+    one_tiles = (nb + one_ni - 1) // one_ni
     unpack = _unpacker(bits)
 
     @T.macro
     def tokens(
-        mt: int, nt: int, tb: Any, e: Any, t0: Any, cnt: Any, acc: Any, isum: Any, codes: Any,
-        xq: Any, d: Any, xs: Any, scale: Any, zero: Any, y: Any,
+        mt: int, nt: int, tile: int, tb: Any, e: Any, t0: Any, cnt: Any, acc: Any, isum: Any,
+        codes: Any, xq: Any, d: Any, xs: Any, scale: Any, zero: Any, y: Any,
     ) -> None:  # fmt: skip
         # Tokens t0 + tt·mt + mi of expert e (the last one repeated to fill a tile; only the
-        # real ones are written) against row blocks tb·ni .. tb·ni + ni - 1, nt at a time:
-        # all token tiles against one group of nt row blocks, then the next group.
-        for rs, tt in T.grid(ni // nt, (cnt + (mt - 1)) // mt):
+        # real ones are written) against row blocks tb·tile .. tb·tile + tile - 1, nt at a
+        # time: all token tiles against one group of nt row blocks, then the next group.
+        for rs, tt in T.grid(tile // nt, (cnt + (mt - 1)) // mt):
             for mi, ri, lane in T.grid(mt, nt, LANES):
                 acc[mi, ri * LANES + lane] = T.float32(0)
             for g in T.serial(groups):
@@ -305,7 +314,7 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
                                     unpack(
                                         codes,
                                         e,
-                                        T.min(tb * ni + rs * nt + ri, nb - 1),
+                                        T.min(tb * tile + rs * nt + ri, nb - 1),
                                         g * kblocks + blk,
                                         quad,
                                     ),
@@ -325,20 +334,20 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
                             T.Cast("float32", isum[mi, ri * LANES + lane])
                             - T.Cast(
                                 "float32",
-                                _at(zero, e, T.min(tb * ni + rs * nt + ri, nb - 1), g, lane),
+                                _at(zero, e, T.min(tb * tile + rs * nt + ri, nb - 1), g, lane),
                             )
                             * xs[t0 + T.min(tt * mt + mi, cnt - 1), g]
                         ) * (
                             T.Cast(
                                 "float32",
-                                _at(scale, e, T.min(tb * ni + rs * nt + ri, nb - 1), g, lane),
+                                _at(scale, e, T.min(tb * tile + rs * nt + ri, nb - 1), g, lane),
                             )
                             * d[t0 + T.min(tt * mt + mi, cnt - 1), g]
                         )
             for mi, ri, lane in T.grid(mt, nt, LANES):
                 if tt * mt + mi < cnt:  # noqa: SIM102 (TVMScript keeps nested ifs)
-                    if (tb * ni + rs * nt + ri) * LANES + lane < n:
-                        y[t0 + tt * mt + mi, (tb * ni + rs * nt + ri) * LANES + lane] = acc[
+                    if (tb * tile + rs * nt + ri) * LANES + lane < n:
+                        y[t0 + tt * mt + mi, (tb * tile + rs * nt + ri) * LANES + lane] = acc[
                             mi, ri * LANES + lane
                         ]
 
@@ -349,9 +358,9 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
     ) -> None:  # fmt: skip
         # Rows t0 .. t0 + cnt - 1 against expert e: in tiles of MT, or one at a time below.
         if cnt >= MT:
-            tokens(MT, nt, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+            tokens(MT, nt, ni, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
         else:
-            tokens(1, ni, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
+            tokens(1, ni, ni, tb, e, t0, cnt, acc, isum, codes, xq, d, xs, scale, zero, y)
 
     @T.prim_func(private=True, s_tir=False)
     def grouped(
@@ -393,10 +402,16 @@ def _cpu_primfunc(scheme: QuantScheme, n: int, k: int, num_experts: int | None) 
         d = T.match_buffer(var_d, (t, groups), "float32")
         xs = T.match_buffer(var_xs, (t, groups), "float32")
         y = T.match_buffer(var_y, (t, n), "float32")
-        for tb in T.parallel(n_tiles):
-            acc = T.alloc_buffer((MT, ni * LANES), "float32", scope="local")
-            isum = T.alloc_buffer((MT, ni * LANES), "int32", scope="local")
-            span(tb, 0, 0, t, acc, isum, codes, xq, d, xs, scale, zero, y)
+        if t < MT:  # decode: rows one at a time, `one_ni` row blocks per thread tile
+            for tb in T.parallel(one_tiles):
+                acc = T.alloc_buffer((1, one_ni * LANES), "float32", scope="local")
+                isum = T.alloc_buffer((1, one_ni * LANES), "int32", scope="local")
+                tokens(1, one_ni, one_ni, tb, 0, 0, t, acc, isum, codes, xq, d, xs, scale, zero, y)
+        else:
+            for tb in T.parallel(n_tiles):
+                acc = T.alloc_buffer((MT, ni * LANES), "float32", scope="local")
+                isum = T.alloc_buffer((MT, ni * LANES), "int32", scope="local")
+                span(tb, 0, 0, t, acc, isum, codes, xq, d, xs, scale, zero, y)
 
     return grouped if num_experts is not None else dense
 

@@ -115,7 +115,8 @@ def test_the_dense_kernel_matches_the_simulated_product(
     bits: int, n: int, k: int, group: int
 ) -> None:
     """``--dense-act-bits 8``: one weight (no experts' axis, no ranges), rows 1 at a time
-    and in tiles of 4 with a partial one; a row is bit-identical whatever the row count."""
+    and in tiles of 4 with a partial one; a row is bit-identical whatever the row count
+    (below 4 rows the kernel takes another thread partition, `DECODE_NI`)."""
     scheme = QuantScheme(bits, group)
     pw = random_packed(bits + n, scheme, n, k)
     x = np.random.default_rng(n).standard_normal((7, k)).astype(np.float32)
@@ -124,6 +125,7 @@ def test_the_dense_kernel_matches_the_simulated_product(
     exact = reference_matmul(x, pw)
     assert 0 < np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()
     np.testing.assert_array_equal(_dense(x[2:3], pw)[0], got[2])
+    np.testing.assert_array_equal(_dense(x[:3], pw), got[:3])  # fewer rows than a tile
 
 
 def test_targets_without_the_instructions_are_refused() -> None:
