@@ -21,7 +21,11 @@ stays serial along its row), so the outputs are bit-identical; only the rows are
 A kernel the schedule cannot normalize (dlight's `normalize_prim_func`: extern calls,
 opaque blocks) is left as it was. The Relax functions named in ``serial_in`` (the decode
 entry) call serial copies: a decode step's kernels are a row or a few, smaller than what a
-launch on the thread pool costs.
+launch on the thread pool costs. Not those that evaluate the exponential family per element
+(`EXPONENTIAL`: attention's softmax over every cached position, the experts' SiLU over
+their rows): each element costs a libm call that LLVM does not vectorize, and on the
+paper-shaped decoder at 256 cached positions such a kernel took 24-31 µs serial. With them
+on the thread pool its decode step was 1.022x faster (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,11 +34,28 @@ import logging
 from typing import Any
 
 import tvm
+import tvm_ffi
 from tvm import relax, s_tir, tirx
 
-__all__ = ["parallel_rows", "schedule_rows"]
+__all__ = ["EXPONENTIAL", "calls_exponential", "parallel_rows", "schedule_rows"]
 
 log = logging.getLogger(__name__)
+
+#: TIR intrinsics of the exponential family (softmax, SiLU and sigmoid gates, GELU): a kernel
+#: calling one keeps its parallel rows in the ``serial_in`` entries (module docstring).
+EXPONENTIAL = frozenset({"tirx.exp", "tirx.sigmoid", "tirx.tanh", "tirx.erf"})
+
+
+def calls_exponential(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` calls an intrinsic of `EXPONENTIAL`."""
+    found: list[str] = []
+
+    def visit(call: Any) -> None:
+        if isinstance(call.op, tvm.ir.Op) and call.op.name in EXPONENTIAL:
+            found.append(call.op.name)
+
+    tvm_ffi.structural_walk(func.body, (tvm.ir.Call, visit))
+    return bool(found)
 
 
 def _has_parallel_loop(sch: s_tir.Schedule, infos: list[Any]) -> bool:
@@ -114,10 +135,10 @@ def schedule_rows(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
 def parallel_rows(serial_in: tuple[str, ...] = ()) -> tvm.transform.Pass:
     """A module pass giving every legalized PrimFunc its rows over the cores
     (`schedule_rows`), except where the Relax functions named in ``serial_in`` call it:
-    there it calls the serial original, kept beside it as ``<name>_serial``. A launch on
-    the thread pool costs about a microsecond here; a decode step's small kernels (a row
-    of 2,048) take less, and a step makes some sixty of them. The input module is left
-    as it is."""
+    there it calls the serial original, kept beside it as ``<name>_serial``, unless it
+    `calls_exponential`. A launch on the thread pool costs about a microsecond here; a
+    decode step's small kernels (a row of 2,048) take less, and a step makes some sixty of
+    them. The input module is left as it is."""
 
     @tvm.transform.module_pass(opt_level=0, name="modec.ParallelRows")
     def run(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
@@ -130,7 +151,7 @@ def parallel_rows(serial_in: tuple[str, ...] = ()) -> tvm.transform.Pass:
                 scheduled = schedule_rows(func)
                 if scheduled is not None:
                     bb.update_func(gv, scheduled)
-                    if serial_in:
+                    if serial_in and not calls_exponential(func):
                         serial[gv] = bb.add_func(func, f"{gv.name_hint}_serial")
         out = bb.get()
         for gv in list(out.functions):

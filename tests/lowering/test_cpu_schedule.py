@@ -11,7 +11,11 @@ from tvm.script import ir as I  # noqa: E402
 from tvm.script import relax as R  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
-from modec.lowering.cpu_schedule import parallel_rows, schedule_rows  # noqa: E402
+from modec.lowering.cpu_schedule import (  # noqa: E402
+    calls_exponential,
+    parallel_rows,
+    schedule_rows,
+)
 
 
 # TVM's legalized softmax over the last axis (topi), with a scalar parameter in its shape
@@ -177,3 +181,47 @@ def test_serial_entries_call_the_serial_originals() -> None:
         np.testing.assert_array_equal(ex[entry](tvm.runtime.tensor(x)).numpy(), x * 2)
     # Without serial entries no copies are made.
     assert "scale_serial" not in [gv.name_hint for gv in parallel_rows()(Mod).functions]
+
+
+def test_serial_entries_keep_exponential_kernels_parallel() -> None:
+    """A kernel evaluating exp (softmax, SiLU) per element keeps its parallel rows in the
+    decode entry too: no serial copy; the plain one is called serial there."""
+
+    @I.ir_module
+    class Mod:
+        @T.prim_func(private=True, s_tir=True)
+        def scale(x: T.Buffer((T.int64(16), T.int64(8)), "float32"),
+                  y: T.Buffer((T.int64(16), T.int64(8)), "float32")) -> None:  # fmt: skip
+            for i, j in T.grid(T.int64(16), T.int64(8)):
+                with T.sblock("scale"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    y[vi, vj] = x[vi, vj] * T.float32(2)
+
+        @T.prim_func(private=True, s_tir=True)
+        def swish(x: T.Buffer((T.int64(16), T.int64(8)), "float32"),
+                  y: T.Buffer((T.int64(16), T.int64(8)), "float32")) -> None:  # fmt: skip
+            for i, j in T.grid(T.int64(16), T.int64(8)):
+                with T.sblock("swish"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    y[vi, vj] = x[vi, vj] * T.sigmoid(x[vi, vj])
+
+        @R.function
+        def decode(x: R.Tensor((16, 8), "float32")) -> R.Tensor((16, 8), "float32"):
+            cls = Mod
+            with R.dataflow():
+                a = R.call_tir(cls.scale, (x,), out_ty=R.Tensor((16, 8), "float32"))
+                b = R.call_tir(cls.swish, (a,), out_ty=R.Tensor((16, 8), "float32"))
+                R.output(b)
+            return b
+
+    assert calls_exponential(Mod["swish"]) and not calls_exponential(Mod["scale"])
+    out = parallel_rows(serial_in=("decode",))(Mod)
+    names = [gv.name_hint for gv in out.functions]
+    assert "scale_serial" in names and "swish_serial" not in names
+    script = out["decode"].script()
+    assert "call_tir(scale_serial," in script and "call_tir(swish," in script
+    assert _parallel_loops(out["swish"]) == 1
+    ex = relax.VirtualMachine(tvm.compile(out, "llvm"), tvm.cpu())
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    ref = relax.VirtualMachine(tvm.compile(Mod, "llvm"), tvm.cpu())["decode"](tvm.runtime.tensor(x))
+    np.testing.assert_array_equal(ex["decode"](tvm.runtime.tensor(x)).numpy(), ref.numpy())
