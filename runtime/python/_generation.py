@@ -252,15 +252,22 @@ def generate(
     # kinds and shapes the first step checked (docs/performance.md: 1.06x a step alone).
     at = {s.name: i for i, s in enumerate(session._entries[spec.decode_entry][1])}
     call: tuple[Any, list[Any]] | None = None
+    if mask is not None:
+        # The mask of every step is a prefix of one buffer of ones (each step appends a 1),
+        # and each row's position is its count of ones so far less one (`_positions`).
+        grown = np.ones((batch, filled + settings.max_new_tokens), mask.dtype)
+        grown[:, :filled] = mask
+        count = mask.astype(np.int64).sum(axis=1)
     while True:
         logits = session._rt.last_position(by_name[spec.logits])
-        if np.isnan(logits.max(axis=-1)[~finished]).any():  # max is NaN where a logit is
-            raise ModelError(f"{session.path}: the model returned NaN logits; no token can be "
-                             "picked")  # fmt: skip
+        top = logits.argmax(axis=-1)  # the first maximum; the first NaN where a row has one
         for b in range(batch):
             if finished[b]:
                 continue
-            tok = pick(logits[b], settings, rng)
+            if math.isnan(logits[b, top[b]]):
+                raise ModelError(f"{session.path}: the model returned NaN logits; no token can "
+                                 "be picked")  # fmt: skip
+            tok = int(top[b]) if settings.greedy else pick(logits[b], settings, rng)
             out.tokens[b].append(tok)
             last[b] = tok
             finished[b] = tok in stop or len(out.tokens[b]) >= settings.max_new_tokens
@@ -270,10 +277,11 @@ def generate(
             break
         feeds: dict[str, Any] = {spec.tokens: last.reshape(batch, 1).astype(ids.dtype)}
         if mask is not None and spec.attention_mask is not None:
-            mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
-            feeds[spec.attention_mask] = mask
+            feeds[spec.attention_mask] = grown[:, : filled + 1]
+            count += 1
             if spec.position_ids is not None:
-                feeds[spec.position_ids] = _positions(mask, 1).astype(dtypes[spec.position_ids])
+                pos = np.maximum(count - 1, 0).reshape(batch, 1)
+                feeds[spec.position_ids] = pos.astype(dtypes[spec.position_ids])
         length = filled if spec.cache_in_place else None
         if call is None:
             for c in spec.cache:

@@ -166,6 +166,7 @@ class Runtime:
         self._copy_to = tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")
         # (tensor, shape, dtype, byte offset) -> a tensor of that type over the same memory
         self._view = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
+        self._dtypes: dict[np.dtype, Any] = {}  # numpy dtype -> its DLPack type
 
     def cuda_device(self) -> tuple[str, str]:
         """(architecture "sm_XY", name) of CUDA device 0.
@@ -181,10 +182,20 @@ class Runtime:
         return "sm_" + version.replace(".", ""), str(attr(cuda, 0, _DEVICE_NAME))
 
     def tensor(self, a: np.ndarray) -> Any:
-        """A device tensor holding a copy of ``a`` (aligned as the kernels expect)."""
+        """A device tensor holding a copy of ``a`` (aligned as the kernels expect).
+
+        On a CPU the copy is numpy's, into a DLPack view of the new tensor: a decode step
+        makes one to three of these, and the runtime's copy function (through ctypes) and
+        the dtype's parsing took half of each (docs/performance.md)."""
         a = np.ascontiguousarray(a)
-        t = self._alloc(self._ffi.Shape(a.shape), self._ffi.dtype(str(a.dtype)), self.device, None)
-        self._copy_from(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
+        dtype = self._dtypes.get(a.dtype)
+        if dtype is None:
+            dtype = self._dtypes[a.dtype] = self._ffi.dtype(str(a.dtype))
+        t = self._alloc(self._ffi.Shape(a.shape), dtype, self.device, None)
+        if self.device_type == DEVICE_TYPES["cpu"] and a.dtype.kind in "biuf":
+            np.from_dlpack(t)[...] = a  # (DLPack has no numpy bfloat16: that one is copied)
+        else:
+            self._copy_from(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
         return t
 
     def param(self, a: np.ndarray) -> tuple[Any, bool]:
@@ -229,12 +240,15 @@ class Runtime:
         return out
 
     def last_position(self, t: Any) -> np.ndarray:
-        """A numpy copy of ``t[:, -1, :]`` for a ``[B, S, V]`` tensor the VM returned (the
-        logits a token is picked from). On a CPU only those rows are copied, through a
-        DLPack view: a prompt's logits are ``S`` times larger (67 MB for 8 rows of 256
-        tokens over 8,192 ids)."""
+        """``t[:, -1, :]`` as numpy for a ``[B, S, V]`` tensor the VM returned (the logits a
+        token is picked from). On a CPU a read-only DLPack view of those rows, no copy (a
+        prompt's logits are ``S`` times larger: 67 MB for 8 rows of 256 tokens over 8,192
+        ids); it holds ``t``, whose memory the VM does not reuse while it is alive.
+        Elsewhere, and for bfloat16 (which DLPack cannot hand to numpy), a copy."""
         if self.device_type == DEVICE_TYPES["cpu"] and str(t.dtype) != "bfloat16":
-            return np.array(np.from_dlpack(t)[:, -1, :])  # (DLPack has no numpy bfloat16)
+            view: np.ndarray = np.from_dlpack(t)[:, -1, :]
+            view.flags.writeable = False
+            return view
         return self.numpy(t)[:, -1, :]
 
     def load_vm(self, library: Path, data: bytes | None = None) -> Any:

@@ -110,6 +110,27 @@ def test_decode_in_place_checks_past_length(session, cached_vlm) -> None:  # typ
     assert session.run(step, entry="decode", past_length=p)["logits"].shape[:2] == (1, 1)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nan_logits_stop_generation(session, cached_vlm, monkeypatch, temperature) -> None:  # type: ignore[no-untyped-def]
+    """A NaN anywhere in a row's logits is a ModelError, not a token, greedy or sampled (the
+    pick's argmax lands on the row's first NaN)."""
+    feeds = prompts(cached_vlm["eval"], [0, 1300])
+    real = session._rt.last_position
+    seen: list[int] = []
+
+    def poisoned(t):  # type: ignore[no-untyped-def]
+        a = np.array(real(t))
+        seen.append(1)
+        if len(seen) == 3:
+            a[1, 5] = np.nan  # the second row, away from its maximum
+        return a
+
+    monkeypatch.setattr(session._rt, "last_position", poisoned)
+    with pytest.raises(ModelError, match="NaN logits"):
+        session.generate(feeds, max_new_tokens=5, temperature=temperature)
+    assert len(seen) == 3
+
+
 def test_sampling_is_seeded(session, cached_vlm) -> None:  # type: ignore[no-untyped-def]
     feeds = prompts(cached_vlm["eval"], MIXED)
     kw = {"max_new_tokens": 8, "temperature": 1.5, "top_k": 20, "top_p": 0.95}

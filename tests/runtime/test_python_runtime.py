@@ -262,3 +262,37 @@ def test_cuda_artifact_for_another_host_is_refused(artifact_copy: Path) -> None:
     )
     with pytest.raises(ModelError, match="architecture 'aarch64'"):
         rt.load(artifact_copy, "cuda")
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.array([[True, False, True]]),
+        np.zeros((2, 0, 3), np.float32),
+        np.arange(6, dtype=np.int32).reshape(2, 3),
+        np.float16([1.5, -2.0]),
+        np.arange(10.0)[::2],  # not contiguous
+        np.arange(12, dtype=np.int64).reshape(3, 4)[:, :3],
+    ],
+)
+def test_runtime_tensor_round_trip(a: np.ndarray) -> None:
+    """`Runtime.tensor` copies any array (the CPU path writes through a DLPack view of the
+    new tensor) and `Runtime.numpy` reads it back."""
+    from modec.runtime import _tvm
+
+    r = _tvm.Runtime("cpu")
+    t = r.tensor(a)
+    assert str(t.dtype) == str(a.dtype) and tuple(t.shape) == a.shape
+    np.testing.assert_array_equal(r.numpy(t), a)
+
+
+def test_last_position_is_a_read_only_view() -> None:
+    from modec.runtime import _tvm
+
+    r = _tvm.Runtime("cpu")
+    logits = r.tensor(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    last = r.last_position(logits)
+    np.testing.assert_array_equal(last, [[8, 9, 10, 11], [20, 21, 22, 23]])
+    assert not last.flags.writeable
+    del logits  # the view holds the tensor
+    np.testing.assert_array_equal(last[1], [20, 21, 22, 23])
