@@ -25,7 +25,10 @@ export, `tools.digits_vlm.export`):
 3. the physical bound of a batch-1 decode step: the bytes it must read (the active experts'
    packed bytes, ``top_k`` per layer; every dense weight of the decode graph; the KV cache at
    the mean length) over this machine's copy bandwidth, measured in the same run (numpy
-   copy of a 256 MiB buffer, bytes read and written per second).
+   copy of a 256 MiB buffer, bytes read and written per second): once before the runs and
+   once in every round of the round robin (below), the bound taken from the median of the
+   rounds (this shared machine's bandwidth drifts during a run as the runtimes' speeds do:
+   29.0-31.5 GB/s before runs of one day).
 
 ``--model paper``: a random-weight Qwen3-MoE checkpoint with the paper model's decoder
 layer (hidden 2048, 128 experts of intermediate 768, top-8, 32/4 heads of 128;
@@ -632,7 +635,8 @@ def main() -> None:
         runners.append(
             (f"llama.cpp {kind}", LlamaCppDecoder(gguf, args.threads, ctx, max(args.batches)))
         )
-    bw = copy_bandwidth(args.repeats, args.threads)
+    before = copy_bandwidth(args.repeats, args.threads)
+    rounds: list[float] = []  # the copy bandwidth in each round, beside the runtimes
     rows: list[dict[str, Any]] = []
     for b in args.batches:
         feeds = make(b)
@@ -645,6 +649,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, fn in runners:
                 timed[name].append(fn(feeds, n))
+            rounds.append(copy_bandwidth(3, args.threads))
         for name, _ in runners:
             runs = timed[name]
             pre = statistics.median(r[0] for r in runs)
@@ -654,13 +659,16 @@ def main() -> None:
                 "prefill_s": pre, "prefill_tok_s": prompt_tokens / pre,
                 "decode_s": dec, "decode_tok_s": b * (n - 1) / dec, "tokens": runs[0][2],
             })  # fmt: skip
+    bw = statistics.median(rounds)
     mean_len = float(make(1)["attention_mask"].sum()) + n / 2
     step_bytes = paper_step_bytes if args.model == "paper" else bundled_step_bytes
     own = {name: step_bytes(paths[key], mean_len) for name, key in variants}
     bound = bw / own[variants[0][0]]["total"]
     for kind, gguf in paths.get("ggufs", {}).items():
         own[f"llama.cpp {kind}"] = gguf_step_bytes(gguf, mean_len)
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written)")
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written; median of {len(rounds)} "
+          f"rounds, {min(rounds) / 1e9:.1f}-{max(rounds) / 1e9:.1f}; {before / 1e9:.1f} "
+          "before the runs)")  # fmt: skip
     for name, nb in own.items():
         print(f"{name}: a batch-1 decode step reads {nb['total'] / 2**20:.2f} MiB (dense "
               f"{nb['dense'] / 2**20:.2f}, active experts {nb['experts_active'] / 2**20:.2f}, KV "
@@ -688,8 +696,9 @@ def main() -> None:
         else {}
     )
     if args.json:
-        doc = {"bandwidth_bytes_s": bw, "step_bytes": own, "bound_tok_s": bound, "rows": rows,
-               "profiles": profiles,
+        doc = {"bandwidth_bytes_s": bw, "bandwidth_rounds": rounds,
+               "bandwidth_before_bytes_s": before, "step_bytes": own, "bound_tok_s": bound,
+               "rows": rows, "profiles": profiles,
                "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=2))
 
