@@ -147,45 +147,9 @@ def test_scheduled_and_kernel_functions_are_left_alone() -> None:
 
 
 def test_serial_entries_call_the_serial_originals() -> None:
-    @I.ir_module
-    class Mod:
-        @T.prim_func(private=True, s_tir=True)
-        def scale(x: T.Buffer((T.int64(16), T.int64(8)), "float32"),
-                  y: T.Buffer((T.int64(16), T.int64(8)), "float32")) -> None:  # fmt: skip
-            for i, j in T.grid(T.int64(16), T.int64(8)):
-                with T.sblock("scale"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    y[vi, vj] = x[vi, vj] * T.float32(2)
-
-        @R.function
-        def main(x: R.Tensor((16, 8), "float32")) -> R.Tensor((16, 8), "float32"):
-            cls = Mod
-            return R.call_tir(cls.scale, (x,), out_ty=R.Tensor((16, 8), "float32"))
-
-        @R.function
-        def decode(x: R.Tensor((16, 8), "float32")) -> R.Tensor((16, 8), "float32"):
-            cls = Mod
-            return R.call_tir(cls.scale, (x,), out_ty=R.Tensor((16, 8), "float32"))
-
-    out = parallel_rows(serial_in=("decode",))(Mod)
-    assert _parallel_loops(out["scale"]) == 1
-    assert _parallel_loops(out["scale_serial"]) == 0
-    assert "call_tir(scale_serial," in out["decode"].script()
-    assert "call_tir(scale," in out["main"].script()
-    assert _parallel_loops(Mod["scale"]) == 0  # the input module unchanged
-    assert "scale_serial" not in [gv.name_hint for gv in Mod.functions]
-    # Both entries still build and compute the same.
-    ex = relax.VirtualMachine(tvm.compile(out, "llvm"), tvm.cpu())
-    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
-    for entry in ("main", "decode"):
-        np.testing.assert_array_equal(ex[entry](tvm.runtime.tensor(x)).numpy(), x * 2)
-    # Without serial entries no copies are made.
-    assert "scale_serial" not in [gv.name_hint for gv in parallel_rows()(Mod).functions]
-
-
-def test_serial_entries_keep_exponential_kernels_parallel() -> None:
-    """A kernel evaluating exp (softmax, SiLU) per element keeps its parallel rows in the
-    decode entry too: no serial copy; the plain one is called serial there."""
+    """The decode entry calls serial copies of the scheduled kernels, except those that
+    evaluate exp, sigmoid, tanh or erf per element (softmax, SiLU): those keep their
+    parallel rows there (no serial copy)."""
 
     @I.ir_module
     class Mod:
@@ -206,6 +170,11 @@ def test_serial_entries_keep_exponential_kernels_parallel() -> None:
                     y[vi, vj] = x[vi, vj] * T.sigmoid(x[vi, vj])
 
         @R.function
+        def main(x: R.Tensor((16, 8), "float32")) -> R.Tensor((16, 8), "float32"):
+            cls = Mod
+            return R.call_tir(cls.scale, (x,), out_ty=R.Tensor((16, 8), "float32"))
+
+        @R.function
         def decode(x: R.Tensor((16, 8), "float32")) -> R.Tensor((16, 8), "float32"):
             cls = Mod
             with R.dataflow():
@@ -216,12 +185,22 @@ def test_serial_entries_keep_exponential_kernels_parallel() -> None:
 
     assert calls_exponential(Mod["swish"]) and not calls_exponential(Mod["scale"])
     out = parallel_rows(serial_in=("decode",))(Mod)
-    names = [gv.name_hint for gv in out.functions]
-    assert "scale_serial" in names and "swish_serial" not in names
-    script = out["decode"].script()
-    assert "call_tir(scale_serial," in script and "call_tir(swish," in script
+    assert _parallel_loops(out["scale"]) == 1
+    assert _parallel_loops(out["scale_serial"]) == 0
     assert _parallel_loops(out["swish"]) == 1
+    decode = out["decode"].script()
+    assert "call_tir(scale_serial," in decode and "call_tir(swish," in decode
+    assert "swish_serial" not in [gv.name_hint for gv in out.functions]
+    assert "call_tir(scale," in out["main"].script()
+    assert _parallel_loops(Mod["scale"]) == 0  # the input module unchanged
+    assert "scale_serial" not in [gv.name_hint for gv in Mod.functions]
+    # Both entries still build and compute the same bytes as the unscheduled module.
     ex = relax.VirtualMachine(tvm.compile(out, "llvm"), tvm.cpu())
+    ref = relax.VirtualMachine(tvm.compile(Mod, "llvm"), tvm.cpu())
     x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
-    ref = relax.VirtualMachine(tvm.compile(Mod, "llvm"), tvm.cpu())["decode"](tvm.runtime.tensor(x))
-    np.testing.assert_array_equal(ex["decode"](tvm.runtime.tensor(x)).numpy(), ref.numpy())
+    for entry in ("main", "decode"):
+        want = ref[entry](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(ex[entry](tvm.runtime.tensor(x)).numpy(), want)
+    np.testing.assert_array_equal(ex["main"](tvm.runtime.tensor(x)).numpy(), x * 2)
+    # Without serial entries no copies are made.
+    assert "scale_serial" not in [gv.name_hint for gv in parallel_rows()(Mod).functions]
