@@ -98,6 +98,29 @@ def test_a_row_does_not_depend_on_its_experts_token_count() -> None:
         np.testing.assert_array_equal(one[0], many[i])
 
 
+@needs_vnni
+@pytest.mark.parametrize("bits", [3, 4])
+def test_few_rows_take_the_rows_outer_path_with_the_same_bytes(bits: int) -> None:
+    """No more routed rows than experts (decode): the kernel's rows-outer path (each task an
+    expert's first row, `ROW_NI` row blocks of it). Experts with 0, 1, 2 and 5 rows (a tile
+    of MT and one more), N not a whole number of task tiles: the simulated product, and
+    every row bit-identical to the tile path's (the same rows among more than E)."""
+    scheme = QuantScheme(bits, 64)
+    counts = [0, 1, 0, 5, 1, 0, 2, 0, 1, 0, 0, 1, 0, 0, 0, 1]  # 12 rows, 16 experts
+    pw = random_packed(bits, scheme, 100, 200, experts=len(counts))
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((12, 200)).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    got = _matmul(x, indptr, pw)
+    assert_close(got, reference_grouped_matmul(fake_quantize(x, 64), indptr, pw))
+    more = [*counts[:-1], counts[-1] + 8]  # 20 rows > 16 experts: the tile path
+    extra = rng.standard_normal((8, 200)).astype(np.float32)
+    tiles = _matmul(
+        np.concatenate([x, extra]), np.concatenate([[0], np.cumsum(more)]).astype(np.int64), pw
+    )
+    np.testing.assert_array_equal(tiles[:12], got)
+
+
 def _dense(x: np.ndarray, pw: PackedWeight) -> np.ndarray:
     run = _compile(grouped_moe_a8.dense_primfunc(pw.scheme, pw.n, pw.k)["main"])
     y = tvm.runtime.tensor(np.zeros((x.shape[0], pw.n), np.float32))
