@@ -678,7 +678,7 @@ def main() -> None:
     for r in rows:
         rb = own.get(r["runtime"])
         read = f"{rb['total'] / 2**20:.1f}" if rb is not None else ""
-        share = f"{r['decode_tok_s'] * rb['total'] / bw:.0%}" if rb and r["batch"] == 1 else ""
+        share = f"{r['decode_tok_s'] * rb['total'] / bw:.1%}" if rb and r["batch"] == 1 else ""
         print(f"| {r['runtime']} | {r['batch']} | {r['prompt_tokens']} | {r['prefill_tok_s']:.0f}"
               f" | {r['decode_tok_s']:.1f} | {read} | {share} |")  # fmt: skip
     for b in args.batches:

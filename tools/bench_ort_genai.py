@@ -256,7 +256,7 @@ def main() -> None:
           "decode / its bound |\n|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
         nb = need[r["runtime"]]["total"]
-        share = f"{r['decode_tok_s'] * nb / bw:.0%}" if r["batch"] == 1 else ""
+        share = f"{r['decode_tok_s'] * nb / bw:.1%}" if r["batch"] == 1 else ""
         print(f"| {r['runtime']} | {r['batch']} | {r['prefill_tok_s']:.0f} | "
               f"{r['decode_tok_s']:.1f} | {nb / 2**20:.1f} | {share} |")  # fmt: skip
     for b in args.batches:
