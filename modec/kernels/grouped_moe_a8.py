@@ -74,7 +74,7 @@ NT = 1
 #: (decode), up to K = DECODE_NI_MAX_K; NI above. One block streams its codes faster at
 #: K = 2048 (a 4-bit one-token matmul from memory, 2 threads, ad-hoc: N = 4,096 1.13-1.18x,
 #: N = 8,192 1.13-1.32x; N = 512 level), four at K = 4096 (N = 2,048: 1.06-1.12x). The
-#: grouped kernel keeps NI: one block per tile read its experts 1.3-1.4x slower.
+#: grouped kernel's decode tasks are shaped otherwise (`ROW_NI`).
 DECODE_NI = 1
 DECODE_NI_MAX_K = 2048
 #: Row blocks per parallel task of the grouped kernel when it has no more routed rows than
