@@ -184,9 +184,10 @@ class Runtime:
     def tensor(self, a: np.ndarray) -> Any:
         """A device tensor holding a copy of ``a`` (aligned as the kernels expect).
 
-        On a CPU the copy is numpy's, into a DLPack view of the new tensor: a decode step
-        makes one to three of these, and the runtime's copy function (through ctypes) and
-        the dtype's parsing took half of each (docs/performance.md)."""
+        On a CPU the copy is numpy's, into a DLPack view of the new tensor, and the dtype
+        is parsed once: a decode step makes one to three of these, and of the 9.5 µs one
+        took (a hot micro-benchmark, a [1, 300] int64 array) the dtype's parsing took
+        3.2 µs and the ctypes pointer and the runtime's copy function 4.5 µs."""
         a = np.ascontiguousarray(a)
         dtype = self._dtypes.get(a.dtype)
         if dtype is None:
