@@ -67,8 +67,9 @@ class ProbeSettings:
     """What the probes measure and how they run (the measure-sensitivity pass's options).
 
     ``max_memory`` bounds the probe variants' activations held at once (chunking);
-    ``workers`` is how many chunks can run at once (the engine's parallelism: more chunks
-    per layer when it is above 1); ``threads`` the onnxruntime threads of an in-process run.
+    ``workers`` is how many chunks can run at once (the engine's parallelism: above 1, a
+    layer's experts are dealt to that many chunks, `_chunks`); ``threads`` the onnxruntime
+    threads of an in-process run.
     """
 
     bits: tuple[int, ...]
@@ -373,18 +374,51 @@ def reference_run(
     return batches, caches, routed, ref
 
 
+#: The fixed work of one expert in a chunk per width (its RTN weights), in variants of
+#: average length: ~0.06 s a width against ~0.56 s a variant at full width (2,048 x 768, the
+#: L = 2 scale model of docs/distributed.md).
+EXPERT_WORK = 0.1
+
+
+def expert_work(job: _Layer, n_exp: int) -> np.ndarray:
+    """An estimate of each expert's probe work, in tokens: those of the variants it makes
+    (one per width, modality and batch that sends it a token of that modality; a variant
+    re-runs the later layers on its batch), plus `EXPERT_WORK` average variants per width."""
+    from modec.data import TEXT, VISION
+
+    work = np.zeros(n_exp)
+    for mod, r in zip(job.modality, job.routed, strict=True):
+        for m in (TEXT, VISION):
+            work[np.unique(r[mod.ravel() == m])] += mod.size
+    average = float(np.mean([m.size for m in job.modality])) if job.modality else 0.0
+    return len(job.bits) * (work + EXPERT_WORK * average)
+
+
 def _chunks(job: _Layer, n_exp: int, s: ProbeSettings) -> list[list[int]]:
     """Whole experts per chunk, as many as ``s.max_memory`` holds of variant states (an
     estimate: each variant holds one batch's cache) when ``s.workers`` chunks are held at
-    once (a local runtime's workers share this machine's memory). With ``s.workers`` > 1 a
-    layer makes at least two chunks per worker, so a worker that drew light experts takes
-    another chunk while the others finish theirs."""
+    once (a local runtime's workers share this machine's memory).
+
+    In process the chunks are consecutive experts. With ``s.workers`` > 1 there are as few
+    chunks as the memory allows, a multiple of ``s.workers`` (one per worker when it holds a
+    worker's share), and the experts are dealt to them by `expert_work`, largest first, each
+    to the chunk with the least work so far: the workers finish a layer together, and each
+    builds the later layers' stages once per chunk (docs/distributed.md)."""
     per_batch = [sum(np.asarray(v).nbytes for v in c.values.values()) for c in job.caches]
     per_expert = 2 * len(job.bits) * sum(per_batch)  # every variant of every batch, at most
     fit = max(1, int(s.max_memory // max(per_expert * max(s.workers, 1), 1)))
-    pieces = 1 if s.workers <= 1 else 2 * s.workers
-    size = max(1, min(fit, -(-n_exp // pieces)))
-    return [list(range(i, min(i + size, n_exp))) for i in range(0, n_exp, size)]
+    if s.workers <= 1:
+        return [list(range(i, min(i + fit, n_exp))) for i in range(0, n_exp, fit)]
+    count = min(n_exp, s.workers * -(-n_exp // (s.workers * fit)))
+    room = -(-n_exp // count)
+    work = expert_work(job, n_exp)
+    chunks: list[list[int]] = [[] for _ in range(count)]
+    load = [0.0] * count
+    for e in sorted(range(n_exp), key=lambda e: (-work[e], e)):
+        c = min((c for c in range(count) if len(chunks[c]) < room), key=lambda c: (load[c], c))
+        chunks[c].append(e)
+        load[c] += float(work[e])
+    return sorted((sorted(c) for c in chunks if c), key=lambda c: c[0])
 
 
 #: A worker process's executor for the model it was last sent (`PortableModel.token`).

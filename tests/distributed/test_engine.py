@@ -25,7 +25,7 @@ from modec.distributed import (
 from modec.driver import load_inputs
 from modec.errors import ModecError, UsageError
 from modec.facts import Calibration
-from modec.method.probes import ProbeSettings, measure_sensitivity
+from modec.method.probes import ProbeSettings, _chunks, _Layer, expert_work, measure_sensitivity
 from modec.method.quantize import quantize_projection
 from modec.method.sensitivity import choose_subset
 from modec.numerics.gptq import gptq_quantize
@@ -150,15 +150,62 @@ SETTINGS = ProbeSettings(bits=(2, 4), group_size=128, positions="answer", batch_
 
 
 def test_probe_chunking_does_not_change_delta(canonical):
-    """Chunks of one expert (what 3 workers get) or all four in one: the same bytes."""
+    """Four experts dealt to 3 chunks (what 3 workers get) or all four in one: the same bytes."""
     model, subset = canonical
     one, layers_one, _ = measure_sensitivity(model, subset, SETTINGS)
     many, layers_many, _ = measure_sensitivity(model, subset, replace(SETTINGS, workers=3))
     assert [r["chunks"] for r in layers_one] == [1, 1]
-    assert [r["chunks"] for r in layers_many] == [4, 4]
+    assert [r["chunks"] for r in layers_many] == [3, 3]
     assert (one.delta_text > 0).any()
     for a, b in ((one.delta_text, many.delta_text), (one.delta_vision, many.delta_vision)):
         assert a.tobytes() == b.tobytes()
+
+
+def _layer_job(n_exp: int, rng: np.random.Generator) -> _Layer:
+    """A layer's probe job with skewed routing: a long multimodal batch and a short text-only
+    one, the low experts routed far more often than the high ones."""
+    from types import SimpleNamespace
+
+    from modec.data import TEXT, VISION
+
+    mm = np.full((2, 200), VISION, np.int8)
+    mm[:, :12] = TEXT
+    mods = [mm, np.full((2, 24), TEXT, np.int8)]
+    p = 1.0 / np.arange(1, n_exp + 1) ** 2
+    routed = [rng.choice(n_exp, (m.size, 2), p=p / p.sum()) for m in mods]
+    caches = [SimpleNamespace(values={"h": np.zeros((m.size, 8), np.float32)}) for m in mods]
+    return _Layer(0, caches, routed, mods, [np.zeros(0)] * 2, [np.zeros(0)] * 2, "logits",
+                  (2, 3, 4), 128)  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_probe_chunks_are_one_per_worker_and_balanced(workers):
+    """Every expert in exactly one chunk, one chunk per worker, and the estimated work
+    dealt evenly: no chunk holds more than the mean plus the largest expert's work."""
+    job = _layer_job(16, np.random.default_rng(workers))
+    work = expert_work(job, 16)
+    assert work.max() > 2 * work.min()  # the routing is skewed, or the test shows nothing
+    chunks = _chunks(job, 16, replace(SETTINGS, workers=workers))
+    assert len(chunks) == workers
+    assert sorted(e for c in chunks for e in c) == list(range(16))
+    assert all(c == sorted(c) for c in chunks) and chunks == sorted(chunks, key=lambda c: c[0])
+    loads = [work[c].sum() for c in chunks]
+    assert max(loads) <= work.sum() / workers + work.max()
+    # Consecutive experts instead (what the in-process chunking does) are far less even.
+    even = [work[i : i + 16 // workers].sum() for i in range(0, 16, 16 // workers)]
+    assert max(loads) < max(even)
+
+
+def test_probe_chunks_in_process_and_under_a_memory_budget():
+    """In process: consecutive experts, as many as the memory holds. With workers and too
+    little memory for a worker's share: more chunks, a multiple of the workers."""
+    job = _layer_job(16, np.random.default_rng(0))
+    assert _chunks(job, 16, SETTINGS) == [list(range(16))]
+    assert _chunks(job, 16, replace(SETTINGS, max_memory=1)) == [[e] for e in range(16)]
+    per_expert = 2 * len(job.bits) * sum(np.asarray(c.values["h"]).nbytes for c in job.caches)
+    chunks = _chunks(job, 16, replace(SETTINGS, workers=2, max_memory=per_expert * 2 * 3))
+    assert len(chunks) == 6 and max(len(c) for c in chunks) <= 3  # 3 experts fit a chunk
+    assert sorted(e for c in chunks for e in c) == list(range(16))
 
 
 def test_gptq_on_the_engine_equals_gptq_per_expert():
