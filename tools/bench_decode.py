@@ -238,6 +238,14 @@ def prompts(batch: int) -> dict[str, np.ndarray]:
     return dict(feeds)
 
 
+def bandwidth_line(rounds: list[float], before: float) -> str:
+    """The copy bandwidth a bound uses (the median of ``rounds``, measured after each round of
+    the runtimes) and what else was measured, as the benchmarks print it."""
+    return (f"copy bandwidth {statistics.median(rounds) / 1e9:.1f} GB/s (read + written; "
+            f"median of {len(rounds)} rounds, {min(rounds) / 1e9:.1f}-{max(rounds) / 1e9:.1f}; "
+            f"{before / 1e9:.1f} before the runs)")  # fmt: skip
+
+
 def copy_bandwidth(repeats: int, threads: int = 1) -> float:
     """Bytes moved per second by a numpy copy of a 256 MiB buffer split over ``threads``
     threads (the runtimes' own thread count; numpy releases the GIL while it copies), read
@@ -666,9 +674,7 @@ def main() -> None:
     bound = bw / own[variants[0][0]]["total"]
     for kind, gguf in paths.get("ggufs", {}).items():
         own[f"llama.cpp {kind}"] = gguf_step_bytes(gguf, mean_len)
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written; median of {len(rounds)} "
-          f"rounds, {min(rounds) / 1e9:.1f}-{max(rounds) / 1e9:.1f}; {before / 1e9:.1f} "
-          "before the runs)")  # fmt: skip
+    print(bandwidth_line(rounds, before))
     for name, nb in own.items():
         print(f"{name}: a batch-1 decode step reads {nb['total'] / 2**20:.2f} MiB (dense "
               f"{nb['dense'] / 2**20:.2f}, active experts {nb['experts_active'] / 2**20:.2f}, KV "

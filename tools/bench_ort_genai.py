@@ -35,7 +35,9 @@ robin (repeat r of every runtime before repeat r + 1 of any), so that this machi
 reach every runtime alike. The bound of a batch-1
 step: the bytes it reads (top-8 of 128 experts' packed bytes, every other weight but the
 token embedding, the KV cache at the mean length: modec float32, onnxruntime-genai float32
-too) over the copy bandwidth measured in the same run (`tools.bench_decode.copy_bandwidth`).
+too) over the copy bandwidth measured in the same run (`tools.bench_decode.copy_bandwidth`):
+the median of one measurement after each round, as `tools.bench_decode` takes it (the one
+before the runs is printed and kept beside it).
 """
 
 from __future__ import annotations
@@ -220,7 +222,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    from tools.bench_decode import ModecDecoder, copy_bandwidth, paper_prompts, paper_step_bytes
+    from tools.bench_decode import (
+        ModecDecoder,
+        bandwidth_line,
+        copy_bandwidth,
+        paper_prompts,
+        paper_step_bytes,
+    )
 
     paths = build(Path(args.work), args.layers, args.act8)
     ours = [("modec (4-bit experts, --dense-bits 4)", "out")]
@@ -231,7 +239,8 @@ def main() -> None:
         *((name, ModecDecoder(paths[key])) for name, key in ours),
         (ort_name, OrtGenaiDecoder(paths["ort"], args.threads)),
     ]
-    bw = copy_bandwidth(args.repeats, args.threads)
+    before = copy_bandwidth(args.repeats, args.threads)
+    rounds: list[float] = []  # the copy bandwidth after each round, beside the runtimes
     n = args.new_tokens
     rows: list[dict[str, Any]] = []
     for b in args.batches:
@@ -242,6 +251,7 @@ def main() -> None:
         for _ in range(args.repeats):  # round robin
             for name, fn in runners:
                 timed[name].append(fn(feeds, n))
+            rounds.append(copy_bandwidth(3, args.threads))
         for name, _ in runners:
             pre = statistics.median(r[0] for r in timed[name])
             dec = statistics.median(r[1] for r in timed[name])
@@ -251,7 +261,8 @@ def main() -> None:
     share = GPTOSS["num_experts_per_tok"] / GPTOSS["num_local_experts"]
     need = {name: paper_step_bytes(paths[key], mean_len, share) for name, key in ours}
     need[ort_name] = ort_step_bytes(paths["ort"], mean_len, args.layers)
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + written)")
+    bw = statistics.median(rounds)
+    print(bandwidth_line(rounds, before))
     print("\n| runtime | batch | prefill tokens/s | decode tokens/s | MiB read per step | "
           "decode / its bound |\n|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
@@ -267,7 +278,9 @@ def main() -> None:
                   f"{m['prefill_tok_s'] / o['prefill_tok_s']:.2f}x, decode "
                   f"{m['decode_tok_s'] / o['decode_tok_s']:.2f}x")  # fmt: skip
     if args.json:
-        doc = {"bandwidth_bytes_s": bw, "step_bytes": need, "rows": rows, "args": vars(args)}
+        doc = {"bandwidth_bytes_s": bw, "bandwidth_rounds": rounds,
+               "bandwidth_before_bytes_s": before, "step_bytes": need, "rows": rows,
+               "args": vars(args)}  # fmt: skip
         Path(args.json).write_text(json.dumps(doc, indent=1))
 
 
