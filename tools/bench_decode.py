@@ -3,7 +3,7 @@
     python -m tools.bench_decode [--model bundled|paper] [--work /tmp/modec-bench-decode]
         [--batches 1 8] [--new-tokens 16] [--repeats 5] [--budget 3.0] [--threads 2]
         [--layers 2] [--prompt-tokens 256] [--llama-cpp-src DIR] [--profile | --profile-only]
-        [--act8] [--no-ort] [--dense-only] [--json PATH]
+        [--act8] [--no-ort] [--dense-only] [--cxx] [--json PATH]
 
 ``--model bundled`` (default), on the bundled digits-vlm (trained weights, its KV-cache
 export, `tools.digits_vlm.export`):
@@ -63,6 +63,10 @@ one warm-up each, so that the speed drifts of a shared machine reach every runti
 onnxruntime fp32 out (its paper-model prompts, gathered experts in pieces of 16 rows, take
 minutes); ``--dense-only`` leaves modec's fp32 and bf16 checkpoint rows out (most of a run's
 time), so that more repeats of the rest fit.
+
+``--cxx`` adds every modec artifact again through the C++ runtime (`CxxDecoder`: its C API
+loaded with ctypes from a CMake build of ``runtime/`` in WORK/runtime-build, the loop of
+``modec_generate_from`` in C++), with its greedy tokens compared to the Python runtime's.
 
 ``--profile`` adds, and ``--profile-only`` prints alone, where one batch-1 decode step of
 each modec artifact spends its time, per kernel (`profile_step`).
@@ -281,6 +285,88 @@ class ModecDecoder:
     ) -> tuple[float, float, list[list[int]]]:
         g = self.sess.generate(feeds, max_new_tokens=n)
         return g.prefill_seconds, g.decode_seconds, g.tokens
+
+
+#: numpy dtype name -> modec_dtype (runtime/include/modec/modec.h).
+_C_DTYPES = {
+    "float32": 0, "float16": 1, "float64": 2, "int64": 3, "int32": 4, "int8": 5, "uint8": 6,
+    "bool": 7, "uint32": 8, "uint16": 9, "int16": 10, "uint64": 11,
+}  # fmt: skip
+
+
+class CxxDecoder:
+    """The artifact through the C++ runtime's C API (`modec_prefill`, then
+    `modec_generate_from`: greedy), loaded into this process with ctypes from a build of
+    `runtime/` (``libmodec_runtime.so``): what a C or C++ application embedding modec gets,
+    without Python between the decode steps. Prefill and decode are timed around the two
+    calls, as `ModecDecoder` times `Session.generate`'s phases."""
+
+    def __init__(self, library: Path, out: Path) -> None:
+        import ctypes
+
+        class Tensor(ctypes.Structure):
+            _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_int),
+                        ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                        ("data", ctypes.c_void_p)]  # fmt: skip
+
+        class Config(ctypes.Structure):
+            _fields_ = [("max_new_tokens", ctypes.c_int32),
+                        ("stop_tokens", ctypes.POINTER(ctypes.c_int64)),
+                        ("n_stop_tokens", ctypes.c_size_t), ("temperature", ctypes.c_double),
+                        ("top_k", ctypes.c_int32), ("top_p", ctypes.c_double),
+                        ("seed", ctypes.c_uint64)]  # fmt: skip
+
+        self.ct, self.Tensor, self.Config = ctypes, Tensor, Config
+        lib = self.lib = ctypes.CDLL(str(library))
+        handle, out_handle = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
+        lib.modec_last_error.restype = ctypes.c_char_p
+        lib.modec_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, out_handle]
+        lib.modec_prefill.argtypes = [handle, ctypes.POINTER(Tensor), ctypes.c_size_t, out_handle]
+        lib.modec_generation_config_default.argtypes = [ctypes.POINTER(Config)]
+        pointer = ctypes.c_void_p
+        lib.modec_generate_from.argtypes = [handle, ctypes.POINTER(Config), pointer, pointer,
+                                            pointer, pointer]  # fmt: skip
+        lib.modec_generation_free.argtypes = [handle]
+        lib.modec_close.argtypes = [handle]
+        self.session = ctypes.c_void_p()
+        self._check(lib.modec_open(str(out).encode(), b"cpu", ctypes.byref(self.session)))
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            raise RuntimeError(f"the C++ runtime: {self.lib.modec_last_error().decode()}")
+
+    def __call__(
+        self, feeds: dict[str, np.ndarray], n: int
+    ) -> tuple[float, float, list[list[int]]]:
+        ct = self.ct
+        arrays = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        shapes = [(ct.c_int64 * v.ndim)(*v.shape) for v in arrays.values()]
+        inputs = (self.Tensor * len(arrays))(*(
+            self.Tensor(k.encode(), _C_DTYPES[str(v.dtype)], v.ndim, shape, v.ctypes.data)
+            for (k, v), shape in zip(arrays.items(), shapes, strict=True)
+        ))  # fmt: skip
+        config = self.Config()
+        self.lib.modec_generation_config_default(ct.byref(config))
+        config.max_new_tokens = n
+        batch = int(arrays["input_ids"].shape[0])
+        tokens = np.empty(batch * max(n, 1), np.int64)
+        lengths = np.empty(batch, np.int32)
+        gen = ct.c_void_p()
+        t0 = time.perf_counter()
+        self._check(self.lib.modec_prefill(self.session, inputs, len(arrays), ct.byref(gen)))
+        t1 = time.perf_counter()
+        try:
+            self._check(self.lib.modec_generate_from(
+                gen, ct.byref(config), None, None, tokens.ctypes.data, lengths.ctypes.data
+            ))  # fmt: skip
+            t2 = time.perf_counter()
+        finally:
+            self.lib.modec_generation_free(gen)
+        return t1 - t0, t2 - t1, [tokens[i * n : i * n + lengths[i]].tolist() for i in range(batch)]
+
+    def close(self) -> None:
+        self.lib.modec_close(self.session)
+        self.session = self.ct.c_void_p()
 
 
 class OrtDecoder:
@@ -616,6 +702,9 @@ def main() -> None:
     ap.add_argument("--dense-only", action="store_true",
                     help="paper: of modec's builds time only the --dense-bits ones (the fp32 "
                          "and bf16 checkpoint rows take most of a run)")  # fmt: skip
+    ap.add_argument("--cxx", action="store_true",
+                    help="also each modec artifact through the C++ runtime (its C API, from "
+                         "a build of runtime/ in WORK/runtime-build; cmake and g++)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
@@ -636,6 +725,17 @@ def main() -> None:
         print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats, args.dense_only)
         return
     runners: list[tuple[str, Any]] = [(name, ModecDecoder(paths[key])) for name, key in variants]
+    timed_variants = list(variants)
+    if args.cxx:
+        from tools.cxx import build_runtime
+
+        build_dir = args.work / "runtime-build"
+        if not build_runtime(build_dir):
+            raise SystemExit("--cxx: cmake and g++ are needed to build the C++ runtime")
+        for name, key in variants:
+            cxx = f"{name}, C++ runtime"
+            runners.append((cxx, CxxDecoder(build_dir / "libmodec_runtime.so", paths[key])))
+            timed_variants.append((cxx, key))
     if not args.no_ort:
         runners.append(("onnxruntime fp32", OrtDecoder(paths, args.threads, chunk)))
     ctx = args.prompt_tokens + n + 8
@@ -670,7 +770,7 @@ def main() -> None:
     bw = statistics.median(rounds)
     mean_len = float(make(1)["attention_mask"].sum()) + n / 2
     step_bytes = paper_step_bytes if args.model == "paper" else bundled_step_bytes
-    own = {name: step_bytes(paths[key], mean_len) for name, key in variants}
+    own = {name: step_bytes(paths[key], mean_len) for name, key in timed_variants}
     bound = bw / own[variants[0][0]]["total"]
     for kind, gguf in paths.get("ggufs", {}).items():
         own[f"llama.cpp {kind}"] = gguf_step_bytes(gguf, mean_len)
@@ -696,6 +796,15 @@ def main() -> None:
                 dec = m["decode_tok_s"] / o["decode_tok_s"]
                 print(f"batch {b}: {m['runtime']} / {o['runtime']}: prefill {pre:.2f}x, decode "
                       f"{dec:.2f}x; rows with equal tokens {same}/{b}")  # fmt: skip
+        for name, _ in variants:  # the two runtimes of one artifact: the same greedy tokens
+            py = next((r for r in ours if r["runtime"] == name), None)
+            cx = next((r for r in ours if r["runtime"] == f"{name}, C++ runtime"), None)
+            if py is not None and cx is not None:
+                same = sum(x == y for x, y in zip(py["tokens"], cx["tokens"], strict=True))
+                print(f"batch {b}: {name}: C++ / Python runtime: prefill "
+                      f"{cx['prefill_tok_s'] / py['prefill_tok_s']:.2f}x, decode "
+                      f"{cx['decode_tok_s'] / py['decode_tok_s']:.2f}x; rows with equal "
+                      f"tokens {same}/{b}")  # fmt: skip
     profiles = (
         print_profiles(paths, int(make(1)["attention_mask"].sum()), args.repeats, args.dense_only)
         if (args.profile)

@@ -143,6 +143,25 @@ def test_greedy_matches_python_and_a_recomputation(
     assert "tokens/s" in out.splitlines()[-1]
 
 
+def test_the_benchmark_loads_the_c_api_in_process(
+    cxx: dict[str, Path], cached_vlm: dict[str, Path], session: rt.Session,
+    prompts: dict[int, dict[str, np.ndarray]],
+) -> None:  # fmt: skip
+    """`tools.bench_decode.CxxDecoder` (the C API through ctypes, in this process beside the
+    Python runtime): the same greedy tokens as `Session.generate`, and both phases timed."""
+    from tools.bench_decode import CxxDecoder
+
+    dec = CxxDecoder(BUILD / "libmodec_runtime.so", cached_vlm["out"])
+    try:
+        for batch in (1, 4):
+            prefill, decode, rows = dec(prompts[batch], N)
+            assert rows == session.generate(prompts[batch], max_new_tokens=N).tokens
+            assert [len(r) for r in rows] == [N] * batch
+            assert prefill > 0 and decode > 0
+    finally:
+        dec.close()
+
+
 SAMPLED = [
     {"temperature": 0.8, "top_k": 10, "top_p": 0.9, "seed": 7},
     {"temperature": 1.5, "seed": 3},
