@@ -79,6 +79,7 @@ asserted: the experts are 3-bit).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -89,6 +90,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tools import c_api
 
 BUNDLED = Path(__file__).resolve().parents[1] / "examples" / "digits-vlm"
 #: The packed expert tensors of a MoE layer (``moe{l}.{proj}.w{bits}.{part}``).
@@ -287,49 +290,17 @@ class ModecDecoder:
         return g.prefill_seconds, g.decode_seconds, g.tokens
 
 
-#: numpy dtype name -> modec_dtype (runtime/include/modec/modec.h).
-_C_DTYPES = {
-    "float32": 0, "float16": 1, "float64": 2, "int64": 3, "int32": 4, "int8": 5, "uint8": 6,
-    "bool": 7, "uint32": 8, "uint16": 9, "int16": 10, "uint64": 11,
-}  # fmt: skip
-
-
 class CxxDecoder:
     """The artifact through the C++ runtime's C API (`modec_prefill`, then
     `modec_generate_from`: greedy), loaded into this process with ctypes from a build of
-    `runtime/` (``libmodec_runtime.so``): what a C or C++ application embedding modec gets,
-    without Python between the decode steps. Prefill and decode are timed around the two
-    calls, as `ModecDecoder` times `Session.generate`'s phases."""
+    `runtime/` (``libmodec_runtime.so``, `tools.c_api`): what a C or C++ application
+    embedding modec gets, without Python between the decode steps. Prefill and decode are
+    timed around the two calls, as `ModecDecoder` times `Session.generate`'s phases."""
 
     def __init__(self, library: Path, out: Path) -> None:
-        import ctypes
-
-        class Tensor(ctypes.Structure):
-            _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_int),
-                        ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                        ("data", ctypes.c_void_p)]  # fmt: skip
-
-        class Config(ctypes.Structure):
-            _fields_ = [("max_new_tokens", ctypes.c_int32),
-                        ("stop_tokens", ctypes.POINTER(ctypes.c_int64)),
-                        ("n_stop_tokens", ctypes.c_size_t), ("temperature", ctypes.c_double),
-                        ("top_k", ctypes.c_int32), ("top_p", ctypes.c_double),
-                        ("seed", ctypes.c_uint64)]  # fmt: skip
-
-        self.ct, self.Tensor, self.Config = ctypes, Tensor, Config
-        lib = self.lib = ctypes.CDLL(str(library))
-        handle, out_handle = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
-        lib.modec_last_error.restype = ctypes.c_char_p
-        lib.modec_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, out_handle]
-        lib.modec_prefill.argtypes = [handle, ctypes.POINTER(Tensor), ctypes.c_size_t, out_handle]
-        lib.modec_generation_config_default.argtypes = [ctypes.POINTER(Config)]
-        pointer = ctypes.c_void_p
-        lib.modec_generate_from.argtypes = [handle, ctypes.POINTER(Config), pointer, pointer,
-                                            pointer, pointer]  # fmt: skip
-        lib.modec_generation_free.argtypes = [handle]
-        lib.modec_close.argtypes = [handle]
-        self.session = ctypes.c_void_p()
-        self._check(lib.modec_open(str(out).encode(), b"cpu", ctypes.byref(self.session)))
+        self.lib = c_api.load(library)
+        self.session = c_api.Handle()
+        self._check(self.lib.modec_open(str(out).encode(), b"cpu", ctypes.byref(self.session)))
 
     def _check(self, status: int) -> None:
         if status != 0:
@@ -338,26 +309,26 @@ class CxxDecoder:
     def __call__(
         self, feeds: dict[str, np.ndarray], n: int
     ) -> tuple[float, float, list[list[int]]]:
-        ct = self.ct
         arrays = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
-        shapes = [(ct.c_int64 * v.ndim)(*v.shape) for v in arrays.values()]
-        inputs = (self.Tensor * len(arrays))(*(
-            self.Tensor(k.encode(), _C_DTYPES[str(v.dtype)], v.ndim, shape, v.ctypes.data)
+        shapes = [(ctypes.c_int64 * v.ndim)(*v.shape) for v in arrays.values()]
+        inputs = (c_api.Tensor * len(arrays))(*(
+            c_api.Tensor(k.encode(), c_api.DTYPES.index(str(v.dtype)), v.ndim, shape,
+                         v.ctypes.data)
             for (k, v), shape in zip(arrays.items(), shapes, strict=True)
         ))  # fmt: skip
-        config = self.Config()
-        self.lib.modec_generation_config_default(ct.byref(config))
+        config = c_api.GenerationConfig()
+        self.lib.modec_generation_config_default(ctypes.byref(config))
         config.max_new_tokens = n
         batch = int(arrays["input_ids"].shape[0])
         tokens = np.empty(batch * max(n, 1), np.int64)
         lengths = np.empty(batch, np.int32)
-        gen = ct.c_void_p()
+        gen = c_api.Handle()
         t0 = time.perf_counter()
-        self._check(self.lib.modec_prefill(self.session, inputs, len(arrays), ct.byref(gen)))
+        self._check(self.lib.modec_prefill(self.session, inputs, len(arrays), ctypes.byref(gen)))
         t1 = time.perf_counter()
         try:
             self._check(self.lib.modec_generate_from(
-                gen, ct.byref(config), None, None, tokens.ctypes.data, lengths.ctypes.data
+                gen, ctypes.byref(config), None, None, tokens.ctypes.data, lengths.ctypes.data
             ))  # fmt: skip
             t2 = time.perf_counter()
         finally:
@@ -366,7 +337,7 @@ class CxxDecoder:
 
     def close(self) -> None:
         self.lib.modec_close(self.session)
-        self.session = self.ct.c_void_p()
+        self.session = c_api.Handle()
 
 
 class OrtDecoder:

@@ -512,21 +512,13 @@ def test_python_loads_the_replaced_library(
     np.testing.assert_array_equal(out, ref)
 
 
-# The C API through ctypes, which loads libmodec_runtime.so with RTLD_LOCAL as plugin hosts do:
-# run(DIR) opens DIR, runs it on ones (B=1, T=4), prints (status, message, output shape) and
-# returns the open session.
+# The C API through ctypes (`tools.c_api`; run from the checkout's root), which loads
+# libmodec_runtime.so with RTLD_LOCAL as plugin hosts do: run(DIR) opens DIR, runs it on ones
+# (B=1, T=4), prints (status, message, output shape) and returns the open session.
 CAPI = r"""
 import ctypes, shutil, sys
-lib = ctypes.CDLL(sys.argv[1])
-class T(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_int), ("ndim", ctypes.c_int32),
-                ("shape", ctypes.POINTER(ctypes.c_int64)), ("data", ctypes.c_void_p)]
-P = ctypes.c_void_p
-lib.modec_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(P)]
-lib.modec_run.argtypes = [P, ctypes.POINTER(T), ctypes.c_size_t, ctypes.POINTER(T),
-                          ctypes.POINTER(ctypes.c_size_t)]
-lib.modec_close.argtypes = [P]
-lib.modec_last_error.restype = ctypes.c_char_p
+from tools.c_api import Handle as P, Tensor as T, load
+lib = load(sys.argv[1])
 shape = (ctypes.c_int64 * 2)(1, 4)
 ones = (ctypes.c_int64 * 4)(1, 1, 1, 1)
 def run(path):
@@ -565,7 +557,7 @@ def test_cxx_loads_the_replaced_library(
     shutil.copytree(tiny_artifact, path)
     lib = modec_run.parent / "libmodec_runtime.so"
     res = subprocess.run([sys.executable, "-c", RELOAD, str(lib), str(path), str(other_artifact)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["(0, '', [1, 4, 96])", "(0, '', [1, 4, 50])"]
 
@@ -579,7 +571,7 @@ def test_cxx_kernel_error_in_a_host_that_loads_the_library_locally(
     _reshape_consistently(artifact_copy)
     lib = modec_run.parent / "libmodec_runtime.so"
     cmd = [sys.executable, "-c", CAPI + "run(sys.argv[2])", str(lib), str(artifact_copy)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.startswith("(8, 'model run failed: ValueError: Mismatched tok_emb"), out

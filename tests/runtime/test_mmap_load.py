@@ -109,21 +109,8 @@ _CXX = (
     _COMMON
     + r"""
 import ctypes
-lib = ctypes.CDLL(sys.argv[4])
-class T(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("dtype", ctypes.c_int), ("ndim", ctypes.c_int32),
-                ("shape", ctypes.POINTER(ctypes.c_int64)), ("data", ctypes.c_void_p)]
-P = ctypes.c_void_p
-lib.modec_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(P)]
-lib.modec_run.argtypes = [P, ctypes.POINTER(T), ctypes.c_size_t, ctypes.POINTER(T),
-                          ctypes.POINTER(ctypes.c_size_t)]
-lib.modec_num_inputs.argtypes = lib.modec_num_outputs.argtypes = [P]
-lib.modec_num_inputs.restype = lib.modec_num_outputs.restype = ctypes.c_size_t
-lib.modec_input_info.argtypes = [P, ctypes.c_size_t, ctypes.POINTER(T)]
-lib.modec_close.argtypes = [P]
-lib.modec_last_error.restype = ctypes.c_char_p
-DT = ["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool", "uint32",
-      "uint16", "int16", "uint64"]
+from tools.c_api import DTYPES as DT, Handle as P, Tensor as T, load
+lib = load(sys.argv[4])
 if cold:
     evict(art)
 before = status()
