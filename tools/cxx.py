@@ -3,6 +3,7 @@ and benchmarks."""
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,16 @@ def build_runtime(build: Path, test_artifact: Path | None = None) -> bool:
     A failing build raises `subprocess.CalledProcessError` (its stderr holds the compiler's)."""
     if shutil.which("cmake") is None or shutil.which("g++") is None:
         return False
+    # Processes that share ``build`` (the test files of a parallel pytest run) take turns:
+    # two CMake configures or builds in one directory corrupt each other's files.
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build.parent / f".{build.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _configure_and_build(build, test_artifact)
+    return True
+
+
+def _configure_and_build(build: Path, test_artifact: Path | None) -> None:
     cfg = ["cmake", "-S", str(ROOT / "runtime"), "-B", str(build),
            "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}"]  # fmt: skip
     if test_artifact is not None:
@@ -27,7 +38,6 @@ def build_runtime(build: Path, test_artifact: Path | None = None) -> bool:
     subprocess.run(
         ["cmake", "--build", str(build), "-j2"], check=True, capture_output=True, text=True
     )
-    return True
 
 
 def build_modec_run(build: Path) -> Path | None:
