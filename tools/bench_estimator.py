@@ -13,7 +13,8 @@ and prints:
   median over the defined ones;
 - the probe-stage wall time of each mode (the pass, fastest of the repeats) and the ratio;
 - per budget, the ILP allocation of each mode (MODE's allocate-bits + quantize-experts), how
-  many experts got another width, and with ``--eval`` both accuracies and their difference.
+  many experts got another width, and with ``--eval`` both accuracies and their difference,
+  with a paired bootstrap 95% interval over the evaluation samples and McNemar's exact p.
 
 Any ``.onnx`` model with its calibration set works (a Hugging Face directory too). Use
 ``OMP_NUM_THREADS=1`` on a shared machine.
@@ -90,6 +91,7 @@ def _measure(model: Any, ctx: Any, mode: str, samples: int) -> tuple[Any, Any, f
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from modec import data as data_mod
+    from modec import stats
     from modec.driver import load_inputs
     from modec.pipeline import Pipeline
     from modec.pipelines import CompileOptions, analysis_passes
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for budget in budgets:
         row: dict[str, Any] = {"budget": budget}
         widths = {}
+        hits: dict[str, np.ndarray] = {}
         for mode in ("exact", "fisher"):
             fork = results[mode][0]
             an = Analysis(model, fork, [], replace(opts, sensitivity=mode))  # type: ignore[arg-type]
@@ -140,6 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             if ds is not None:
                 res = evaluate_model(q.model, ds, args.threads)
+                hits[mode] = np.asarray(res.correct, dtype=np.float64)
                 row[mode].update(
                     overall=res.overall.accuracy, multimodal=res.multimodal.accuracy,
                     text_only=res.text_only.accuracy,
@@ -150,6 +154,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["accuracy_difference_points"] = 100 * (
                 row["fisher"]["overall"] - row["exact"]["overall"]
             )
+            # Paired over the evaluation samples: what both allocations get right cancels.
+            iv = stats.paired_bootstrap_difference(hits["fisher"], hits["exact"])
+            only = [int(((hits[a] == 1) & (hits[b] == 0)).sum())
+                    for a, b in (("fisher", "exact"), ("exact", "fisher"))]  # fmt: skip
+            row["difference_ci95_points"] = [100 * iv.low, 100 * iv.high]
+            row["only_correct"] = {"fisher": only[0], "exact": only[1]}
+            row["mcnemar_p"] = stats.mcnemar_exact_p(*only)
         allocations.append(row)
     out["allocations"] = allocations
     return out
@@ -184,8 +195,12 @@ def format_text(r: dict[str, Any]) -> str:
                    f" text-only {100 * m['text_only']:.2f}%" if "overall" in m else "")  # fmt: skip
             lines.append(f"  {mode:<6} avg {m['average_bits']:.3f} bits {m['histogram']}{acc}")
         if "accuracy_difference_points" in row:
+            lo, hi = row["difference_ci95_points"]
             lines.append(
-                f"  fisher - exact: {row['accuracy_difference_points']:+.2f} points (overall)"
+                f"  fisher - exact: {row['accuracy_difference_points']:+.2f} points (overall), "
+                f"paired 95% interval [{lo:+.2f}, {hi:+.2f}]; samples only fisher / only "
+                f"exact gets right {row['only_correct']['fisher']} / "
+                f"{row['only_correct']['exact']}, McNemar p {row['mcnemar_p']:.3g}"
             )
     return "\n".join(lines) + "\n"
 
