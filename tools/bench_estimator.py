@@ -91,8 +91,8 @@ def _measure(model: Any, ctx: Any, mode: str, samples: int) -> tuple[Any, Any, f
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from modec import data as data_mod
-    from modec import stats
     from modec.driver import load_inputs
+    from modec.evaluate import Resampling, compare
     from modec.pipeline import Pipeline
     from modec.pipelines import CompileOptions, analysis_passes
     from modec.sweep import Analysis, evaluate_model, quantize
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for budget in budgets:
         row: dict[str, Any] = {"budget": budget}
         widths = {}
-        hits: dict[str, np.ndarray] = {}
+        evals: dict[str, Any] = {}
         for mode in ("exact", "fisher"):
             fork = results[mode][0]
             an = Analysis(model, fork, [], replace(opts, sensitivity=mode))  # type: ignore[arg-type]
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             if ds is not None:
                 res = evaluate_model(q.model, ds, args.threads)
-                hits[mode] = np.asarray(res.correct, dtype=np.float64)
+                evals[mode] = res
                 row[mode].update(
                     overall=res.overall.accuracy, multimodal=res.multimodal.accuracy,
                     text_only=res.text_only.accuracy,
@@ -154,13 +154,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["accuracy_difference_points"] = 100 * (
                 row["fisher"]["overall"] - row["exact"]["overall"]
             )
-            # Paired over the evaluation samples: what both allocations get right cancels.
-            iv = stats.paired_bootstrap_difference(hits["fisher"], hits["exact"])
-            only = [int(((hits[a] == 1) & (hits[b] == 0)).sum())
-                    for a, b in (("fisher", "exact"), ("exact", "fisher"))]  # fmt: skip
-            row["difference_ci95_points"] = [100 * iv.low, 100 * iv.high]
-            row["only_correct"] = {"fisher": only[0], "exact": only[1]}
-            row["mcnemar_p"] = stats.mcnemar_exact_p(*only)
+            # `modec eval --compare`'s overall row: paired over the evaluation samples.
+            _, d = compare(evals["fisher"], evals["exact"], Resampling()).rows[0]
+            row["difference_ci95_points"] = [100 * d.accuracy.low, 100 * d.accuracy.high]
+            row["only_correct"] = {"fisher": d.a_only, "exact": d.b_only}
+            row["mcnemar_p"] = d.mcnemar_p
         allocations.append(row)
     out["allocations"] = allocations
     return out
