@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                     default=d.joint_weighting,
                     help="how --joint weighs calibration samples: by KL positions, "
                          "or multimodal and text-only half each (default %(default)s)")  # fmt: skip
+    co.add_argument("--calibrate-costs", action="store_true",
+                    help="price each layer's widths by the joint KL of the whole layer "
+                         "quantized as deployed (GPTQ, cross-fitted) over the sum of its "
+                         "experts' δ, then solve the ILP with those costs (δ-based methods; "
+                         "docs/joint.md)")  # fmt: skip
     co.add_argument("--budget-bytes", type=int, default=d.budget_bytes,
                     help="byte budget (overrides --budget)")  # fmt: skip
     co.add_argument("--key-ratio", type=float, default=d.key_ratio,
@@ -161,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allocate-bits' joint check (modec compile --help)")  # fmt: skip
     sw.add_argument("--joint-weighting", choices=["positions", "balanced"],
                     default=d.joint_weighting, help="(modec compile --help)")  # fmt: skip
+    sw.add_argument("--calibrate-costs", action="store_true", help="(modec compile --help)")
     sw.add_argument("--seed", type=int, default=d.seed)
     sw.add_argument("--threads", type=int, default=d.threads)
     sw.add_argument("--eval", help="evaluation data (accuracy per budget)")

@@ -191,7 +191,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     opts = CompileOptions(
         budget=args.budget, bits=_parse_bits(args.bits), group_size=args.group_size,
         method=args.method, scope=args.scope, sense=args.sense, joint=args.joint,
-        joint_weighting=args.joint_weighting,
+        joint_weighting=args.joint_weighting, calibrate_costs=args.calibrate_costs,
         budget_bytes=args.budget_bytes, key_ratio=args.key_ratio,
         sensitivity_samples=args.sensitivity_samples, sensitivity=args.sensitivity,
         quantizer=args.quantizer, seed=args.seed, threads=args.threads, target=args.target,
@@ -262,6 +262,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         bits=_parse_bits(args.bits), group_size=args.group_size, method=args.method,
         seed=args.seed, threads=args.threads, sensitivity_samples=args.sensitivity_samples,
         joint=args.joint, joint_weighting=args.joint_weighting,
+        calibrate_costs=args.calibrate_costs,
     )  # fmt: skip
     rows = sweep.sweep(
         args.model, args.calib, budgets, opts, args.eval, _progress_factory(args.quiet)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -212,6 +212,10 @@ class Sensitivity:
         unused_text / unused_vision: ``[L, E]`` bool, the expert received no token of that
             modality in the subset; its δ for the modality is 0 by rule (the quantized
             weights are never used there), not measured.
+        positions: where the KL was read (``answer`` or ``text``).
+        subset: the calibration samples measured (indices into the calibration set), when
+            the pass that measured them says so; ``None``: not recorded. These two are set
+            by measure-sensitivity, not stored in the arrays (they are part of the cache key).
     """
 
     bits: tuple[int, ...]
@@ -220,6 +224,8 @@ class Sensitivity:
     samples: int
     unused_text: BoolA
     unused_vision: BoolA
+    positions: Literal["answer", "text"] = "answer"
+    subset: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         want = (*self.delta_text.shape[:2], len(self.bits))

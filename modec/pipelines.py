@@ -78,6 +78,10 @@ class CompileOptions:
     #: how the joint check weighs calibration samples: by KL positions, or the multimodal
     #: and the text-only samples half each (``balanced``).
     joint_weighting: Literal["positions", "balanced"] = "positions"
+    #: allocate-bits scales each layer's δ-based costs per width by the joint KL of the
+    #: whole layer quantized as deployed over the sum of its δ (``--calibrate-costs``;
+    #: `modec.method.joint.calibrate_costs`).
+    calibrate_costs: bool = False
     key_ratio: float = KEY_RATIO
     sensitivity_samples: int = SENSITIVITY_SAMPLES
     #: how δ is measured: exact probes, the O(L) Fisher estimate, or auto (by model size).
@@ -148,6 +152,7 @@ def decision_passes(o: CompileOptions) -> list[Pass]:
             group_size=o.group_size,
             joint=o.joint,
             joint_weighting=o.joint_weighting,
+            calibrate_costs=o.calibrate_costs,
             quantizer=o.quantizer,
         ),
         QuantizeExpertsPass(

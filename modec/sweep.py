@@ -65,15 +65,18 @@ def quantize(
     an: Analysis, method: str, budget: float, quantizer: Literal["gptq", "rtn"] = "gptq",
     joint: Literal["off", "select", "guard"] | None = None,
     joint_weighting: Literal["positions", "balanced"] | None = None,
+    calibrate_costs: bool | None = None,
 ) -> Quantized:  # fmt: skip
     """allocate-bits + quantize-experts for one method and budget, on a copy of the model
-    (``joint``, ``joint_weighting``: allocate-bits' joint check; default: the analysis
-    options')."""
+    (``joint``, ``joint_weighting``: allocate-bits' joint check; ``calibrate_costs``: its
+    calibrated costs; default: the analysis options')."""
     from modec.moe.canonical import is_moe_node
 
     o = replace(an.options, method=method, budget=budget, quantizer=quantizer,
                 joint=an.options.joint if joint is None else joint,
-                joint_weighting=joint_weighting or an.options.joint_weighting)  # fmt: skip
+                joint_weighting=joint_weighting or an.options.joint_weighting,
+                calibrate_costs=(an.options.calibrate_costs if calibrate_costs is None
+                                 else calibrate_costs))  # fmt: skip
     experts = [int(n.attributes["num_experts"].value) for n in an.model.graph if is_moe_node(n)]
     check_budget(experts, o)
     ctx = an.ctx.fork()

@@ -34,6 +34,14 @@ Rules:
    evidence. ``joint_weighting=balanced`` weighs the multimodal and the text-only samples
    half each in that comparison (default: every KL position alike).
    ``off`` (the default) keeps the full range's allocation: the paper's.
+8. ``calibrate_costs`` (``modec compile --calibrate-costs``; methods that read δ) runs, for
+   every MoE layer l and width b, δ's samples with every expert of layer l quantized at b as
+   quantize-experts will (``quantizer``: GPTQ cross-fitted, or RTN) and the other layers in
+   fp32, reads the KL to fp32 where δ was read, and multiplies every cost of layer l at
+   width b by that KL over Σ_e δ(e, b) before the ILP (and before rule 7's candidates):
+   the widths are priced by their joint, deployed damage, the experts keep the method's
+   order within a width (`modec.method.joint.calibrate_costs`). The report's
+   ``calibrated`` entry lists both sums and the scale.
 """
 
 from __future__ import annotations
@@ -82,6 +90,8 @@ class AllocateBitsPass(Pass):
     joint_positions: Literal["answer", "text"] = "text"
     #: rule 7: how the calibration samples weigh in the joint KL (`modec.method.joint`).
     joint_weighting: Literal["positions", "balanced"] = "positions"
+    #: rule 8: scale each layer's costs per width by its joint, deployed KL over Σ δ.
+    calibrate_costs: bool = False
     quantizer: Literal["gptq", "rtn"] = "gptq"
 
     def __post_init__(self) -> None:
@@ -104,18 +114,28 @@ class AllocateBitsPass(Pass):
             )
         if self.quantizer not in ("gptq", "rtn"):
             raise BadInputError(f"quantizer must be gptq or rtn; got {self.quantizer!r}")
+        if self.calibrate_costs and self.method != "uniform" \
+                and self.method not in NEEDS_SENSITIVITY:  # fmt: skip
+            raise BadInputError(
+                f"--calibrate-costs scales the δ-based costs, and method {self.method!r} has "
+                f"none; use it with {', '.join(sorted(NEEDS_SENSITIVITY))}, or drop it"
+            )
 
     @property
     def _joint(self) -> bool:
         return self.joint != "off" and self.method != "uniform"
 
     @property
+    def _calibrate(self) -> bool:
+        return self.calibrate_costs and self.method != "uniform"
+
+    @property
     def reads(self) -> tuple[type, ...]:  # type: ignore[override]
         if self.method == "uniform":  # no costs: only the expert counts
             return (CanonicalMoE, RoutingStats)
         base: tuple[type, ...] = (CanonicalMoE, RoutingStats, KeyVision)
-        if self.method in NEEDS_OUTPUT_ERROR or self._joint:  # Hessians, or the joint check
-            base = (*base, Calibration)
+        if self.method in NEEDS_OUTPUT_ERROR or self._joint or self._calibrate:
+            base = (*base, Calibration)  # Hessians, or the joint runs
         return (*base, Sensitivity) if self.method in NEEDS_SENSITIVITY else base
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
@@ -163,10 +183,14 @@ class AllocateBitsPass(Pass):
                     errs.append(layer_errors(p, hs, problem.bits, problem.group_size))
                     del hs, p  # before the next layer's Hessians are built
             shapes, key = layer_shapes(model), ctx.facts.get(KeyVision)
+            scale = None
+            if self._calibrate:
+                assert sens is not None
+                scale, section["calibrated"] = self._calibrate_costs(model, ctx, sens)
 
             def solve(allowed: tuple[int, ...] | None = None) -> AllocationResult:
                 return solve_allocation(shapes, stats, key, sens, problem, errs, ctx.engine,
-                                        allowed)  # fmt: skip
+                                        allowed, scale)  # fmt: skip
 
             if self._joint:
                 res, section["joint"] = self._joint_select(model, ctx, solve)
@@ -194,6 +218,28 @@ class AllocateBitsPass(Pass):
         ctx.stat("average_bits", alloc.average)
         ctx.stat("solve_seconds", alloc.solve_seconds)
         return PassResult(model, modified=False)
+
+    def _calibrate_costs(self, model: ir.Model, ctx: PassContext, sens: Sensitivity
+                         ) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+        """Rule 8: the per-(layer, width) scale of the costs, on δ's samples."""
+        import numpy as np
+
+        from modec.method.joint import JointQuantizer, calibrate_costs
+        from modec.method.probes import ProbeSettings
+        from modec.method.sensitivity import choose_subset
+
+        calib = ctx.facts.get(Calibration).data
+        o = ctx.options
+        subset = (np.asarray(sens.subset, np.int64) if sens.subset is not None
+                  else choose_subset(calib.multimodal, sens.samples, o.seed))  # fmt: skip
+        settings = ProbeSettings(
+            bits=tuple(self.bits), group_size=self.group_size, positions=sens.positions,
+            batch_size=32, threads=o.threads, max_memory=o.max_memory,
+        )  # fmt: skip
+        quantizer = JointQuantizer(self.quantizer, calib, self.batch_size, engine=ctx.engine)
+        scale, entry = calibrate_costs(model, sens, subset, settings, quantizer)
+        ctx.stat("calibrate_seconds", entry["seconds"])
+        return scale, entry
 
     def _joint_select(self, model: ir.Model, ctx: PassContext, solve: Any) -> tuple[Any, Any]:
         """Rule 7: the standing allocation (the narrowest range's; under ``guard`` uniform or

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -154,7 +154,8 @@ class MeasureSensitivityPass(Pass):
             arrays, lookup = cache.memoize_parts(
                 ctx.options.cache_dir, "sensitivity", model, subset, opts, compute
             )
-        sens = Sensitivity.from_arrays(arrays)
+        sens = replace(Sensitivity.from_arrays(arrays), positions=self.positions,
+                       subset=tuple(int(i) for i in idx))  # fmt: skip
         n_mm = int(subset.multimodal.sum())
         unused = {
             m: [[int(l_), int(e)] for l_, e in zip(*np.nonzero(u), strict=True)]

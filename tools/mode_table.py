@@ -47,15 +47,18 @@ from tools.digits_vlm import build_data, scenes
 
 #: ``<method>+joint``: the method with allocate-bits' joint check (``--joint select``);
 #: ``+joint-balanced``: with ``--joint-weighting balanced``; ``+joint-guard``: ``--joint
-#: guard``. Each: (joint, joint_weighting).
-JOINT: dict[str, tuple[Literal["select", "guard"], Weighting]] = {
-    "joint": ("select", "positions"),
-    "joint-balanced": ("select", "balanced"),
-    "joint-guard": ("guard", "positions"),
+#: guard``; ``+cal``: allocate-bits' calibrated costs (``--calibrate-costs``), no check;
+#: ``+cal-guard``: both. Each: (joint, joint_weighting, calibrate_costs).
+JOINT: dict[str, tuple[Literal["off", "select", "guard"], Weighting, bool]] = {
+    "joint": ("select", "positions", False),
+    "joint-balanced": ("select", "balanced", False),
+    "joint-guard": ("guard", "positions", False),
+    "cal": ("off", "positions", True),
+    "cal-guard": ("guard", "positions", True),
 }
 METHODS = ["mode", "uniform", "mc-moe", "veq-me", "mode-no-key", "mode-no-sens",
            "mode-sens-only", "mode-redundant", "mode+joint", "mode+joint-balanced",
-           "mode+joint-guard"]  # fmt: skip
+           "mode+joint-guard", "mode+cal", "mode+cal-guard"]  # fmt: skip
 #: The methods MODE is compared against (the ablations are MODE's own variants).
 BASELINES = ("uniform", "mc-moe", "veq-me")
 SPLITS = ("overall", "multimodal", "text_only")
@@ -165,11 +168,9 @@ def run(models: list[str], eval_path: str, seeds: list[int], budgets: list[float
                 for method, budget in missing:
                     t0 = time.perf_counter()
                     base, _, extra = method.partition("+")
-                    joint: Literal["off", "select", "guard"] = "off"
-                    weighting: Weighting | None = None
-                    if extra:
-                        joint, weighting = JOINT[extra]
-                    sim = quantize(an, base, budget, joint=joint, joint_weighting=weighting)
+                    joint, weighting, cal = JOINT[extra] if extra else ("off", "positions", False)
+                    sim = quantize(an, base, budget, joint=joint, joint_weighting=weighting,
+                                   calibrate_costs=cal)  # fmt: skip
                     res = evaluate_model(sim.model, ds, threads, keep_logprobs=True)
                     assert res.correct is not None and fp32 is not None
                     kl = float(answer_kl(fp32, res).mean())

@@ -119,6 +119,7 @@ def solve_allocation(
     errs: list[np.ndarray] | None = None,
     engine: Engine | None = None,
     allowed: tuple[int, ...] | None = None,
+    scale: np.ndarray | None = None,
 ) -> AllocationResult:
     """Costs per layer from the method's importance signal, then the ILP.
 
@@ -128,7 +129,9 @@ def solve_allocation(
     one per layer, gathered in layer order: one solver thread and a fixed seed each, so the
     widths do not depend on the engine. ``allowed`` (a subset of ``pr.bits``) restricts the
     widths the ILP may choose (the joint check's candidates, `modec.method.joint`); the
-    costs stay those of every width of ``pr.bits``.
+    costs stay those of every width of ``pr.bits``. ``scale`` (``[L, len(pr.bits)]``)
+    multiplies every cost of layer l at width b by ``scale[l, b]``: the calibrated costs of
+    `modec.method.joint.calibrate_costs`.
     """
     from modec.numerics import ilp
     from modec.numerics.importance import NEEDS_OUTPUT_ERROR
@@ -140,6 +143,11 @@ def solve_allocation(
     signals = [layer_signals(stats, key, sens, i, errs[i]) for i in range(len(shapes))]
     gamma = veq_gamma(signals) if pr.method == "veq-me" else None
     costs = [layer_cost(pr.method, s, 1.0 if gamma is None else gamma) for s in signals]
+    if scale is not None:
+        if np.shape(scale) != (len(shapes), len(pr.bits)):
+            raise ValueError(f"cost scale of shape {np.shape(scale)}, want "
+                             f"{(len(shapes), len(pr.bits))}")  # fmt: skip
+        costs = [c * np.asarray(scale[i])[None, :] for i, c in enumerate(costs)]
     bits = pr.bits if allowed is None else tuple(allowed)
     if not set(bits) <= set(pr.bits):
         raise ValueError(f"allowed widths {list(bits)} are not among {list(pr.bits)}")

@@ -68,10 +68,13 @@ log = logging.getLogger(__name__)
 Weighting = Literal["positions", "balanced"]
 #: Which allocation stands in step 3 unless another is significantly closer (`choose`).
 Rule = Literal["select", "guard"]
+#: The width of an expert a joint run leaves in fp32 (`joint_kl`'s candidates).
+FP32 = 0
 
 __all__ = [
     "JointKL",
     "JointQuantizer",
+    "calibrate_costs",
     "choose",
     "cross_fitted_kl",
     "folds",
@@ -149,6 +152,9 @@ def _rtn_layers(ex: Any, candidates: Sequence[Sequence[Sequence[int]]], group_si
                 out = np.empty(stack.shape, np.float32)
                 for b in sorted(set(w.tolist())):
                     idx = np.flatnonzero(w == b)
+                    if b == FP32:
+                        out[idx] = stack[idx]
+                        continue
                     scheme = QuantScheme(int(b), group_size)
                     out[idx] = quantize_rtn(stack[idx], scheme).dequantize()
                 kw[proj] = out
@@ -179,7 +185,7 @@ def _gptq_layers(
             if stack is None:
                 continue
             h = hs.h_act if proj == "down" else hs.h_in
-            for b in sorted(set(widths.ravel().tolist())):
+            for b in sorted(set(widths.ravel().tolist()) - {FP32}):
                 idx = np.flatnonzero((widths == b).any(axis=0))
                 res = quantize_projection(
                     stack[idx], (int(b),) * idx.size, group_size, method="gptq",
@@ -195,7 +201,8 @@ def _gptq_layers(
             for proj in ("gate", "up", "down"):
                 stack = getattr(p, proj)
                 if stack is not None:
-                    kw[proj] = np.stack([codes[(proj, e, int(b))].dequantize()
+                    kw[proj] = np.stack([stack[e] if b == FP32 else
+                                         codes[(proj, e, int(b))].dequantize()
                                          for e, b in enumerate(candidates[c][li])])  # fmt: skip
             return replace(p, **kw)
 
@@ -463,6 +470,71 @@ def choose(
         "seconds": measured.seconds,
     }  # fmt: skip
     return tried[best][1], entry
+
+
+def calibrate_costs(
+    model: ir.Model,
+    sens: Any,
+    subset: np.ndarray,
+    settings: Any,
+    quantizer: JointQuantizer | None = None,
+    layers_per_run: int = 4,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per MoE layer l and width b, how far the additive objective's δ is from the damage
+    of quantizing the whole layer as deployed (``--calibrate-costs``).
+
+    The ILP adds δ(e, b) over a layer's experts, each measured with that expert alone
+    RTN-quantized. Two things separate that sum from what the deployed model does: the
+    experts are quantized together, and GPTQ repairs some widths much more than others (on
+    facts-vlm a layer's joint GPTQ KL is a fraction of its δ sum at 2 and 3 bits and about
+    all of it at 1 bit; docs/joint.md, "Calibrated costs"). So for every (l, b) the model
+    runs on δ's own samples with every expert of layer l at width b (quantized by
+    ``quantizer``: GPTQ cross-fitted as in `cross_fitted_kl`, or RTN) and the other layers
+    in fp32, and the KL to fp32 is read where δ was read; ``scale[l, b]`` = that KL /
+    Σ_e (δ_text(e, b) + δ_vision(e, b)), or 1 where the sum is 0. allocate-bits
+    multiplies every cost of layer l at width b by it and solves again
+    (`modec.method.allocate.solve_allocation`'s ``scale``), so the widths of a layer are
+    priced by their joint, deployed damage while the experts keep the order the method
+    gives them within a width.
+
+    Args:
+        sens: the `modec.facts.Sensitivity` (δ, its positions).
+        subset: δ's samples, indices into ``quantizer.calib`` (GPTQ) or the calibration set.
+        settings: a `modec.method.probes.ProbeSettings` (positions are taken from ``sens``).
+        layers_per_run: layers whose L·|bits| candidates share one joint run (each holds
+            one copy of the subset's activations per candidate).
+
+    Cost: L·|bits| model runs over δ's samples (δ's exact probes: L·E·|bits|·2 of them), in
+    ⌈L / layers_per_run⌉ joint runs, each with its own fp32 reference and, with GPTQ, two
+    Hessian runs over the rest of the calibration set; over all runs, GPTQ of every expert
+    at every width once per fold (2·|bits| times quantize-experts' GPTQ, as the joint check).
+    """
+    bits = tuple(int(b) for b in sens.bits)
+    n_layers, n_experts = sens.delta_text.shape[:2]
+    additive = (sens.delta_text + sens.delta_vision).sum(axis=1)  # [L, B]
+    joint = np.zeros_like(additive)
+    st = replace(settings, positions=sens.positions)
+    seconds = 0.0
+    for lo in range(0, n_layers, max(1, layers_per_run)):
+        group = range(lo, min(n_layers, lo + max(1, layers_per_run)))
+        cands = [[[b if li == layer else FP32] * n_experts for li in range(n_layers)]
+                 for layer in group for b in bits]  # fmt: skip
+        run = cross_fitted_kl(model, subset, st, cands, quantizer)
+        joint[list(group)] = run.overall.reshape(len(group), len(bits))
+        seconds += run.seconds
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.where(additive > 0, joint / np.where(additive > 0, additive, 1.0), 1.0)
+    medians = np.round(np.median(scale, axis=0), 3).tolist()
+    log.info("allocate-bits: costs calibrated by the joint KL of each layer at each width "
+             "(%d runs, %.1f s): scale per width, median over layers %s", joint.size, seconds,
+             dict(zip(bits, medians, strict=True)))  # fmt: skip
+    entry = {
+        "bits": list(bits), "positions": sens.positions, "samples": len(subset),
+        "quantizer": (quantizer or JointQuantizer("rtn")).method,
+        "additive": additive.tolist(), "joint": joint.tolist(), "scale": scale.tolist(),
+        "seconds": seconds,
+    }  # fmt: skip
+    return scale, entry
 
 
 def sample_weights(positions: np.ndarray, multimodal: np.ndarray | None,

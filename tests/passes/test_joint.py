@@ -96,7 +96,8 @@ def _independent_kl(model, subset, settings, widths) -> float:
         for proj in ("gate", "up", "down"):
             stack = getattr(p, proj)
             if stack is not None:
-                kw[proj] = np.stack([
+                kw[proj] = np.stack([  # width 0: the expert left in fp32
+                    stack[e] if b == 0 else
                     quantize_rtn(stack[e], QuantScheme(int(b), settings.group_size)).dequantize()
                     for e, b in enumerate(widths[li])
                 ])  # fmt: skip
@@ -365,3 +366,91 @@ def test_cli_joint_options_reach_the_pass(capsys) -> None:
     text = standard_pipeline(CompileOptions(joint="select", joint_weighting="balanced")).text()
     assert "joint=select" in text and "joint_weighting=balanced" in text
     assert "joint_weighting" not in standard_pipeline(CompileOptions()).text()
+
+
+CALIBRATED = ANALYSIS + ",allocate-bits{bits=1:2:3:4,budget=2.0,calibrate_costs=true,quantizer=rtn}"
+
+
+def test_calibrated_scale_is_each_layers_joint_kl_over_its_sum_of_delta(analysed) -> None:
+    """``--calibrate-costs`` (rule 8): for every (layer, width) the KL of the model with that
+    layer's experts all at the width and every other layer in fp32 (an independent run),
+    read on δ's samples at δ's positions, over Σ_e δ(e, b); and the ILP solved with the
+    costs scaled by it gives the pass's widths."""
+    from modec.facts import KeyVision, RoutingStats, Sensitivity
+    from modec.method.allocate import AllocationProblem, layer_shapes, solve_allocation
+
+    model, ctx = analysed(CALIBRATED)
+    sens = ctx.facts.get(Sensitivity)
+    ds = ctx.facts.get(Calibration).data
+    assert sens.subset == tuple(choose_subset(ds.multimodal, 8, 0).tolist())
+    entry = ctx.report["allocate-bits"]["calibrated"]
+    assert (entry["samples"], entry["positions"], entry["quantizer"]) == (8, "answer", "rtn")
+    settings = ProbeSettings(bits=(1, 2, 3, 4), group_size=128, positions=sens.positions,
+                             batch_size=32, threads=1)  # fmt: skip
+    subset = ds.subset(np.asarray(sens.subset))
+    n_layers, n_experts = sens.delta_text.shape[:2]
+    additive = (sens.delta_text + sens.delta_vision).sum(axis=1)
+    np.testing.assert_allclose(entry["additive"], additive, rtol=1e-12)
+    for li in range(n_layers):
+        for j, b in enumerate((1, 2, 3, 4)):
+            widths = [[b if k == li else 0] * n_experts for k in range(n_layers)]
+            want = _independent_kl(model, subset, settings, widths)
+            assert entry["joint"][li][j] == pytest.approx(want, rel=1e-5, abs=1e-12)
+            assert entry["scale"][li][j] == pytest.approx(want / additive[li, j], rel=1e-5)
+    assert np.all(np.asarray(entry["joint"])[:, 0] > np.asarray(entry["joint"])[:, 3])
+    problem = AllocationProblem(method="mode", budget=2.0, bits=(1, 2, 3, 4), group_size=128,
+                                scope="layer", sense="eq", budget_bytes=0, seed=0)  # fmt: skip
+    args = (layer_shapes(model), ctx.facts.get(RoutingStats), ctx.facts.get(KeyVision), sens,
+            problem)  # fmt: skip
+    got = solve_allocation(*args, scale=np.asarray(entry["scale"])).allocation
+    assert got.widths == ctx.facts.get(BitAllocation).widths
+    plain = solve_allocation(*args).allocation
+    _, off = analysed(ANALYSIS + ",allocate-bits{bits=1:2:3:4,budget=2.0}")
+    assert plain.widths == off.facts.get(BitAllocation).widths
+    assert "calibrated" not in off.report["allocate-bits"]
+
+
+def test_cost_scale_prices_widths_per_layer(analysed) -> None:
+    """``solve_allocation``'s ``scale``: one factor for every width of a layer leaves its
+    widths as they were; a width made dear is given to no expert."""
+    from modec.facts import KeyVision, RoutingStats, Sensitivity
+    from modec.method.allocate import AllocationProblem, layer_shapes, solve_allocation
+
+    model, ctx = analysed(ANALYSIS)
+    problem = AllocationProblem(method="mode", budget=2.0, bits=(1, 2, 3, 4), group_size=128,
+                                scope="layer", sense="eq", budget_bytes=0, seed=0)  # fmt: skip
+    args = (layer_shapes(model), ctx.facts.get(RoutingStats), ctx.facts.get(KeyVision),
+            ctx.facts.get(Sensitivity), problem)  # fmt: skip
+    plain = solve_allocation(*args).allocation
+    assert 1 in plain.histogram()  # the additive objective spreads the widths here
+    same = solve_allocation(*args, scale=np.array([[3.0] * 4, [0.5] * 4])).allocation
+    assert same.widths == plain.widths
+    dear = np.ones((2, 4))
+    dear[:, 0] = 1e6  # 1 bit a million times dearer: only experts it costs nothing keep it
+    res = solve_allocation(*args, scale=dear)
+    assert res.allocation.histogram().get(1, 0) < plain.histogram()[1]
+    for li, layer in enumerate(res.allocation.widths):
+        np.testing.assert_allclose(res.costs[li], solve_allocation(*args).costs[li] * dear[li])
+        for e, b in enumerate(layer):
+            assert b != 1 or res.costs[li][e, 0] == 0.0
+    with pytest.raises(ValueError, match="cost scale of shape"):
+        solve_allocation(*args, scale=np.ones((2, 3)))
+
+
+def test_calibrate_costs_option_is_checked_and_reaches_the_pass() -> None:
+    from modec.passes.allocate_bits import AllocateBitsPass
+
+    from modec.cli import build_parser
+    from modec.errors import BadInputError
+    from modec.pipelines import CompileOptions, standard_pipeline
+
+    with pytest.raises(BadInputError, match="--calibrate-costs scales the δ-based costs"):
+        AllocateBitsPass(method="mc-moe", calibrate_costs=True)
+    AllocateBitsPass(method="uniform", calibrate_costs=True)  # nothing to scale: ignored
+    args = build_parser().parse_args(["compile", "m.onnx", "--calibrate-costs"])
+    assert (
+        args.calibrate_costs
+        and not build_parser().parse_args(["compile", "m.onnx"]).calibrate_costs
+    )
+    assert "calibrate_costs=true" in standard_pipeline(CompileOptions(calibrate_costs=True)).text()
+    assert "calibrate_costs" not in standard_pipeline(CompileOptions()).text()

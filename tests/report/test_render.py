@@ -407,6 +407,13 @@ def test_specialization_table_shows_each_experts_text_share():
         assert fig.count("<rect") >= 6
 
 
+def _table_rows(doc: str, table_id: str) -> list[str]:
+    """The body rows of table ``table_id`` of a checked report page."""
+    check_html(doc)
+    table = doc[doc.index(f'id="{table_id}"') :]
+    return table[: table.index("</table>")].split("<tr>")[2:]
+
+
 def test_joint_check_table_lists_every_range_and_marks_the_chosen_one():
     report = synthetic_report(layers=2)
     sec = report["sections"]["allocate-bits"]
@@ -427,10 +434,7 @@ def test_joint_check_table_lists_every_range_and_marks_the_chosen_one():
         "samples": 32, "seconds": 1.5, "quantizer": "gptq",
     }  # fmt: skip
     doc = render_report(report)
-    check_html(doc)
-    table = doc[doc.index('id="table-joint"') :]
-    table = table[: table.index("</table>")]
-    rows = table.split("<tr>")[2:]
+    rows = _table_rows(doc, "table-joint")
     assert len(rows) == 3
     assert "{2, 3, 4}" in rows[0] and "0.25" in rows[0] and "chosen" not in rows[0]
     assert "+0.188 [+0.125, +0.25]" in rows[0] and "(better)" not in rows[0]
@@ -444,3 +448,21 @@ def test_joint_check_table_lists_every_range_and_marks_the_chosen_one():
     check_html(doc)
     assert "else the paper's allocation (the default; guard rule) is kept" in doc
     assert "the multimodal and the text-only samples weighing half each" in doc
+
+
+def test_calibrated_costs_table_lists_every_layer_and_width():
+    report = synthetic_report(layers=2)
+    sec = report["sections"]["allocate-bits"]
+    assert "table-calibrated" not in render_report(report)  # only with --calibrate-costs
+    sec["calibrated"] = {
+        "bits": [2, 4], "positions": "answer", "samples": 32, "quantizer": "gptq",
+        "additive": [[0.5, 0.125], [0.25, 0.0]], "joint": [[0.25, 0.0625], [0.125, 0.0]],
+        "scale": [[0.5, 0.5], [0.5, 1.0]], "seconds": 2.5,
+    }  # fmt: skip
+    doc = render_report(report)
+    rows = _table_rows(doc, "table-calibrated")
+    assert len(rows) == 4
+    cells = [re.findall(r">([^<]*)</td>", row) for row in rows]
+    assert cells == [["0", "2", "0.5", "0.25", "0.5"], ["0", "4", "0.125", "0.0625", "0.5"],
+                     ["1", "2", "0.25", "0.125", "0.5"], ["1", "4", "0", "0", "1"]]  # fmt: skip
+    assert "32 samples at the answer positions" in doc and "gptq, cross-fitted" in doc

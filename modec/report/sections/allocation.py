@@ -68,6 +68,9 @@ def render(report: Report) -> str:
             "Average width of each layer's experts; the dashed line is the budget.",
         )
     )
+    calibrated = sec.get("calibrated")
+    if isinstance(calibrated, dict) and isinstance(calibrated.get("scale"), list):
+        out.append(_calibrated(calibrated))
     joint = sec.get("joint")
     if isinstance(joint, dict) and isinstance(joint.get("candidates"), list):
         out.append(_joint(joint))
@@ -106,6 +109,34 @@ def render(report: Report) -> str:
             )
         )
     return "".join(out)
+
+
+def _calibrated(cal: dict[str, Any]) -> str:
+    """``--calibrate-costs``: per layer and width, Σ δ, the layer's joint KL and their ratio."""
+    bits = cal.get("bits") or []
+    additive, joint = cal.get("additive") or [], cal.get("joint") or []
+
+    def at(rows: list[Any], li: int, j: int) -> Any:
+        return rows[li][j] if li < len(rows) and j < len(rows[li]) else None
+
+    rows = [
+        [ncell(li), ncell(b), ncell(at(additive, li, j)), ncell(at(joint, li, j)),
+         ncell(at(cal["scale"], li, j), 3)]
+        for li in range(len(cal["scale"])) for j, b in enumerate(bits)
+    ]  # fmt: skip
+    note = (
+        f"<p>Each layer's costs at each width were multiplied by the KL to fp32 of the model "
+        f"with every expert of that layer at that width ({esc(str(cal.get('quantizer', '?')))}"
+        + (", cross-fitted" if cal.get("quantizer") == "gptq" else "")
+        + f"; the other layers fp32) over the sum of the experts' δ, both on "
+        f"{cal.get('samples', '?')} samples at the {esc(str(cal.get('positions', '?')))} "
+        f'positions, in {num(cal.get("seconds"))} s (docs/joint.md, "Calibrated costs").</p>'
+    )
+    return (
+        "<h3>Calibrated costs</h3>"
+        + note
+        + table(["layer", "bits", "Σ δ", "joint KL", "scale"], rows, id="table-calibrated")
+    )
 
 
 def _joint(joint: dict[str, Any]) -> str:
