@@ -219,45 +219,48 @@ class AllocateBitsPass(Pass):
         ctx.stat("solve_seconds", alloc.solve_seconds)
         return PassResult(model, modified=False)
 
+    def _joint_runs(self, ctx: PassContext, positions: Literal["answer", "text"]
+                    ) -> tuple[Any, Any, Any]:  # fmt: skip
+        """What rules 7 and 8 run the model with: the calibration set, the probe settings
+        (KL read at ``positions``) and the quantizer quantize-experts will use."""
+        from modec.method.joint import JointQuantizer
+        from modec.method.probes import ProbeSettings
+
+        calib = ctx.facts.get(Calibration).data
+        o = ctx.options
+        settings = ProbeSettings(
+            bits=tuple(self.bits), group_size=self.group_size, positions=positions,
+            batch_size=32, threads=o.threads, max_memory=o.max_memory,
+        )  # fmt: skip
+        quantizer = JointQuantizer(self.quantizer, calib, self.batch_size, engine=ctx.engine)
+        return calib, settings, quantizer
+
     def _calibrate_costs(self, model: ir.Model, ctx: PassContext, sens: Sensitivity
                          ) -> tuple[Any, dict[str, Any]]:  # fmt: skip
         """Rule 8: the per-(layer, width) scale of the costs, on δ's samples."""
         import numpy as np
 
-        from modec.method.joint import JointQuantizer, calibrate_costs
-        from modec.method.probes import ProbeSettings
-        from modec.method.sensitivity import choose_subset
+        from modec.method.joint import calibrate_costs
 
-        calib = ctx.facts.get(Calibration).data
-        o = ctx.options
-        subset = (np.asarray(sens.subset, np.int64) if sens.subset is not None
-                  else choose_subset(calib.multimodal, sens.samples, o.seed))  # fmt: skip
-        settings = ProbeSettings(
-            bits=tuple(self.bits), group_size=self.group_size, positions=sens.positions,
-            batch_size=32, threads=o.threads, max_memory=o.max_memory,
-        )  # fmt: skip
-        quantizer = JointQuantizer(self.quantizer, calib, self.batch_size, engine=ctx.engine)
-        scale, entry = calibrate_costs(model, sens, subset, settings, quantizer)
+        if sens.subset is None:
+            raise ValueError("calibrate_costs needs the samples δ was measured on "
+                             "(Sensitivity.subset, set by measure-sensitivity)")  # fmt: skip
+        _, settings, quantizer = self._joint_runs(ctx, sens.positions)
+        scale, entry = calibrate_costs(model, sens, np.asarray(sens.subset, np.int64),
+                                       settings, quantizer)  # fmt: skip
         ctx.stat("calibrate_seconds", entry["seconds"])
         return scale, entry
 
     def _joint_select(self, model: ir.Model, ctx: PassContext, solve: Any) -> tuple[Any, Any]:
         """Rule 7: the standing allocation (the narrowest range's; under ``guard`` uniform or
         the full range's) unless another is significantly closer."""
-        from modec.method.joint import JointQuantizer, Rule, choose
-        from modec.method.probes import ProbeSettings
+        from modec.method.joint import Rule, choose
         from modec.method.sensitivity import choose_subset
 
-        calib = ctx.facts.get(Calibration).data
+        calib, settings, quantizer = self._joint_runs(ctx, self.joint_positions)
         judged: Any = calib
         if self.joint_samples and self.joint_samples < len(calib):
             judged = choose_subset(calib.multimodal, self.joint_samples, ctx.options.seed)
-        o = ctx.options
-        settings = ProbeSettings(
-            bits=tuple(self.bits), group_size=self.group_size, positions=self.joint_positions,
-            batch_size=32, threads=o.threads, max_memory=o.max_memory,
-        )  # fmt: skip
-        quantizer = JointQuantizer(self.quantizer, calib, self.batch_size, engine=ctx.engine)
         rule: Rule = "guard" if self.joint == "guard" else "select"
         res, entry = choose(model, judged, settings, solve, self.bits, quantizer,
                             self.joint_weighting, rule)  # fmt: skip
